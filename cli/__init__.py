@@ -1,0 +1,1 @@
+"""The `compress` command line: a thin click layer over the `compressor` library."""

@@ -1,0 +1,52 @@
+"""Entry point of the `compress` command.
+
+Commands parse options, build a stage config, call one library function, print a summary and
+write the outputs. Heavy imports (torch, transformers) happen inside command bodies so that
+``compress --help`` is instant. A `CompressError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from compressor.errors import CompressError
+
+#: Exit codes, documented in the README.
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class CompressGroup(click.Group):
+    """Turns user errors raised anywhere in a command into one clear line."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CompressError as e:
+            click.echo(f"compress: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("compress: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=CompressGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="compress", prog_name="compress")
+def cli():
+    """Compress pretrained Transformers: analyze layer similarity, share layers, prune,
+    quantize, fine-tune and export to ONNX.
+
+    MODEL is a local Hugging Face folder, a hub id, or a short alias (bert-base, gpt2, ...);
+    leave it out to use the bundled all-MiniLM-L6-v2.
+    """
+
+
+def main():
+    cli(prog_name="compress")
+
+
+from cli import analyze as _analyze  # noqa: E402,F401  (registers the command)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Activation similarity on calibration text: CKA, angular distance and Block Influence.
+
+The hidden state a block writes to the residual stream is captured with forward hooks (not
+``output_hidden_states``, whose last entry already has the final norm applied in decoders).
+Only real tokens count: padding is dropped with the attention mask.
+
+* Linear CKA (Kornblith et al., 2019) between the outputs of layers i and j, over tokens.
+* Mean angular distance ``arccos(cos(h_i, h_j)) / pi`` between the outputs of layers i and j,
+  token by token (Gromov et al., 2024).
+* Block Influence of layer i: ``1 - mean cos(input_i, output_i)`` (ShortGPT, Men et al., 2024);
+  low means the layer barely changes its input, so it is a candidate for removal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+
+def _hidden_from_args(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _hidden_from_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def collect_block_outputs(
+    loaded,
+    texts: list[str],
+    *,
+    max_length: int = 128,
+    batch_size: int = 16,
+    max_tokens: int = 4096,
+    device: str = "cpu",
+    seed: int = 0,
+) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """Run the model on ``texts`` and capture every block's output at real tokens.
+
+    Returns:
+        ``(outputs, block_influence, num_tokens)``: one ``(tokens, hidden)`` float32 tensor per
+        layer (at most ``max_tokens`` tokens, the same sampled positions for every layer), the
+        Block Influence of each layer over all tokens, and the number of tokens seen.
+    """
+    tokenizer = loaded.tokenizer
+    if tokenizer is None:
+        raise ConfigError(f"{loaded.source} has no tokenizer; activation analysis needs one (or use --no-activations)")
+    adapter, model = loaded.adapter, loaded.model
+    blocks = adapter.blocks(model)
+    base = adapter.base(model).to(device)
+    n = len(blocks)
+
+    current_mask: list[torch.Tensor] = []
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    cos_sum = torch.zeros(n, dtype=torch.float64)
+    token_count = 0
+
+    def pre_hook(i):
+        def hook(module, args, kwargs):
+            inputs[i] = _hidden_from_args(args, kwargs)[current_mask[0]].float()
+
+        return hook
+
+    def post_hook(i):
+        def hook(module, args, kwargs, output):
+            out = _hidden_from_output(output)[current_mask[0]].float()  # (tokens, hidden)
+            cos_sum[i] += F.cosine_similarity(inputs.pop(i), out, dim=-1).double().sum()
+            outputs[i].append(out.cpu())
+
+        return hook
+
+    handles = []
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+        handles.append(block.register_forward_hook(post_hook(i), with_kwargs=True))
+    try:
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            ).to(device)
+            mask = enc["attention_mask"].bool()  # (batch, seq)
+            current_mask[:] = [mask]
+            token_count += int(mask.sum())
+            base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    finally:
+        for h in handles:
+            h.remove()
+
+    block_influence = 1.0 - cos_sum / max(token_count, 1)
+    stacked = [torch.cat(o) for o in outputs]
+    if token_count > max_tokens:
+        keep = torch.randperm(token_count, generator=torch.Generator().manual_seed(seed))[:max_tokens]
+        stacked = [o[keep] for o in stacked]
+    return stacked, block_influence.float(), token_count
+
+
+def linear_cka(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """Linear CKA between every pair of representations (same tokens, rows)."""
+    centered = [(x - x.mean(0, keepdim=True)).double() for x in outputs]
+    n = len(centered)
+    tokens, width = centered[0].shape
+    cka = torch.eye(n, dtype=torch.float64)
+    if width <= tokens:
+        # ||X^T Y||_F^2 / (||X^T X||_F ||Y^T Y||_F), in feature space (cheap when width <= tokens)
+        self_norm = [torch.linalg.matrix_norm(x.t() @ x) for x in centered]
+        for i in range(n):
+            for j in range(i + 1, n):
+                hsic = torch.linalg.matrix_norm(centered[i].t() @ centered[j]) ** 2
+                cka[i, j] = cka[j, i] = hsic / (self_norm[i] * self_norm[j])
+    else:
+        # Same quantity through the token Gram matrices <XX^T, YY^T>_F (cheap when tokens < width).
+        grams = [x @ x.t() for x in centered]
+        self_norm = [torch.linalg.matrix_norm(g) for g in grams]
+        for i in range(n):
+            for j in range(i + 1, n):
+                cka[i, j] = cka[j, i] = (grams[i] * grams[j]).sum() / (self_norm[i] * self_norm[j])
+    return cka.float()
+
+
+def angular_distance(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """Mean angular distance ``arccos(cos) / pi`` between every pair, token by token (0 = same direction)."""
+    unit = [F.normalize(x.double(), dim=-1) for x in outputs]
+    n = len(unit)
+    dist = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i + 1, n):
+            cos = (unit[i] * unit[j]).sum(-1).clamp(-1.0, 1.0)
+            dist[i, j] = dist[j, i] = (torch.arccos(cos) / math.pi).mean()
+    return dist.float()

