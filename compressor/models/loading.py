@@ -247,7 +247,7 @@ def _load_config(location: str, shown: str, trust_remote_code: bool):
         return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     except ValueError as e:
         msg = _first_line(e)
-        if "trust_remote_code" in msg:
+        if "trust_remote_code" in str(e) or "custom code" in msg:
             raise ModelLoadError(
                 f"{shown} needs its own code to run; pass --trust-remote-code if you trust it"
             ) from None

@@ -1,0 +1,77 @@
+"""Permutation alignment: the permutation preserves function, and alignment undoes it."""
+
+import pytest
+import torch
+
+from compressor.adapters import get_adapter
+from compressor.analysis.alignment import BlockPermutation, find_permutation, permute_weights, unit_features
+from compressor.analysis.weights import weight_similarity
+from tiny_models import FAMILIES, make_model
+
+
+def random_permutation(geometry, seed=0) -> BlockPermutation:
+    """A random permutation that moves both neurons and heads (never the identity)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def moving(n):
+        p = torch.randperm(n, generator=g)
+        return p.roll(1) if torch.equal(p, torch.arange(n)) else p
+
+    return BlockPermutation(neurons=moving(geometry.intermediate_size), kv_groups=moving(geometry.num_kv_heads))
+
+
+def model_output(model, ids):
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_permutation_preserves_function(family):
+    model = make_model(family)
+    adapter = get_adapter(model)
+    geometry = adapter.geometry(model.config)
+    ids = torch.randint(5, 60, (2, 11))
+    with torch.no_grad():
+        before = model_output(model, ids)
+        for i, block in enumerate(adapter.blocks(model)):
+            w, b = adapter.block_weights(block)
+            adapter.load_block_weights(block, *permute_weights(w, b, random_permutation(geometry, i), geometry))
+        after = model_output(model, ids)
+    fresh = make_model(family)
+    assert not torch.equal(adapter.weight(adapter.blocks(model)[0], "ffn_in"), adapter.weight(adapter.blocks(fresh)[0], "ffn_in"))
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_permuted_copy_scores_one_aligned_and_less_raw(family):
+    model = make_model(family)
+    adapter = get_adapter(model)
+    geometry = adapter.geometry(model.config)
+    blocks = adapter.blocks(model)
+    w, b = adapter.block_weights(blocks[0])
+    adapter.load_block_weights(blocks[1], *permute_weights(w, b, random_permutation(geometry, 7), geometry))
+
+    sim = weight_similarity(model, adapter)
+    for role in adapter.roles:
+        assert sim["raw"][role][0][0] == pytest.approx(1.0, abs=1e-6)
+        assert sim["aligned"][role][0][0] == pytest.approx(1.0, abs=1e-6)
+        assert sim["aligned"][role][0][1] == pytest.approx(1.0, abs=1e-5), role
+        assert sim["aligned"][role][1][0] == pytest.approx(1.0, abs=1e-5), role
+    # Every role is moved by the permutation, so raw cosine drops below 1 for each.
+    for role in adapter.roles:
+        assert sim["raw"][role][0][1] < 0.9, role
+    # Unrelated random layers stay far apart even after alignment.
+    assert sim["aligned_mean"][0][2] < 0.5
+
+
+def test_find_permutation_recovers_the_inverse():
+    model = make_model("llama")
+    adapter = get_adapter(model)
+    geometry = adapter.geometry(model.config)
+    w, b = adapter.block_weights(adapter.blocks(model)[0])
+    perm = random_permutation(geometry, 3)
+    permuted, _ = permute_weights(w, b, perm, geometry)
+    found = find_permutation(unit_features(w, geometry), unit_features(permuted, geometry))
+    # permuted[found] == original  =>  perm[found] == identity
+    assert torch.equal(perm.neurons[found.neurons], torch.arange(geometry.intermediate_size))
+    assert torch.equal(perm.kv_groups[found.kv_groups], torch.arange(geometry.num_kv_heads))
