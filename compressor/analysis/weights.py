@@ -40,7 +40,8 @@ def weight_similarity(model, adapter: ArchitectureAdapter, *, workers: int | Non
         # Views of the stored weights, in float32 for stable cosines; no copies for fp32 models.
         weights = [{r: adapter.weight(b, r).float() for r in roles} for b in blocks]
         norms = [{r: float(w[r].norm()) for r in roles} for w in weights]
-        features = [unit_features(w, geometry) for w in weights]
+    # Matching features are built per pair rather than kept for every layer: they are as large
+    # as the layer itself, and rebuilding them costs a few percent of the time.
 
     raw = {r: torch.eye(n) for r in roles}
     aligned = {r: torch.eye(n) for r in roles}
@@ -48,7 +49,7 @@ def weight_similarity(model, adapter: ArchitectureAdapter, *, workers: int | Non
     def pair(ij: tuple[int, int]) -> None:
         i, j = ij
         with torch.no_grad():
-            perm = find_permutation(features[i], features[j])
+            perm = find_permutation(unit_features(weights[i], geometry), unit_features(weights[j], geometry))
             permuted, _ = permute_weights(weights[j], {}, perm, geometry)
             for r in roles:
                 raw[r][i, j] = raw[r][j, i] = _cosine(weights[i][r], weights[j][r], norms[i][r], norms[j][r])
