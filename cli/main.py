@@ -46,7 +46,8 @@ def main():
     cli(prog_name="compress")
 
 
-from cli import analyze as _analyze  # noqa: E402,F401  (registers the command)
+from cli import analyze as _analyze  # noqa: E402,F401  (registers the commands)
+from cli import share as _share  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

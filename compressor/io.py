@@ -68,6 +68,9 @@ def staged_folder(path: str | Path, *, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for f in tmp.rglob("*"):
+        if f.is_file():  # some writers (safetensors) create private files; give them open()'s mode
+            os.chmod(f, 0o666 & ~_umask())
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")

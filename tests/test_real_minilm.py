@@ -34,3 +34,32 @@ def test_activations_are_similar_and_last_layer_stands_out(minilm_analysis):
     grouping = minilm_analysis["grouping"]
     assert len(grouping["recommended"]["groups"]) == 3
     assert 0.8 < grouping["recommended"]["score"] < 1.0
+
+
+def test_share_minilm_three_groups_checkpoint(tmp_path):
+    import torch
+
+    from compressor.models import unique_parameters
+    from compressor.sharing import ShareConfig, save_checkpoint, share
+
+    loaded, record = share(load_model(None), ShareConfig(plan="0-1,2-3,4-5", lora_rank=8, max_samples=16))
+    assert record.params_before == 22_713_216
+    # 3 of 6 copies of every attention and FFN matrix are gone, the LoRA factors are added
+    per_layer = 4 * 384 * 384 + 2 * 384 * 1536
+    assert record.params_after == record.params_before - 3 * per_layer + record.metrics["lora_params"]
+    # without recovery training the quality drop is large (FACTS.md), and the record says so
+    assert record.metrics["fidelity"]["embedding_cosine"] < 0.8
+    assert "compress finetune" in record.metrics["note"]
+    folder = save_checkpoint(loaded, tmp_path / "minilm-shared")
+    weights = (folder / "model.safetensors").stat().st_size
+    params, _ = unique_parameters(loaded.model)
+    assert 4 * params <= weights <= 1.02 * 4 * params
+    others = sum(p.stat().st_size for p in folder.iterdir() if p.name != "model.safetensors")
+    total = weights + others
+    assert total <= 1.02 * (4 * params + others)
+    reloaded = load_model(folder)
+    enc = loaded.tokenizer(["sharing keeps one copy", "of each weight"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        a = loaded.model(**enc).last_hidden_state
+        b = reloaded.model(**enc).last_hidden_state
+    assert torch.equal(a, b)

@@ -38,13 +38,14 @@ class LinearSpec:
 
     Attributes:
         path: Dotted module path inside the block, e.g. ``"attention.self.query"``.
-        conv1d: The module is a GPT-2 style ``Conv1D`` whose weight is ``(in, out)``.
         fused_index: For a fused QKV module, which third of the outputs this role is
             (0 = query, 1 = key, 2 = value); ``None`` for an ordinary module.
+
+    Whether the weight is stored transposed (GPT-2's ``Conv1D``) is read from the module
+    itself, since sharing replaces such modules with ``nn.Linear``-oriented ones.
     """
 
     path: str
-    conv1d: bool = False
     fused_index: int | None = None
 
 
@@ -126,12 +127,25 @@ class ArchitectureAdapter:
         """The module that holds ``role`` (for a fused QKV module, the fused module)."""
         return _get(block, self.linears[role].path)
 
+    def module_roles(self, roles: tuple[str, ...] | None = None) -> dict[str, tuple[str, ...]]:
+        """Module path -> the roles it holds, in output order (GPT-2's ``c_attn`` holds Q, K, V).
+
+        Args:
+            roles: Only modules holding one of these roles (default: all).
+        """
+        out: dict[str, list[str]] = {}
+        for role in self.roles:
+            if roles is None or role in roles:
+                out.setdefault(self.linears[role].path, []).append(role)
+        return {path: tuple(sorted(rs, key=lambda r: self.linears[r].fused_index or 0)) for path, rs in out.items()}
+
     # --- weights --------------------------------------------------------------------------
     def weight(self, block: nn.Module, role: str) -> torch.Tensor:
         """The weight of ``role`` as ``(out_features, in_features)``, detached (a view where possible)."""
         spec = self.linears[role]
-        w = self.linear(block, role).weight.detach()
-        if spec.conv1d:
+        module = self.linear(block, role)
+        w = module.weight.detach()
+        if is_conv1d(module):
             w = w.t()
         if spec.fused_index is not None:
             w = w.chunk(3, dim=0)[spec.fused_index]
@@ -169,6 +183,11 @@ class ArchitectureAdapter:
                 b = None if biases is None else biases.get(role)
                 if b is not None:
                     self.bias(block, role).copy_(b)
+
+
+def is_conv1d(module) -> bool:
+    """GPT-2's ``Conv1D`` stores its weight as ``(in, out)``."""
+    return type(module).__name__ == "Conv1D"
 
 
 def _get(root, dotted: str):

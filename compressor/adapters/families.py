@@ -54,12 +54,12 @@ GPT2 = ArchitectureAdapter(
     blocks_path="h",
     linears={
         # Q, K and V are the three thirds of one fused Conv1D.
-        "query": LinearSpec("attn.c_attn", conv1d=True, fused_index=0),
-        "key": LinearSpec("attn.c_attn", conv1d=True, fused_index=1),
-        "value": LinearSpec("attn.c_attn", conv1d=True, fused_index=2),
-        "attn_out": LinearSpec("attn.c_proj", conv1d=True),
-        "ffn_in": LinearSpec("mlp.c_fc", conv1d=True),
-        "ffn_out": LinearSpec("mlp.c_proj", conv1d=True),
+        "query": LinearSpec("attn.c_attn", fused_index=0),
+        "key": LinearSpec("attn.c_attn", fused_index=1),
+        "value": LinearSpec("attn.c_attn", fused_index=2),
+        "attn_out": LinearSpec("attn.c_proj"),
+        "ffn_in": LinearSpec("mlp.c_fc"),
+        "ffn_out": LinearSpec("mlp.c_proj"),
     },
     norms=("ln_1", "ln_2"),
     config_keys={

@@ -65,6 +65,8 @@ class LoadedModel:
         name: A short name for reports (what the user typed, or the bundled model's name).
         pooling: How a sentence embedding is made from token states: ``"mean"``, ``"cls"`` or
             ``"last"`` (from a sentence-transformers pooling config where present).
+        sharing: The sharing manifest (plan, shared modules, LoRA rank...) of a shared model,
+            ``None`` for a dense one.
     """
 
     model: PreTrainedModel
@@ -73,6 +75,7 @@ class LoadedModel:
     source: str
     name: str = ""
     pooling: str = "mean"
+    sharing: dict | None = None
 
     @property
     def config(self):
@@ -186,8 +189,9 @@ def load_model(
     """Load a model for compression.
 
     Args:
-        spec: A local folder, a hub id, an alias from ``ALIASES``, or ``None`` for the bundled
-            all-MiniLM-L6-v2.
+        spec: A local folder (a Hugging Face model, a sentence-transformers model, or a
+            compressed checkpoint written by `compress`), a hub id, an alias from ``ALIASES``,
+            or ``None`` for the bundled all-MiniLM-L6-v2.
         trust_remote_code: Allow a checkpoint's own Python code to run (off by default).
         dtype: torch dtype to load in; ``None`` loads float32.
 
@@ -200,6 +204,11 @@ def load_model(
     """
     location, local = resolve(spec)
     shown = str(spec) if spec is not None else BUNDLED_NAME
+    if local:
+        from ..sharing.checkpoint import is_checkpoint, load_checkpoint
+
+        if is_checkpoint(location):  # a compressed checkpoint written by `compress`
+            return load_checkpoint(location, name=str(spec).rstrip("/"))
     if not local:
         location = _cached_or_reachable(location)
     config = _load_config(location, shown, trust_remote_code)

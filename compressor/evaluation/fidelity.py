@@ -1,0 +1,85 @@
+"""How far a compressed model has moved from the original, on the same text.
+
+* ``embedding_cosine``: cosine of the pooled sentence embeddings (the model's own pooling:
+  mean for sentence-transformers encoders), averaged over texts;
+* ``next_token_kl``: KL(original || compressed) of next-token distributions, averaged over
+  real tokens (models with a language-model head);
+* ``hidden_state_error``: per layer, ``||h_compressed - h_original|| / ||h_original||`` over
+  real tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Sentence embeddings from token states.
+
+    Args:
+        hidden: ``(batch, seq, hidden)``.
+        mask: ``(batch, seq)`` attention mask.
+        mode: ``mean`` (over real tokens), ``cls`` (first token) or ``last`` (last real token).
+    """
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "last":
+        last = mask.sum(1) - 1  # right padding: index of the last real token
+        if bool((mask[:, -1] == 1).all()):
+            last = torch.full_like(last, mask.shape[1] - 1)  # left padding or none
+        return hidden[torch.arange(hidden.shape[0]), last]
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def batches(tokenizer, texts: list[str], batch_size: int, max_length: int, device: str):
+    for start in range(0, len(texts), batch_size):
+        yield tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt").to(device)
+
+
+@torch.no_grad()
+def fidelity(compressed, original, texts: list[str], *, batch_size: int = 16, max_length: int = 128,
+             device: str = "cpu") -> dict:
+    """Compare ``compressed`` with ``original`` (both `LoadedModel`) on ``texts``.
+
+    Returns:
+        ``{"embedding_cosine", "next_token_kl" (LM heads only), "hidden_state_error": [per layer],
+        "num_texts", "num_tokens"}``.
+    """
+    tokenizer = original.tokenizer
+    has_lm_head = hasattr(original.model, "get_output_embeddings") and original.model.get_output_embeddings() is not None
+    cos_sum, kl_sum, tokens = 0.0, 0.0, 0
+    err_num: torch.Tensor | None = None
+    err_den: torch.Tensor | None = None
+    models = [m.model.to(device).eval() for m in (original, compressed)]
+    for enc in batches(tokenizer, texts, batch_size, max_length, device):
+        mask = enc["attention_mask"]
+        outs = [m(input_ids=enc["input_ids"], attention_mask=mask, output_hidden_states=True) for m in models]
+        real = mask.bool()
+        # per-layer hidden states (index 0 is the embedding output; layers start at 1)
+        h_t = torch.stack(outs[0].hidden_states[1:])[:, real]  # (layers, tokens, hidden)
+        h_s = torch.stack(outs[1].hidden_states[1:])[:, real]
+        num = ((h_s - h_t).float() ** 2).sum((1, 2))
+        den = (h_t.float() ** 2).sum((1, 2))
+        err_num = num if err_num is None else err_num + num
+        err_den = den if err_den is None else err_den + den
+        last_t, last_s = outs[0].hidden_states[-1], outs[1].hidden_states[-1]
+        emb_t = pool(last_t, mask, original.pooling)
+        emb_s = pool(last_s, mask, original.pooling)
+        cos_sum += float(F.cosine_similarity(emb_s.float(), emb_t.float(), dim=-1).sum())
+        if has_lm_head:
+            logp_t = F.log_softmax(outs[0].logits[real].float(), dim=-1)
+            logp_s = F.log_softmax(outs[1].logits[real].float(), dim=-1)
+            kl_sum += float(F.kl_div(logp_s, logp_t, log_target=True, reduction="sum"))
+        tokens += int(real.sum())
+    result = {
+        "num_texts": len(texts),
+        "num_tokens": tokens,
+        "embedding_cosine": cos_sum / len(texts),
+        "hidden_state_error": (err_num / err_den.clamp(min=1e-12)).sqrt().tolist(),
+    }
+    if has_lm_head:
+        result["next_token_kl"] = kl_sum / max(tokens, 1)
+    return result

@@ -1,0 +1,19 @@
+"""Layer sharing: groups of layers on one set of weights, with per-layer LoRA deltas."""
+
+from .checkpoint import MANIFEST, is_checkpoint, load_checkpoint, save_checkpoint
+from .config import INITS, LORA_INITS, SHARE_GROUPS, ShareConfig, parse_plan
+from .share import NO_RECOVERY_NOTE, share
+
+__all__ = [
+    "INITS",
+    "LORA_INITS",
+    "MANIFEST",
+    "NO_RECOVERY_NOTE",
+    "SHARE_GROUPS",
+    "ShareConfig",
+    "is_checkpoint",
+    "load_checkpoint",
+    "parse_plan",
+    "save_checkpoint",
+    "share",
+]

@@ -1,0 +1,145 @@
+"""The compressed checkpoint: a folder that keeps shared weights shared.
+
+Layout::
+
+    config.json          the model's Hugging Face config, unchanged
+    compress.json        the manifest: format version, model class, pooling, sharing plan,
+                         shared modules, LoRA rank and init
+    model.safetensors    every tensor once (safetensors' ``save_model`` drops the aliases of a
+                         shared tensor; Hugging Face ``save_pretrained`` refuses them)
+    tokenizer files      as ``save_pretrained`` writes them
+
+`load_checkpoint` rebuilds the model from the config, re-creates the sharing (the same
+Parameter object in every member), and loads the weights; `compressor.models.load_model`
+calls it for any folder with a ``compress.json``, so every command takes such a folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import ModelLoadError
+from ..io import staged_folder, write_text_atomic
+
+MANIFEST = "compress.json"
+FORMAT = "compress-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+
+
+def save_checkpoint(loaded, folder: str | Path, *, overwrite: bool = False,
+                    extra_files: Callable[[Path], dict[str, str]] | None = None) -> Path:
+    """Write ``loaded`` as a compressed checkpoint folder (atomically: all or nothing).
+
+    Args:
+        loaded: A `LoadedModel`, shared or dense.
+        folder: Where to write; must not exist (or be empty) unless ``overwrite``.
+        extra_files: Called with the staged folder once the weights are written (so it can
+            measure them); returns further text files to put in the folder (name -> content),
+            e.g. a report. They land together with the checkpoint.
+
+    Returns:
+        The folder.
+    """
+    from safetensors.torch import save_model
+
+    model = loaded.model
+    with staged_folder(folder, overwrite=overwrite) as tmp:
+        model.config.save_pretrained(tmp)
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_class": type(model).__name__,
+            "family": loaded.adapter.family,
+            "pooling": loaded.pooling,
+            "source": loaded.source,
+            "sharing": loaded.sharing,
+        }
+        write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        for name, text in (extra_files(tmp) if extra_files else {}).items():
+            write_text_atomic(tmp / name, text)
+    return Path(folder)
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def load_checkpoint(folder: str | Path, *, name: str | None = None):
+    """Rebuild a model saved by `save_checkpoint`, with its sharing intact.
+
+    Raises:
+        ModelLoadError: a manifest that does not parse or has another format version, or
+            weights that do not match the manifest.
+    """
+    import torch
+    import transformers
+    from safetensors.torch import load_model as load_weights
+    from torch import nn
+
+    from ..adapters import get_adapter
+    from ..models.loading import LoadedModel, _load_config, _load_tokenizer
+    from .share import install_shared
+
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{folder / MANIFEST} is not a valid manifest: {e}") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{folder} was written in checkpoint format {manifest.get('format')!r} version "
+            f"{manifest.get('format_version')!r}; this compress reads {FORMAT!r} version {FORMAT_VERSION}"
+        )
+    config = _load_config(str(folder), str(folder), False)
+    adapter = get_adapter(config)
+    cls = getattr(transformers, str(manifest.get("model_class")), None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ModelLoadError(f"{folder}: unknown model class {manifest.get('model_class')!r}")
+    with transformers.modeling_utils.no_init_weights():  # the weights come from the file
+        model = cls(config)
+    model.tie_weights()  # skipped with the init above; GPT-2's head shares the embedding
+
+    sharing = manifest.get("sharing")
+    if sharing:
+        blocks = adapter.blocks(model)
+        for group in sharing["plan"]:
+            if len(group) < 2:
+                continue
+            for path in sharing["modules"]:
+                dense = blocks[group[0]].get_submodule(path)
+                out_f, in_f = _shape(dense)
+                base = nn.Linear(in_f, out_f, bias=False, dtype=dense.weight.dtype)
+                biases = {
+                    layer: (None if blocks[layer].get_submodule(path).bias is None else torch.zeros(out_f, dtype=dense.weight.dtype))
+                    for layer in group
+                }
+                install_shared(blocks, group, path, base, biases, sharing["lora_rank"], sharing.get("lora_alpha"))
+    try:
+        load_weights(model, str(folder / WEIGHTS), strict=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"{folder}: weights do not match the manifest: {first}") from None
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=_load_tokenizer(str(folder), False),
+        adapter=adapter,
+        source=str(folder),
+        name=name or str(folder),
+        pooling=manifest.get("pooling", "mean"),
+        sharing=sharing,
+    )
+
+
+def _shape(module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a dense linear or GPT-2 Conv1D module."""
+    from ..adapters.base import is_conv1d
+
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if is_conv1d(module) else (w.shape[0], w.shape[1])

@@ -1,0 +1,109 @@
+"""The shared linear layer: one weight for a group of layers, plus a per-layer LoRA delta.
+
+Shaped like peft's ``lora/layer.py``: a ``base_layer`` (here an ``nn.Linear`` without bias
+that is the *same module object*, and so the same Parameter, in every layer of a group), a
+per-layer ``bias``, and a per-layer low-rank delta ``lora_B @ lora_A`` scaled by
+``lora_alpha / lora_rank``::
+
+    y = x @ W_shared^T + bias + (x @ A^T @ B^T) * scaling
+
+The delta stays a separate branch (never merged into the weight): merging would give every
+layer its own matrix and undo the sharing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SharedLinear(nn.Module):
+    """A linear sublayer whose weight is shared with other layers.
+
+    Args:
+        base_layer: The shared ``nn.Linear`` (``bias=False``); pass the same object to every
+            layer of a group.
+        bias: This layer's own bias, ``(out_features,)``, or ``None``.
+        lora_rank: Rank of this layer's delta; 0 for none.
+        lora_alpha: Delta scaling numerator (``scaling = lora_alpha / lora_rank``); default
+            ``lora_rank`` (scaling 1).
+    """
+
+    def __init__(self, base_layer: nn.Linear, bias: torch.Tensor | None = None, lora_rank: int = 0,
+                 lora_alpha: float | None = None):
+        super().__init__()
+        if base_layer.bias is not None:
+            raise ValueError("the shared base layer carries no bias; biases stay per layer")
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(bias.detach().clone())
+        self.lora_rank = int(lora_rank)
+        self.lora_alpha = float(lora_alpha if lora_alpha is not None else lora_rank)
+        if self.lora_rank:
+            factory = {"dtype": base_layer.weight.dtype, "device": base_layer.weight.device}
+            self.lora_A = nn.Linear(self.in_features, self.lora_rank, bias=False, **factory)
+            self.lora_B = nn.Linear(self.lora_rank, self.out_features, bias=False, **factory)
+            self.reset_lora()
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The shared weight ``(out_features, in_features)``."""
+        return self.base_layer.weight
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.base_layer.weight, self.bias)
+        if self.lora_rank:
+            y = y + self.lora_B(self.lora_A(x)) * self.scaling
+        return y
+
+    def delta_weight(self) -> torch.Tensor:
+        """This layer's delta ``(out_features, in_features)`` (zeros without LoRA)."""
+        if not self.lora_rank:
+            return torch.zeros_like(self.base_layer.weight)
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight this layer actually applies: shared weight plus its delta."""
+        return self.base_layer.weight + self.delta_weight()
+
+    @torch.no_grad()
+    def reset_lora(self) -> None:
+        """Plain LoRA init: A Kaiming-uniform, B zero, so the delta starts at zero."""
+        if self.lora_rank:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+
+    @torch.no_grad()
+    def init_lora_from_residual(self, residual: torch.Tensor) -> float:
+        """Set the delta to the best rank-r approximation of ``residual`` (truncated SVD).
+
+        As in Relaxed Recursive Transformers: ``residual = W_layer - W_shared``; with the full
+        rank the layer's own weight comes back exactly.
+
+        Returns:
+            The share of the residual's energy (squared Frobenius norm) the delta keeps.
+        """
+        if not self.lora_rank:
+            return 0.0
+        u, s, vh = torch.linalg.svd(residual.double(), full_matrices=False)
+        r = self.lora_rank
+        root = s[:r].sqrt()
+        # Split the singular values evenly between B and A so both factors have similar scale.
+        self.lora_B.weight.copy_((u[:, :r] * root / self.scaling).to(self.lora_B.weight.dtype))
+        self.lora_A.weight.copy_((root[:, None] * vh[:r]).to(self.lora_A.weight.dtype))
+        total = float((s**2).sum())
+        return float((s[:r] ** 2).sum()) / total if total > 0 else 1.0
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, lora_rank={self.lora_rank}"
