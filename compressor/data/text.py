@@ -16,6 +16,8 @@ from ..errors import DataError
 
 #: Column / key names tried, in order, when no text column is named.
 TEXT_COLUMNS = ("text", "sentence", "review", "content", "document", "body", "prompt", "question")
+#: Column / key names tried, in order, when no label column is named.
+LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "category", "target", "y")
 SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl")
 
 
@@ -47,6 +49,47 @@ def read_texts(
         DataError: the file is missing, unreadable, of an unknown kind, or holds no text.
     """
     path = Path(path)
+    raw = _read_raw(path, encoding)
+    if path.suffix.lower() == ".txt":
+        texts = [line.strip() for line in raw.splitlines()]
+    else:
+        rows, names = _records(path, raw)
+        column = _pick_column(path, names, text_column, rows, TEXT_COLUMNS)
+        texts = [str(row.get(column) or "").strip() for row in rows]
+    texts = [t for t in texts if t]
+    if not texts:
+        raise DataError(f"{path} contains no text")
+    return texts[:limit] if limit else texts
+
+
+def read_labelled(
+    path: str | Path,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    encoding: str = "utf-8",
+) -> tuple[list[str], list[str]]:
+    """Read ``(texts, labels)`` from a csv, tsv or jsonl file; rows without text are dropped.
+
+    Raises:
+        DataError: as `read_texts`, or no label column (a ``.txt`` file has none).
+    """
+    path = Path(path)
+    raw = _read_raw(path, encoding)
+    if path.suffix.lower() == ".txt":
+        raise DataError(f"{path}: a .txt file has no labels; use a csv, tsv or jsonl file with a label column")
+    rows, names = _records(path, raw)
+    text_col = _pick_column(path, names, text_column, rows, TEXT_COLUMNS)
+    label_col = _pick_column(path, names, label_column, rows, LABEL_COLUMNS, guess_longest=False, what="label")
+    pairs = [(str(r.get(text_col) or "").strip(), r.get(label_col)) for r in rows]
+    pairs = [(t, str(lab).strip()) for t, lab in pairs if t and lab is not None and str(lab).strip()]
+    if not pairs:
+        raise DataError(f"{path} contains no labelled text")
+    texts, labels = zip(*pairs)
+    return list(texts), list(labels)
+
+
+def _read_raw(path: Path, encoding: str) -> str:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist" if not path.exists() else f"{path} is not a file")
     suffix = path.suffix.lower()
@@ -56,62 +99,52 @@ def read_texts(
         raw = path.read_text(encoding=encoding)
     except UnicodeDecodeError:
         raise DataError(f"{path} is not valid {encoding} text; pass the file's encoding (--encoding)") from None
+    except LookupError:
+        raise DataError(f"unknown encoding {encoding!r}") from None
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror}") from None
     if "\x00" in raw:
         raise DataError(f"{path} looks binary, not text")
-
-    if suffix == ".txt":
-        texts = [line.strip() for line in raw.splitlines()]
-    elif suffix in (".csv", ".tsv"):
-        texts = _read_table(path, raw, "\t" if suffix == ".tsv" else ",", text_column)
-    else:
-        texts = _read_jsonl(path, raw, text_column)
-    texts = [t for t in texts if t]
-    if not texts:
-        raise DataError(f"{path} contains no text")
-    return texts[:limit] if limit else texts
+    return raw
 
 
-def _read_table(path: Path, raw: str, delimiter: str, column: str | None) -> list[str]:
+def _records(path: Path, raw: str) -> tuple[list[dict], list[str]]:
+    """Rows of a csv/tsv/jsonl file as dicts, and the column names."""
+    if path.suffix.lower() == ".jsonl":
+        records = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                raise DataError(f"{path}:{number} is not valid JSON") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{number} is not a JSON object")
+            records.append(obj)
+        return records, list(dict.fromkeys(k for r in records for k in r))
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.DictReader(raw.splitlines(), delimiter=delimiter)
     try:
         rows = list(reader)
     except csv.Error as e:
         raise DataError(f"{path} is not valid {'TSV' if delimiter == chr(9) else 'CSV'}: {e}") from None
-    header = reader.fieldnames or []
-    column = _pick_column(path, header, column, rows)
-    return [(row.get(column) or "").strip() for row in rows]
+    return rows, list(reader.fieldnames or [])
 
 
-def _read_jsonl(path: Path, raw: str, key: str | None) -> list[str]:
-    records = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            raise DataError(f"{path}:{number} is not valid JSON") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{number} is not a JSON object")
-        records.append(obj)
-    keys = list(dict.fromkeys(k for r in records for k in r))
-    key = _pick_column(path, keys, key, records)
-    return [str(r.get(key) or "").strip() for r in records]
-
-
-def _pick_column(path: Path, names: list[str], wanted: str | None, rows: list[dict]) -> str:
-    """The named column, else a conventional name, else the column with the longest strings."""
+def _pick_column(path: Path, names: list[str], wanted: str | None, rows: list[dict], conventional: tuple[str, ...],
+                 *, guess_longest: bool = True, what: str = "text") -> str:
+    """The named column, else a conventional name, else (for text) the column with the longest strings."""
     if wanted is not None:
         if wanted not in names:
-            raise DataError(f"{path} has no column {wanted!r}; it has: {', '.join(names) or 'none'}")
+            raise DataError(f"{path} has no column {wanted!r}; it has: {', '.join(n for n in names if n) or 'none'}")
         return wanted
     lowered = {n.lower(): n for n in names if n}
-    for name in TEXT_COLUMNS:
+    for name in conventional:
         if name in lowered:
             return lowered[name]
+    flag = "--text-column" if what == "text" else "--label-column"
     string_cols = [n for n in names if n and any(isinstance(r.get(n), str) and r.get(n) for r in rows)]
-    if not string_cols:
-        raise DataError(f"{path} has no text column; name one with --text-column")
+    if not guess_longest or not string_cols:
+        raise DataError(f"{path} has no {what} column; name one with {flag}")
     return max(string_cols, key=lambda n: sum(len(str(r.get(n) or "")) for r in rows))

