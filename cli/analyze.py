@@ -39,7 +39,7 @@ def analyze(model, groups, metric, weights, activations, data, text_column, enco
     for every group count.
     """
     from compressor.analysis import AnalyzeConfig
-    from compressor.io import check_writable
+    from compressor.io import check_distinct, check_writable
 
     config = AnalyzeConfig(
         groups=groups, metric=metric, weights=weights, activations=activations, data=data,
@@ -47,6 +47,7 @@ def analyze(model, groups, metric, weights, activations, data, text_column, enco
         batch_size=batch_size, device=device,
     )
     # Refuse to overwrite before the slow part, not after it.
+    check_distinct(output, json_path, markdown_path, plots_dir)
     if output:
         check_writable(output, overwrite=overwrite, folder=True)
     if json_path and json_path != "-":

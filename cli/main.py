@@ -20,6 +20,20 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 class CompressGroup(click.Group):
     """Turns user errors raised anywhere in a command into one clear line."""
 
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("compress: aborted", err=True)
+            sys.exit(EXIT_FAILED)
+        except click.ClickException as e:
+            # click prints usage plus the error over several lines; one line is enough
+            click.echo(f"compress: error: {e.format_message()}", err=True)
+            sys.exit(EXIT_BAD_INPUT if isinstance(e, click.UsageError) else e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)

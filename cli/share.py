@@ -39,7 +39,7 @@ def share(model, groups, plan, output, share_, init, lora_rank, lora_init, lora_
     norms and biases, and with --lora-rank its own low-rank delta. The checkpoint stores every
     shared tensor once; every compress command takes it as MODEL.
     """
-    from compressor.io import check_writable
+    from compressor.io import check_distinct, check_writable
     from compressor.sharing import ShareConfig
 
     config = ShareConfig(
@@ -47,6 +47,7 @@ def share(model, groups, plan, output, share_, init, lora_rank, lora_init, lora_
         lora_alpha=lora_alpha, plan_metric=plan_metric, fidelity=fidelity, data=data, text_column=text_column,
         encoding=encoding, max_samples=max_samples, device=device,
     )
+    check_distinct(output, json_path)
     check_writable(output, overwrite=overwrite, folder=True)
     if json_path and json_path != "-":
         check_writable(json_path, overwrite=overwrite)

@@ -41,11 +41,34 @@ class StageConfig:
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        raise ConfigError(f"{flag(name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def flag(name: str) -> str:
+    """A config field as the CLI spells it: ``max_samples`` -> ``--max-samples``."""
+    return "--" + name.replace("_", "-")
 
 
 def check_positive(name: str, value: int | float | None, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        raise ConfigError(f"{flag(name)} must be a positive number, got {value!r}")
+
+
+def check_device(device: str) -> str:
+    """Fail early on a device torch does not know or this machine does not have."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu" and not (dev.type == "mps" and torch.backends.mps.is_available()):
+        raise ConfigError(f"--device {device} is not available here; use cpu or cuda")
+    return device

@@ -29,10 +29,26 @@ def check_writable(path: str | Path, *, overwrite: bool, folder: bool = False) -
         raise CompressError(f"{path} exists and is not a folder")
     if path.exists() and not folder and path.is_dir():
         raise CompressError(f"{path} is a folder, not a file")
-    parent = path.resolve().parent
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise CompressError(f"cannot write to {parent}: permission denied")
+    ancestor = path.resolve().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CompressError(f"cannot write {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK):
+        raise CompressError(f"cannot write to {ancestor}: permission denied")
     return path
+
+
+def check_distinct(*paths: str | Path | None) -> None:
+    """Two outputs of one command must not be the same path (one would clobber the other)."""
+    seen: dict[Path, str] = {}
+    for p in paths:
+        if p is None or str(p) == "-":
+            continue
+        key = Path(p).resolve()
+        if key in seen:
+            raise CompressError(f"{p} is given for two outputs; give each its own path")
+        seen[key] = str(p)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -64,3 +64,15 @@ def test_identity_and_single_group_scores():
 def test_rejects_bad_group_counts(k):
     with pytest.raises(ValueError):
         best_partition(random_similarity(4, 0), k)
+
+
+def test_all_group_counts_in_one_pass_agree_with_single_k():
+    from compressor.analysis import best_partitions
+
+    sim = random_similarity(12, 3)
+    every = best_partitions(sim)
+    assert set(every) == set(range(1, 13))
+    for k, (groups, score) in every.items():
+        assert score == pytest.approx(best_partition(sim, k)[1], abs=1e-12)
+        assert partition_score(sim, groups) == pytest.approx(score, abs=1e-12)
+    assert every[12] == ([[i] for i in range(12)], 1.0)

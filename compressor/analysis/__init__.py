@@ -2,13 +2,14 @@
 
 from .analyze import analyze, plan_string, similarity_for_grouping
 from .config import METRICS, AnalyzeConfig
-from .grouping import best_partition, group_fit, partition_score
+from .grouping import best_partition, best_partitions, group_fit, partition_score
 
 __all__ = [
     "METRICS",
     "AnalyzeConfig",
     "analyze",
     "best_partition",
+    "best_partitions",
     "group_fit",
     "partition_score",
     "plan_string",

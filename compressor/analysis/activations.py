@@ -21,6 +21,10 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 
 
+#: Fewer tokens than this say nothing about how alike two layers are.
+MIN_TOKENS = 16
+
+
 def _hidden_from_args(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
@@ -42,10 +46,16 @@ def collect_block_outputs(
 ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
     """Run the model on ``texts`` and capture every block's output at real tokens.
 
+    The token positions kept for CKA and angular distance (at most ``max_tokens``, the same
+    for every layer) are drawn before the forward passes, so memory stays at
+    ``layers x max_tokens x hidden`` however much text there is.
+
     Returns:
-        ``(outputs, block_influence, num_tokens)``: one ``(tokens, hidden)`` float32 tensor per
-        layer (at most ``max_tokens`` tokens, the same sampled positions for every layer), the
-        Block Influence of each layer over all tokens, and the number of tokens seen.
+        ``(outputs, block_influence, num_tokens)``: one ``(kept tokens, hidden)`` float32 tensor
+        per layer, the Block Influence of each layer over all tokens, and the number of tokens seen.
+
+    Raises:
+        ConfigError: no tokenizer, or too little text to compare layers on.
     """
     tokenizer = loaded.tokenizer
     if tokenizer is None:
@@ -55,23 +65,33 @@ def collect_block_outputs(
     base = adapter.base(model).to(device)
     n = len(blocks)
 
-    current_mask: list[torch.Tensor] = []
+    # Real tokens per text (as the batches will see them), then the global sample of positions.
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    total = sum(lengths)
+    if total < MIN_TOKENS:
+        raise ConfigError(f"the calibration text holds {total} token(s), under {MIN_TOKENS}; give more text to compare layers on")
+    keep = torch.zeros(total, dtype=torch.bool)
+    keep[torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:max_tokens]] = True
+    offsets = [0]
+    for length in lengths:
+        offsets.append(offsets[-1] + length)
+
+    current: dict[str, torch.Tensor] = {}
     inputs: dict[int, torch.Tensor] = {}
     outputs: list[list[torch.Tensor]] = [[] for _ in range(n)]
     cos_sum = torch.zeros(n, dtype=torch.float64)
-    token_count = 0
 
     def pre_hook(i):
         def hook(module, args, kwargs):
-            inputs[i] = _hidden_from_args(args, kwargs)[current_mask[0]].float()
+            inputs[i] = _hidden_from_args(args, kwargs)[current["mask"]].float()
 
         return hook
 
     def post_hook(i):
         def hook(module, args, kwargs, output):
-            out = _hidden_from_output(output)[current_mask[0]].float()  # (tokens, hidden)
+            out = _hidden_from_output(output)[current["mask"]].float()  # (real tokens, hidden)
             cos_sum[i] += F.cosine_similarity(inputs.pop(i), out, dim=-1).double().sum()
-            outputs[i].append(out.cpu())
+            outputs[i].append(out[current["keep"]].cpu())
 
         return hook
 
@@ -81,27 +101,18 @@ def collect_block_outputs(
         handles.append(block.register_forward_hook(post_hook(i), with_kwargs=True))
     try:
         for start in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[start : start + batch_size],
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            ).to(device)
-            mask = enc["attention_mask"].bool()  # (batch, seq)
-            current_mask[:] = [mask]
-            token_count += int(mask.sum())
+            stop = min(start + batch_size, len(texts))
+            enc = tokenizer(texts[start:stop], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt").to(device)
+            current["mask"] = enc["attention_mask"].bool()  # (batch, seq); real tokens come out text by text
+            current["keep"] = keep[offsets[start] : offsets[stop]].to(device)
             base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
     finally:
         for h in handles:
             h.remove()
 
-    block_influence = 1.0 - cos_sum / max(token_count, 1)
-    stacked = [torch.cat(o) for o in outputs]
-    if token_count > max_tokens:
-        keep = torch.randperm(token_count, generator=torch.Generator().manual_seed(seed))[:max_tokens]
-        stacked = [o[keep] for o in stacked]
-    return stacked, block_influence.float(), token_count
+    block_influence = 1.0 - cos_sum / total
+    return [torch.cat(o) for o in outputs], block_influence.float(), total
 
 
 def linear_cka(outputs: list[torch.Tensor]) -> torch.Tensor:
@@ -124,7 +135,8 @@ def linear_cka(outputs: list[torch.Tensor]) -> torch.Tensor:
         for i in range(n):
             for j in range(i + 1, n):
                 cka[i, j] = cka[j, i] = (grams[i] * grams[j]).sum() / (self_norm[i] * self_norm[j])
-    return cka.float()
+    # A layer whose output does not vary over tokens has no CKA with anything: call it 0.
+    return torch.nan_to_num(cka, nan=0.0).float()
 
 
 def angular_distance(outputs: list[torch.Tensor]) -> torch.Tensor:

@@ -38,19 +38,25 @@ class BlockPermutation:
         neurons: ``(intermediate_size,)``; new neuron ``i`` is old neuron ``neurons[i]``.
         kv_groups: ``(num_kv_heads,)``; new key/value group ``g`` is old group ``kv_groups[g]``
             (a group is one key/value head and the query heads that read it).
+        query_within: ``(num_kv_heads, heads_per_kv)`` or ``None``; under grouped-query
+            attention the query heads of a group may also be reordered among themselves: new
+            query head ``k`` of group ``g`` is old query head ``query_within[g, k]`` of old group
+            ``kv_groups[g]``. ``None`` keeps their order.
     """
 
     neurons: torch.Tensor
     kv_groups: torch.Tensor
+    query_within: torch.Tensor | None = None
 
     @classmethod
     def identity(cls, geometry: Geometry) -> BlockPermutation:
         return cls(torch.arange(geometry.intermediate_size), torch.arange(geometry.num_kv_heads))
 
     def query_heads(self, geometry: Geometry) -> torch.Tensor:
-        """The permutation of query heads implied by the key/value group permutation."""
+        """The permutation of query heads: group moves plus moves inside a group."""
         r = geometry.heads_per_kv
-        return (self.kv_groups[:, None] * r + torch.arange(r)[None, :]).reshape(-1)
+        inner = self.query_within if self.query_within is not None else torch.arange(r).expand(len(self.kv_groups), r)
+        return (self.kv_groups[:, None] * r + inner).reshape(-1)
 
 
 def _rows(perm_units: torch.Tensor, unit_size: int) -> torch.Tensor:
@@ -92,27 +98,28 @@ def permute_weights(
 class UnitFeatures:
     """Row-normalized features of one layer's permutable units, ready for matching.
 
-    ``neurons @ other.neurons.T`` is the sum over FFN roles of the cosine similarity of each
-    pair of neurons; likewise ``kv_groups`` for attention groups.
+    ``a.neurons @ b.neurons.T`` is the sum over FFN roles of the cosine similarity of every
+    pair of neurons; ``kv`` does the same for key/value heads (K and V) and ``query_heads`` for
+    query heads (Q rows and the matching attention-output columns).
     """
 
     neurons: torch.Tensor  # (intermediate_size, n_ffn_roles * hidden)
-    kv_groups: torch.Tensor  # (num_kv_heads, ...)
+    kv: torch.Tensor  # (num_kv_heads, 2 * head_dim * hidden)
+    query_heads: torch.Tensor  # (num_heads, 2 * head_dim * hidden)
 
 
 def unit_features(weights: Weights, geometry: Geometry) -> UnitFeatures:
     """Build the matching features of one block's weights."""
     neuron_parts = [F.normalize(weights[r], dim=1) for r in ("ffn_gate", "ffn_in") if r in weights]
     neuron_parts.append(F.normalize(weights["ffn_out"].t(), dim=1))  # columns are neurons
-    g = geometry.num_kv_heads
-    group_parts = [
-        F.normalize(weights["query"].reshape(g, -1), dim=1),  # (groups, heads_per_kv * head_dim * hidden)
-        F.normalize(weights["key"].reshape(g, -1), dim=1),
-        F.normalize(weights["value"].reshape(g, -1), dim=1),
-        # attention-output columns of a group: (hidden, groups, r*head_dim) -> (groups, hidden*r*head_dim)
-        F.normalize(weights["attn_out"].reshape(geometry.hidden_size, g, -1).transpose(0, 1).reshape(g, -1), dim=1),
+    g, h = geometry.num_kv_heads, geometry.num_heads
+    kv = [F.normalize(weights[r].reshape(g, -1), dim=1) for r in ("key", "value")]  # (groups, head_dim * hidden)
+    query = [
+        F.normalize(weights["query"].reshape(h, -1), dim=1),  # (heads, head_dim * hidden)
+        # attention-output columns of a head: (hidden, heads, head_dim) -> (heads, hidden * head_dim)
+        F.normalize(weights["attn_out"].reshape(geometry.hidden_size, h, -1).transpose(0, 1).reshape(h, -1), dim=1),
     ]
-    return UnitFeatures(torch.cat(neuron_parts, dim=1), torch.cat(group_parts, dim=1))
+    return UnitFeatures(torch.cat(neuron_parts, dim=1), torch.cat(kv, dim=1), torch.cat(query, dim=1))
 
 
 def match_units(similarity: torch.Tensor) -> torch.Tensor:
@@ -125,8 +132,25 @@ def match_units(similarity: torch.Tensor) -> torch.Tensor:
 
 
 def find_permutation(reference: UnitFeatures, other: UnitFeatures) -> BlockPermutation:
-    """The permutation that best lines up ``other``'s neurons and heads with ``reference``'s."""
-    return BlockPermutation(
-        neurons=match_units(reference.neurons @ other.neurons.t()),
-        kv_groups=match_units(reference.kv_groups @ other.kv_groups.t()),
-    )
+    """The permutation that best lines up ``other``'s neurons and heads with ``reference``'s.
+
+    Heads are matched as whole heads. Under grouped-query attention a key/value group is
+    scored by its K and V plus the best matching of its query heads (mean over them), groups
+    are matched on that score, and the query heads inside matched groups follow their matching.
+    """
+    neurons = match_units(reference.neurons @ other.neurons.t())
+    kv_sim = reference.kv @ other.kv.t()  # (groups, groups)
+    q_sim = reference.query_heads @ other.query_heads.t()  # (heads, heads)
+    groups = kv_sim.shape[0]
+    r = q_sim.shape[0] // groups
+    if r == 1:
+        return BlockPermutation(neurons, match_units(kv_sim + q_sim))
+    blocks = q_sim.reshape(groups, r, groups, r).permute(0, 2, 1, 3)  # (g_ref, g_other, r, r)
+    inner = torch.empty(groups, groups, r, dtype=torch.long)
+    score = torch.empty(groups, groups)
+    for a in range(groups):
+        for b in range(groups):
+            inner[a, b] = match_units(blocks[a, b])
+            score[a, b] = blocks[a, b][torch.arange(r), inner[a, b]].mean()
+    kv_groups = match_units(kv_sim + score)
+    return BlockPermutation(neurons, kv_groups, inner[torch.arange(groups), kv_groups])

@@ -9,7 +9,7 @@ from ..errors import ConfigError
 from ..models import LoadedModel, unique_parameters
 from ..record import StageRecord
 from .config import AnalyzeConfig
-from .grouping import best_partition
+from .grouping import best_partitions
 
 
 def similarity_for_grouping(metrics: dict, metric: str) -> list[list[float]]:
@@ -104,11 +104,8 @@ def analyze(loaded: LoadedModel, config: AnalyzeConfig) -> tuple[LoadedModel, St
         ]
 
     similarity = similarity_for_grouping(metrics, config.metric)
-    by_groups = {}
-    for k in range(1, n + 1):
-        groups, score = best_partition(similarity, k)
-        by_groups[k] = {"groups": groups, "score": score}
-    recommended = config.groups or max(1, round(n / 2))
+    by_groups = {k: {"groups": g, "score": score} for k, (g, score) in best_partitions(similarity).items()}
+    recommended = config.groups or (n + 1) // 2  # about half the layers
     metrics["grouping"] = {
         "metric": config.metric,
         "recommended_groups": recommended,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import StageConfig, check_choice, check_positive
+from ..config import StageConfig, check_choice, check_device, check_positive
 
 #: Similarities the grouping can be driven by.
 METRICS = ("cka", "angular", "aligned-weight", "raw-weight")
@@ -60,8 +60,9 @@ class AnalyzeConfig(StageConfig):
         check_choice("metric", self.metric, METRICS)
         for name in ("max_samples", "max_length", "batch_size", "max_tokens"):
             check_positive(name, getattr(self, name))
+        check_device(self.device)
         if self.removable < 0:
-            raise ConfigError(f"removable must be >= 0, got {self.removable}")
+            raise ConfigError(f"--removable must be >= 0, got {self.removable}")
         if not (self.weights or self.activations):
             raise ConfigError("nothing to analyze: enable weights or activations")
         if self.metric in ("cka", "angular") and not self.activations:

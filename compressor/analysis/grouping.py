@@ -4,8 +4,8 @@ The score of a partition is the mean, over layers, of each layer's *fit* to its 
 similarity to the other members (a layer alone in its group keeps its own weights and fits
 perfectly, 1). With K fixed the number of shared groups is fixed, so the score says how much
 of the layers' similarity a sharing plan keeps. Groups are contiguous runs of layers, as in
-Relaxed Recursive Transformers and LaCo; dynamic programming finds the best one in
-O(K * L^2) after an O(L^3) table of group scores.
+Relaxed Recursive Transformers and LaCo; one dynamic program finds the best partition for
+every K in O(L^3), after an O(L^2) table of group scores (2-D prefix sums).
 """
 
 from __future__ import annotations
@@ -30,6 +30,61 @@ def partition_score(similarity: Matrix, groups: Sequence[Sequence[int]]) -> floa
     return sum(group_fit(similarity, g[0], g[-1] + 1) for g in groups) / n
 
 
+def _fit_table(similarity: Matrix) -> list[list[float]]:
+    """``fit[start][stop]`` for every contiguous group, in O(L^2) with 2-D prefix sums."""
+    n = len(similarity)
+    prefix = [[0.0] * (n + 1) for _ in range(n + 1)]  # prefix[i][j] = sum of s[:i, :j]
+    for i in range(n):
+        for j in range(n):
+            prefix[i + 1][j + 1] = similarity[i][j] + prefix[i][j + 1] + prefix[i + 1][j] - prefix[i][j]
+    diag = [0.0] * (n + 1)
+    for i in range(n):
+        diag[i + 1] = diag[i] + similarity[i][i]
+    fit = [[0.0] * (n + 1) for _ in range(n + 1)]
+    for start in range(n):
+        fit[start][start + 1] = 1.0
+        for stop in range(start + 2, n + 1):
+            block = prefix[stop][stop] - prefix[start][stop] - prefix[stop][start] + prefix[start][start]
+            fit[start][stop] = (block - (diag[stop] - diag[start])) / (stop - start - 1)
+    return fit
+
+
+def best_partitions(similarity: Matrix, max_groups: int | None = None) -> dict[int, tuple[list[list[int]], float]]:
+    """The best contiguous partition into K groups, for every K from 1 to ``max_groups``.
+
+    One dynamic program serves every K: ``best[k][stop]`` is the best total fit of layers
+    ``0..stop-1`` split into ``k`` groups. O(K * L^2) in all.
+
+    Returns:
+        ``{k: (groups, score)}``; see `best_partition`.
+    """
+    n = len(similarity)
+    kmax = n if max_groups is None else max_groups
+    if not 1 <= kmax <= n:
+        raise ValueError(f"groups must be between 1 and {n}, got {kmax}")
+    fit = _fit_table(similarity)
+    neg = float("-inf")
+    best = [[neg] * (n + 1) for _ in range(kmax + 1)]
+    cut = [[0] * (n + 1) for _ in range(kmax + 1)]
+    best[0][0] = 0.0
+    for g in range(1, kmax + 1):
+        for stop in range(g, n + 1):
+            for start in range(g - 1, stop):
+                value = best[g - 1][start] + fit[start][stop]
+                if value > best[g][stop] + 1e-12:
+                    best[g][stop], cut[g][stop] = value, start
+    result = {}
+    for k in range(1, kmax + 1):
+        groups, stop = [], n
+        for g in range(k, 0, -1):
+            start = cut[g][stop]
+            groups.append(list(range(start, stop)))
+            stop = start
+        groups.reverse()
+        result[k] = (groups, best[k][n] / n)
+    return result
+
+
 def best_partition(similarity: Matrix, k: int) -> tuple[list[list[int]], float]:
     """The contiguous partition of the layers into ``k`` groups with the highest score.
 
@@ -43,25 +98,4 @@ def best_partition(similarity: Matrix, k: int) -> tuple[list[list[int]], float]:
     n = len(similarity)
     if not 1 <= k <= n:
         raise ValueError(f"groups must be between 1 and {n}, got {k}")
-    fit = [[0.0] * (n + 1) for _ in range(n + 1)]
-    for start in range(n):
-        for stop in range(start + 1, n + 1):
-            fit[start][stop] = group_fit(similarity, start, stop)
-    neg = float("-inf")
-    # best[g][stop]: the best total fit of layers 0..stop-1 split into g groups
-    best = [[neg] * (n + 1) for _ in range(k + 1)]
-    cut = [[0] * (n + 1) for _ in range(k + 1)]
-    best[0][0] = 0.0
-    for g in range(1, k + 1):
-        for stop in range(g, n + 1):
-            for start in range(g - 1, stop):
-                value = best[g - 1][start] + fit[start][stop]
-                if value > best[g][stop] + 1e-12:
-                    best[g][stop], cut[g][stop] = value, start
-    groups, stop = [], n
-    for g in range(k, 0, -1):
-        start = cut[g][stop]
-        groups.append(list(range(start, stop)))
-        stop = start
-    groups.reverse()
-    return groups, best[k][n] / n
+    return best_partitions(similarity, k)[k]

@@ -8,6 +8,7 @@ guessed). Anything unreadable raises `DataError` with one line that says what is
 from __future__ import annotations
 
 import csv
+import io
 import json
 from importlib import resources
 from pathlib import Path
@@ -51,11 +52,13 @@ def read_texts(
     path = Path(path)
     raw = _read_raw(path, encoding)
     if path.suffix.lower() == ".txt":
+        if text_column is not None:
+            raise DataError(f"{path}: a .txt file has one text a line and no columns; drop --text-column")
         texts = [line.strip() for line in raw.splitlines()]
     else:
         rows, names = _records(path, raw)
         column = _pick_column(path, names, text_column, rows, TEXT_COLUMNS)
-        texts = [str(row.get(column) or "").strip() for row in rows]
+        texts = [_as_text(path, row.get(column), column) for row in rows]
     texts = [t for t in texts if t]
     if not texts:
         raise DataError(f"{path} contains no text")
@@ -81,7 +84,7 @@ def read_labelled(
     rows, names = _records(path, raw)
     text_col = _pick_column(path, names, text_column, rows, TEXT_COLUMNS)
     label_col = _pick_column(path, names, label_column, rows, LABEL_COLUMNS, guess_longest=False, what="label")
-    pairs = [(str(r.get(text_col) or "").strip(), r.get(label_col)) for r in rows]
+    pairs = [(_as_text(path, r.get(text_col), text_col), r.get(label_col)) for r in rows]
     pairs = [(t, str(lab).strip()) for t, lab in pairs if t and lab is not None and str(lab).strip()]
     if not pairs:
         raise DataError(f"{path} contains no labelled text")
@@ -95,10 +98,14 @@ def _read_raw(path: Path, encoding: str) -> str:
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: unknown data format {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}")
+    if encoding.lower().replace("-", "").replace("_", "") == "utf8":
+        encoding = "utf-8-sig"  # the same, but drops the byte-order mark spreadsheets write
     try:
-        raw = path.read_text(encoding=encoding)
+        with open(path, encoding=encoding, newline="") as f:  # newline="": csv sees quoted newlines as they are
+            raw = f.read()
     except UnicodeDecodeError:
-        raise DataError(f"{path} is not valid {encoding} text; pass the file's encoding (--encoding)") from None
+        shown = "utf-8" if encoding == "utf-8-sig" else encoding
+        raise DataError(f"{path} is not valid {shown} text; pass the file's encoding (--encoding)") from None
     except LookupError:
         raise DataError(f"unknown encoding {encoding!r}") from None
     except OSError as e:
@@ -123,8 +130,11 @@ def _records(path: Path, raw: str) -> tuple[list[dict], list[str]]:
                 raise DataError(f"{path}:{number} is not a JSON object")
             records.append(obj)
         return records, list(dict.fromkeys(k for r in records for k in r))
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.DictReader(raw.splitlines(), delimiter=delimiter)
+    tsv = path.suffix.lower() == ".tsv"
+    delimiter = "\t" if tsv else ","
+    csv.field_size_limit(2**31 - 1)  # long documents are fine
+    # TSV files do not quote: a text that starts with a quote mark is still one field.
+    reader = csv.DictReader(io.StringIO(raw), delimiter=delimiter, quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
     try:
         rows = list(reader)
     except csv.Error as e:
@@ -144,7 +154,26 @@ def _pick_column(path: Path, names: list[str], wanted: str | None, rows: list[di
         if name in lowered:
             return lowered[name]
     flag = "--text-column" if what == "text" else "--label-column"
-    string_cols = [n for n in names if n and any(isinstance(r.get(n), str) and r.get(n) for r in rows)]
+    string_cols = [n for n in names if n and any(_is_words(r.get(n)) for r in rows)]
     if not guess_longest or not string_cols:
         raise DataError(f"{path} has no {what} column; name one with {flag}")
     return max(string_cols, key=lambda n: sum(len(str(r.get(n) or "")) for r in rows))
+
+
+def _is_words(value) -> bool:
+    """A string that is not just a number (ids and scores are not text to calibrate on)."""
+    if not isinstance(value, str) or not value.strip():
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return True
+    return False
+
+
+def _as_text(path: Path, value, column: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{path}: column {column!r} holds {type(value).__name__} values, not text")
+    return value.strip()

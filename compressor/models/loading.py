@@ -50,6 +50,9 @@ ALIASES = {
 #: How the bundled default model is named in messages and reports.
 BUNDLED_NAME = "all-MiniLM-L6-v2 (bundled)"
 
+#: Top-level modules that may be missing from a checkpoint (task heads, BERT's pooler).
+_HEAD_PREFIXES = {"pooler", "classifier", "score", "lm_head", "pre_classifier", "qa_outputs"}
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -123,16 +126,23 @@ def _transformer_folder(path: Path) -> Path:
         return path
     modules = path / "modules.json"
     if modules.is_file():
-        try:
-            entries = json.loads(modules.read_text())
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"{modules} is not valid JSON: {e}") from None
-        for entry in entries:
+        for entry in _st_modules(modules):
             if str(entry.get("type", "")).endswith("Transformer"):
                 sub = path / entry.get("path", "")
                 if (sub / "config.json").is_file():
                     return sub
     raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json)")
+
+
+def _st_modules(modules: Path) -> list[dict]:
+    """The entries of a sentence-transformers ``modules.json``."""
+    try:
+        entries = json.loads(modules.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{modules} is not valid JSON: {e}") from None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ModelLoadError(f"{modules} is not a sentence-transformers module list")
+    return entries
 
 
 def _pooling(folder: Path) -> str:
@@ -141,11 +151,16 @@ def _pooling(folder: Path) -> str:
         modules = root / "modules.json"
         if not modules.is_file():
             continue
-        for entry in json.loads(modules.read_text()):
+        for entry in _st_modules(modules):
             if str(entry.get("type", "")).endswith("Pooling"):
                 cfg_file = root / entry.get("path", "") / "config.json"
                 if cfg_file.is_file():
-                    cfg = json.loads(cfg_file.read_text())
+                    try:
+                        cfg = json.loads(cfg_file.read_text())
+                    except (OSError, ValueError) as e:
+                        raise ModelLoadError(f"{cfg_file} is not valid JSON: {e}") from None
+                    if not isinstance(cfg, dict):
+                        raise ModelLoadError(f"{cfg_file} is not a pooling config")
                     if cfg.get("pooling_mode_cls_token"):
                         return "cls"
                     if cfg.get("pooling_mode_lasttoken"):
@@ -216,15 +231,24 @@ def load_model(
 
     cls = _model_class(config)
     try:
-        model = cls.from_pretrained(
+        model, info = cls.from_pretrained(
             location,
             config=config,
             trust_remote_code=trust_remote_code,
             dtype=dtype,
             use_safetensors=None,  # prefer model.safetensors, accept pytorch_model.bin
+            output_loading_info=True,
         )
-    except (OSError, ValueError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001  (OSError, SafetensorError, RuntimeError...: all mean unreadable)
         raise ModelLoadError(f"could not load the weights of {shown}: {_first_line(e)}") from None
+    # transformers fills missing weights with random values and only warns; analysing or
+    # compressing those would be silently wrong. Only a task head may be new (e.g. a pooler).
+    missing = [k for k in info.get("missing_keys", []) if not _HEAD_PREFIXES & set(k.split(".")[:2])]
+    if missing:
+        raise ModelLoadError(
+            f"the weights of {shown} do not match its config: {len(missing)} tensors missing "
+            f"(e.g. {missing[0]}); is config.json from another model?"
+        )
     model.eval()
 
     tokenizer = _load_tokenizer(location, trust_remote_code)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..adapters import ROLES
-from ..config import StageConfig, check_choice, check_positive
+from ..config import StageConfig, check_choice, check_device, check_positive
 from ..errors import ConfigError
 
 INITS = ("aligned-mean", "mean", "first")
@@ -79,14 +79,15 @@ class ShareConfig(StageConfig):
         for name in self.share:
             if name not in SHARE_GROUPS and name not in ROLES:
                 raise ConfigError(f"--share: unknown sublayer {name!r}; use attention, ffn or one of {', '.join(ROLES)}")
-        check_choice("--init", self.init, INITS)
-        check_choice("--lora-init", self.lora_init, LORA_INITS)
+        check_choice("init", self.init, INITS)
+        check_choice("lora_init", self.lora_init, LORA_INITS)
         check_choice("plan_metric", self.plan_metric, METRICS)
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise ConfigError(f"--lora-rank must be 0 or more, got {self.lora_rank}")
         check_positive("lora_alpha", self.lora_alpha, allow_none=True)
         for name in ("max_samples", "max_length", "batch_size"):
             check_positive(name, getattr(self, name))
+        check_device(self.device)
 
     @property
     def shared_roles(self) -> tuple[str, ...]:

@@ -84,7 +84,7 @@ def _align_group(adapter, blocks, group, geometry, roles) -> None:
         if not any(r in roles for r in ("ffn_gate", "ffn_in", "ffn_out")):
             perm.neurons = identity.neurons
         if not any(r in roles for r in ("query", "key", "value", "attn_out")):
-            perm.kv_groups = identity.kv_groups
+            perm.kv_groups, perm.query_within = identity.kv_groups, None
         adapter.load_block_weights(blocks[layer], *permute_weights(w, b, perm, geometry))
 
 
