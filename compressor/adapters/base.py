@@ -76,7 +76,8 @@ class ArchitectureAdapter:
         blocks_path: Dotted path from ``model.base_model`` to the ``nn.ModuleList`` of blocks.
         linears: Role -> where that linear lives in a block.
         norms: Dotted paths of the block's norms, in block order.
-        config_keys: Geometry field -> config attribute that holds it.
+        config_keys: Geometry field -> config attribute that holds it, for the fields whose name
+            differs by family (``intermediate_size``, ``num_kv_heads``).
         is_decoder: Causal (decoder-only) model.
         gated_ffn: The FFN has a gate projection (SwiGLU).
     """
@@ -93,15 +94,18 @@ class ArchitectureAdapter:
     # --- geometry -------------------------------------------------------------------------
     def geometry(self, config) -> Geometry:
         """Read the model's geometry from its config."""
+        # hidden_size, num_attention_heads and num_hidden_layers are standard names in every
+        # transformers config (its attribute_map translates GPT-2's n_embd and friends); only
+        # the FFN width and key/value heads differ by family.
         keys = self.config_keys
-        hidden = getattr(config, keys["hidden_size"])
-        heads = getattr(config, keys["num_heads"])
+        hidden = config.hidden_size
+        heads = config.num_attention_heads
         kv_key = keys.get("num_kv_heads")
         kv_heads = (getattr(config, kv_key, None) if kv_key else None) or heads
         head_dim = getattr(config, "head_dim", None) or hidden // heads
         inter = getattr(config, keys["intermediate_size"], None) or 4 * hidden  # GPT-2: n_inner=None
         return Geometry(
-            num_layers=getattr(config, keys["num_layers"]),
+            num_layers=config.num_hidden_layers,
             hidden_size=hidden,
             num_heads=heads,
             num_kv_heads=kv_heads,

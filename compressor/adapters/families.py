@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from .base import ArchitectureAdapter, LinearSpec
 
-_HF_KEYS = {
-    "num_layers": "num_hidden_layers",
-    "hidden_size": "hidden_size",
-    "num_heads": "num_attention_heads",
-    "intermediate_size": "intermediate_size",
-}
+_HF_KEYS = {"intermediate_size": "intermediate_size"}
 
 BERT = ArchitectureAdapter(
     family="bert",
@@ -40,12 +35,7 @@ DISTILBERT = ArchitectureAdapter(
         "ffn_out": LinearSpec("ffn.lin2"),
     },
     norms=("sa_layer_norm", "output_layer_norm"),
-    config_keys={
-        "num_layers": "n_layers",
-        "hidden_size": "dim",
-        "num_heads": "n_heads",
-        "intermediate_size": "hidden_dim",
-    },
+    config_keys={"intermediate_size": "hidden_dim"},
 )
 
 GPT2 = ArchitectureAdapter(
@@ -62,12 +52,7 @@ GPT2 = ArchitectureAdapter(
         "ffn_out": LinearSpec("mlp.c_proj"),
     },
     norms=("ln_1", "ln_2"),
-    config_keys={
-        "num_layers": "n_layer",
-        "hidden_size": "n_embd",
-        "num_heads": "n_head",
-        "intermediate_size": "n_inner",
-    },
+    config_keys={"intermediate_size": "n_inner"},
     is_decoder=True,
 )
 
