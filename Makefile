@@ -9,8 +9,9 @@ BIN := $(VENV)/bin
 # e.g. `make TORCH=torch==2.13.0+cu128 test` on a GPU machine.
 TORCH ?= torch==2.13.0
 DEMO_OUT ?= out/demo
+DEMO_MINUTES ?= 3
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo data test test-all bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,8 +21,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
 
+# analyze -> share (3 groups, LoRA) -> finetune (short CPU budget) -> evaluate, side by side
 demo: setup
 	$(BIN)/compress analyze --groups 3 -o $(DEMO_OUT)/analyze --overwrite
+	$(BIN)/compress share --groups 3 --lora-rank 32 -o $(DEMO_OUT)/shared --overwrite
+	$(BIN)/compress data fetch movie-snippets
+	$(BIN)/compress finetune $(DEMO_OUT)/shared --data movie-snippets --max-minutes $(DEMO_MINUTES) -o $(DEMO_OUT)/finetuned --overwrite
+	$(BIN)/compress evaluate bundled $(DEMO_OUT)/shared $(DEMO_OUT)/finetuned --data movie-snippets --json $(DEMO_OUT)/evaluate.json --overwrite
+
+data: setup
+	$(BIN)/compress data fetch movie-snippets
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -31,6 +40,8 @@ test-all: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_analyze.py --threads 2
+	$(BIN)/python benchmarks/bench_share.py
+	$(BIN)/python benchmarks/bench_recovery.py --minutes 10
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

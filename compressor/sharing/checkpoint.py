@@ -30,15 +30,15 @@ WEIGHTS = "model.safetensors"
 
 
 def save_checkpoint(loaded, folder: str | Path, *, overwrite: bool = False,
-                    extra_files: Callable[[Path], dict[str, str]] | None = None) -> Path:
+                    extra_files: Callable[[Path], None] | None = None) -> Path:
     """Write ``loaded`` as a compressed checkpoint folder (atomically: all or nothing).
 
     Args:
         loaded: A `LoadedModel`, shared or dense.
         folder: Where to write; must not exist (or be empty) unless ``overwrite``.
         extra_files: Called with the staged folder once the weights are written (so it can
-            measure them); returns further text files to put in the folder (name -> content),
-            e.g. a report. They land together with the checkpoint.
+            measure them) to write further files there, e.g. a report or a trainer state. They
+            land together with the checkpoint.
 
     Returns:
         The folder.
@@ -61,8 +61,8 @@ def save_checkpoint(loaded, folder: str | Path, *, overwrite: bool = False,
             "sharing": loaded.sharing,
         }
         write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        for name, text in (extra_files(tmp) if extra_files else {}).items():
-            write_text_atomic(tmp / name, text)
+        if extra_files is not None:
+            extra_files(tmp)
     return Path(folder)
 
 

@@ -1,0 +1,131 @@
+"""The evaluation stage: ``model, record = evaluate(model, EvaluateConfig(...))``.
+
+The metric fits the model:
+
+* sentence-embedding encoders: accuracy of a logistic-regression probe on frozen embeddings
+  (the usual way embedding models are scored), on a fixed, seeded train/test split;
+* sequence classifiers: accuracy and macro-F1 with the model's own head, on the test split;
+* causal LMs: perplexity on the held-out texts.
+
+With a teacher, the record also holds the fidelity to it on the test texts (embedding cosine,
+hidden-state error, next-token KL).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+from ..config import StageConfig, check_choice, check_device, check_positive
+from ..errors import ConfigError
+from ..models import LoadedModel, unique_parameters
+from ..record import StageRecord
+
+TASKS = ("auto", "embedding", "classification", "lm")
+
+
+@dataclass
+class EvaluateConfig(StageConfig):
+    """What to evaluate on.
+
+    Attributes:
+        data: A file (csv/tsv/jsonl with labels; txt for perplexity), a packaged data set name
+            (``movie-snippets``) or a Hugging Face dataset id.
+        text_column: Column or key of the text.
+        label_column: Column or key of the labels.
+        encoding: Text encoding of a data file.
+        task: ``auto`` picks by the model: classifier head -> classification, causal LM -> lm,
+            otherwise embedding (probe).
+        train_size: Examples the probe is fitted on.
+        test_size: Examples every metric is measured on.
+        seed: Seed of the split.
+        max_length: Tokens per text.
+        batch_size: Texts per forward pass.
+        device: Torch device.
+    """
+
+    data: str = "movie-snippets"
+    text_column: str | None = None
+    label_column: str | None = None
+    encoding: str = "utf-8"
+    task: str = "auto"
+    train_size: int = 4000
+    test_size: int = 2000
+    seed: int = 0
+    max_length: int = 64
+    batch_size: int = 64
+    device: str = "cpu"
+
+    def __post_init__(self):
+        check_choice("task", self.task, TASKS)
+        for name in ("train_size", "test_size", "max_length", "batch_size"):
+            check_positive(name, getattr(self, name))
+        check_device(self.device)
+
+
+def pick_task(loaded: LoadedModel, task: str) -> str:
+    if task != "auto":
+        return task
+    archs = loaded.model.config.architectures or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "classification"
+    if loaded.adapter.is_decoder and loaded.model.get_output_embeddings() is not None:
+        return "lm"
+    return "embedding"
+
+
+def load_split(config: EvaluateConfig, *, need_labels: bool):
+    """``(train_texts, train_labels, test_texts, test_labels)``; labels empty for perplexity."""
+    from ..data.datasets import load_labelled, load_texts, train_test_split
+
+    if need_labels:
+        texts, labels = load_labelled(config.data, text_column=config.text_column, label_column=config.label_column,
+                                      encoding=config.encoding)
+        if len(set(labels)) < 2:
+            raise ConfigError(f"{config.data} has one class only; a probe needs at least two")
+        return train_test_split(texts, labels, config.train_size, config.test_size, config.seed)
+    texts = load_texts(config.data, text_column=config.text_column, encoding=config.encoding)
+    order = list(range(len(texts)))
+    random.Random(config.seed).shuffle(order)  # the same held-out texts for every model
+    return [], [], [texts[i] for i in order[: config.test_size]], []
+
+
+def evaluate(loaded: LoadedModel, config: EvaluateConfig, *, teacher: LoadedModel | None = None,
+             split=None) -> tuple[LoadedModel, StageRecord]:
+    """Score ``loaded`` on its task, and against ``teacher`` if given.
+
+    Args:
+        loaded: The model.
+        config: Data, split and task.
+        teacher: The original, for fidelity.
+        split: A split from `load_split` to reuse (several models on the same data).
+
+    Returns:
+        The model, unchanged, and a record whose metrics hold ``task`` and the task's numbers
+        (``accuracy``/``macro_f1`` or ``perplexity``), plus ``fidelity`` with a teacher.
+    """
+    from .fidelity import fidelity
+    from .probe import classifier_metrics, embed, perplexity, probe_accuracy
+
+    start = time.perf_counter()
+    task = pick_task(loaded, config.task)
+    if loaded.tokenizer is None:
+        raise ConfigError(f"{loaded.name} has no tokenizer; evaluation needs one")
+    tr_x, tr_y, te_x, te_y = split or load_split(config, need_labels=task != "lm")
+    kw = {"max_length": config.max_length, "device": config.device}
+    metrics: dict = {"task": task, "test_size": len(te_x)}
+    if task == "embedding":
+        a = embed(loaded, tr_x, batch_size=config.batch_size, **kw)
+        b = embed(loaded, te_x, batch_size=config.batch_size, **kw)
+        metrics.update(probe_accuracy(a, tr_y, b, te_y, seed=config.seed))
+        metrics["train_size"] = len(tr_x)
+    elif task == "classification":
+        metrics.update(classifier_metrics(loaded, te_x, te_y, batch_size=config.batch_size, **kw))
+    else:
+        metrics.update(perplexity(loaded, te_x, batch_size=max(1, config.batch_size // 8), **kw))
+    if teacher is not None:
+        metrics["fidelity"] = fidelity(loaded, teacher, te_x[:1000], batch_size=config.batch_size, **kw)
+    params, nbytes = unique_parameters(loaded.model)
+    return loaded, StageRecord("evaluate", config.to_dict(), params, params, nbytes, nbytes, metrics,
+                               time.perf_counter() - start)

@@ -1,0 +1,89 @@
+"""Options of the recovery fine-tuning stage (distillation from the original)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import StageConfig, check_choice, check_positive
+from ..errors import ConfigError
+
+#: What trains: the LoRA deltas; the deltas and every norm; or every parameter.
+TRAIN_MODES = ("lora", "lora+norms", "all")
+
+
+@dataclass
+class FinetuneConfig(StageConfig):
+    """How to recover a compressed model's quality by distilling from the original.
+
+    Attributes:
+        teacher: The original model (folder, hub id or alias); ``None`` takes the source
+            recorded in the student's checkpoint.
+        data: Training text: a file (txt, csv/tsv, jsonl), a packaged data set name
+            (``movie-snippets``) or a Hugging Face dataset id.
+        text_column: Column or key of the text.
+        label_column: Column or key of the labels (adds cross-entropy for classifiers).
+        encoding: Text encoding of a data file.
+        train: What trains: ``lora``, ``lora+norms`` or ``all``.
+        max_steps: Stop after this many optimizer steps.
+        max_minutes: Stop after this much training time (whichever limit comes first).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up of the learning rate.
+        batch_size: Texts per step.
+        max_length: Tokens per text.
+        max_samples: Use at most this many training texts.
+        hidden_weight: Weight of the per-layer hidden-state loss.
+        embedding_weight: Weight of the pooled-embedding cosine loss (encoders).
+        kl_weight: Weight of the KL loss on logits (classifiers and causal LMs).
+        label_weight: Weight of the cross-entropy on labels (classifiers with labels).
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        seed: Seed for data order, dropout and LoRA init; the same seed gives the same result on CPU.
+        save_every: Write a resumable checkpoint every this many steps (0: only at the end).
+    """
+
+    teacher: str | None = None
+    data: str = "movie-snippets"
+    text_column: str | None = None
+    label_column: str | None = None
+    encoding: str = "utf-8"
+    train: str = "lora+norms"
+    max_steps: int | None = 200
+    max_minutes: float | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    batch_size: int = 32
+    max_length: int = 64
+    max_samples: int | None = None
+    hidden_weight: float = 1.0
+    embedding_weight: float = 1.0
+    kl_weight: float = 1.0
+    label_weight: float = 1.0
+    device: str = "auto"
+    seed: int = 0
+    save_every: int = 50
+
+    def __post_init__(self):
+        check_choice("train", self.train, TRAIN_MODES)
+        if self.max_steps is None and self.max_minutes is None:
+            raise ConfigError("give a budget: --max-steps and/or --max-minutes")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ConfigError(f"--max-steps must be at least 1, got {self.max_steps}")
+        check_positive("max_minutes", self.max_minutes, allow_none=True)
+        for name in ("lr", "batch_size", "max_length"):
+            check_positive(name, getattr(self, name))
+        check_positive("max_samples", self.max_samples, allow_none=True)
+        for name in ("weight_decay", "warmup_steps", "save_every", "hidden_weight", "embedding_weight", "kl_weight", "label_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more")
+        if self.device != "auto":
+            from ..config import check_device
+
+            check_device(self.device)
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device

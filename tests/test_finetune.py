@@ -1,0 +1,148 @@
+"""Recovery fine-tuning on tiny models: loss goes down, resume continues, runs repeat exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli.main import cli
+from compressor.errors import ConfigError
+from compressor.evaluation.fidelity import fidelity
+from compressor.finetune import FinetuneConfig, finetune
+from compressor.models import load_model
+from compressor.sharing import ShareConfig, save_checkpoint, share
+
+TEXTS = [f"the {w} of sentence {i} is {w[::-1]}" for i, w in enumerate(["cat", "dog", "river", "music", "film", "tree"] * 12)]
+
+
+@pytest.fixture()
+def student_dir(tiny_dirs, tmp_path):
+    """A tiny BERT shared 4 -> 1 group (plain mean) with rank-4 LoRA, saved as a checkpoint."""
+    loaded, _ = share(load_model(tiny_dirs["bert"]), ShareConfig(plan="0-3", init="mean", lora_rank=4, fidelity=False))
+    return save_checkpoint(loaded, tmp_path / "student")
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    f = tmp_path / "train.txt"
+    f.write_text("\n".join(TEXTS))
+    return f
+
+
+def config(data_file, tiny_dirs, **kw):
+    base = dict(teacher=str(tiny_dirs["bert"]), data=str(data_file), max_steps=6, batch_size=8, max_length=32, lr=5e-3, save_every=0)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def weights(loaded):
+    return {k: v.clone() for k, v in loaded.model.state_dict().items()}
+
+
+def test_a_few_steps_lower_the_distillation_loss(student_dir, data_file, tiny_dirs, tmp_path):
+    teacher = load_model(tiny_dirs["bert"])
+    before = fidelity(load_model(student_dir), teacher, TEXTS[:24])
+    student, record = finetune(load_model(student_dir), config(data_file, tiny_dirs, max_steps=40, lr=1e-2),
+                               output=tmp_path / "out", teacher=teacher, progress=False)
+    after = fidelity(student, teacher, TEXTS[:24])
+    assert sum(after["hidden_state_error"]) < 0.7 * sum(before["hidden_state_error"])
+    assert record.metrics["loss_last"] < record.metrics["loss_first"]
+    # the output is a compressed checkpoint that keeps the sharing
+    reloaded = load_model(tmp_path / "out")
+    blocks = reloaded.adapter.blocks(reloaded.model)
+    assert blocks[0].attention.self.query.weight is blocks[3].attention.self.query.weight
+    assert json.loads((tmp_path / "out" / "finetune_report.json").read_text())["metrics"]["steps"] == 40
+
+
+def test_lora_mode_trains_only_the_deltas(student_dir, data_file, tiny_dirs, tmp_path):
+    start = load_model(student_dir)
+    frozen = {k: v for k, v in weights(start).items() if "lora_" not in k}
+    student, record = finetune(start, config(data_file, tiny_dirs, train="lora"), output=tmp_path / "o", progress=False)
+    after = weights(student)
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())
+    assert any(not torch.equal(after[k], v) for k, v in weights(load_model(student_dir)).items() if "lora_" in k)
+    assert record.metrics["trainable_params"] == sum(v.numel() for k, v in after.items() if "lora_" in k)
+
+
+def test_same_seed_same_result_and_resume_continues(student_dir, data_file, tiny_dirs, tmp_path):
+    straight, rec = finetune(load_model(student_dir), config(data_file, tiny_dirs), output=tmp_path / "a", progress=False)
+    again, _ = finetune(load_model(student_dir), config(data_file, tiny_dirs), output=tmp_path / "b", progress=False)
+    w_straight = weights(straight)
+    assert all(torch.equal(w_straight[k], v) for k, v in weights(again).items())
+    # stop after 3 steps, then resume to 6: the same weights as 6 steps in one go
+    finetune(load_model(student_dir), config(data_file, tiny_dirs, max_steps=3), output=tmp_path / "c", progress=False)
+    resumed, rec2 = finetune(load_model(tmp_path / "c"), config(data_file, tiny_dirs), output=tmp_path / "c",
+                             resume=True, progress=False)
+    assert rec2.metrics["steps"] == 6 and rec2.metrics["steps_this_run"] == 3
+    assert [h["step"] for h in rec2.metrics["history"]] == list(range(1, 7))
+    w_resumed = weights(resumed)
+    for k, v in w_straight.items():
+        torch.testing.assert_close(w_resumed[k], v, rtol=0, atol=1e-6)
+
+
+def test_teacher_defaults_to_the_recorded_source(student_dir, data_file, tiny_dirs, tmp_path):
+    manifest = json.loads((student_dir / "compress.json").read_text())
+    assert manifest["source"] == str(tiny_dirs["bert"])
+    _, record = finetune(load_model(student_dir), config(data_file, tiny_dirs, teacher=None, max_steps=1),
+                         output=tmp_path / "o", progress=False)
+    assert record.metrics["steps"] == 1
+
+
+def run(*args):
+    return CliRunner().invoke(cli, ["finetune", *map(str, args)])
+
+
+def test_cli_bad_input(student_dir, data_file, tiny_dirs, tmp_path):
+    out = tmp_path / "out"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    labelled = tmp_path / "l.csv"
+    labelled.write_text("text,label\nfine,pos\nbad,neg\n")
+    cases = [
+        ([student_dir, "--teacher", tiny_dirs["gpt2"]], "the teacher is a gpt2 model"),
+        ([student_dir, "--teacher", tiny_dirs["distilbert"]], "the teacher is a distilbert model"),
+        ([student_dir, "--teacher", tiny_dirs["bert"], "--data", empty], "contains no text"),
+        ([student_dir, "--teacher", tiny_dirs["bert"], "--data", labelled, "--label-column", "stars"], "no column 'stars'"),
+        ([student_dir, "--teacher", tiny_dirs["bert"], "--max-steps", "0"], "--max-steps must be at least 1"),
+        ([student_dir, "--teacher", tiny_dirs["bert"], "--device", "cuda"], "CUDA is not available"),
+        ([tiny_dirs["bert"], "--teacher", tiny_dirs["bert"], "--train", "lora"], "has no LoRA deltas"),
+        ([student_dir, "--resume"], "nothing to resume"),
+    ]
+    for args, message in cases:
+        if "--data" not in args:
+            args = [*args, "--data", data_file]
+        result = run(*args, "-o", out, "--quiet")
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr and result.stderr.count("\n") == 1, (args, result.stderr)
+        assert not out.exists()
+
+
+def test_ctrl_c_leaves_a_usable_checkpoint(student_dir, data_file, tiny_dirs, tmp_path):
+    exe = Path(sys.executable).parent / "compress"
+    out = tmp_path / "out"
+    proc = subprocess.Popen([str(exe), "finetune", str(student_dir), "--teacher", str(tiny_dirs["bert"]), "--data",
+                             str(data_file), "-o", str(out), "--max-minutes", "2", "--save-every", "5", "--batch-size", "4",
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 60
+    while not (out / "trainer_state.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert (out / "trainer_state.pt").exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint yet"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "interrupted" in stdout
+    report = json.loads((out / "finetune_report.json").read_text())
+    assert report["metrics"]["stopped_by"] == "interrupted" and report["metrics"]["steps"] >= 5
+    load_model(out)  # usable
+
+
+def test_config_needs_a_budget():
+    with pytest.raises(ConfigError, match="give a budget"):
+        FinetuneConfig(max_steps=None, max_minutes=None)
