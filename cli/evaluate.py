@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cli.main import cli
+from cli.main import cli, emit_result
 from compressor.evaluation.evaluate import TASKS
 
 
@@ -43,7 +43,6 @@ def evaluate(models, data, text_column, label_column, encoding, task, teacher, t
 
     from compressor.evaluation import evaluate as run_evaluate
     from compressor.evaluation import load_split, pick_task
-    from compressor.io import write_text_atomic
     from compressor.models import load_model
 
     loaded = [load_model(m) for m in (models or [None])]
@@ -59,11 +58,8 @@ def evaluate(models, data, text_column, label_column, encoding, task, teacher, t
         records.append(record)
 
     result = json.dumps([r.to_dict() for r in records], indent=2)
-    if json_path == "-":
-        click.echo(result)
+    if emit_result(result, json_path):
         return
-    if json_path:
-        write_text_atomic(json_path, result)
     _print_table(records)
 
 

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cli.main import cli
+from cli.main import cli, emit_result
 from compressor.finetune.config import TRAIN_MODES
 
 
@@ -56,7 +56,6 @@ def finetune(student, teacher, data, text_column, label_column, encoding, output
         check_writable(json_path, overwrite=overwrite)
 
     from compressor.finetune import finetune as run_finetune
-    from compressor.io import write_text_atomic
     from compressor.models import load_model
 
     if resume:
@@ -67,11 +66,8 @@ def finetune(student, teacher, data, text_column, label_column, encoding, output
     loaded, record = run_finetune(loaded, config, output=output, resume=resume, overwrite=overwrite,
                                   progress=not quiet and json_path != "-")
     result = json.dumps(record.to_dict(), indent=2)
-    if json_path == "-":
-        click.echo(result)
+    if emit_result(result, json_path):
         return
-    if json_path:
-        write_text_atomic(json_path, result)
     m = record.metrics
     click.echo(f"{m['steps']} steps ({m['steps_this_run']} this run, stopped by {m['stopped_by']}) on {m['device']}, "
                f"{record.seconds:.0f} s; loss {m['loss_first']:.4f} -> {m['loss_last']:.4f}")

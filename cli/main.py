@@ -56,6 +56,19 @@ def cli():
     """
 
 
+def emit_result(result: str, json_path: str | None) -> bool:
+    """Handle ``--json``: ``-`` prints the result (and the caller prints nothing else), a path
+    gets it written atomically. Returns True when the result went to stdout."""
+    if json_path == "-":
+        click.echo(result)
+        return True
+    if json_path:
+        from compressor.io import write_text_atomic
+
+        write_text_atomic(json_path, result)
+    return False
+
+
 def main():
     cli(prog_name="compress")
 

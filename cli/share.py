@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cli.main import cli
+from cli.main import cli, emit_result
 from compressor.analysis.config import METRICS
 from compressor.sharing.config import INITS, LORA_INITS
 
@@ -71,11 +71,8 @@ def share(model, groups, plan, output, share_, init, lora_rank, lora_init, lora_
 
     save_checkpoint(loaded, output, overwrite=overwrite, extra_files=reports)
     result = json.dumps(record.to_dict(), indent=2)
-    if json_path == "-":
-        click.echo(result)
+    if emit_result(result, json_path):
         return
-    if json_path:
-        write_text_atomic(json_path, result)
     width = max(len(k) for k, _ in share_summary_rows(record))
     for label, value in share_summary_rows(record):
         click.echo(f"{label:<{width}}  {value}")

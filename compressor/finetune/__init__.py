@@ -1,6 +1,16 @@
 """Recovery fine-tuning: distillation from the original model into the compressed one."""
 
 from .config import TRAIN_MODES, FinetuneConfig
-from .trainer import check_teacher, distillation_loss, finetune, select_trainable
 
-__all__ = ["TRAIN_MODES", "FinetuneConfig", "check_teacher", "distillation_loss", "finetune", "select_trainable"]
+_TRAINER = ("check_teacher", "distillation_loss", "finetune", "select_trainable")
+
+
+def __getattr__(name):  # the trainer imports torch; load it on first use so `compress --help` stays instant
+    if name in _TRAINER:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(name)
+
+
+__all__ = ["TRAIN_MODES", "FinetuneConfig", *_TRAINER]

@@ -2,7 +2,15 @@
 
 from .checkpoint import MANIFEST, is_checkpoint, load_checkpoint, save_checkpoint
 from .config import INITS, LORA_INITS, SHARE_GROUPS, ShareConfig, parse_plan
-from .share import NO_RECOVERY_NOTE, share
+
+
+def __getattr__(name):  # merge.py imports torch; load it on first use so `compress --help` stays instant
+    if name in ("share", "NO_RECOVERY_NOTE"):
+        from . import merge
+
+        return getattr(merge, name)
+    raise AttributeError(name)
+
 
 __all__ = [
     "INITS",

@@ -84,7 +84,7 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None):
 
     from ..adapters import get_adapter
     from ..models.loading import LoadedModel, _load_config, _load_tokenizer
-    from .share import install_shared
+    from .merge import install_shared
 
     folder = Path(folder)
     try:
