@@ -146,3 +146,29 @@ def test_ctrl_c_leaves_a_usable_checkpoint(student_dir, data_file, tiny_dirs, tm
 def test_config_needs_a_budget():
     with pytest.raises(ConfigError, match="give a budget"):
         FinetuneConfig(max_steps=None, max_minutes=None)
+
+
+def test_classifier_distils_with_labels_and_evaluates_with_its_head(tmp_path):
+    import transformers
+
+    from compressor.evaluation import EvaluateConfig, evaluate
+    from tiny_models import make_tokenizer
+
+    torch.manual_seed(0)
+    config_ = transformers.BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                                      vocab_size=128, max_position_embeddings=128, pad_token_id=0, num_labels=2,
+                                      id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    teacher_dir = tmp_path / "clf"
+    transformers.BertForSequenceClassification(config_).save_pretrained(teacher_dir)
+    make_tokenizer().save_pretrained(teacher_dir)
+    data = tmp_path / "labelled.csv"
+    data.write_text("text,label\n" + "\n".join(f"text number {i},{'pos' if i % 2 else 'neg'}" for i in range(40)) + "\n")
+
+    student, _ = share(load_model(teacher_dir), ShareConfig(plan="0-3", lora_rank=4, fidelity=False))
+    student, record = finetune(student, FinetuneConfig(teacher=str(teacher_dir), data=str(data), max_steps=3, batch_size=8),
+                               output=tmp_path / "out", progress=False)
+    assert {"hidden", "kl", "label"} <= set(record.metrics["history"][0])
+    assert "embedding" not in record.metrics["history"][0]  # classifiers are judged by their head
+    _, ev = evaluate(load_model(tmp_path / "out"), EvaluateConfig(data=str(data), train_size=20, test_size=20))
+    assert ev.metrics["task"] == "classification"
+    assert 0.0 <= ev.metrics["accuracy"] <= 1.0 and "macro_f1" in ev.metrics

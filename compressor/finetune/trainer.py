@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import CompressError, ConfigError
+from ..errors import CompressError, ConfigError, DataError
 from ..evaluation.fidelity import pool
 from ..models import LoadedModel, unique_parameters
 from ..record import StageRecord
@@ -186,20 +186,26 @@ def finetune(
     is_classifier = student.model.config.architectures is not None and any(
         a.endswith("ForSequenceClassification") for a in student.model.config.architectures
     )
-    labels = label_ids = None
+    texts = labels = label_ids = None
     if config.label_column is not None or (is_classifier and config.label_weight):
-        texts, labels = load_labelled(config.data, text_column=config.text_column, label_column=config.label_column,
-                                      encoding=config.encoding)
-        if config.max_samples:
-            texts, labels = texts[: config.max_samples], labels[: config.max_samples]
-        if is_classifier:
-            label2id = {str(v).lower(): int(k) for k, v in student.model.config.id2label.items()}
-            try:
-                label_ids = torch.tensor([label2id[x.lower()] if x.lower() in label2id else int(x) for x in labels])
-            except ValueError:
-                raise ConfigError(f"labels {sorted(set(labels))[:5]} do not match the classifier's classes {sorted(label2id)}") from None
-    else:
-        texts = load_texts(config.data, text_column=config.text_column, encoding=config.encoding, limit=config.max_samples)
+        try:
+            texts, labels = load_labelled(config.data, text_column=config.text_column, label_column=config.label_column,
+                                          encoding=config.encoding)
+        except DataError:
+            if config.label_column is not None:
+                raise  # labels were asked for by name
+            # otherwise a classifier distils from unlabelled text too (KL on its logits)
+    if texts is None:
+        texts = load_texts(config.data, text_column=config.text_column, encoding=config.encoding)
+    if config.max_samples:
+        texts = texts[: config.max_samples]
+        labels = labels[: config.max_samples] if labels is not None else None
+    if labels is not None and is_classifier:
+        label2id = {str(v).lower(): int(k) for k, v in student.model.config.id2label.items()}
+        try:
+            label_ids = torch.tensor([label2id[x.lower()] if x.lower() in label2id else int(x) for x in labels])
+        except ValueError:
+            raise ConfigError(f"labels {sorted(set(labels))[:5]} do not match the classifier's classes {sorted(label2id)}") from None
     if len(texts) < 1:
         raise ConfigError("the training data is empty")
 
@@ -234,7 +240,8 @@ def finetune(
         save_checkpoint(student, output, overwrite=True, extra_files=extras)
 
     tokenizer = student.tokenizer
-    is_encoder = not student.adapter.is_decoder
+    # the pooled-embedding loss is for sentence encoders; a classifier is judged by its head (KL, labels)
+    is_encoder = not student.adapter.is_decoder and not is_classifier
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _null()
     bar = _progress(config, start_step) if progress else None
     reason = "max_steps"
