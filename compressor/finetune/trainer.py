@@ -281,7 +281,11 @@ def finetune(
                 history.append({"step": step, "loss": float(loss.detach()), **parts})
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                    postfix = {"loss": f"{float(loss.detach()):.4f}"}
+                    if config.max_minutes is not None:  # tqdm's own ETA only knows the step budget
+                        left = max(0.0, 60 * config.max_minutes - (time.perf_counter() - start_time))
+                        postfix["time left"] = f"{int(left // 60)}:{int(left % 60):02d}"
+                    bar.set_postfix(postfix)
                 if config.save_every and step % config.save_every == 0:
                     save("checkpoint")
     finally:
