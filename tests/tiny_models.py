@@ -61,10 +61,11 @@ def make_model(family: str, seed: int = 0, **overrides):
     config_cls, model_cls, kwargs = FAMILIES[family]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**{**kwargs, **overrides}))
-    # Random init gives LayerNorms weight 1 / bias 0; perturb them so tests see real per-layer norms.
+    # Random init gives norms weight 1 / bias 0 and linear biases 0; perturb every vector so tests
+    # see real per-layer norms and biases, as in a trained model.
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and ("norm" in name.lower() or "ln_" in name):
+        for p in model.parameters():
+            if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model.eval()
 

@@ -85,12 +85,12 @@ def permute_weights(
     new_w, new_b = {}, {}
     for role, w in weights.items():
         if role in rows:
-            w = w.index_select(0, rows[role])
+            w = w.index_select(0, rows[role].to(w.device))
         if role in cols:
-            w = w.index_select(1, cols[role])
+            w = w.index_select(1, cols[role].to(w.device))
         new_w[role] = w
         b = biases.get(role)
-        new_b[role] = b.index_select(0, rows[role]) if (b is not None and role in rows) else b
+        new_b[role] = b.index_select(0, rows[role].to(b.device)) if (b is not None and role in rows) else b
     return new_w, new_b
 
 
@@ -140,7 +140,8 @@ def find_permutation(reference: UnitFeatures, other: UnitFeatures) -> BlockPermu
     """
     neurons = match_units(reference.neurons @ other.neurons.t())
     kv_sim = reference.kv @ other.kv.t()  # (groups, groups)
-    q_sim = reference.query_heads @ other.query_heads.t()  # (heads, heads)
+    q_sim = (reference.query_heads @ other.query_heads.t()).cpu()  # (heads, heads); tiny, so on the CPU
+    kv_sim = kv_sim.cpu()
     groups = kv_sim.shape[0]
     r = q_sim.shape[0] // groups
     if r == 1:

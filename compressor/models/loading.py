@@ -72,6 +72,9 @@ class LoadedModel:
             ``"last"`` (from a sentence-transformers pooling config where present).
         sharing: The sharing manifest (plan, shared modules, LoRA rank...) of a shared model,
             ``None`` for a dense one.
+        origin: The original dense model this one was made from (an absolute folder or a hub
+            id); for a dense model, its own source. Checkpoints record it, so that
+            `compress finetune` finds its teacher however many stages ago the model was made.
     """
 
     model: PreTrainedModel
@@ -81,6 +84,11 @@ class LoadedModel:
     name: str = ""
     pooling: str = "mean"
     sharing: dict | None = None
+    origin: str | None = None
+
+    def __post_init__(self):
+        if self.origin is None:
+            self.origin = self.source
 
     @property
     def config(self):
@@ -116,7 +124,7 @@ def resolve(spec: str | os.PathLike | None) -> tuple[str, bool]:
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(f"{spec} is a file, not a model folder")
-        return str(_transformer_folder(path)), True
+        return str(_transformer_folder(path.resolve())), True  # absolute: checkpoints record it
     if spec.startswith((".", "/", "~")) or spec.endswith(("/", os.sep)) or not _HUB_ID.match(spec):
         raise ModelLoadError(f"model folder {spec} does not exist")
     return ALIASES.get(spec, spec), False
@@ -147,8 +155,8 @@ def _st_modules(modules: Path) -> list[dict]:
     return entries
 
 
-def _pooling(folder: Path) -> str:
-    """The pooling a sentence-transformers folder declares, else mean pooling."""
+def _pooling(folder: Path) -> str | None:
+    """The pooling a sentence-transformers folder declares, else ``None``."""
     for root in (folder, folder.parent):
         modules = root / "modules.json"
         if not modules.is_file():
@@ -168,7 +176,7 @@ def _pooling(folder: Path) -> str:
                     if cfg.get("pooling_mode_lasttoken"):
                         return "last"
                 return "mean"
-    return "mean"
+    return None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -256,9 +264,9 @@ def load_model(
     model.eval()
 
     tokenizer = _load_tokenizer(location, trust_remote_code)
-    pooling = _pooling(Path(location)) if local else "mean"
-    if adapter.is_decoder and pooling == "mean" and not local:
-        pooling = "last"
+    declared = _pooling(Path(location)) if local else None
+    # without a sentence-transformers pooling config: mean for encoders, last token for decoders
+    pooling = declared or ("last" if adapter.is_decoder else "mean")
     name = BUNDLED_NAME if spec is None else (location if not local else str(spec).rstrip("/"))
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=location, name=name, pooling=pooling)
 

@@ -57,7 +57,8 @@ def save_checkpoint(loaded, folder: str | Path, *, overwrite: bool = False,
             "model_class": type(model).__name__,
             "family": loaded.adapter.family,
             "pooling": loaded.pooling,
-            "source": loaded.source,
+            "source": loaded.origin,  # the original dense model, the teacher for recovery
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "sharing": loaded.sharing,
         }
         write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
@@ -104,6 +105,9 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None):
     with transformers.modeling_utils.no_init_weights():  # the weights come from the file
         model = cls(config)
     model.tie_weights()  # skipped with the init above; GPT-2's head shares the embedding
+    dtype = getattr(torch, str(manifest.get("dtype", "float32")), None)
+    if isinstance(dtype, torch.dtype):
+        model.to(dtype)
 
     sharing = manifest.get("sharing")
     if sharing:
@@ -134,6 +138,7 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None):
         name=name or str(folder),
         pooling=manifest.get("pooling", "mean"),
         sharing=sharing,
+        origin=manifest.get("source"),
     )
 
 

@@ -128,6 +128,7 @@ def share(loaded: LoadedModel, config: ShareConfig) -> tuple[LoadedModel, StageR
         plan_source = "given"
     else:
         plan = _plan_from_analysis(loaded, config)
+        model.cpu()  # the analysis ran on config.device; the surgery below works on the CPU
         plan_source = f"best contiguous {config.groups} groups by {config.plan_metric}"
 
     original = copy.deepcopy(loaded) if config.fidelity else None
