@@ -9,7 +9,7 @@ from compressor.errors import UnsupportedModelError
 from tiny_models import FAMILIES, make_model
 
 EXPECTED_FAMILY = {
-    "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "distilbert",
+    "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "camembert": "bert", "distilbert": "distilbert",
     "gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "mistral": "llama",
 }
 

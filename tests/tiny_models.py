@@ -26,6 +26,7 @@ FAMILIES = {
     "bert": (transformers.BertConfig, transformers.BertModel, _ENCODER),
     "roberta": (transformers.RobertaConfig, transformers.RobertaModel, _ENCODER),
     "xlm-roberta": (transformers.XLMRobertaConfig, transformers.XLMRobertaModel, _ENCODER),
+    "camembert": (transformers.CamembertConfig, transformers.CamembertModel, _ENCODER),
     "distilbert": (transformers.DistilBertConfig, transformers.DistilBertModel,
                    dict(dim=32, n_layers=4, n_heads=4, hidden_dim=64, vocab_size=VOCAB_SIZE,
                         max_position_embeddings=128, pad_token_id=0)),
