@@ -56,6 +56,14 @@ def check_positive(name: str, value: int | float | None, *, allow_none: bool = F
         raise ConfigError(f"{flag(name)} must be a positive number, got {value!r}")
 
 
+def check_int(name: str, value, minimum: int, *, allow_none: bool = False) -> None:
+    """An integer (not a bool) of at least ``minimum``."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{flag(name)} must be at least {minimum}, got {value!r}")
+
+
 def check_device(device: str) -> str:
     """Fail early on a device torch does not know or this machine does not have."""
     import torch

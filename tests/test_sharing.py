@@ -62,7 +62,6 @@ def test_sharing_is_real(tiny_dirs, family, init):
     for norm in adapter.norms:  # norms stay per layer
         assert blocks[0].get_submodule(norm).weight is not blocks[1].get_submodule(norm).weight
     # two of three copies of every shared matrix are gone
-    g = loaded.geometry
     per_layer = sum(adapter.weight(blocks[3], r).numel() for r in adapter.roles)
     assert record.params_before - record.params_after == 2 * per_layer
     assert unique_parameters(loaded.model)[0] == record.params_after

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import StageConfig, check_choice, check_device, check_positive
+from ..config import StageConfig, check_choice, check_device, check_int, check_positive
 
 #: Similarities the grouping can be driven by.
 METRICS = ("cka", "angular", "aligned-weight", "raw-weight")
@@ -53,8 +53,7 @@ class AnalyzeConfig(StageConfig):
     def __post_init__(self):
         from ..errors import ConfigError
 
-        if self.groups is not None and (isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1):
-            raise ConfigError(f"--groups must be at least 1, got {self.groups}")
+        check_int("groups", self.groups, 1, allow_none=True)
         if self.metric is None:
             self.metric = "cka" if self.activations else "aligned-weight"
         check_choice("metric", self.metric, METRICS)

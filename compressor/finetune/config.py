@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import StageConfig, check_choice, check_positive
+from ..config import StageConfig, check_choice, check_int, check_positive
 from ..errors import ConfigError
 
 #: What trains: the LoRA deltas; the deltas and every norm; or every parameter.
@@ -67,8 +67,7 @@ class FinetuneConfig(StageConfig):
         check_choice("train", self.train, TRAIN_MODES)
         if self.max_steps is None and self.max_minutes is None:
             raise ConfigError("give a budget: --max-steps and/or --max-minutes")
-        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ConfigError(f"--max-steps must be at least 1, got {self.max_steps}")
+        check_int("max_steps", self.max_steps, 1, allow_none=True)
         check_positive("max_minutes", self.max_minutes, allow_none=True)
         for name in ("lr", "batch_size", "max_length"):
             check_positive(name, getattr(self, name))

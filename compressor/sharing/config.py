@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..adapters import ROLES
-from ..config import StageConfig, check_choice, check_device, check_positive
+from ..config import StageConfig, check_choice, check_device, check_int, check_positive
 from ..errors import ConfigError
 
 INITS = ("aligned-mean", "mean", "first")
@@ -69,8 +69,7 @@ class ShareConfig(StageConfig):
         if (self.groups is None) == (self.plan is None):
             raise ConfigError("give either --groups K or --plan, not both" if self.groups is not None
                               else "give --groups K or --plan \"0-1,2-3,...\"")
-        if self.groups is not None and (isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1):
-            raise ConfigError(f"--groups must be at least 1, got {self.groups}")
+        check_int("groups", self.groups, 1, allow_none=True)
         if isinstance(self.share, str):
             self.share = [s.strip() for s in self.share.split(",") if s.strip()]
         self.share = list(self.share)
@@ -82,8 +81,7 @@ class ShareConfig(StageConfig):
         check_choice("init", self.init, INITS)
         check_choice("lora_init", self.lora_init, LORA_INITS)
         check_choice("plan_metric", self.plan_metric, METRICS)
-        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-            raise ConfigError(f"--lora-rank must be 0 or more, got {self.lora_rank}")
+        check_int("lora_rank", self.lora_rank, 0)
         check_positive("lora_alpha", self.lora_alpha, allow_none=True)
         for name in ("max_samples", "max_length", "batch_size"):
             check_positive(name, getattr(self, name))
