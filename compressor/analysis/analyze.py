@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ..data import default_calibration_texts, read_texts
+from ..data import calibration_texts
 from ..errors import ConfigError
 from ..models import LoadedModel, unique_parameters
 from ..record import StageRecord
@@ -50,10 +50,8 @@ def analyze(loaded: LoadedModel, config: AnalyzeConfig) -> tuple[LoadedModel, St
     # Read the data before the slow part, so that a bad file fails at once.
     texts = None
     if config.activations:
-        if config.data is not None:
-            texts = read_texts(config.data, text_column=config.text_column, encoding=config.encoding, limit=config.max_samples)
-        else:
-            texts = default_calibration_texts()[: config.max_samples]
+        texts = calibration_texts(config.data, text_column=config.text_column, encoding=config.encoding,
+                                  limit=config.max_samples)
 
     metrics: dict = {
         "model": {

@@ -28,6 +28,14 @@ def default_calibration_texts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
+def calibration_texts(data: str | Path | None, *, text_column: str | None = None, encoding: str = "utf-8",
+                      limit: int | None = None) -> list[str]:
+    """Calibration text: the texts of ``data``, or the built-in sentences when ``data`` is ``None``."""
+    if data is not None:
+        return read_texts(data, text_column=text_column, encoding=encoding, limit=limit)
+    return default_calibration_texts()[:limit]
+
+
 def read_texts(
     path: str | Path,
     *,

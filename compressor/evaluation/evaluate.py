@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ..config import StageConfig, check_choice, check_device, check_positive
 from ..errors import ConfigError
 from ..models import LoadedModel, unique_parameters
+from ..models.heads import is_sequence_classifier
 from ..record import StageRecord
 
 TASKS = ("auto", "embedding", "classification", "lm")
@@ -66,8 +67,7 @@ class EvaluateConfig(StageConfig):
 
 def pick_task(loaded: LoadedModel, task: str) -> str:
     """The task to score ``loaded`` on; a forced task must fit the model's head."""
-    archs = loaded.model.config.architectures or []
-    is_classifier = any(a.endswith("ForSequenceClassification") for a in archs) and hasattr(loaded.model, "num_labels")
+    is_classifier = is_sequence_classifier(loaded.model)
     is_lm = loaded.adapter.is_decoder and loaded.model.get_output_embeddings() is not None
     if task == "classification" and not is_classifier:
         raise ConfigError(f"--task classification needs a classifier head; {loaded.name} has none")

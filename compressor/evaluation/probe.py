@@ -53,13 +53,13 @@ def classifier_metrics(loaded, texts: list[str], labels: list[str], *, batch_siz
     from sklearn.metrics import accuracy_score, f1_score
 
     from ..errors import DataError
+    from ..models.heads import class_indices
 
-    id2label = {int(k): str(v) for k, v in loaded.model.config.id2label.items()}
-    label2id = {v.lower(): k for k, v in id2label.items()}
-    try:
-        gold = [label2id[lab.lower()] if lab.lower() in label2id else int(lab) for lab in labels]
-    except ValueError:
-        raise DataError(f"labels {sorted(set(labels))[:5]} do not match the classifier's classes {sorted(label2id)}") from None
+    gold = class_indices(loaded.model, labels)
+    if gold is None:
+        classes = sorted(str(v) for v in loaded.model.config.id2label.values())
+        raise DataError(f"labels {sorted(set(labels))[:5]} do not match the classifier's classes {classes}")
+    gold = gold.tolist()
     model = loaded.model.to(device).eval()
     pred = []
     for enc in batches(loaded.tokenizer, texts, batch_size, max_length, device):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..errors import CompressError, ConfigError, DataError
 from ..evaluation.fidelity import pool
 from ..models import LoadedModel, unique_parameters
+from ..models.heads import class_indices, is_sequence_classifier
 from ..record import StageRecord
 from .config import FinetuneConfig
 
@@ -186,9 +187,7 @@ def finetune(
         teacher = load_model(source)
     check_teacher(student, teacher)
 
-    is_classifier = student.model.config.architectures is not None and any(
-        a.endswith("ForSequenceClassification") for a in student.model.config.architectures
-    )
+    is_classifier = is_sequence_classifier(student.model)
     texts = labels = label_ids = None
     if config.label_column is not None or (is_classifier and config.label_weight):
         try:
@@ -206,7 +205,7 @@ def finetune(
     if config.label_column is not None and not is_classifier:
         raise ConfigError("--label-column trains a classifier head, and the student has none; drop --label-column")
     if labels is not None and is_classifier:
-        label_ids = _label_ids(student, labels)
+        label_ids = class_indices(student.model, labels)
         if label_ids is None and config.label_column is not None:
             raise ConfigError(f"labels {sorted(set(labels))[:5]} do not match the classifier's classes "
                               f"{sorted(str(v) for v in student.model.config.id2label.values())}")
@@ -325,21 +324,6 @@ def _record(config, student, history, start_step, step, reason, device, start_ti
         "history": history,
     }
     return StageRecord("finetune", config.to_dict(), params, params, nbytes, nbytes, metrics, seconds)
-
-
-def _label_ids(student: LoadedModel, labels: list[str]) -> torch.Tensor | None:
-    """Labels as the head's class indices (by name, or as indices in range); ``None`` if they do not fit."""
-    id2label = {int(k): str(v) for k, v in student.model.config.id2label.items()}
-    by_name = {v.lower(): k for k, v in id2label.items()}
-    ids = []
-    for label in labels:
-        if label.lower() in by_name:
-            ids.append(by_name[label.lower()])
-        elif label.isdigit() and int(label) in id2label:
-            ids.append(int(label))
-        else:
-            return None
-    return torch.tensor(ids)
 
 
 def _recorded_source(student: LoadedModel) -> str | None:

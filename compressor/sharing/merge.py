@@ -10,6 +10,7 @@ from torch import nn
 
 from ..adapters import ArchitectureAdapter
 from ..analysis.alignment import BlockPermutation, find_permutation, permute_weights, unit_features
+from ..data import calibration_texts
 from ..errors import ConfigError
 from ..models import LoadedModel, unique_parameters
 from ..record import StageRecord
@@ -122,7 +123,8 @@ def share(loaded: LoadedModel, config: ShareConfig) -> tuple[LoadedModel, StageR
     if config.groups is not None and config.groups > n:
         raise ConfigError(f"--groups {config.groups} is more than the model's {n} layers")
 
-    texts = _calibration_texts(config) if config.fidelity else None  # read first: a bad file fails at once
+    texts = (calibration_texts(config.data, text_column=config.text_column, encoding=config.encoding,
+                               limit=config.max_samples) if config.fidelity else None)  # read first: a bad file fails at once
     if config.plan is not None:
         plan = parse_plan(config.plan, n)
         plan_source = "given"
@@ -203,14 +205,6 @@ def share(loaded: LoadedModel, config: ShareConfig) -> tuple[LoadedModel, StageR
         seconds=time.perf_counter() - start,
     )
     return loaded, record
-
-
-def _calibration_texts(config: ShareConfig) -> list[str]:
-    from ..data import default_calibration_texts, read_texts
-
-    if config.data is not None:
-        return read_texts(config.data, text_column=config.text_column, encoding=config.encoding, limit=config.max_samples)
-    return default_calibration_texts()[: config.max_samples]
 
 
 def _plan_from_analysis(loaded: LoadedModel, config: ShareConfig) -> list[list[int]]:
