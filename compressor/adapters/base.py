@@ -80,6 +80,15 @@ class ArchitectureAdapter:
             differs by family (``intermediate_size``, ``num_kv_heads``).
         is_decoder: Causal (decoder-only) model.
         gated_ffn: The FFN has a gate projection (SwiGLU).
+        head_attrs: Attributes the attention modules keep about their own head count, as
+            ``(module path in the block, attribute, kind)`` with kind ``heads`` (the count),
+            ``width`` (heads x head size) or ``pruned`` (the set of pruned original heads).
+            Pruning heads updates them the way the family's own ``prune_heads`` does.
+        pruned_heads_in_config: Head pruning is recorded in ``config.pruned_heads`` (the
+            families whose head size is ``hidden / num_heads``, which transformers re-prunes on
+            load); otherwise (Llama) ``num_attention_heads``, ``num_key_value_heads`` and an
+            explicit ``head_dim`` change.
+        conv1d: Dense linears are GPT-2 style ``Conv1D`` modules (weight stored ``(in, out)``).
     """
 
     family: str
@@ -90,6 +99,9 @@ class ArchitectureAdapter:
     config_keys: dict[str, str]
     is_decoder: bool = False
     gated_ffn: bool = False
+    head_attrs: tuple[tuple[str, str, str], ...] = ()
+    pruned_heads_in_config: bool = False
+    conv1d: bool = False
 
     # --- geometry -------------------------------------------------------------------------
     def geometry(self, config) -> Geometry:
@@ -103,6 +115,13 @@ class ArchitectureAdapter:
         kv_key = keys.get("num_kv_heads")
         kv_heads = (getattr(config, kv_key, None) if kv_key else None) or heads
         head_dim = getattr(config, "head_dim", None) or hidden // heads
+        pruned = getattr(config, "pruned_heads", None) or {}
+        if pruned:
+            # Head pruning keeps the head size; `compress prune` prunes as many heads in every
+            # layer, so any layer's count is the model's.
+            removed = {len(v) for v in pruned.values()}
+            heads -= removed.pop() if len(removed) == 1 and len(pruned) == config.num_hidden_layers else 0
+            kv_heads = heads
         inter = getattr(config, keys["intermediate_size"], None) or 4 * hidden  # GPT-2: n_inner=None
         return Geometry(
             num_layers=config.num_hidden_layers,

@@ -20,6 +20,12 @@ BERT = ArchitectureAdapter(
     },
     norms=("attention.output.LayerNorm", "output.LayerNorm"),
     config_keys=_HF_KEYS,
+    head_attrs=(
+        ("attention.self", "num_attention_heads", "heads"),
+        ("attention.self", "all_head_size", "width"),
+        ("attention", "pruned_heads", "pruned"),
+    ),
+    pruned_heads_in_config=True,
 )
 
 DISTILBERT = ArchitectureAdapter(
@@ -36,6 +42,8 @@ DISTILBERT = ArchitectureAdapter(
     },
     norms=("sa_layer_norm", "output_layer_norm"),
     config_keys={"intermediate_size": "hidden_dim"},
+    head_attrs=(("attention", "n_heads", "heads"), ("attention", "dim", "width"), ("attention", "pruned_heads", "pruned")),
+    pruned_heads_in_config=True,
 )
 
 GPT2 = ArchitectureAdapter(
@@ -54,6 +62,9 @@ GPT2 = ArchitectureAdapter(
     norms=("ln_1", "ln_2"),
     config_keys={"intermediate_size": "n_inner"},
     is_decoder=True,
+    head_attrs=(("attn", "num_heads", "heads"), ("attn", "split_size", "width"), ("attn", "pruned_heads", "pruned")),
+    pruned_heads_in_config=True,
+    conv1d=True,
 )
 
 LLAMA = ArchitectureAdapter(

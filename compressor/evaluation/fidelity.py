@@ -45,40 +45,53 @@ def fidelity(compressed, original, texts: list[str], *, batch_size: int = 16, ma
     """Compare ``compressed`` with ``original`` (both `LoadedModel`) on ``texts``.
 
     Returns:
-        ``{"embedding_cosine", "next_token_kl" (LM heads only), "hidden_state_error": [per layer],
+        ``{"embedding_cosine", "next_token_kl" (LM heads with the same vocabulary only),
+        "hidden_state_error": [per layer] (``None`` when the layer counts or tokens differ),
         "num_texts", "num_tokens"}``.
     """
-    tokenizer = original.tokenizer
-    has_lm_head = hasattr(original.model, "get_output_embeddings") and original.model.get_output_embeddings() is not None
+    # Each model reads the text with its own tokenizer (a vocabulary-pruned model has new ids).
+    # Token-level comparisons need the same tokens; layer-wise ones the same number of layers.
+    tokenizers = [original.tokenizer, compressed.tokenizer or original.tokenizer]
+    has_lm_head = all(hasattr(m.model, "get_output_embeddings") and m.model.get_output_embeddings() is not None
+                      for m in (original, compressed))
     cos_sum, kl_sum, tokens = 0.0, 0.0, 0
     err_num: torch.Tensor | None = None
     err_den: torch.Tensor | None = None
+    token_level = layer_wise = True
     models = [m.model.to(device).eval() for m in (original, compressed)]
-    for enc in batches(tokenizer, texts, batch_size, max_length, device):
-        mask = enc["attention_mask"]
-        outs = [m(input_ids=enc["input_ids"], attention_mask=mask, output_hidden_states=True) for m in models]
+    streams = [batches(t, texts, batch_size, max_length, device) for t in tokenizers]
+    for enc_t, enc_s in zip(*streams):
+        outs = [m(input_ids=e["input_ids"], attention_mask=e["attention_mask"], output_hidden_states=True)
+                for m, e in zip(models, (enc_t, enc_s))]
+        mask = enc_t["attention_mask"]
+        same_tokens = enc_t["attention_mask"].shape == enc_s["attention_mask"].shape and bool(
+            (enc_t["attention_mask"] == enc_s["attention_mask"]).all())
+        token_level &= same_tokens
+        layer_wise &= same_tokens and len(outs[0].hidden_states) == len(outs[1].hidden_states)
         real = mask.bool()
-        # per-layer hidden states (index 0 is the embedding output; layers start at 1)
-        h_t = torch.stack(outs[0].hidden_states[1:])[:, real]  # (layers, tokens, hidden)
-        h_s = torch.stack(outs[1].hidden_states[1:])[:, real]
-        num = ((h_s - h_t).float() ** 2).sum((1, 2))
-        den = (h_t.float() ** 2).sum((1, 2))
-        err_num = num if err_num is None else err_num + num
-        err_den = den if err_den is None else err_den + den
-        last_t, last_s = outs[0].hidden_states[-1], outs[1].hidden_states[-1]
-        emb_t = pool(last_t, mask, original.pooling)
-        emb_s = pool(last_s, mask, original.pooling)
+        if layer_wise:
+            # per-layer hidden states (index 0 is the embedding output; layers start at 1)
+            h_t = torch.stack(outs[0].hidden_states[1:])[:, real]  # (layers, tokens, hidden)
+            h_s = torch.stack(outs[1].hidden_states[1:])[:, real]
+            num = ((h_s - h_t).float() ** 2).sum((1, 2))
+            den = (h_t.float() ** 2).sum((1, 2))
+            err_num = num if err_num is None else err_num + num
+            err_den = den if err_den is None else err_den + den
+        emb_t = pool(outs[0].hidden_states[-1], mask, original.pooling)
+        emb_s = pool(outs[1].hidden_states[-1], enc_s["attention_mask"], original.pooling)
         cos_sum += float(F.cosine_similarity(emb_s.float(), emb_t.float(), dim=-1).sum())
-        if has_lm_head:
+        if has_lm_head and token_level and outs[0].logits.shape == outs[1].logits.shape:
             logp_t = F.log_softmax(outs[0].logits[real].float(), dim=-1)
             logp_s = F.log_softmax(outs[1].logits[real].float(), dim=-1)
             kl_sum += float(F.kl_div(logp_s, logp_t, log_target=True, reduction="sum"))
+        else:
+            has_lm_head = False
         tokens += int(real.sum())
     result = {
         "num_texts": len(texts),
         "num_tokens": tokens,
         "embedding_cosine": cos_sum / len(texts),
-        "hidden_state_error": (err_num / err_den.clamp(min=1e-12)).sqrt().tolist(),
+        "hidden_state_error": (err_num / err_den.clamp(min=1e-12)).sqrt().tolist() if layer_wise else None,
     }
     if has_lm_head:
         result["next_token_kl"] = kl_sum / max(tokens, 1)

@@ -43,7 +43,7 @@ def check_teacher(student: LoadedModel, teacher: LoadedModel) -> None:
     s, t = student.geometry, teacher.geometry
     if student.config.model_type != teacher.config.model_type:
         raise ConfigError(f"the teacher is a {teacher.config.model_type} model, the student a {student.config.model_type}")
-    if (s.num_layers, s.hidden_size) != (t.num_layers, t.hidden_size):
+    if s.hidden_size != t.hidden_size or s.num_layers > t.num_layers:
         raise ConfigError(
             f"the teacher ({t.num_layers} layers, hidden {t.hidden_size}) does not match the student "
             f"({s.num_layers} layers, hidden {s.hidden_size})"
@@ -51,7 +51,18 @@ def check_teacher(student: LoadedModel, teacher: LoadedModel) -> None:
     if student.tokenizer is None or teacher.tokenizer is None:
         raise ConfigError("both student and teacher need a tokenizer")
     if student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
-        raise ConfigError("the teacher's tokenizer differs from the student's; distil from the model the student was made from")
+        raise ConfigError("the teacher's tokenizer differs from the student's (a pruned vocabulary?); fine-tune "
+                          "before `compress prune --vocab-from`, or distil from the model the student was made from")
+
+
+def layer_pairs(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """Which teacher layer each student layer learns from (hidden-state indices, 1-based).
+
+    The same count pairs layer with layer; a student with fewer layers (after `prune
+    --drop-layers`) maps its layers evenly onto the teacher's, last onto last (TinyBERT's
+    uniform mapping).
+    """
+    return [(i, round(i * teacher_layers / student_layers)) for i in range(1, student_layers + 1)]
 
 
 def check_resumable(output: str | Path) -> None:
@@ -113,8 +124,8 @@ def distillation_loss(student_out, teacher_out, mask, config: FinetuneConfig, po
     parts: dict[str, torch.Tensor] = {}
     if config.hidden_weight:
         terms = []
-        for hs, ht in zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:]):
-            hs, ht = hs[real].float(), ht[real].float()
+        for i, j in layer_pairs(len(student_out.hidden_states) - 1, len(teacher_out.hidden_states) - 1):
+            hs, ht = student_out.hidden_states[i][real].float(), teacher_out.hidden_states[j][real].float()
             terms.append(((hs - ht) ** 2).sum() / (ht**2).sum().clamp(min=1e-12))
         parts["hidden"] = torch.stack(terms).mean()
     if config.embedding_weight and is_encoder:

@@ -23,11 +23,18 @@ def share_summary_rows(record) -> list[tuple[str, str]]:
         rows.append(("model.safetensors", f"{m['checkpoint_bytes'] / MIB:.1f} MiB"))
     if "lora_energy_kept_mean" in m:
         rows.append(("residual energy kept by LoRA", f"{m['lora_energy_kept_mean']:.1%} (mean over layers and sublayers)"))
-    f = m.get("fidelity")
-    if f:
-        rows.append(("embedding cosine to original", f"{f['embedding_cosine']:.4f} on {f['num_texts']} texts"))
-        if "next_token_kl" in f:
-            rows.append(("next-token KL to original", f"{f['next_token_kl']:.4f} nats/token"))
+    rows += fidelity_rows(m.get("fidelity"))
+    return rows
+
+
+def fidelity_rows(f: dict | None) -> list[tuple[str, str]]:
+    """(label, value) rows for a fidelity result (`compressor.evaluation.fidelity`)."""
+    if not f:
+        return []
+    rows = [("embedding cosine to original", f"{f['embedding_cosine']:.4f} on {f['num_texts']} texts")]
+    if "next_token_kl" in f:
+        rows.append(("next-token KL to original", f"{f['next_token_kl']:.4f} nats/token"))
+    if f.get("hidden_state_error") is not None:
         rows.append(("hidden-state error per layer", " ".join(f"{e:.3f}" for e in f["hidden_state_error"])))
     return rows
 

@@ -1,0 +1,143 @@
+"""The pruning stage: ``model, record = prune(model, PruneConfig(...))``."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from ..data import calibration_texts
+from ..errors import CompressError, ConfigError
+from ..models import LoadedModel, unique_parameters
+from ..record import StageRecord
+from . import importance, structured
+from .config import PruneConfig
+
+
+class PruneError(CompressError):
+    """The pruned model does not run."""
+
+
+def prune(loaded: LoadedModel, config: PruneConfig) -> tuple[LoadedModel, StageRecord]:
+    """Remove layers, attention heads, FFN neurons and unused vocabulary, in that order.
+
+    The model is changed in place. Layers go first (the lowest Block Influence), then heads
+    and neurons are ranked on what is left and the same count is removed in every layer (the
+    config holds one head count and one FFN width); layers that share weights keep the same
+    units. A vocabulary cut comes last.
+
+    Returns:
+        The pruned model and a record with unique parameters before/after and, in ``metrics``:
+        the dropped layers and their Block Influence, the kept heads and neurons per layer, the
+        new geometry, the vocabulary cut, and fidelity to the model as it came in.
+
+    Raises:
+        ConfigError: more layers to drop than the model has, or bad data.
+        PruneError: the pruned model no longer runs.
+    """
+    start = time.perf_counter()
+    adapter, model = loaded.adapter, loaded.model
+    n = len(adapter.blocks(model))
+    if config.drop_layers >= n:
+        raise ConfigError(f"--drop-layers {config.drop_layers} would leave no layer of the model's {n}")
+    # Read all data first, so that a bad file fails before any work.
+    vocab_texts = None
+    if config.vocab_from:
+        from ..data.datasets import load_texts
+
+        vocab_texts = load_texts(config.vocab_from, text_column=config.text_column, encoding=config.encoding)
+    texts = calibration_texts(config.data, text_column=config.text_column, encoding=config.encoding,
+                              limit=config.max_samples)
+    needs_text = config.fidelity or config.drop_layers or ((config.heads or config.ffn) and config.score == "taylor")
+    if needs_text and loaded.tokenizer is None:
+        raise ConfigError(f"{loaded.name} has no tokenizer; calibration needs one (use --score magnitude --no-fidelity)")
+
+    original = copy.deepcopy(loaded) if config.fidelity else None
+    params_before, bytes_before = unique_parameters(model)
+    geometry_before = loaded.geometry
+    metrics: dict = {}
+
+    if config.drop_layers:
+        from ..analysis.activations import collect_block_outputs
+
+        _, influence, _ = collect_block_outputs(loaded, texts, max_length=config.max_length, batch_size=config.batch_size,
+                                                max_tokens=16, device=config.device)
+        drop = sorted(torch.argsort(influence)[: config.drop_layers].tolist())
+        structured.drop_layers(loaded, drop)
+        metrics["dropped_layers"] = drop
+        metrics["block_influence"] = [round(float(v), 6) for v in influence]
+
+    if config.heads or config.ffn:
+        if config.score == "taylor":
+            head_scores, neuron_scores = importance.taylor_scores(
+                loaded, texts, batch_size=config.batch_size, max_length=config.max_length, device=config.device)
+        else:
+            head_scores, neuron_scores = importance.magnitude_scores(loaded)
+        model.cpu()
+        done: set[int] = set()  # shared bases already cut
+        if config.heads:
+            keep = importance.select(head_scores, _groups(loaded, ("query", "key", "value", "attn_out")), config.heads)
+            structured.prune_heads(loaded, keep, done)
+            metrics["kept_heads"] = {str(k): v for k, v in keep.items()}
+        if config.ffn:
+            keep = importance.select(neuron_scores, _groups(loaded, ("ffn_gate", "ffn_in", "ffn_out")), config.ffn)
+            structured.prune_ffn(loaded, keep, done)
+            metrics["ffn_width"] = len(next(iter(keep.values())))
+        structured.recap_all(loaded)
+
+    if vocab_texts is not None:
+        from .vocab import prune_vocabulary
+
+        metrics["vocabulary"] = prune_vocabulary(loaded, vocab_texts)
+
+    _check_runs(loaded, texts)
+    g = loaded.geometry
+    metrics["geometry_before"] = _geometry(geometry_before)
+    metrics["geometry_after"] = _geometry(g)
+    params_after, bytes_after = unique_parameters(model)
+    if original is not None:
+        from ..evaluation.fidelity import fidelity
+
+        metrics["fidelity"] = fidelity(loaded, original, texts, batch_size=config.batch_size,
+                                       max_length=config.max_length, device=config.device)
+        model.cpu()
+        del original
+    record = StageRecord(
+        stage="prune",
+        config=config.to_dict(),
+        params_before=params_before,
+        params_after=params_after,
+        bytes_before=bytes_before,
+        bytes_after=bytes_after,
+        metrics=metrics,
+        seconds=time.perf_counter() - start,
+    )
+    return loaded, record
+
+
+def _groups(loaded: LoadedModel, roles: tuple[str, ...]) -> list[list[int]]:
+    """Layers that must keep the same units: the sharing groups, if any of ``roles`` is shared."""
+    n = len(loaded.adapter.blocks(loaded.model))
+    sharing = loaded.sharing
+    if sharing and set(sharing.get("roles", ())) & set(roles):
+        return [list(g) for g in sharing["plan"]]
+    return [[i] for i in range(n)]
+
+
+def _geometry(g) -> dict:
+    return {"layers": g.num_layers, "heads": g.num_heads, "kv_heads": g.num_kv_heads, "head_dim": g.head_dim,
+            "ffn": g.intermediate_size, "hidden": g.hidden_size}
+
+
+@torch.no_grad()
+def _check_runs(loaded: LoadedModel, texts: list[str]) -> None:
+    """One forward pass on real text; a pruned model that fails it is an error, not a file."""
+    if loaded.tokenizer is None:
+        return
+    try:
+        enc = loaded.tokenizer(texts[:2], padding=True, truncation=True, max_length=32, return_tensors="pt")
+        loaded.model.cpu().eval()(**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")})
+    except Exception as e:  # noqa: BLE001 - any failure here means the surgery broke the model
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PruneError(f"the pruned model no longer runs: {type(e).__name__}: {first}") from None

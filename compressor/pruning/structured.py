@@ -1,0 +1,229 @@
+"""Structured surgery: remove attention heads, FFN neurons and whole layers, for real.
+
+Rows and columns are cut out of the weights (not masked), so the pruned model does less work.
+Everything goes through the architecture adapter, and sharing is respected: a shared base
+weight is cut once for all the layers of its group (they must keep the same units), while each
+member's own bias and LoRA factors are cut beside it. ``model.config`` is kept true to the new
+shapes, so the model saves, reloads (transformers re-applies ``config.pruned_heads``) and exports.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..adapters.base import is_conv1d
+from ..models import LoadedModel
+from ..sharing.layer import SharedLinear
+
+
+def slice_linear(module: nn.Module, *, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+                 done: set[int]) -> None:
+    """Keep output ``rows`` and input ``cols`` (both in ``(out, in)`` terms) of a linear module.
+
+    Handles ``nn.Linear``, GPT-2's ``Conv1D`` (stored ``(in, out)``) and `SharedLinear`, whose
+    shared base is cut only the first time it is met (``done`` holds the ids of cut bases).
+    """
+    with torch.no_grad():
+        if isinstance(module, SharedLinear):
+            base = module.base_layer
+            if id(base) not in done:
+                done.add(id(base))
+                base.weight = nn.Parameter(_cut(base.weight, rows, cols), requires_grad=base.weight.requires_grad)
+                base.out_features, base.in_features = base.weight.shape
+            if module.bias is not None and rows is not None:
+                module.bias = nn.Parameter(module.bias[rows].clone(), requires_grad=module.bias.requires_grad)
+            if module.lora_rank:
+                # lora_B: (out, rank) loses rows; lora_A: (rank, in) loses columns
+                _set_linear_weight(module.lora_B, _cut(module.lora_B.weight, rows, None))
+                _set_linear_weight(module.lora_A, _cut(module.lora_A.weight, None, cols))
+            module.out_features, module.in_features = base.out_features, base.in_features
+            return
+        if is_conv1d(module):
+            w = _cut(module.weight.t(), rows, cols).t().contiguous()  # Conv1D stores (in, out)
+            module.weight = nn.Parameter(w, requires_grad=module.weight.requires_grad)
+            module.nf = w.shape[1]
+        else:
+            _set_linear_weight(module, _cut(module.weight, rows, cols))
+        if getattr(module, "bias", None) is not None and rows is not None:
+            module.bias = nn.Parameter(module.bias[rows].clone(), requires_grad=module.bias.requires_grad)
+
+
+def _cut(w: torch.Tensor, rows, cols) -> torch.Tensor:
+    if rows is not None:
+        w = w.index_select(0, rows.to(w.device))
+    if cols is not None:
+        w = w.index_select(1, cols.to(w.device))
+    return w.detach().clone()
+
+
+def _set_linear_weight(linear: nn.Linear, w: torch.Tensor) -> None:
+    linear.weight = nn.Parameter(w, requires_grad=linear.weight.requires_grad)
+    linear.out_features, linear.in_features = w.shape
+
+
+def recap_lora(module: SharedLinear, lora_alpha: float | None) -> None:
+    """Bring a delta whose rank now exceeds its matrix back to full rank, exactly.
+
+    A checkpoint is rebuilt with the rank capped at the matrix's smaller side (as `share`
+    caps it); a delta of a smaller matrix has at most that rank, so the truncated SVD is exact.
+    """
+    cap = min(module.in_features, module.out_features)
+    if not module.lora_rank or module.lora_rank <= cap:
+        return
+    with torch.no_grad():
+        delta = module.delta_weight()
+        factory = {"dtype": module.lora_A.weight.dtype, "device": module.lora_A.weight.device}
+        module.lora_rank = cap
+        module.lora_alpha = float(lora_alpha if lora_alpha is not None else cap)
+        module.lora_A = nn.Linear(module.in_features, cap, bias=False, **factory)
+        module.lora_B = nn.Linear(cap, module.out_features, bias=False, **factory)
+        module.init_lora_from_residual(delta)
+
+
+# --- heads and neurons ---------------------------------------------------------------------
+def head_rows(units: list[int], heads_per_unit: int, head_dim: int) -> torch.Tensor:
+    """Rows (in a query-sized projection) of the heads that make up ``units``."""
+    heads = [u * heads_per_unit + i for u in units for i in range(heads_per_unit)]
+    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+
+
+def prune_heads(loaded: LoadedModel, keep: dict[int, list[int]], done: set[int]) -> None:
+    """Keep the attention units ``keep[layer]`` (sorted, as many in every layer).
+
+    A unit is a head, or under grouped-query attention a key/value head with its query heads.
+    """
+    adapter, model, config = loaded.adapter, loaded.model, loaded.model.config
+    g = loaded.geometry
+    blocks = adapter.blocks(model)
+    hpk, d = g.heads_per_kv, g.head_dim
+    kept_units = {len(v) for v in keep.values()}
+    assert len(kept_units) == 1, "every layer keeps as many heads (the config holds one count)"
+    new_kv = kept_units.pop()
+    new_heads = new_kv * hpk
+    for layer, units in keep.items():
+        block = blocks[layer]
+        q_rows = head_rows(units, hpk, d)
+        kv_rows = head_rows(units, 1, d)
+        rows_by_role = {"query": q_rows, "key": kv_rows, "value": kv_rows}
+        sizes = {"query": g.num_heads * d, "key": g.num_kv_heads * d, "value": g.num_kv_heads * d}
+        for path, roles in adapter.module_roles(("query", "key", "value")).items():
+            # a fused QKV module holds its roles one after the other
+            offsets = [sum(sizes[r] for r in roles[:i]) for i in range(len(roles))]
+            idx = torch.cat([rows_by_role[r] + off for r, off in zip(roles, offsets)])
+            slice_linear(block.get_submodule(path), rows=idx, done=done)
+        slice_linear(adapter.linear(block, "attn_out"), cols=q_rows, done=done)
+
+        removed_now = sorted(set(range(g.num_heads)) - {u * hpk + i for u in units for i in range(hpk)})
+        removed_original = _original_heads(config, layer, removed_now)
+        for path, attr, kind in adapter.head_attrs:
+            module = block.get_submodule(path)
+            if kind == "heads":
+                setattr(module, attr, new_heads)
+            elif kind == "width":
+                setattr(module, attr, new_heads * d)
+            elif kind == "pruned":
+                setattr(module, attr, set(removed_original))
+        if adapter.pruned_heads_in_config:
+            config.pruned_heads = {**(config.pruned_heads or {}), layer: removed_original}
+    if not adapter.pruned_heads_in_config:
+        config.num_attention_heads = new_heads
+        config.num_key_value_heads = new_kv
+        config.head_dim = d
+
+
+def _original_heads(config, layer: int, removed_now: list[int]) -> list[int]:
+    """Heads removed from ``layer`` so far, in the numbering of the unpruned layer.
+
+    ``config.pruned_heads`` is in original numbering (transformers re-prunes from it), while
+    ``removed_now`` numbers the heads the layer has today.
+    """
+    earlier = set((config.pruned_heads or {}).get(layer, []))
+    remaining = [h for h in range(config.num_attention_heads) if h not in earlier]
+    return sorted(earlier | {remaining[h] for h in removed_now})
+
+
+def prune_ffn(loaded: LoadedModel, keep: dict[int, list[int]], done: set[int]) -> None:
+    """Keep the FFN neurons ``keep[layer]`` (sorted, as many in every layer)."""
+    adapter, model = loaded.adapter, loaded.model
+    blocks = adapter.blocks(model)
+    widths = {len(v) for v in keep.values()}
+    assert len(widths) == 1, "every layer keeps as many neurons (the config holds one width)"
+    for layer, neurons in keep.items():
+        idx = torch.tensor(neurons, dtype=torch.long)
+        block = blocks[layer]
+        for role in ("ffn_gate", "ffn_in"):
+            if role in adapter.linears:
+                slice_linear(adapter.linear(block, role), rows=idx, done=done)
+        slice_linear(adapter.linear(block, "ffn_out"), cols=idx, done=done)
+    setattr(model.config, adapter.config_keys["intermediate_size"], widths.pop())
+
+
+def recap_all(loaded: LoadedModel) -> None:
+    """`recap_lora` every shared module of the model."""
+    if not loaded.sharing:
+        return
+    for module in loaded.model.modules():
+        if isinstance(module, SharedLinear):
+            recap_lora(module, loaded.sharing.get("lora_alpha"))
+
+
+# --- layers ----------------------------------------------------------------------------------
+def drop_layers(loaded: LoadedModel, drop: list[int]) -> None:
+    """Remove the blocks ``drop`` and renumber what refers to layers.
+
+    Shared groups lose the dropped members; a member left alone gets its weights back as
+    dense modules (its shared weight plus its own delta), since sharing needs two layers.
+    """
+    adapter, model, config = loaded.adapter, loaded.model, loaded.model.config
+    blocks = adapter.blocks(model)
+    n = len(blocks)
+    keep = [i for i in range(n) if i not in set(drop)]
+    new_index = {old: new for new, old in enumerate(keep)}
+
+    if loaded.sharing:
+        plan = []
+        for group in loaded.sharing["plan"]:
+            members = [i for i in group if i in new_index]
+            if len(members) == 1 and len(group) > 1:
+                for path in loaded.sharing["modules"]:
+                    _densify(blocks[members[0]], path, conv1d=adapter.conv1d)
+            if members:
+                plan.append([new_index[i] for i in members])
+        loaded.sharing = {**loaded.sharing, "plan": plan}
+
+    parent_path, _, attr = adapter.blocks_path.rpartition(".")
+    parent = adapter.base(model).get_submodule(parent_path) if parent_path else adapter.base(model)
+    setattr(parent, attr, nn.ModuleList([blocks[i] for i in keep]))
+    for new, block in enumerate(adapter.blocks(model)):
+        for module in block.modules():  # decoders index their KV cache by layer_idx
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new
+
+    if getattr(config, "pruned_heads", None):
+        config.pruned_heads = {new_index[k]: v for k, v in config.pruned_heads.items() if k in new_index}
+    for key, value in list(config.to_diff_dict().items()):
+        # per-layer lists (e.g. Qwen2's layer_types) lose the dropped entries
+        if isinstance(value, list) and len(value) == n and key != "architectures":
+            setattr(config, key, [value[i] for i in keep])
+    config.num_hidden_layers = len(keep)
+
+
+def _densify(block: nn.Module, path: str, *, conv1d: bool) -> None:
+    """Replace the `SharedLinear` at ``path`` by a dense module holding its effective weight."""
+    shared = block.get_submodule(path)
+    w = shared.effective_weight().detach()  # (out, in)
+    out_f, in_f = w.shape
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        dense = Conv1D(out_f, in_f)
+        dense.weight = nn.Parameter(w.t().contiguous())
+        dense.bias = nn.Parameter(shared.bias.detach().clone() if shared.bias is not None else torch.zeros(out_f, dtype=w.dtype))
+    else:
+        dense = nn.Linear(in_f, out_f, bias=shared.bias is not None, dtype=w.dtype, device=w.device)
+        dense.weight = nn.Parameter(w.clone())
+        if shared.bias is not None:
+            dense.bias = nn.Parameter(shared.bias.detach().clone())
+    parent_path, _, name = path.rpartition(".")
+    setattr(block.get_submodule(parent_path) if parent_path else block, name, dense)

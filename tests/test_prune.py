@@ -1,0 +1,156 @@
+"""Structured pruning on tiny models of every family: shapes, config, sharing, invariants."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import compressor
+from cli.main import cli
+from compressor.errors import ConfigError
+from compressor.pruning import PruneConfig, prune
+from compressor.sharing import ShareConfig, save_checkpoint, share
+from compressor.sharing.layer import SharedLinear
+from tiny_models import FAMILIES
+
+TEXTS = ["the quick brown fox jumps over the lazy dog.", "pruning keeps what matters; 42 is the answer!"] * 4
+
+
+def outputs(loaded, texts=TEXTS):
+    enc = loaded.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = loaded.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def check_config_matches_shapes(loaded):
+    """Every linear has the shape the config says, and a model built from the config loads the weights."""
+    g = loaded.geometry
+    adapter = loaded.adapter
+    for block in adapter.blocks(loaded.model):
+        assert adapter.weight(block, "query").shape == (g.num_heads * g.head_dim, g.hidden_size)
+        assert adapter.weight(block, "key").shape == (g.num_kv_heads * g.head_dim, g.hidden_size)
+        assert adapter.weight(block, "attn_out").shape == (g.hidden_size, g.num_heads * g.head_dim)
+        assert adapter.weight(block, "ffn_in").shape == (g.intermediate_size, g.hidden_size)
+        assert adapter.weight(block, "ffn_out").shape == (g.hidden_size, g.intermediate_size)
+    assert len(adapter.blocks(loaded.model)) == loaded.config.num_hidden_layers == g.num_layers
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("shared", [False, True], ids=["dense", "shared"])
+def test_pruned_config_matches_shapes_and_reloads(family, shared, tiny_dirs, tmp_path):
+    loaded = compressor.load(str(tiny_dirs[family]))
+    if shared:
+        loaded, _ = share(loaded, ShareConfig(plan="0-1,2-3", lora_rank=4, fidelity=False))
+    before = loaded.geometry
+    loaded, record = prune(loaded, PruneConfig(heads=0.5, ffn=0.5, drop_layers=1, data=None))
+    g = loaded.geometry
+    assert g.num_layers == before.num_layers - 1
+    assert g.num_kv_heads == before.num_kv_heads // 2 and g.num_heads == before.num_heads // 2
+    assert g.head_dim == before.head_dim and g.intermediate_size == before.intermediate_size // 2
+    check_config_matches_shapes(loaded)
+    assert record.params_after < record.params_before
+    # save -> reload rebuilds the same shapes from the config and gives the same outputs
+    save_checkpoint(loaded, tmp_path / "pruned")
+    back = compressor.load(str(tmp_path / "pruned"))
+    check_config_matches_shapes(back)
+    torch.testing.assert_close(outputs(back), outputs(loaded), atol=1e-5, rtol=1e-5)
+
+
+def test_shared_group_is_pruned_once(tiny_dirs):
+    loaded = compressor.load(str(tiny_dirs["bert"]))
+    loaded, _ = share(loaded, ShareConfig(plan="0-1,2-3", lora_rank=4, fidelity=False))
+    loaded, record = prune(loaded, PruneConfig(heads=0.5, ffn=0.25, fidelity=False))
+    blocks = loaded.adapter.blocks(loaded.model)
+    for a, b in ((0, 1), (2, 3)):
+        q_a = loaded.adapter.linear(blocks[a], "query")
+        q_b = loaded.adapter.linear(blocks[b], "query")
+        assert isinstance(q_a, SharedLinear) and q_a.base_layer.weight is q_b.base_layer.weight
+        assert q_a.base_layer.weight.shape == (16, 32)  # 2 of 4 heads of size 8
+        assert record.metrics["kept_heads"][str(a)] == record.metrics["kept_heads"][str(b)]
+        assert q_a.lora_B.weight.shape == (16, 4) and q_a.bias.shape == (16,)
+    assert loaded.config.pruned_heads[0] == loaded.config.pruned_heads[1]
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("score", ["taylor", "magnitude"])
+def test_dead_units_go_first_and_removing_them_changes_nothing(family, score, tiny_dirs):
+    """A head whose output columns are zero and FFN neurons whose down-projection columns are
+    zero contribute nothing; both scores rank them last and cutting them is exact."""
+    loaded = compressor.load(str(tiny_dirs[family]))
+    adapter, g = loaded.adapter, loaded.geometry
+    unit = g.heads_per_kv * g.head_dim  # query-space columns of one attention unit
+    with torch.no_grad():
+        for block in adapter.blocks(loaded.model):
+            adapter.weight(block, "attn_out")[:, unit : 2 * unit] = 0  # unit 1 is dead
+            adapter.weight(block, "ffn_out")[:, :16] = 0  # neurons 0..15 are dead
+    before = outputs(loaded)
+    kv = g.num_kv_heads
+    loaded, record = prune(loaded, PruneConfig(heads=1 / kv, ffn=0.25, score=score, fidelity=False))
+    for kept in record.metrics["kept_heads"].values():
+        assert 1 not in kept
+    assert loaded.geometry.intermediate_size == 48
+    for block in adapter.blocks(loaded.model):  # the dead neurons are the ones that went
+        assert bool((adapter.weight(block, "ffn_out").abs().sum(0) > 0).all())
+    torch.testing.assert_close(outputs(loaded), before, atol=1e-5, rtol=1e-5)
+
+
+def test_drop_layers_removes_lowest_block_influence_and_renumbers_sharing(tiny_dirs):
+    loaded = compressor.load(str(tiny_dirs["llama"]))
+    loaded, _ = share(loaded, ShareConfig(plan="0-1,2-3", lora_rank=2, fidelity=False))
+    loaded, record = prune(loaded, PruneConfig(drop_layers=1))
+    influence = record.metrics["block_influence"]
+    dropped = record.metrics["dropped_layers"]
+    assert dropped == [min(range(4), key=influence.__getitem__)]
+    plan = loaded.sharing["plan"]
+    assert sorted(i for g in plan for i in g) == [0, 1, 2]
+    lone = [g for g in plan if len(g) == 1][0][0]
+    # the member left alone has dense weights again (shared weight + its delta)
+    assert not isinstance(loaded.adapter.linear(loaded.adapter.blocks(loaded.model)[lone], "query"), SharedLinear)
+    assert [b.self_attn.layer_idx for b in loaded.adapter.blocks(loaded.model)] == [0, 1, 2]
+    assert record.metrics["fidelity"]["hidden_state_error"] is None  # layer counts differ
+
+
+def test_lora_rank_above_pruned_width_is_recapped_exactly(tiny_dirs, tmp_path):
+    loaded = compressor.load(str(tiny_dirs["bert"]))
+    loaded, _ = share(loaded, ShareConfig(plan="0-1,2-3", lora_rank=24, fidelity=False))
+    before = outputs(loaded)
+    # only heads are cut: FFN untouched, and the query's rank 24 > 16 rows must shrink to 16
+    loaded, _ = prune(loaded, PruneConfig(heads=0.5, fidelity=False))
+    q = loaded.adapter.linear(loaded.adapter.blocks(loaded.model)[0], "query")
+    assert q.lora_rank == 16
+    save_checkpoint(loaded, tmp_path / "p")
+    back = compressor.load(str(tmp_path / "p"))
+    torch.testing.assert_close(outputs(back), outputs(loaded), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outputs(loaded), before)
+
+
+@pytest.mark.parametrize("bad", [{"heads": 1.0}, {"ffn": -0.1}, {"heads": 1.5}, {"drop_layers": -1}, {}])
+def test_bad_ratios_are_config_errors(bad):
+    with pytest.raises(ConfigError):
+        PruneConfig(**bad)
+
+
+def test_drop_all_layers_is_an_error(tiny_dirs):
+    with pytest.raises(ConfigError, match="no layer"):
+        prune(compressor.load(str(tiny_dirs["bert"])), PruneConfig(drop_layers=4))
+
+
+def test_cli_prune_writes_checkpoint_and_refuses_bad_input(tiny_dirs, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "pruned"
+    res = runner.invoke(cli, ["prune", str(tiny_dirs["bert"]), "--ffn", "0.5", "--heads", "0.25", "-o", str(out),
+                              "--json", "-"])
+    assert res.exit_code == 0, res.output
+    record = json.loads(res.output)
+    assert record["metrics"]["geometry_after"]["ffn"] == 32
+    assert (out / "prune_report.md").is_file() and (out / "compress.json").is_file()
+    assert compressor.load(str(out)).geometry.num_heads == 3
+    # exists without --overwrite; ratio out of range: one line, exit 2, nothing written
+    for args in (["-o", str(out), "--ffn", "0.5"], ["-o", str(tmp_path / "new"), "--ffn", "1.2"]):
+        res = runner.invoke(cli, ["prune", str(tiny_dirs["bert"]), *args])
+        assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "new").exists()
