@@ -28,8 +28,9 @@ What must be kept for the tokenizer to reproduce its segmentation depends on its
 Text outside the domain still tokenizes, with what is kept: WordPiece splits a word into the
 kept pieces and maps a word it cannot split to ``[UNK]`` (as it did before for words outside
 its vocabulary); BPE falls back to shorter pieces, down to bytes for byte-level BPE and to the
-unknown token otherwise; Unigram to single characters and the unknown token. So the model
-still runs on any text, but reads new words less well than the full model did.
+unknown token otherwise; Unigram to the kept pieces, and the unknown token for characters no
+kept piece covers. So the model still runs on any text, but reads new words less well than
+the full model did.
 
 With ``min_count > 1`` tokens the data uses fewer times are dropped too, and the texts that
 held them tokenize differently (the result counts them); with the default ``min_count=1``
