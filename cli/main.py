@@ -3,6 +3,9 @@
 Commands parse options, build a stage config, call one library function, print a summary and
 write the outputs. Heavy imports (torch, transformers) happen inside command bodies so that
 ``compress --help`` is instant. A `CompressError` becomes one line on stderr and exit code 2.
+
+Exit codes: 0 success; 1 a batch job failed (or an abort); 2 bad input (a bad option, manifest
+or recipe, a missing model or file, an output that cannot be written); 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import sys
 import click
 
 from compressor.errors import CompressError
+from compressor.pipeline.events import LOG_FORMATS
 
 #: Exit codes, documented in the README.
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -38,7 +42,12 @@ class CompressGroup(click.Group):
         try:
             return super().invoke(ctx)
         except CompressError as e:
-            click.echo(f"compress: error: {e}", err=True)
+            if ctx.params.get("log_format") == "jsonl":
+                from compressor.pipeline.events import EventLog
+
+                EventLog("jsonl").emit("error", message=str(e), exit_code=e.exit_code)
+            else:
+                click.echo(f"compress: error: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("compress: interrupted", err=True)
@@ -47,13 +56,24 @@ class CompressGroup(click.Group):
 
 @click.group(cls=CompressGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="compress", prog_name="compress")
-def cli():
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
+              envvar="COMPRESS_LOG_FORMAT",
+              help="Progress and errors on stderr: text, or jsonl (one JSON object per line, for pipelines).")
+def cli(log_format):
     """Compress pretrained Transformers: analyze layer similarity, share layers, prune,
-    quantize, fine-tune and export to ONNX.
+    quantize, fine-tune and export to ONNX; run recipes and batches of them.
 
     MODEL is a local Hugging Face folder, a hub id, or a short alias (bert-base, gpt2, ...);
     leave it out to use the bundled all-MiniLM-L6-v2.
+
+    Exit codes: 0 success, 1 a batch job failed, 2 bad input, 130 interrupted.
     """
+
+
+def log_format() -> str:
+    """The global ``--log-format`` of the running command (``text`` outside one)."""
+    ctx = click.get_current_context(silent=True)
+    return (ctx.find_root().params.get("log_format") if ctx is not None else None) or "text"
 
 
 def emit_result(result: str, json_path: str | None) -> bool:
@@ -77,6 +97,7 @@ from cli import analyze as _analyze  # noqa: E402,F401  (registers the commands)
 from cli import data as _data  # noqa: E402,F401
 from cli import evaluate as _evaluate  # noqa: E402,F401
 from cli import finetune as _finetune  # noqa: E402,F401
+from cli import pipeline as _pipeline  # noqa: E402,F401
 from cli import prune as _prune  # noqa: E402,F401
 from cli import share as _share  # noqa: E402,F401
 

@@ -52,24 +52,14 @@ def share(model, groups, plan, output, share_, init, lora_rank, lora_init, lora_
     if json_path and json_path != "-":
         check_writable(json_path, overwrite=overwrite)
 
-    from pathlib import Path
-
-    from compressor.io import write_text_atomic
     from compressor.models import load_model
     from compressor.sharing import save_checkpoint
     from compressor.sharing import share as run_share
-    from compressor.sharing.checkpoint import WEIGHTS
-    from compressor.sharing.render import share_markdown, share_summary_rows
+    from compressor.sharing.render import share_reports, share_summary_rows
 
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     loaded, record = run_share(loaded, config)
-
-    def reports(staged: Path) -> None:
-        record.metrics["checkpoint_bytes"] = (staged / WEIGHTS).stat().st_size
-        write_text_atomic(staged / "share_report.json", json.dumps(record.to_dict(), indent=2))
-        write_text_atomic(staged / "share_report.md", share_markdown(record, loaded.name))
-
-    save_checkpoint(loaded, output, overwrite=overwrite, extra_files=reports)
+    save_checkpoint(loaded, output, overwrite=overwrite, extra_files=share_reports(record, loaded.name))
     result = json.dumps(record.to_dict(), indent=2)
     if emit_result(result, json_path):
         return

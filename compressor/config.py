@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 from .errors import ConfigError
@@ -27,7 +30,8 @@ class StageConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ConfigError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+            raise ConfigError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}; known: {', '.join(sorted(names))}",
+                              option=unknown[0])
         return cls(**data)
 
     @classmethod
@@ -41,7 +45,7 @@ class StageConfig:
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ConfigError(f"{flag(name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        raise ConfigError(f"{flag(name)} must be one of {', '.join(map(str, choices))}, got {value!r}", option=name)
 
 
 def flag(name: str) -> str:
@@ -53,7 +57,7 @@ def check_positive(name: str, value: int | float | None, *, allow_none: bool = F
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"{flag(name)} must be a positive number, got {value!r}")
+        raise ConfigError(f"{flag(name)} must be a positive number, got {value!r}", option=name)
 
 
 def check_int(name: str, value, minimum: int, *, allow_none: bool = False) -> None:
@@ -61,7 +65,25 @@ def check_int(name: str, value, minimum: int, *, allow_none: bool = False) -> No
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{flag(name)} must be at least {minimum}, got {value!r}")
+        raise ConfigError(f"{flag(name)} must be at least {minimum}, got {value!r}", option=name)
+
+
+#: False while configs are checked for another machine (see `devices_elsewhere`).
+_DEVICES_HERE = contextvars.ContextVar("compress_devices_here", default=True)
+
+
+@contextlib.contextmanager
+def devices_elsewhere() -> Iterator[None]:
+    """Check device names, not whether this machine has them: for configs that run elsewhere.
+
+    A batch sent to a Ray cluster is validated on a driver that may have no GPU; each job checks
+    its devices again where it runs.
+    """
+    token = _DEVICES_HERE.set(False)
+    try:
+        yield
+    finally:
+        _DEVICES_HERE.reset(token)
 
 
 def check_device(device: str) -> str:
@@ -71,12 +93,17 @@ def check_device(device: str) -> str:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N", option="device") from None
+    if not _DEVICES_HERE.get():
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise ConfigError(f"--device {device}: use cpu, cuda or cuda:N", option="device")
+        return device
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu", option="device")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                              option="device")
     elif dev.type != "cpu" and not (dev.type == "mps" and torch.backends.mps.is_available()):
-        raise ConfigError(f"--device {device} is not available here; use cpu or cuda")
+        raise ConfigError(f"--device {device} is not available here; use cpu or cuda", option="device")
     return device

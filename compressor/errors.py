@@ -25,7 +25,15 @@ class DataError(CompressError):
 
 
 class ConfigError(CompressError):
-    """A stage config holds an invalid value."""
+    """A stage config holds an invalid value.
+
+    Attributes:
+        option: The config field at fault, where there is one (a recipe reports its line).
+    """
+
+    def __init__(self, message: str = "", *, option: str | None = None):
+        super().__init__(message)
+        self.option = option
 
 
 class OutputExistsError(CompressError):

@@ -74,7 +74,7 @@ class FinetuneConfig(StageConfig):
         check_positive("max_samples", self.max_samples, allow_none=True)
         for name in ("weight_decay", "warmup_steps", "save_every", "hidden_weight", "embedding_weight", "kl_weight", "label_weight"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more")
+                raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more", option=name)
         if self.device != "auto":
             from ..config import check_device
 

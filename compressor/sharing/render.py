@@ -45,3 +45,19 @@ def share_markdown(record, model_name: str) -> str:
     if record.metrics.get("note"):
         lines += ["", record.metrics["note"]]
     return "\n".join(lines) + "\n"
+
+
+def share_reports(record, model_name: str):
+    """The ``extra_files`` callback of `save_checkpoint` that writes ``share_report.json`` and
+    ``share_report.md`` into the staged checkpoint (after measuring its weights file)."""
+    import json
+
+    from ..io import write_text_atomic
+    from .checkpoint import WEIGHTS
+
+    def write(staged) -> None:
+        record.metrics["checkpoint_bytes"] = (staged / WEIGHTS).stat().st_size
+        write_text_atomic(staged / "share_report.json", json.dumps(record.to_dict(), indent=2))
+        write_text_atomic(staged / "share_report.md", share_markdown(record, model_name))
+
+    return write

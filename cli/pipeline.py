@@ -1,0 +1,103 @@
+"""`compress run` (one model through a recipe) and `compress batch` (many models x recipes)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from cli.main import EXIT_OK, cli, emit_result, log_format
+
+#: What --dry-run says for each action.
+_WOULD = {"run": "would run", "continue": "would continue", "skip": "would skip", "fail": "would fail"}
+
+
+@cli.command("run")
+@click.argument("recipe", type=click.Path())
+@click.option("--model", default=None, help="The model (default: the recipe's 'model', else the bundled MiniLM).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="The job's folder: one subfolder per stage, report.json, DONE.json.")
+@click.option("--dry-run", is_flag=True, help="Say whether the job would run, continue or be skipped, and why; run nothing.")
+@click.option("--json", "json_path", default=None, help="Write the job's result as JSON here ('-' prints it).")
+def run(recipe, model, output, dry_run, json_path):
+    """Run the stages of RECIPE (a YAML file) on a model, each stage's output in OUTPUT/NN-stage.
+
+    The recipe is validated before anything runs. Run again, the command skips a job done with
+    the same model and recipe, and continues an unfinished one from its last finished stage
+    (a fine-tuning stage from its last checkpoint).
+    """
+    from compressor.errors import CompressError
+    from compressor.io import check_writable
+    from compressor.pipeline import EventLog, job_for_recipe, load_recipe, plan_job, run_job
+
+    job = job_for_recipe(load_recipe(recipe), output, model)
+    check_writable(output, overwrite=True, folder=True)
+    plan = plan_job(job)
+    if plan.action == "fail":
+        raise CompressError(plan.reason)
+    if dry_run:
+        if not emit_result(json.dumps(plan.to_dict(), indent=2), json_path):
+            click.echo(f"{_WOULD[plan.action]} {job.name}: {plan.reason}")
+        return EXIT_OK
+    log = EventLog(log_format())
+    if plan.action == "skip":
+        log.emit("job_skip", job=job.name, reason=plan.reason)
+        result = plan.result
+    else:
+        result = run_job(job, plan.keys, log=log, reason=plan.reason, reraise=True,
+                         progress=log.format == "text" and json_path != "-")
+    if emit_result(json.dumps(result.to_dict(), indent=2), json_path):
+        return EXIT_OK
+    from compressor.pipeline.job import format_value
+
+    click.echo(f"{job.name}: {result.status} ({result.seconds:.1f} s of work)")
+    for key, value in result.metrics.items():
+        click.echo(f"  {key:<36} {format_value(value)}")
+    click.echo(f"wrote {output}")
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="The batch folder: one folder per job, summary.json, summary.md.")
+@click.option("--jobs", "workers", type=int, default=1, show_default=True, help="Jobs at once, in parallel processes (local executor).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine; ray: tasks on a Ray cluster, each asking for its CPUs (and a GPU when a stage runs on cuda).")
+@click.option("--address", default=None, help="Ray cluster: ray://host:10001, host:6379 or auto (default: start a local Ray instance).")
+@click.option("--dry-run", is_flag=True, help="List what would run, continue, be skipped or fail, and why; run nothing.")
+@click.option("--json", "json_path", default=None, help="Write the summary as JSON here ('-' prints it).")
+def batch(manifest, output, workers, executor, address, dry_run, json_path):
+    """Run every job of MANIFEST (models x recipes, or jobs one by one), each in OUTPUT/JOB.
+
+    Every recipe is validated first. A job that fails records its error and the others go on;
+    at the end OUTPUT/summary.md and summary.json list every job with its key metrics, and the
+    exit code is 1 if a job failed. Run again, it skips jobs done with the same inputs and
+    recipe, reruns those whose recipe changed and continues unfinished ones.
+    """
+    from compressor.config import devices_elsewhere
+    from compressor.errors import ConfigError
+    from compressor.pipeline import EventLog, load_manifest, plan_batch, run_batch
+
+    if workers < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {workers}")
+    if address is not None and executor != "ray":
+        raise click.UsageError("--address is for --executor ray")
+    if executor == "ray":
+        with devices_elsewhere():  # the cluster's nodes have the GPUs, maybe not this machine
+            jobs = load_manifest(manifest, output)
+    else:
+        jobs = load_manifest(manifest, output)
+    if dry_run:
+        plans = plan_batch(jobs)
+        if emit_result(json.dumps([p.to_dict() for p in plans], indent=2), json_path):
+            return EXIT_OK
+        width = max(len(p.job.name) for p in plans)
+        for p in plans:
+            click.echo(f"{_WOULD[p.action]:<14} {p.job.name:<{width}}  {p.reason}")
+        return EXIT_OK
+    log = EventLog(log_format())
+    summary = run_batch(jobs, output, executor=executor, workers=workers, address=address, log=log,
+                        progress=log.format == "text" and executor == "local" and workers == 1 and json_path != "-")
+    if not emit_result(json.dumps(summary.to_dict(), indent=2), json_path):
+        click.echo(summary.markdown(), nl=False)
+        click.echo(f"wrote {output}/summary.md and summary.json")
+    return summary.exit_code
