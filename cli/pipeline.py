@@ -73,12 +73,10 @@ def batch(manifest, output, workers, executor, address, dry_run, json_path):
     exit code is 1 if a job failed. Run again, it skips jobs done with the same inputs and
     recipe, reruns those whose recipe changed and continues unfinished ones.
     """
-    from compressor.config import devices_elsewhere
-    from compressor.errors import ConfigError
+    from compressor.config import check_int, devices_elsewhere
     from compressor.pipeline import EventLog, load_manifest, plan_batch, run_batch
 
-    if workers < 1:
-        raise ConfigError(f"--jobs must be at least 1, got {workers}")
+    check_int("jobs", workers, 1)  # before the manifest is read
     if address is not None and executor != "ray":
         raise click.UsageError("--address is for --executor ray")
     if executor == "ray":

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import check_int
 from ..errors import CompressError, ConfigError, OutputExistsError
 from .events import EventLog
 from .job import DISK_ERRNOS, Job, JobPlan, JobResult, format_value, plan_job, run_job
@@ -113,8 +114,9 @@ def load_manifest(path: str | Path, output: str | Path) -> list[Job]:
         model = _model_spec(model_node, source, base) if model_node is not None else (recipe.model or "bundled")
         shown = str(plain(model_node)) if model_node is not None else (recipe.model or "bundled")
         name = _string(entry["name"], source, "name") if "name" in entry else f"{_slug(shown)}-{recipe.name}"
-        if not _NAME.match(name):
-            raise ConfigError(f"{source}:{line_of(at)}: job name {name!r} must be letters, digits, '.', '_' or '-'")
+        if not _NAME.match(name) or name in (BATCH_FILE, SUMMARY_JSON, SUMMARY_MD):
+            raise ConfigError(f"{source}:{line_of(at)}: job name {name!r} must be letters, digits, '.', '_' or '-', "
+                              "and not the name of a batch file")
         if name in seen:
             raise ConfigError(f"{source}:{line_of(at)}: two jobs are called {name!r} (the first on line {seen[name]}); "
                               "give one a 'name'")
@@ -278,8 +280,7 @@ def run_batch(jobs: list[Job], output: str | Path, *, executor: str = "local", w
     start = time.perf_counter()
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
-    if workers < 1:
-        raise ConfigError(f"--jobs must be at least 1, got {workers}", option="jobs")
+    check_int("jobs", workers, 1)
     prepare_output(output, [j.name for j in jobs])
     shown_executor = "ray" if executor == "ray" else ("local" if workers == 1 else f"local x {workers}")
 
