@@ -79,6 +79,8 @@ def batch(manifest, output, workers, executor, address, dry_run, json_path):
     check_int("jobs", workers, 1)  # before the manifest is read
     if address is not None and executor != "ray":
         raise click.UsageError("--address is for --executor ray")
+    if workers > 1 and executor == "ray":
+        raise click.UsageError("--jobs is for the local executor; on Ray, each job's num_cpus/num_gpus decide how many run at once")
     if executor == "ray":
         with devices_elsewhere():  # the cluster's nodes have the GPUs, maybe not this machine
             jobs = load_manifest(manifest, output)

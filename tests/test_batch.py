@@ -99,6 +99,15 @@ def test_two_processes_give_the_same_results(manifest, first_run, tmp_path):
     assert json.loads((out / "summary.json").read_text())["executor"] == "local x 2"
 
 
+def test_an_unreachable_ray_cluster_fails_fast(manifest, tmp_path):
+    # before the tests that share a local Ray: inside a process connected to one, that connection is used
+    pytest.importorskip("ray")
+    start = time.perf_counter()
+    result = batch(manifest, "-o", tmp_path / "out", "--executor", "ray", "--address", "127.0.0.1:1", log_format="text")
+    assert result.exit_code == 2 and time.perf_counter() - start < 10
+    assert result.stderr.splitlines()[-1].startswith("compress: error: cannot reach the Ray cluster at 127.0.0.1:1: ")
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")

@@ -101,7 +101,7 @@ def test_one_registry_entry_adds_a_stage_and_a_stage_can_feed_the_next(tmp_path,
         stages.register(stages.Stage("count", _CountConfig, run_count))
 
     bad = write(tmp_path / "bad.yaml", "stages:\n  - scale: {factor: 3}\n  - analyze\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml:2: scale sets the options of count, so a count stage must come right after it"):
+    with pytest.raises(ConfigError, match=r"bad.yaml:2: scale sets the options of the count stage, which must come right after it"):
         load_recipe(bad)
 
     recipe = load_recipe(write(tmp_path / "r.yaml", "stages:\n  - scale: {factor: 3}\n  - count: {add: 2}\n"))

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -263,7 +264,8 @@ def run_batch(jobs: list[Job], output: str | Path, *, executor: str = "local", w
         executor: ``local`` or ``ray``.
         workers: Parallel processes for the ``local`` executor.
         address: The Ray cluster (``ray://host:10001``, ``host:6379``, ``auto``); ``None``
-            starts a local Ray instance (or joins the one ``RAY_ADDRESS`` names).
+            joins the cluster ``RAY_ADDRESS`` names, else starts a local Ray instance. Inside
+            a process that has already called ``ray.init``, that connection is used.
         log: Where progress events go (stderr, text, by default).
         progress: Progress bars (only sensible for one local worker).
 
@@ -415,6 +417,17 @@ def _in_processes(plans: list[JobPlan], workers: int, log: EventLog) -> Iterator
                 future.cancel()
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds on a ``host:port`` nobody answers at (``ray.init`` retries for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local": Ray finds them
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise CompressError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
+
+
 def _on_ray(plans: list[JobPlan], address: str | None, log: EventLog) -> Iterator[JobResult]:
     try:
         import ray
@@ -423,11 +436,15 @@ def _on_ray(plans: list[JobPlan], address: str | None, log: EventLog) -> Iterato
 
     started = False
     if not ray.is_initialized():
+        # "local" starts a new instance even where a `ray start` left its address behind
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
         kwargs: dict[str, Any] = {}
-        if address is None:  # a local instance (or the cluster RAY_ADDRESS names)
-            kwargs = {"include_dashboard": False, "logging_level": logging.WARNING}
-        if address is None or not address.startswith("ray://"):
-            kwargs["log_to_driver"] = log.format != "jsonl"  # worker output would break the JSON lines
+        if address == "local":
+            kwargs["include_dashboard"] = False
+        if not address.startswith("ray://"):  # Ray Client takes none of these
+            jsonl = log.format == "jsonl"  # Ray's own lines and the workers' output would break the JSON lines
+            kwargs.update(log_to_driver=not jsonl, logging_level=logging.ERROR if jsonl else logging.WARNING)
+        _check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:

@@ -266,7 +266,7 @@ def check_order(recipe: Recipe) -> None:
         following = recipe.stages[i + 1].name if i + 1 < len(recipe.stages) else None
         if following != feeds:
             where = f"{recipe.source}:{spec.line}" if spec.line else recipe.source
-            raise ConfigError(f"{where}: {spec.name} sets the options of {feeds}, so a {feeds} stage must come right after it")
+            raise ConfigError(f"{where}: {spec.name} sets the options of the {feeds} stage, which must come right after it")
 
 
 def rebuild(stages: list[dict[str, Any]]) -> list[StageSpec]:
