@@ -168,6 +168,18 @@ def test_a_changed_recipe_reruns_from_the_first_changed_stage(tiny_dirs, tmp_pat
     assert json.loads((out / "bert" / "02-share" / "stage.json").read_text())["record"]["config"]["lora_rank"] == 2
 
 
+def test_a_job_that_could_not_start_runs_once_its_model_exists(tiny_dirs, tmp_path):
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"jobs:\n  - {{model: ./later, recipe: {QUICK}}}\n")
+    out = tmp_path / "out"
+    assert batch(manifest, "-o", out).exit_code == 1
+    assert sorted(p.name for p in (out / "later-quick").iterdir()) == ["error.json"]
+    shutil.copytree(tiny_dirs["bert"], tmp_path / "later")
+    result = batch(manifest, "-o", out)
+    assert result.exit_code == 0 and summary(out)["later-quick"]["status"] == "done"
+    assert not (out / "later-quick" / "error.json").exists()
+
+
 def test_a_killed_run_continues_and_never_looked_done(tiny_dirs, tmp_path):
     data = QUICK.parent / "data" / "sample.csv"
     (tmp_path / "long.yaml").write_text(
@@ -196,7 +208,7 @@ def test_a_killed_run_continues_and_never_looked_done(tiny_dirs, tmp_path):
     assert json.loads((out / "summary.json").read_text())["jobs"][0]["status"] == "pending"
     [loaded] = load_manifest(manifest, out)
     plan = plan_job(loaded)
-    assert plan.action == "continue" and "01-share" in plan.reason
+    assert plan.action == "continue" and plan.reason == "unfinished; keeps 01-share; continues 02-finetune from its last checkpoint"
 
     result = batch(manifest, "-o", out)
     assert result.exit_code == 0, result.output

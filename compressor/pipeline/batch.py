@@ -38,7 +38,7 @@ from typing import Any
 from ..config import check_int
 from ..errors import CompressError, ConfigError, OutputExistsError
 from .events import EventLog
-from .job import DISK_ERRNOS, Job, JobPlan, JobResult, format_value, plan_job, run_job
+from .job import DISK_ERRNOS, Job, JobPlan, JobResult, format_value, plan_job, record_failure, run_job
 from .recipe import (
     Recipe,
     check_keys,
@@ -293,7 +293,7 @@ def run_batch(jobs: list[Job], output: str | Path, *, executor: str = "local", w
             results[p.job.name] = p.result
         elif p.action == "fail":
             results[p.job.name] = _failed(p.job, p.reason)
-            _record_failure(p.job, p.reason)
+            record_failure(p.job, p.reason)
         else:
             results[p.job.name] = JobResult(p.job.name, p.job.shown_model, p.job.recipe, "pending", folder=str(p.job.folder))
     runnable = [p for p in plans if p.action in ("run", "continue")]
@@ -353,17 +353,6 @@ def write_summary(output: Path, summary: BatchSummary) -> None:
 
 def _failed(job: Job, error: str) -> JobResult:
     return JobResult(job.name, job.shown_model, job.recipe, "failed", error=error, folder=str(job.folder))
-
-
-def _record_failure(job: Job, error: str) -> None:
-    """``error.json`` for a job that could not start, in its folder (unless the folder is not ours)."""
-    from .job import JOB_FILE, _write_json
-
-    folder = job.folder
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / JOB_FILE).is_file():
-        return
-    with contextlib.suppress(OSError):
-        _write_json(folder / "error.json", {"job": job.name, "error": error, "type": "not started", "traceback": None})
 
 
 # ---- executors --------------------------------------------------------------------------------

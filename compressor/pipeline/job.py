@@ -222,18 +222,28 @@ def plan_job(job: Job) -> JobPlan:
         return JobPlan(job, "skip", f"done with the same model and recipe ({done.get('finished', 'earlier')})", keys, result)
     started = read_json(folder / JOB_FILE)
     if started is None:
-        if folder.is_dir() and any(p.name != LOCK_FILE for p in folder.iterdir()):
+        if not is_job_folder(folder):
             return JobPlan(job, "fail", f"{folder} exists and is not a job folder written by compress; move it or use another -o")
         return JobPlan(job, "run", "not run before", keys)
     changed = "the recipe or its inputs changed since it was done" if done is not None else None
     kept = kept_stages(job, keys)
-    if kept:
-        return JobPlan(job, "continue", f"{changed or 'unfinished'}; keeps {', '.join(kept)}", keys)
     places = layout(job.stages)
-    first, index = places[0]
-    if _resumable(job, folder / first, index, keys, started):
-        return JobPlan(job, "continue", f"unfinished; continues {first} from its last checkpoint", keys)
+    parts = [f"keeps {', '.join(kept)}"] if kept else []
+    if len(kept) < len(places):
+        name, index = places[len(kept)]
+        if _resumable(job, folder / name, index, keys, started):
+            parts.append(f"continues {name} from its last checkpoint")
+    if parts:
+        return JobPlan(job, "continue", f"{changed or 'unfinished'}; {'; '.join(parts)}", keys)
     return JobPlan(job, "run", changed or "an earlier run did not finish; starts over", keys)
+
+
+def is_job_folder(folder: Path) -> bool:
+    """Absent, empty, or written by a job (its ``job.json``, or only the error of a job that
+    could not start): a folder a job may write into."""
+    if not folder.is_dir() or (folder / JOB_FILE).is_file():
+        return True
+    return all(p.name in (LOCK_FILE, ERROR_FILE) for p in folder.iterdir())
 
 
 def kept_stages(job: Job, keys: list[str]) -> list[str]:
@@ -298,6 +308,13 @@ def run_job(job: Job, keys: list[str], *, log: EventLog, reason: str = "", progr
                          error=error, folder=str(job.folder), fatal=fatal)
     log.emit("job_end", job=job.name, seconds=round(result.seconds, 3), metrics=result.metrics)
     return result
+
+
+def record_failure(job: Job, error: str) -> None:
+    """``error.json`` for a job that could not start, in its folder (unless the folder is not a job's)."""
+    if is_job_folder(job.folder):
+        with contextlib.suppress(OSError):
+            _write_json(job.folder / ERROR_FILE, {"job": job.name, "error": error, "type": "not started", "traceback": None})
 
 
 def _run(job: Job, keys: list[str], log: EventLog, progress: bool, start: float) -> JobResult:
