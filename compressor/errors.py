@@ -38,3 +38,10 @@ class ConfigError(CompressError):
 
 class OutputExistsError(CompressError):
     """An output would overwrite something the user has, and --overwrite was not given."""
+
+
+class ExportError(CompressError):
+    """An export that does not do what the model does (outputs past tolerance, a shared weight
+    stored twice, a projection left unquantized). The work failed: exit code 1, not 2."""
+
+    exit_code = 1

@@ -30,9 +30,12 @@ def default_calibration_texts() -> list[str]:
 
 def calibration_texts(data: str | Path | None, *, text_column: str | None = None, encoding: str = "utf-8",
                       limit: int | None = None) -> list[str]:
-    """Calibration text: the texts of ``data``, or the built-in sentences when ``data`` is ``None``."""
+    """Calibration text: the texts of ``data`` (a file, a packaged data set such as
+    ``movie-snippets``, or a hub dataset id), or the built-in sentences when ``data`` is ``None``."""
     if data is not None:
-        return read_texts(data, text_column=text_column, encoding=encoding, limit=limit)
+        from .datasets import load_texts  # datasets.py builds on this module
+
+        return load_texts(str(data), text_column=text_column, encoding=encoding, limit=limit)
     return default_calibration_texts()[:limit]
 
 

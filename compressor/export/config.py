@@ -1,0 +1,57 @@
+"""Options of the ONNX export stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import StageConfig, check_choice, check_int, check_positive
+from ..errors import ConfigError
+
+#: Tasks an export can target, each with the optimum class that loads it (`ORT_CLASSES`).
+TASKS = ("auto", "feature-extraction", "text-classification", "text-generation")
+ORT_CLASSES = {
+    "feature-extraction": "ORTModelForFeatureExtraction",
+    "text-classification": "ORTModelForSequenceClassification",
+    "text-generation": "ORTModelForCausalLM",
+}
+
+
+@dataclass
+class ExportConfig(StageConfig):
+    """How to export to ONNX and how hard to check the result.
+
+    Attributes:
+        task: What the ONNX model computes; ``auto``: ``text-generation`` for causal LMs,
+            ``text-classification`` for models with a classification head, else
+            ``feature-extraction`` (token states; pooling is left to the caller, as optimum does).
+            Decoders are exported without a KV cache (``use_cache=False`` when loading).
+        opset: ONNX opset.
+        atol: An fp32 export fails if any output differs from PyTorch's by more than
+            ``atol + rtol * |PyTorch's|``.
+        rtol: See ``atol``.
+        check_data: Real text the export is checked on (default: the built-in sentences).
+        text_column: Column or key of the text in ``check_data``.
+        encoding: Text encoding of ``check_data``.
+        check_lengths: Token lengths checked; each batch mixes that length with shorter,
+            padded texts. Lengths past the model's maximum are capped to it.
+    """
+
+    task: str = "auto"
+    opset: int = 17
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    check_data: str | None = None
+    text_column: str | None = None
+    encoding: str = "utf-8"
+    check_lengths: list[int] = field(default_factory=lambda: [8, 32, 128])
+
+    def __post_init__(self):
+        check_choice("task", self.task, TASKS)
+        check_int("opset", self.opset, 14)
+        for name in ("atol", "rtol"):
+            check_positive(name, getattr(self, name))
+        if isinstance(self.check_lengths, (str, bytes)) or not self.check_lengths:
+            raise ConfigError("--check-lengths must be a list of token lengths", option="check_lengths")
+        self.check_lengths = list(self.check_lengths)
+        for length in self.check_lengths:
+            check_int("check_lengths", length, 2)

@@ -1,0 +1,248 @@
+"""The export stage: ``record = export(model, ExportConfig(...), output)``.
+
+The model is exported with optimum's exporter (TorchScript, which stores a weight that several
+layers share once; FACTS), optionally quantized, and written in the folder layout optimum's
+``ORTModelFor*`` classes load (model.onnx, config.json, tokenizer files, ort_config.json when
+quantized). Before the folder appears it is loaded back with that very class and checked against
+PyTorch on real text at several lengths; an export that disagrees fails and leaves nothing.
+No graph optimizer runs: onnxruntime's attention fusion concatenates Q/K/V per layer and so
+stores shared weights once per layer again (FACTS); onnxruntime applies its own basic
+optimizations when a session loads the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from ..data.text import calibration_texts
+from ..errors import ExportError
+from ..io import check_writable, staged_folder, write_text_atomic
+from ..models import LoadedModel, unique_parameters
+from ..models.heads import is_sequence_classifier
+from ..quantization.config import QuantizeConfig
+from ..record import StageRecord
+from .config import ORT_CLASSES, ExportConfig
+from .graph import inline_identity_weights, stored_elements, weight_matmuls
+
+MODEL_FILE = "model.onnx"
+#: Slack on "a shared weight is stored once": quantization scales and zero points, per-channel
+#: scales and the odd folded constant are stored too.
+_STORAGE_SLACK = 0.01
+
+
+def pick_task(loaded: LoadedModel, task: str) -> str:
+    """``task``, or for ``auto``: text-classification, text-generation or feature-extraction."""
+    if task != "auto":
+        return task
+    if is_sequence_classifier(loaded.model):
+        return "text-classification"
+    if loaded.adapter.is_decoder and loaded.model.get_output_embeddings() is not None:
+        return "text-generation"
+    return "feature-extraction"
+
+
+def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, quantize: QuantizeConfig | None = None,
+           overwrite: bool = False) -> StageRecord:
+    """Export ``loaded`` to the ONNX folder ``output``, quantized if ``quantize`` is given.
+
+    An export hands no model on to a next PyTorch stage, so it returns only its record.
+
+    Returns:
+        A record with the model's unique parameters and bytes before, the file's stored numbers
+        and bytes after, and in ``metrics``: the task and the optimum class that loads the
+        folder, the graph's projections (quantized or not), the check against PyTorch per
+        length, and what quantization did.
+
+    Raises:
+        OutputExistsError: ``output`` exists and ``overwrite`` is not set.
+        ExportError: the export disagrees with PyTorch past the tolerance, stores a shared weight
+            more than once, or leaves a projection unquantized.
+    """
+    start = time.perf_counter()
+    output = check_writable(output, overwrite=overwrite, folder=True)
+    if loaded.tokenizer is None:
+        raise ExportError(f"{loaded.name} ships no tokenizer; an export needs one to be checked and used")
+    task = pick_task(loaded, config.task)
+    model = loaded.model.eval()
+    if next(model.parameters()).dtype != torch.float32:  # export and check in fp32; --fp16 converts after
+        model = copy.deepcopy(model).float()
+    params, nbytes = unique_parameters(model)
+    texts = calibration_texts(config.check_data, text_column=config.text_column, encoding=config.encoding)
+    precision = quantize.mode if quantize else "fp32"
+
+    with staged_folder(output, overwrite=overwrite) as tmp:
+        onnx_config = _export_onnx(model, task, config.opset, tmp / MODEL_FILE)
+        input_names = list(onnx_config.inputs)
+        model.config.save_pretrained(tmp)  # before quantizing: optimum's quantizer reads it
+        loaded.tokenizer.save_pretrained(tmp)
+        if quantize is not None:
+            from ..quantization import quantize_onnx
+
+            with quiet("", "optimum"):  # onnxruntime's advice to pre-process goes to the root logger
+                quantized = quantize_onnx(tmp, quantize, tokenizer=loaded.tokenizer, input_names=input_names)
+        else:
+            # only the Identity inlining: it leaves the graph's numbers alone and lets a user's
+            # own quantizer (optimum's ORTQuantizer) reach every MatMul on a shared weight
+            quantized = {"identity_inlined": _inline_identities(tmp / MODEL_FILE)}
+
+        graph = onnx.load(str(tmp / MODEL_FILE), load_external_data=False)
+        stored, matmuls = stored_elements(graph), weight_matmuls(graph)
+        del graph
+        buffers = sum(b.numel() for b in model.buffers())
+        if stored > (params + buffers) * (1 + _STORAGE_SLACK) + 1024:
+            raise ExportError(f"the ONNX file stores {stored:,} numbers for {params:,} unique parameters: "
+                              "a shared weight was stored more than once")
+        if quantize is not None and quantize.mode != "fp16" and matmuls["float_on_weights"]:
+            raise ExportError(f"{matmuls['float_on_weights']} of {matmuls['matmuls']} projections were left unquantized")
+
+        check = check_export(tmp, model, loaded.tokenizer, task, input_names, config, quantize, texts)
+        metrics: dict[str, Any] = {
+            "model": loaded.name, "task": task, "ort_class": ORT_CLASSES[task], "precision": precision,
+            "opset": config.opset, "inputs": input_names, "file_bytes": (tmp / MODEL_FILE).stat().st_size,
+            "stored_numbers": stored, "projections": matmuls, "graph": quantized, "check": check,
+            "sharing": bool(loaded.sharing),
+        }
+        record = StageRecord(stage="export", config={**config.to_dict(), "quantize": quantize.to_dict() if quantize else None},
+                             params_before=params, params_after=stored, bytes_before=nbytes,
+                             bytes_after=metrics["file_bytes"], metrics=metrics,
+                             seconds=round(time.perf_counter() - start, 2))
+        write_text_atomic(tmp / "export_report.json", json.dumps(record.to_dict(), indent=2))
+    return record
+
+
+def _inline_identities(path: Path) -> int:
+    graph = onnx.load(str(path))
+    removed = inline_identity_weights(graph)
+    if removed:
+        onnx.save(graph, str(path))
+    return removed
+
+
+def _export_onnx(model, task: str, opset: int, path: Path):
+    """optimum's exporter on ``model`` itself (not a reloaded copy: shared modules stay shared)."""
+    from optimum.exporters.onnx import export as onnx_export
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        constructor = TasksManager.get_exporter_config_constructor("onnx", model, task=task, library_name="transformers")
+    except (KeyError, ValueError) as e:
+        raise ExportError(f"optimum cannot export {model.config.model_type} for {task}: {str(e).splitlines()[0]}") from None
+    onnx_config = constructor(model.config, task=task)
+    # the exporter's tracer warnings and optimum's progress lines say nothing a user can act on
+    with warnings.catch_warnings(), quiet("optimum", "transformers"), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        onnx_export(model, onnx_config, path, opset=opset, device="cpu")
+    return onnx_config
+
+
+@contextlib.contextmanager
+def quiet(*loggers: str):
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
+    for logger, _ in saved:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
+
+
+def load_ort(folder: str | Path, task: str, **kwargs):
+    """The folder through the optimum class a user would load it with."""
+    import optimum.onnxruntime as ort
+
+    cls = getattr(ort, ORT_CLASSES[task])
+    if task == "text-generation":
+        kwargs.setdefault("use_cache", False)
+        kwargs.setdefault("use_io_binding", False)
+    with warnings.catch_warnings(), quiet("optimum"):
+        warnings.simplefilter("ignore")
+        return cls.from_pretrained(folder, **kwargs)
+
+
+def check_batches(tokenizer, texts: list[str], lengths: list[int], max_positions: int | None) -> list[tuple[int, dict]]:
+    """One batch per length: four real texts truncated to the length, 3/4, 1/2 and 1/4 of it,
+    right-padded, so that the attention mask is exercised as well."""
+    if tokenizer.pad_token is None:  # GPT-2 and Llama tokenizers have none; pad with EOS as their users do
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    long_text = " ".join(texts)
+    batches = []
+    for length in dict.fromkeys(min(n, max_positions or n) for n in lengths):
+        rows = []
+        for i, n in enumerate((length, length * 3 // 4, length // 2, length // 4)):
+            start = len(long_text) * i // 4
+            rows.append(tokenizer(long_text[start:] + " " + long_text, truncation=True, max_length=max(n, 2)))
+        with quiet("transformers"):  # a hint to call the tokenizer on a batch, which cannot truncate per row
+            batches.append((length, tokenizer.pad(rows, padding=True, return_tensors="pt")))
+    return batches
+
+
+def max_positions(model, tokenizer) -> int | None:
+    cfg = model.config
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if limit and getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= 2  # positions start after the padding index
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if tok_limit and tok_limit < 1_000_000:
+        limit = min(limit, tok_limit) if limit else tok_limit
+    return limit
+
+
+def check_export(folder: Path, model, tokenizer, task: str, input_names: list[str], config: ExportConfig,
+                 quantize: QuantizeConfig | None, texts: list[str]) -> dict[str, Any]:
+    """Compare the folder, loaded through optimum, with PyTorch on every check batch.
+
+    fp32 must match elementwise (``atol + rtol * |reference|``); a quantized export must reach
+    a mean cosine of ``quantize.min_cosine`` per output vector (token state or logits row).
+
+    Raises:
+        ExportError: a batch past the tolerance; the message names the length and the numbers.
+    """
+    ort_model = load_ort(folder, task)
+    forward_names = [n for n in input_names if n != "position_ids"]
+    results = []
+    for length, batch in check_batches(tokenizer, texts, config.check_lengths, max_positions(model, tokenizer)):
+        inputs = {k: v for k, v in batch.items() if k in forward_names}
+        with torch.no_grad():
+            ref = model(**inputs)
+            got = ort_model(**inputs)
+        key = "last_hidden_state" if task == "feature-extraction" else "logits"
+        r, g = ref[key].float().numpy(), np.asarray(got[key], dtype=np.float32)
+        if r.ndim == 3:  # per token: only the real ones, not the padding
+            keep = batch["attention_mask"].numpy().astype(bool)
+            r, g = r[keep], g[keep]
+        diff = np.abs(g - r)
+        cos = (g * r).sum(-1) / np.maximum(np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1), 1e-12)
+        row = {"length": length, "tokens": int(batch["attention_mask"].sum()), "max_abs_diff": float(diff.max()),
+               "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min())}
+        if quantize is None:
+            bad = diff > config.atol + config.rtol * np.abs(r)
+            row["mismatched"] = int(bad.sum())
+            if bad.any():
+                raise ExportError(f"the ONNX export does not match PyTorch at length {length}: {int(bad.sum())} of "
+                                  f"{bad.size} outputs differ by up to {diff.max():.2e} (tolerance {config.atol:g} + "
+                                  f"{config.rtol:g} x |output|)")
+        elif cos.mean() < quantize.min_cosine:
+            raise ExportError(f"the {quantize.mode} export strays from PyTorch at length {length}: mean cosine "
+                              f"{cos.mean():.4f} < {quantize.min_cosine} (--min-cosine)")
+        results.append(row)
+    return {"loaded_with": f"optimum.onnxruntime.{ORT_CLASSES[task]}", "batches": results,
+            "max_abs_diff": max(r["max_abs_diff"] for r in results),
+            "mean_cosine": float(np.mean([r["mean_cosine"] for r in results])),
+            "min_cosine": min(r["min_cosine"] for r in results),
+            "tolerance": ({"atol": config.atol, "rtol": config.rtol} if quantize is None
+                          else {"min_mean_cosine": quantize.min_cosine})}

@@ -1,0 +1,62 @@
+"""Options of the quantization stage (applied to the ONNX export)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import StageConfig, check_choice, check_positive
+from ..errors import ConfigError
+
+#: ``int8``: dynamic (weights int8, activations quantized on the fly); ``int8-static``:
+#: activation ranges calibrated on text; ``fp16``: half-precision weights and compute, for GPUs.
+MODES = ("int8", "int8-static", "fp16")
+#: Instruction sets optimum has a quantization preset for; ``auto`` picks this machine's best.
+ISAS = ("auto", "avx512_vnni", "avx512", "avx2", "arm64")
+#: Default agreement with PyTorch a quantized export must reach: the mean cosine between its
+#: outputs and the fp32 PyTorch outputs, per token (FACTS: plain int8 MiniLM reaches 0.94).
+MIN_COSINE = {"int8": 0.90, "int8-static": 0.90, "fp16": 0.999}
+
+
+@dataclass
+class QuantizeConfig(StageConfig):
+    """How to quantize an ONNX export.
+
+    Attributes:
+        mode: ``int8``, ``int8-static`` or ``fp16``.
+        calibration: Text whose activation ranges ``int8-static`` uses (a file or a packaged
+            data set such as ``movie-snippets``); required for it, refused otherwise.
+        text_column: Column or key of the text in ``calibration``.
+        encoding: Text encoding of ``calibration``.
+        max_samples: Calibration texts to run.
+        max_length: Truncate calibration texts to this many tokens.
+        per_channel: One scale per output channel of a weight instead of one per tensor.
+        isa: The optimum preset (``AutoQuantizationConfig.<isa>``) whose settings to use;
+            ``auto`` picks avx512_vnni, avx512, avx2 or arm64 from this CPU.
+        min_cosine: The export fails if its outputs' mean cosine to PyTorch's is below this
+            (default per mode: `MIN_COSINE`).
+    """
+
+    mode: str = "int8"
+    calibration: str | None = None
+    text_column: str | None = None
+    encoding: str = "utf-8"
+    max_samples: int = 128
+    max_length: int = 128
+    per_channel: bool = False
+    isa: str = "auto"
+    min_cosine: float | None = None
+
+    def __post_init__(self):
+        check_choice("mode", self.mode, MODES)
+        check_choice("isa", self.isa, ISAS)
+        for name in ("max_samples", "max_length"):
+            check_positive(name, getattr(self, name))
+        if self.mode == "int8-static" and not self.calibration:
+            raise ConfigError("--quantize int8-static needs --calibration DATA (text to measure activation ranges on)",
+                              option="calibration")
+        if self.mode != "int8-static" and self.calibration:
+            raise ConfigError(f"--calibration is only used by int8-static, not {self.mode}", option="calibration")
+        if self.min_cosine is None:
+            self.min_cosine = MIN_COSINE[self.mode]
+        if isinstance(self.min_cosine, bool) or not isinstance(self.min_cosine, (int, float)) or not -1 <= self.min_cosine <= 1:
+            raise ConfigError(f"--min-cosine must be in [-1, 1], got {self.min_cosine!r}", option="min_cosine")

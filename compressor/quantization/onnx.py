@@ -1,0 +1,141 @@
+"""Quantize an exported ONNX folder in place.
+
+int8 goes through the tools a user of this field already trusts: optimum's ``ORTQuantizer``
+with its ``AutoQuantizationConfig`` preset for this CPU (dynamic), and onnxruntime's
+``quantize_static`` with the same preset's settings and a calibration reader over real text
+(static; optimum's own calibration needs the ``datasets`` package). What we add is the graph
+preparation that keeps shared weights quantized and stored once (`compressor.export.graph`).
+fp16 uses onnxruntime's float16 converter with float32 inputs and outputs kept.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..data.text import calibration_texts
+from ..export.graph import gemm_to_matmul, inline_identity_weights
+from .config import QuantizeConfig
+
+MODEL_FILE = "model.onnx"
+
+
+def host_isa() -> str:
+    """The best optimum quantization preset this CPU runs: avx512_vnni, avx512, avx2 or arm64."""
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        return "arm64"
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    for isa in ("avx512_vnni", "avx512f"):
+        if isa in flags:
+            return isa.replace("avx512f", "avx512")
+    return "avx2"
+
+
+def optimum_preset(isa: str, *, is_static: bool, per_channel: bool = False):
+    """``AutoQuantizationConfig.<isa>(is_static=..., per_channel=...)``: what optimum users run."""
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    return getattr(AutoQuantizationConfig, host_isa() if isa == "auto" else isa)(is_static=is_static,
+                                                                                   per_channel=per_channel)
+
+
+def prepare_graph(path: Path) -> dict[str, int]:
+    """Inline Identity-fed weights and turn Gemm on weights into MatMul, in the file at ``path``."""
+    model = onnx.load(str(path))
+    done = {"identity_inlined": inline_identity_weights(model), "gemm_rewritten": gemm_to_matmul(model)}
+    if any(done.values()):
+        onnx.save(model, str(path))
+    return done
+
+
+def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None, input_names=()) -> dict[str, Any]:
+    """Replace ``folder/model.onnx`` by its quantized version; returns what was done.
+
+    Args:
+        folder: An export folder (model.onnx, config.json, tokenizer files).
+        config: The quantization options.
+        tokenizer: Tokenizes calibration text (``int8-static`` only).
+        input_names: The model's input names (``int8-static`` only).
+    """
+    folder = Path(folder)
+    path = folder / MODEL_FILE
+    done: dict[str, Any] = {"mode": config.mode, **prepare_graph(path)}
+    if config.mode == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), str(path))
+        return done
+    preset = optimum_preset(config.isa, is_static=config.mode == "int8-static", per_channel=config.per_channel)
+    done.update(preset=f"AutoQuantizationConfig.{host_isa() if config.isa == 'auto' else config.isa}"
+                       f"(is_static={preset.is_static}, per_channel={preset.per_channel})",
+                format=preset.format.name, weights=preset.weights_dtype.name, activations=preset.activations_dtype.name)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        if config.mode == "int8":
+            from optimum.onnxruntime import ORTQuantizer
+
+            quantizer = ORTQuantizer.from_pretrained(folder, file_name=MODEL_FILE)
+            quantizer.quantize(preset, save_dir=tmp)
+            shutil.move(Path(tmp) / "model_quantized.onnx", path)
+            shutil.move(Path(tmp) / "ort_config.json", folder / "ort_config.json")
+        else:
+            done["calibration_samples"] = _quantize_static(path, Path(tmp), preset, config, tokenizer, input_names)
+    return done
+
+
+def _quantize_static(path: Path, tmp: Path, preset, config: QuantizeConfig, tokenizer, input_names) -> int:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, quantize_static
+    from optimum.onnxruntime.configuration import ORTConfig
+
+    texts = calibration_texts(config.calibration, text_column=config.text_column, encoding=config.encoding,
+                              limit=config.max_samples)
+    feeds = [model_inputs(tokenizer, [t], config.max_length, input_names) for t in texts]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    out = tmp / "model_quantized.onnx"
+    quantize_static(
+        str(path), str(out), Reader(), quant_format=preset.format,
+        # projections and embeddings: quantizing LayerNorm, Softmax inputs and the like with
+        # static ranges costs far more accuracy than it buys speed on transformers
+        op_types_to_quantize=["MatMul", "Gather"], per_channel=preset.per_channel, reduce_range=preset.reduce_range,
+        activation_type=preset.activations_dtype, weight_type=preset.weights_dtype,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"WeightSymmetric": preset.weights_symmetric, "ActivationSymmetric": preset.activations_symmetric,
+                       "DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    shutil.move(out, path)
+    ORTConfig(quantization=preset).save_pretrained(path.parent)
+    return len(feeds)
+
+
+def model_inputs(tokenizer, texts: list[str], max_length: int, input_names, *, padding: bool | str = True) -> dict[str, np.ndarray]:
+    """The ONNX feed for ``texts`` (see `onnx_feed`)."""
+    enc = tokenizer(texts, truncation=True, max_length=max_length, padding=padding, return_tensors="np")
+    return onnx_feed(enc, input_names)
+
+
+def onnx_feed(arrays, input_names) -> dict[str, np.ndarray]:
+    """The model's named inputs as int64 arrays from a tokenizer's output: token types filled
+    with zeros where the tokenizer gives none, position ids as optimum's ORTModelForCausalLM
+    computes them (counting real tokens only)."""
+    feed = {k: np.asarray(v, dtype=np.int64) for k, v in arrays.items() if k in input_names}
+    if "token_type_ids" in input_names and "token_type_ids" not in feed:
+        feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+    if "position_ids" in input_names:
+        mask = feed.get("attention_mask", np.ones_like(feed["input_ids"]))
+        feed["position_ids"] = np.where(mask == 0, 1, np.cumsum(mask, axis=-1) - 1).astype(np.int64)
+    return feed

@@ -1,0 +1,53 @@
+"""Options of the size / speed / accuracy report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import StageConfig, check_int, check_positive
+from ..errors import ConfigError
+
+
+@dataclass
+class ReportConfig(StageConfig):
+    """How the report measures.
+
+    Attributes:
+        threads: Intra-op threads for every row (PyTorch and onnxruntime alike).
+        batch_sizes: Batch sizes latency is measured at.
+        seq_len: Tokens per sequence in the latency runs (texts truncated or padded to it).
+        warmup: Untimed runs per row and batch size before the timed ones.
+        repeats: Timed runs per row and batch size; rows take turns run by run, so that a
+            noisy neighbour slows them all alike. Latencies are medians (p50) and p90s.
+        baselines: Add the original as plain ONNX fp32 and int8, made the way optimum makes them
+            (``main_export``, then ``ORTQuantizer`` with ``AutoQuantizationConfig.<cpu>(is_static=False)``).
+        data: Labelled data for the task metric (as ``compress evaluate --data``).
+        train_size: Probe training examples.
+        test_size: Test examples for the task metric.
+        fidelity_size: Test texts fidelity to the original is measured on.
+        max_length: Tokens per text for the task metric and fidelity.
+        batch_size: Texts per forward pass for the task metric.
+    """
+
+    threads: int = 2
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    seq_len: int = 128
+    warmup: int = 3
+    repeats: int = 10
+    baselines: bool = True
+    data: str = "movie-snippets"
+    train_size: int = 4000
+    test_size: int = 2000
+    fidelity_size: int = 500
+    max_length: int = 64
+    batch_size: int = 64
+
+    def __post_init__(self):
+        for name in ("threads", "seq_len", "repeats", "train_size", "test_size", "fidelity_size", "max_length", "batch_size"):
+            check_positive(name, getattr(self, name))
+        check_int("warmup", self.warmup, 0)
+        if isinstance(self.batch_sizes, (str, bytes)) or not self.batch_sizes:
+            raise ConfigError("--batch-sizes must list at least one batch size", option="batch_sizes")
+        self.batch_sizes = list(self.batch_sizes)
+        for b in self.batch_sizes:
+            check_int("batch_sizes", b, 1)

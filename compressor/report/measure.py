@@ -1,0 +1,202 @@
+"""Measure the original, optimum's baselines and the compressed variants side by side.
+
+Everything runs in one process with the same thread count, on the same inputs: latency in
+turns (one timed run per row, then the next row, and round again), so that a noisy machine
+slows every row alike and the ratios hold; the task metric is the one `compress evaluate`
+computes, on the same seeded split, with each row's own tokenizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import platform
+import statistics
+import subprocess
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CompressError
+from ..evaluation.fidelity import batches, pool
+from ..models import LoadedModel
+from .config import ReportConfig
+from .runners import OnnxRunner, Runner, TorchRunner
+
+#: Row labels of the baselines.
+BASELINE_FP32, BASELINE_INT8 = "optimum ONNX fp32", "optimum ONNX int8"
+
+
+def optimum_baselines(original: LoadedModel, folder: Path, task: str) -> dict[str, Path]:
+    """The original exported and quantized the way optimum's documentation does it:
+    ``main_export`` (what ``optimum-cli export onnx`` runs), then ``ORTQuantizer`` with the
+    dynamic ``AutoQuantizationConfig`` preset for this CPU. Nothing of ours touches the graphs."""
+    from optimum.exporters.onnx import main_export
+    from optimum.onnxruntime import ORTQuantizer
+
+    from ..quantization.onnx import optimum_preset
+
+    fp32, int8 = folder / "optimum-fp32", folder / "optimum-int8"
+    from ..export.stage import quiet
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet("optimum", "transformers"):
+        warnings.simplefilter("ignore")
+        main_export(original.source, output=fp32, task=task, library_name="transformers", do_validation=False)
+        ORTQuantizer.from_pretrained(fp32).quantize(optimum_preset("auto", is_static=False), save_dir=int8)
+    (int8 / "model_quantized.onnx").replace(int8 / "model.onnx")  # one model file, as every row has
+    return {BASELINE_FP32: fp32, BASELINE_INT8: int8}
+
+
+def latency(runners: list[Runner], config: ReportConfig, texts: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """``label -> batch size -> {p50_ms, p90_ms, throughput}`` at ``config.seq_len`` tokens."""
+    torch.set_num_threads(config.threads)
+    result: dict[str, dict[str, dict[str, float]]] = {r.label: {} for r in runners}
+    for b in config.batch_sizes:
+        rows = [(texts * (b // len(texts) + 1))[:b]]
+        inputs = [r.tokenizer(rows[0], padding="max_length", truncation=True, max_length=config.seq_len,
+                              return_tensors="pt") for r in runners]
+        times: dict[str, list[float]] = {r.label: [] for r in runners}
+        for rep in range(config.warmup + config.repeats):
+            for runner, enc in zip(runners, inputs):
+                start = time.perf_counter()
+                runner(enc)
+                if rep >= config.warmup:
+                    times[runner.label].append(time.perf_counter() - start)
+        for label, ts in times.items():
+            p50 = statistics.median(ts)
+            p90 = statistics.quantiles(ts, n=10)[-1] if len(ts) > 1 else ts[0]
+            result[label][str(b)] = {"p50_ms": p50 * 1e3, "p90_ms": p90 * 1e3, "throughput": b / p50}
+    return result
+
+
+def sentence_embeddings(runner: Runner, texts: list[str], config: ReportConfig) -> torch.Tensor:
+    out = []
+    for enc in batches(runner.tokenizer, texts, config.batch_size, config.max_length, "cpu"):
+        hidden = runner(dict(enc)).float()
+        out.append(F.normalize(pool(hidden, enc["attention_mask"], runner.pooling), dim=-1))
+    return torch.cat(out)
+
+
+def task_metric(runner: Runner, split, config: ReportConfig) -> dict[str, Any]:
+    """The metric `compress evaluate` reports for the row's task (probe accuracy, classifier
+    accuracy or perplexity), plus what fidelity needs (embeddings or predictions)."""
+    from types import SimpleNamespace
+
+    from ..evaluation.probe import probe_accuracy
+    from ..models.heads import class_indices
+
+    tr_x, tr_y, te_x, te_y = split
+    if runner.task == "feature-extraction":
+        test = sentence_embeddings(runner, te_x, config)
+        acc = probe_accuracy(sentence_embeddings(runner, tr_x, config), tr_y, test, te_y)
+        return {"metric": "probe accuracy", "value": acc["accuracy"], "outputs": test[: config.fidelity_size]}
+    if runner.task == "text-classification":
+        gold = class_indices(SimpleNamespace(config=SimpleNamespace(id2label=runner.id2label)), te_y)
+        if gold is None:
+            raise CompressError(f"the labels of {config.data} do not match the classes of {runner.label}")
+        pred = torch.cat([runner(dict(e)).argmax(-1) for e in batches(runner.tokenizer, te_x, config.batch_size,
+                                                                       config.max_length, "cpu")])
+        return {"metric": "accuracy", "value": float((pred == gold).float().mean()), "outputs": pred}
+    nll, count = 0.0, 0
+    for enc in batches(runner.tokenizer, te_x, max(1, config.batch_size // 8), config.max_length, "cpu"):
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        logits = runner(dict(enc))[:, :-1].float()
+        keep = (mask[:, 1:] * mask[:, :-1]).bool()
+        nll += float(F.cross_entropy(logits[keep], ids[:, 1:][keep], reduction="sum"))
+        count += int(keep.sum())
+    return {"metric": "perplexity", "value": float(torch.tensor(nll / max(count, 1)).exp()), "outputs": None}
+
+
+def fidelity_to(original: dict, row: dict, task: str) -> float | None:
+    """Embedding cosine to the original (encoders) or agreement of predictions (classifiers)."""
+    a, b = original.get("outputs"), row.get("outputs")
+    if a is None or b is None:
+        return None
+    if task == "feature-extraction":
+        return float((a * b).sum(-1).mean())
+    return float((a == b).float().mean())
+
+
+def provenance(config: ReportConfig) -> dict[str, Any]:
+    """What a reader needs to trust or reproduce the numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = {}
+    for name in ("compress", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime"):
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    root = Path(__file__).resolve().parents[2]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                           text=True).stdout.strip()
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    import os
+
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "packages": packages,
+            "git_commit": (commit + ("+changes" if dirty else "")) or None, "cpu": cpu,
+            "cpus_visible": os.cpu_count(), "threads": config.threads, "python": platform.python_version()}
+
+
+def report(original: LoadedModel, variants: list[tuple[str, str]], config: ReportConfig, *,
+           work: Path) -> dict[str, Any]:
+    """Measure the original, the baselines (in ``work``) and ``variants`` (label, path).
+
+    A variant path is an export folder (measured in onnxruntime) or a model folder (in PyTorch).
+
+    Returns:
+        ``{"rows": [...], "config", "provenance", "task", "metric"}``; each row has label, kind,
+        path, size_bytes, parameters, latency per batch size, the task metric, its share of the
+        original's (``of_original``), fidelity, and speed and size against optimum's int8.
+    """
+    from ..evaluation.evaluate import EvaluateConfig, load_split
+    from ..models import load_model
+
+    start = time.perf_counter()
+    runners: list[Runner] = [TorchRunner(original, "original")]
+    task = runners[0].task
+    if config.baselines:
+        for label, folder in optimum_baselines(original, work / "baselines", task).items():
+            runners.append(OnnxRunner(folder, label, threads=config.threads, pooling=original.pooling))
+    for label, path in variants:
+        if Path(path, "model.onnx").is_file():
+            runner: Runner = OnnxRunner(path, label, threads=config.threads, pooling=original.pooling)
+        else:
+            runner = TorchRunner(load_model(path), label)
+        if runner.task != task:
+            raise CompressError(f"{label} computes {runner.task}, the original {task}; compare like with like")
+        runners.append(runner)
+    if len({r.label for r in runners}) != len(runners):
+        raise CompressError("two rows have the same name; name the variants apart (--names)")
+
+    split = load_split(EvaluateConfig(data=config.data, train_size=config.train_size, test_size=config.test_size,
+                                      max_length=config.max_length), need_labels=task != "text-generation")
+    timings = latency(runners, config, split[2][:64])
+    rows = []
+    for runner in runners:
+        metric = task_metric(runner, split, config)
+        rows.append({"label": runner.label, "kind": runner.kind, "path": runner.path, "size_bytes": runner.size_bytes,
+                     "parameters": runner.parameters, "latency": timings[runner.label], **metric})
+    base = rows[0]
+    int8 = next((r for r in rows if r["label"] == BASELINE_INT8), None)
+    largest = str(max(config.batch_sizes))
+    for row in rows:
+        row["fidelity"] = None if row is base else fidelity_to(base, row, task)
+        higher_is_better = row["metric"] != "perplexity"
+        row["of_original"] = (row["value"] / base["value"]) if higher_is_better else (base["value"] / row["value"])
+        if int8 is not None:
+            row["speedup_vs_optimum_int8"] = int8["latency"][largest]["p50_ms"] / row["latency"][largest]["p50_ms"]
+            row["size_vs_optimum_int8"] = row["size_bytes"] / int8["size_bytes"]
+    for row in rows:
+        row.pop("outputs", None)
+    return {"task": task, "metric": base["metric"], "rows": rows, "config": config.to_dict(),
+            "provenance": provenance(config), "seconds": round(time.perf_counter() - start, 1)}

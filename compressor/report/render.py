@@ -1,0 +1,80 @@
+"""The report as Markdown, JSON and a PNG chart of size vs speed vs accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def markdown(result: dict[str, Any], *, title: str, command: str | None = None) -> str:
+    cfg, prov = result["config"], result["provenance"]
+    sizes = [str(b) for b in cfg["batch_sizes"]]
+    largest = sizes[-1]
+    has_int8 = any("speedup_vs_optimum_int8" in r for r in result["rows"])
+    head = ["model", "format", "file size", "unique params"]
+    for b in sizes:
+        head += [f"batch {b} p50 / p90 (ms)"]
+    head += [f"throughput b{largest} (seq/s)", result["metric"], "of original", "fidelity"]
+    if has_int8:
+        head += [f"speed vs optimum int8 (b{largest})", "size vs optimum int8"]
+    lines = [f"# {title}", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += [
+        f"Measured {prov['date']} on {prov['cpu']}, {cfg['threads']} threads (PyTorch and onnxruntime alike), "
+        f"sequence length {cfg['seq_len']}, {cfg['warmup']} warm-up and {cfg['repeats']} timed runs per row and batch "
+        f"size, rows taking turns; latencies are medians (p50) and p90s. Commit {prov['git_commit']}; "
+        + ", ".join(f"{k} {v}" for k, v in prov["packages"].items() if v) + ".",
+        "",
+        f"Task metric: {result['metric']} on `{cfg['data']}` ({cfg['train_size']:,} train / {cfg['test_size']:,} test, "
+        f"{cfg['max_length']} tokens), as `compress evaluate` computes it; fidelity: "
+        + ("cosine of the pooled sentence embeddings to the original's" if result["task"] == "feature-extraction"
+           else "agreement of predictions with the original's") + f" on {cfg['fidelity_size']} test texts.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in result["rows"]:
+        cells = [r["label"], r["kind"], _mb(r["size_bytes"]), f"{r['parameters'] / 1e6:.2f} M"]
+        for b in sizes:
+            lat = r["latency"][b]
+            cells.append(f"{lat['p50_ms']:.1f} / {lat['p90_ms']:.1f}")
+        cells += [f"{r['latency'][largest]['throughput']:.1f}", f"{r['value']:.4f}", f"{r['of_original']:.1%}",
+                  "-" if r["fidelity"] is None else f"{r['fidelity']:.3f}"]
+        if has_int8:
+            cells += [f"{r['speedup_vs_optimum_int8']:.2f}x", f"{r['size_vs_optimum_int8']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def chart(result: dict[str, Any], path: Path, *, title: str) -> None:
+    """Size (x) against throughput at the largest batch (y); colour is the task metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    largest = str(max(result["config"]["batch_sizes"]))
+    x = [r["size_bytes"] / 1e6 for r in rows]
+    y = [r["latency"][largest]["throughput"] for r in rows]
+    c = [r["value"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    points = ax.scatter(x, y, c=c, cmap="viridis", s=90, edgecolors="black")
+    for xi, yi, r in zip(x, y, rows):
+        ax.annotate(f"{r['label']}\n{r['metric']} {r['value']:.3f}", (xi, yi), textcoords="offset points",
+                    xytext=(6, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("file size (MB, log scale)")
+    ax.set_ylabel(f"throughput at batch {largest}, seq {result['config']['seq_len']} (sequences/s)")
+    ax.set_title(f"{title}\n{result['config']['threads']} threads, {result['provenance']['cpu']}", fontsize=9)
+    fig.colorbar(points, ax=ax, label=result["metric"])
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,121 @@
+"""One interface over the things a report measures: a PyTorch model or an ONNX folder.
+
+A runner takes a tokenized batch and returns the model's main output (token states for an
+encoder, logits for a classifier or a causal LM), so that latency, the task metric and fidelity
+are measured the same way for every row.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CompressError
+
+
+class Runner:
+    """A model under measurement.
+
+    Attributes:
+        label: Its row name in the report.
+        kind: ``PyTorch fp32``, ``ONNX fp32``, ``ONNX int8``...
+        path: Where it lives.
+        tokenizer: Its tokenizer (a vocabulary-pruned model has its own).
+        task: ``feature-extraction``, ``text-classification`` or ``text-generation``.
+        pooling: How sentence embeddings are made from token states.
+        size_bytes: Bytes on disk of the weights (the ONNX file; the unique parameters in PyTorch).
+        parameters: Unique parameters (numbers stored in the ONNX file).
+    """
+
+    label: str
+    kind: str
+    path: str
+    tokenizer = None
+    task: str = "feature-extraction"
+    pooling: str = "mean"
+    size_bytes: int = 0
+    parameters: int = 0
+    id2label: dict | None = None
+
+    def __call__(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class TorchRunner(Runner):
+    """A `LoadedModel` in PyTorch fp32 on the CPU."""
+
+    def __init__(self, loaded, label: str):
+        from ..export.stage import pick_task
+        from ..models import unique_parameters
+
+        self.loaded, self.label, self.kind, self.path = loaded, label, "PyTorch fp32", loaded.source
+        self.model = loaded.model.float().eval()
+        self.tokenizer, self.pooling = loaded.tokenizer, loaded.pooling
+        self.task = pick_task(loaded, "auto")
+        self.parameters, self.size_bytes = unique_parameters(self.model)
+        self.id2label = getattr(self.model.config, "id2label", None)
+        if self.task == "feature-extraction":
+            self.model = loaded.adapter.base(self.model)
+        self._accepts_token_types = "token_type_ids" in self.model.forward.__code__.co_varnames
+
+    @torch.inference_mode()
+    def __call__(self, enc):
+        kw = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if self._accepts_token_types and "token_type_ids" in enc:
+            kw["token_type_ids"] = enc["token_type_ids"]
+        out = self.model(**kw)
+        return out.last_hidden_state if self.task == "feature-extraction" else out.logits
+
+
+class OnnxRunner(Runner):
+    """An export folder (model.onnx + config.json + tokenizer) in an onnxruntime CPU session."""
+
+    def __init__(self, folder: str | Path, label: str, *, threads: int, pooling: str = "mean"):
+        import onnx
+        import onnxruntime as ort
+        from transformers import AutoConfig, AutoTokenizer
+
+        from ..export.graph import stored_elements
+
+        folder = Path(folder)
+        file = folder / "model.onnx"
+        if not file.is_file():
+            raise CompressError(f"{folder} holds no model.onnx; give an export folder (compress export) or a model folder")
+        self.label, self.path, self.pooling = label, str(folder), pooling
+        self.size_bytes = file.stat().st_size
+        graph = onnx.load(str(file), load_external_data=False)
+        self.parameters = stored_elements(graph)
+        self.kind = "ONNX " + _precision(graph)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.output = self.session.get_outputs()[0].name
+        self.task = {"last_hidden_state": "feature-extraction"}.get(self.output, "text-generation")
+        config = AutoConfig.from_pretrained(folder)
+        if self.output == "logits" and any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+            self.task = "text-classification"
+        self.id2label = getattr(config, "id2label", None)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        report = folder / "export_report.json"
+        if report.is_file():  # our own exports say what they are
+            self.kind = "ONNX " + json.loads(report.read_text())["metrics"]["precision"]
+
+    def __call__(self, enc):
+        from ..quantization.onnx import onnx_feed
+
+        feed = onnx_feed({k: v.numpy() for k, v in enc.items()}, self.inputs)
+        return torch.from_numpy(self.session.run([self.output], feed)[0])
+
+
+def _precision(graph) -> str:
+    ops = {n.op_type for n in graph.graph.node}
+    if ops & {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "DequantizeLinear"}:
+        return "int8"
+    if any(t.data_type == 10 for t in graph.graph.initializer):  # FLOAT16
+        return "fp16"
+    return "fp32"
