@@ -100,8 +100,8 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
         graph = onnx.load(str(tmp / MODEL_FILE), load_external_data=False)
         stored, matmuls = stored_elements(graph), weight_matmuls(graph)
         del graph
-        buffers = sum(b.numel() for b in model.buffers())
-        if stored > (params + buffers) * (1 + _STORAGE_SLACK) + 1024:
+        allowed = params + sum(b.numel() for b in model.buffers()) + _tied_output_embeddings(model)
+        if stored > allowed * (1 + _STORAGE_SLACK) + 1024:
             raise ExportError(f"the ONNX file stores {stored:,} numbers for {params:,} unique parameters: "
                               "a shared weight was stored more than once")
         if quantize is not None and quantize.mode != "fp16" and matmuls["float_on_weights"]:
@@ -120,6 +120,16 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
                              seconds=round(time.perf_counter() - start, 2))
         write_text_atomic(tmp / "export_report.json", json.dumps(record.to_dict(), indent=2))
     return record
+
+
+def _tied_output_embeddings(model) -> int:
+    """Numbers of an LM head tied to the input embeddings. The exporter stores it twice (once
+    for the lookup, once transposed for the head), as optimum's plain export does; that is the
+    exporter's doing, not a shared layer coming apart, so the storage check allows for it."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embeddings is None or head.weight.data_ptr() != embeddings.weight.data_ptr():
+        return 0
+    return head.weight.numel()
 
 
 def _inline_identities(path: Path) -> int:
