@@ -65,7 +65,7 @@ def test_recipe_errors_name_their_line(tmp_path, text, line, message):
 
 def test_shipped_recipes_are_valid():
     names = {load_recipe(p).name for p in RECIPES.glob("*.yaml") if p.name != "manifest.yaml"}
-    assert {"demo", "quick", "baseline"} <= names
+    assert {"demo", "quick", "baseline", "deploy", "prune-int8"} <= names
     demo = load_recipe(RECIPES / "demo.yaml")
     assert [s.name for s in demo.stages] == ["analyze", "share", "finetune", "evaluate"]
     assert demo.stages[1].config.groups == 3 and demo.stages[1].config.lora_rank == 32
@@ -145,6 +145,37 @@ def test_compress_run_then_again_skips_and_a_jsonl_log(tiny_dirs, tmp_path):
     assert [e["event"] for e in events(again.stderr)] == ["job_skip"]
     dry = CliRunner().invoke(cli, [*args, "--dry-run"])
     assert json.loads(dry.stdout)["action"] == "skip"
+
+
+def test_prune_quantize_export_report_in_a_recipe(tiny_dirs, tmp_path):
+    """The deployment stages through `compress run`: quantize feeds export, report finds the export."""
+    recipe = write(tmp_path / "deploy.yaml", f"""stages:
+  - prune: {{heads: 0.5, ffn: 0.5, score: magnitude}}
+  - quantize: {{mode: int8}}
+  - export: {{check_lengths: [8, 16]}}
+  - report:
+      data: {RECIPES / "data" / "sample.csv"}
+      train_size: 80
+      test_size: 40
+      max_length: 16
+      batch_sizes: [1, 4]
+      seq_len: 16
+      warmup: 1
+      repeats: 2
+""")
+    out = tmp_path / "job"
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--model", str(tiny_dirs["bert"]), "-o", str(out), "--json", "-"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["export.precision"] == "int8" and metrics["export.check.mean_cosine"] > 0.9
+    assert (out / "02-export" / "model.onnx").is_file() and (out / "02-export" / "ort_config.json").is_file()
+    report = json.loads((out / "03-report" / "report.json").read_text())
+    assert [r["label"] for r in report["rows"]] == ["original", "optimum ONNX fp32", "optimum ONNX int8", "02-export"]
+    pruned = report["rows"][-1]
+    # half the heads and neurons gone and int8: far smaller than the original's int8 file
+    assert pruned["size_bytes"] < report["rows"][2]["size_bytes"]
+    assert metrics["report.last_row.size_vs_optimum_int8"] == pytest.approx(pruned["size_vs_optimum_int8"])
+    assert (out / "03-report" / "report.png").stat().st_size > 0
 
 
 def test_compress_run_bad_input_is_one_line(tiny_dirs, tmp_path):

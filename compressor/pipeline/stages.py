@@ -26,8 +26,12 @@ from ..analysis.config import AnalyzeConfig
 from ..config import StageConfig
 from ..errors import CompressError, ConfigError
 from ..evaluation.evaluate import EvaluateConfig
+from ..export.config import ExportConfig
 from ..finetune.config import FinetuneConfig
+from ..pruning.config import PruneConfig
+from ..quantization.config import QuantizeConfig
 from ..record import StageRecord
+from ..report.config import ReportConfig
 from ..sharing.config import ShareConfig
 
 
@@ -199,6 +203,63 @@ def run_evaluate(run: StageRun) -> StageRecord:
     return record
 
 
+def run_prune(run: StageRun) -> StageRecord:
+    """A pruned checkpoint with ``prune_report.json``/``.md``, as ``compress prune`` writes it."""
+    from ..io import write_text_atomic
+    from ..models import load_model
+    from ..pruning import prune
+    from ..pruning.render import prune_markdown
+    from ..sharing import save_checkpoint
+
+    loaded, record = prune(load_model(run.model), run.config)
+
+    def reports(staged: Path) -> None:
+        write_record(staged, "prune_report.json", record)
+        write_text_atomic(staged / "prune_report.md", prune_markdown(record, loaded.name))
+
+    save_checkpoint(loaded, run.output, overwrite=True, extra_files=reports)
+    return record
+
+
+def run_export(run: StageRun) -> StageRecord:
+    """An ONNX folder as ``compress export`` writes it, quantized as a ``quantize`` stage before
+    it says."""
+    from ..export import export
+    from ..models import load_model
+
+    return export(load_model(run.model), run.config, run.output, quantize=run.fed.get("quantize"), overwrite=True)
+
+
+def run_report(run: StageRun) -> StageRecord:
+    """``report.md``/``.json``/``.png`` as ``compress report`` writes them: the job's exports
+    (every earlier stage folder holding a model.onnx) or, with none, the job's last model,
+    against the original the model records and optimum's baselines."""
+    from ..io import staged_folder, write_text_atomic
+    from ..models import load_model, unique_parameters
+    from ..report import report
+    from ..report.render import chart, markdown
+
+    exports = sorted(p for p in run.job_folder.iterdir() if p.is_dir() and (p / "model.onnx").is_file()
+                     and p.name < run.output.name)
+    last = load_model(run.model)
+    original = load_model(last.origin) if last.origin and last.origin != last.source else last
+    variants = [(p.name, str(p)) for p in exports] or ([] if original is last else [(Path(run.model).name, run.model)])
+    title = f"{original.name}: size, speed and accuracy"
+    with staged_folder(run.output, overwrite=True) as tmp:
+        result = report(original, variants, run.config, work=tmp)
+        write_text_atomic(tmp / "report.json", json.dumps(result, indent=2))
+        write_text_atomic(tmp / "report.md", markdown(result, title=title))
+        chart(result, tmp / "report.png", title=title)
+    params, nbytes = unique_parameters(original.model)
+    final = result["rows"][-1]
+    summary = {k: final.get(k) for k in ("label", "size_bytes", "value", "of_original", "fidelity",
+                                         "speedup_vs_optimum_int8", "size_vs_optimum_int8")}
+    return StageRecord(stage="report", config=run.config.to_dict(), params_before=params, params_after=final["parameters"],
+                       bytes_before=nbytes, bytes_after=final["size_bytes"],
+                       metrics={"metric": result["metric"], "last_row": summary, "rows": len(result["rows"])},
+                       seconds=result["seconds"])
+
+
 register(Stage("analyze", AnalyzeConfig, run_analyze, key_metrics=("metrics.grouping.plan",)))
 register(Stage("share", ShareConfig, run_share, writes_model=True,
                key_metrics=("metrics.fidelity.embedding_cosine",)))
@@ -207,3 +268,11 @@ register(Stage("finetune", FinetuneConfig, run_finetune, writes_model=True, resu
 register(Stage("evaluate", EvaluateConfig, run_evaluate,
                key_metrics=("metrics.accuracy", "metrics.macro_f1", "metrics.perplexity",
                             "metrics.fidelity.embedding_cosine")))
+register(Stage("prune", PruneConfig, run_prune, writes_model=True,
+               key_metrics=("metrics.fidelity.embedding_cosine",)))
+register(Stage("quantize", QuantizeConfig, None, feeds="export"))
+register(Stage("export", ExportConfig, run_export,
+               key_metrics=("metrics.precision", "metrics.file_bytes", "metrics.check.mean_cosine")))
+register(Stage("report", ReportConfig, run_report,
+               key_metrics=("metrics.last_row.of_original", "metrics.last_row.speedup_vs_optimum_int8",
+                            "metrics.last_row.size_vs_optimum_int8")))
