@@ -27,7 +27,7 @@ import onnx
 import torch
 
 from ..data.text import calibration_texts
-from ..errors import ExportError
+from ..errors import ConfigError, ExportError
 from ..io import check_writable, staged_folder, write_text_atomic
 from ..models import LoadedModel, unique_parameters
 from ..models.heads import is_sequence_classifier
@@ -43,14 +43,20 @@ _STORAGE_SLACK = 0.01
 
 
 def pick_task(loaded: LoadedModel, task: str) -> str:
-    """``task``, or for ``auto``: text-classification, text-generation or feature-extraction."""
+    """``task``, or for ``auto``: text-classification, text-generation or feature-extraction.
+
+    Raises:
+        ConfigError: a forced task the model has no head for.
+    """
+    is_classifier = is_sequence_classifier(loaded.model)
+    is_lm = loaded.adapter.is_decoder and loaded.model.get_output_embeddings() is not None
+    if task == "text-classification" and not is_classifier:
+        raise ConfigError(f"--task text-classification needs a classification head; {loaded.name} has none")
+    if task == "text-generation" and not is_lm:
+        raise ConfigError(f"--task text-generation needs a causal language model; {loaded.name} is not one")
     if task != "auto":
         return task
-    if is_sequence_classifier(loaded.model):
-        return "text-classification"
-    if loaded.adapter.is_decoder and loaded.model.get_output_embeddings() is not None:
-        return "text-generation"
-    return "feature-extraction"
+    return "text-classification" if is_classifier else "text-generation" if is_lm else "feature-extraction"
 
 
 def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, quantize: QuantizeConfig | None = None,
@@ -75,7 +81,8 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
     if loaded.tokenizer is None:
         raise ExportError(f"{loaded.name} ships no tokenizer; an export needs one to be checked and used")
     task = pick_task(loaded, config.task)
-    model = loaded.model.eval()
+    # feature-extraction from a model with a head exports its bare Transformer (token states)
+    model = (loaded.adapter.base(loaded.model) if task == "feature-extraction" else loaded.model).eval()
     if next(model.parameters()).dtype != torch.float32:  # export and check in fp32; --fp16 converts after
         model = copy.deepcopy(model).float()
     params, nbytes = unique_parameters(model)
@@ -223,10 +230,14 @@ def check_export(folder: Path, model, tokenizer, task: str, input_names: list[st
         ExportError: a batch past the tolerance; the message names the length and the numbers.
     """
     ort_model = load_ort(folder, task)
-    forward_names = [n for n in input_names if n != "position_ids"]
+    # ORTModelForCausalLM computes position ids itself; the other classes take them from the caller
+    forward_names = [n for n in input_names if n != "position_ids" or task != "text-generation"]
     results = []
     for length, batch in check_batches(tokenizer, texts, config.check_lengths, max_positions(model, tokenizer)):
         inputs = {k: v for k, v in batch.items() if k in forward_names}
+        if "position_ids" in forward_names:
+            mask = batch["attention_mask"]
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0) * mask + (1 - mask)
         with torch.no_grad():
             ref = model(**inputs)
             got = ort_model(**inputs)
