@@ -63,6 +63,22 @@ def bert_base_sizes(work: Path) -> dict:
         result[f"shared 3 groups ONNX {mode}"] = rec.metrics["file_bytes"]
         result[f"shared 3 groups ONNX {mode} projections"] = rec.metrics["projections"]
         result[f"shared 3 groups ONNX {mode} check"] = {k: rec.metrics["check"][k] for k in ("max_abs_diff", "mean_cosine")}
+    # what optimum's quantizer alone makes of the shared export: it skips the MatMuls the
+    # exporter feeds through Identity nodes (the reason compress export inlines them)
+    import onnx
+    from optimum.onnxruntime import ORTQuantizer
+
+    from compressor.export.graph import weight_matmuls
+    from compressor.export.stage import _export_onnx
+    from compressor.quantization.onnx import optimum_preset
+
+    raw = work / "shared-optimum-quantizer"
+    _export_onnx(shared.model, "feature-extraction", 17, raw / "model.onnx")
+    shared.model.config.save_pretrained(raw)
+    ORTQuantizer.from_pretrained(raw).quantize(optimum_preset("auto", is_static=False), save_dir=raw / "q")
+    result["shared 3 groups, optimum's ORTQuantizer alone"] = (raw / "q" / "model_quantized.onnx").stat().st_size
+    result["shared 3 groups, optimum's ORTQuantizer alone projections"] = weight_matmuls(
+        onnx.load(str(raw / "q" / "model_quantized.onnx")))
     result["target_mib"] = 48
     result["passed"] = result["shared 3 groups ONNX int8"] <= 48 * MIB
     return result
@@ -76,17 +92,21 @@ def minilm_exports(models: Path, work: Path) -> list[tuple[str, str]]:
     from compressor.quantization import QuantizeConfig
 
     variants = []
-    for name in ("shared3-lora8", "pruned-h25-f50"):
+    for name in ("shared3-lora16", "pruned-h25-f50"):
         if not (models / name / "compress.json").is_file():
             raise SystemExit(f"{models / name} is missing: run benchmarks/build_export_variants.py first")
         loaded = load_model(str(models / name))
         export(loaded, ExportConfig(), work / f"{name}-int8", quantize=QuantizeConfig("int8"))
         variants.append((f"{name} int8", str(work / f"{name}-int8")))
-        if name == "shared3-lora8":
-            # the movie snippets are the domain: keep the tokens they use (outputs on them unchanged)
-            cut, _ = prune(loaded, PruneConfig(vocab_from="movie-snippets", fidelity=False))
-            export(cut, ExportConfig(), work / f"{name}-vocab-int8", quantize=QuantizeConfig("int8"))
-            variants.append((f"{name} vocab-pruned int8", str(work / f"{name}-vocab-int8")))
+        if name.startswith("shared"):
+            # the movie snippets are the domain: keep the tokens they use (min_count 1: outputs on
+            # them unchanged), or those they use at least twice (rare words spelled with kept pieces)
+            for min_count in (1, 2):
+                cut, _ = prune(load_model(str(models / name)),
+                               PruneConfig(vocab_from="movie-snippets", vocab_min_count=min_count, fidelity=False))
+                folder = work / f"{name}-vocab{min_count}-int8"
+                export(cut, ExportConfig(), folder, quantize=QuantizeConfig("int8"))
+                variants.append((f"{name} vocab>={min_count} int8", str(folder)))
     return variants
 
 
@@ -116,10 +136,13 @@ def main() -> None:
     result["variants_built_by"] = {p.name: json.loads((p / "variant.json").read_text())
                                    for p in sorted(args.models.iterdir()) if (p / "variant.json").is_file()}
     rows = {r["label"]: r for r in result["rows"]}
-    shared, vocab, pruned = rows["shared3-lora8 int8"], rows["shared3-lora8 vocab-pruned int8"], rows["pruned-h25-f50 int8"]
+    shared, pruned = rows["shared3-lora16 int8"], rows["pruned-h25-f50 int8"]
+    vocab = min((rows[f"shared3-lora16 vocab>={m} int8"] for m in (1, 2)),
+                key=lambda r: (not r["of_original"] >= 0.97, r["size_vs_optimum_int8"]))
     targets = {
         "shared int8 <= 0.8x optimum int8, <= 3% probe loss": shared["size_vs_optimum_int8"] <= 0.8 and shared["of_original"] >= 0.97,
-        "shared + vocab int8 <= 0.5x optimum int8": vocab["size_vs_optimum_int8"] <= 0.5 and vocab["of_original"] >= 0.97,
+        f"shared + vocab int8 <= 0.5x optimum int8, <= 3% probe loss ({vocab['label']})":
+            vocab["size_vs_optimum_int8"] <= 0.5 and vocab["of_original"] >= 0.97,
         "pruned int8 >= 1.3x faster than optimum int8 (b32, s128), >= 97% probe": pruned["speedup_vs_optimum_int8"] >= 1.3
         and pruned["of_original"] >= 0.97,
     }
@@ -135,7 +158,13 @@ def main() -> None:
             f"{bert['model']}, plan {bert['plan']}, unique parameters {bert['unique_params']['dense']:,} -> "
             f"{bert['unique_params']['shared']:,}.\n\n| file | MiB |\n|---|---|\n"
             + "".join(f"| {k} | {bert[k] / MIB:.1f} |\n" for k in
-                      ("optimum ONNX fp32", "optimum ONNX int8", "shared 3 groups ONNX fp32", "shared 3 groups ONNX int8"))
+                      ("optimum ONNX fp32", "optimum ONNX int8", "shared 3 groups ONNX fp32",
+                       "shared 3 groups, optimum's ORTQuantizer alone", "shared 3 groups ONNX int8"))
+            + "\nProjections quantized by optimum's ORTQuantizer alone on the shared export: "
+            + "{} of {} (the rest are fed through the exporter's Identity nodes); by `compress export --quantize int8`: "
+              "{} of {}.\n".format(*(n for key in ("shared 3 groups, optimum's ORTQuantizer alone projections",
+                                                     "shared 3 groups ONNX int8 projections")
+                                     for n in (bert[key]["on_weights"] - bert[key]["float_on_weights"], bert[key]["on_weights"])))
         )
     text += "\n## Targets\n\n" + "".join(f"- {k}: {'passed' if v else 'NOT met'}\n" for k, v in targets.items())
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -4,7 +4,7 @@ Each variant is fine-tuned by distillation from the original on the 4,000 train-
 snippets (no labels; the 2,000 test texts the probe scores on are never trained on) and saved as
 a compress checkpoint under --out. A variant whose folder exists is kept (--rebuild to redo).
 
-Run:  python benchmarks/build_export_variants.py --minutes 7
+Run:  python benchmarks/build_export_variants.py --minutes 10
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 VARIANTS = {
     # 6 -> 3 groups with per-layer LoRA deltas; only LoRA and norms train
     "shared3-lora8": ({"share": {"groups": 3, "lora_rank": 8}}, {"train": "lora+norms", "lr": 1e-3}),
+    "shared3-lora16": ({"share": {"groups": 3, "lora_rank": 16}}, {"train": "lora+norms", "lr": 1e-3}),
     # a quarter of the heads and half the FFN neurons removed in every layer; every weight trains
     "pruned-h25-f50": ({"prune": {"heads": 0.25, "ffn": 0.5}}, {"train": "all", "lr": 1e-4}),
 }
@@ -57,7 +58,7 @@ def build(name: str, out: Path, minutes: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=7.0, help="fine-tuning budget per variant")
+    parser.add_argument("--minutes", type=float, default=10.0, help="fine-tuning budget per variant")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench_export" / "models")
     parser.add_argument("--rebuild", action="store_true")
     parser.add_argument("variants", nargs="*", default=list(VARIANTS))

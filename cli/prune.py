@@ -18,6 +18,7 @@ from compressor.pruning.config import SCORES
 @click.option("--drop-layers", type=int, default=0, show_default=True, help="Remove this many layers (lowest Block Influence).")
 @click.option("--score", type=click.Choice(SCORES), default="taylor", show_default=True, help="taylor: first-order effect on the sublayer output on calibration text; magnitude: weight norms.")
 @click.option("--vocab-from", default=None, help="Keep only the tokens this data uses (file, movie-snippets, or hub dataset id) plus special tokens.")
+@click.option("--vocab-min-count", type=int, default=1, show_default=True, help="With --vocab-from: keep only tokens the data uses at least this often (above 1, rare words are spelled with kept pieces).")
 @click.option("--data", type=click.Path(), default=None, help="Calibration text (.txt, .csv, .tsv, .jsonl; default: built-in sentences).")
 @click.option("--text-column", default=None, help="Column (csv/tsv) or key (jsonl) holding the text.")
 @click.option("--encoding", default="utf-8", show_default=True)
@@ -27,7 +28,7 @@ from compressor.pruning.config import SCORES
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the record as JSON here ('-' prints it instead of the summary).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code to run.")
-def prune(model, output, heads, ffn, drop_layers, score, vocab_from, data, text_column, encoding, max_samples, fidelity,
+def prune(model, output, heads, ffn, drop_layers, score, vocab_from, vocab_min_count, data, text_column, encoding, max_samples, fidelity,
           device, json_path, overwrite, trust_remote_code):
     """Prune MODEL structurally and write the smaller checkpoint to OUTPUT.
 
@@ -37,7 +38,8 @@ def prune(model, output, heads, ffn, drop_layers, score, vocab_from, data, text_
     from compressor.io import check_distinct, check_writable
     from compressor.pruning import PruneConfig
 
-    config = PruneConfig(heads=heads, ffn=ffn, drop_layers=drop_layers, score=score, vocab_from=vocab_from, data=data,
+    config = PruneConfig(heads=heads, ffn=ffn, drop_layers=drop_layers, score=score, vocab_from=vocab_from,
+                         vocab_min_count=vocab_min_count, data=data,
                          text_column=text_column, encoding=encoding, max_samples=max_samples, fidelity=fidelity,
                          device=device)
     check_distinct(output, json_path)

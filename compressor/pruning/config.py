@@ -28,6 +28,9 @@ class PruneConfig(StageConfig):
             only, no data.
         vocab_from: Keep only the tokens this data uses (a file, a packaged data set name or a
             hub dataset id), plus the special tokens; the tokenizer is rewritten to match.
+        vocab_min_count: Keep a token only if ``vocab_from`` uses it at least this often. 1 keeps
+            the data's outputs unchanged to the bit; above it, rare words are spelled with the
+            pieces that are kept (smaller embeddings, slightly different tokens).
         data: Calibration text for ``taylor`` and ``drop_layers`` (default: built-in sentences).
         text_column: Column or key of the text in ``data`` / ``vocab_from``.
         encoding: Text encoding of ``data`` / ``vocab_from``.
@@ -43,6 +46,7 @@ class PruneConfig(StageConfig):
     drop_layers: int = 0
     score: str = "taylor"
     vocab_from: str | None = None
+    vocab_min_count: int = 1
     data: str | None = None
     text_column: str | None = None
     encoding: str = "utf-8"
@@ -59,6 +63,7 @@ class PruneConfig(StageConfig):
                 raise ConfigError(f"--{name} is the share of units to remove and must be in [0, 1), got {value!r}")
             setattr(self, name, float(value))
         check_int("drop_layers", self.drop_layers, 0)
+        check_int("vocab_min_count", self.vocab_min_count, 1)
         check_choice("score", self.score, SCORES)
         for name in ("max_samples", "max_length", "batch_size"):
             check_positive(name, getattr(self, name))

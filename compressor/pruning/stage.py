@@ -89,7 +89,7 @@ def prune(loaded: LoadedModel, config: PruneConfig) -> tuple[LoadedModel, StageR
     if vocab_texts is not None:
         from .vocab import prune_vocabulary
 
-        metrics["vocabulary"] = prune_vocabulary(loaded, vocab_texts)
+        metrics["vocabulary"] = prune_vocabulary(loaded, vocab_texts, min_count=config.vocab_min_count)
 
     _check_runs(loaded, texts)
     g = loaded.geometry
