@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cli.main import cli, emit_result
+from cli.main import cli, echo_rows, emit_result
 from compressor.export.config import TASKS
 
 
@@ -64,8 +64,4 @@ def export(model, output, task, quantize, calibration, calibration_samples, per_
     record = run_export(loaded, config, output, quantize=qconfig, overwrite=overwrite)
     if emit_result(json.dumps(record.to_dict(), indent=2), json_path):
         return
-    rows = export_summary_rows(record)
-    width = max(len(k) for k, _ in rows)
-    for label, value in rows:
-        click.echo(f"{label:<{width}}  {value}")
-    click.echo(f"wrote {output}")
+    echo_rows(export_summary_rows(record), output)

@@ -89,6 +89,15 @@ def emit_result(result: str, json_path: str | None) -> bool:
     return False
 
 
+def echo_rows(rows: list[tuple[str, str]], output: str | None = None) -> None:
+    """A command's summary as aligned ``label  value`` lines, then where it wrote."""
+    width = max(len(k) for k, _ in rows)
+    for label, value in rows:
+        click.echo(f"{label:<{width}}  {value}")
+    if output:
+        click.echo(f"wrote {output}")
+
+
 def main():
     cli(prog_name="compress")
 

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cli.main import cli, emit_result
+from cli.main import cli, echo_rows, emit_result
 from compressor.pruning.config import SCORES
 
 
@@ -65,8 +65,4 @@ def prune(model, output, heads, ffn, drop_layers, score, vocab_from, vocab_min_c
     save_checkpoint(loaded, output, overwrite=overwrite, extra_files=reports)
     if emit_result(json.dumps(record.to_dict(), indent=2), json_path):
         return
-    rows = prune_summary_rows(record)
-    width = max(len(k) for k, _ in rows)
-    for label, value in rows:
-        click.echo(f"{label:<{width}}  {value}")
-    click.echo(f"wrote {output}")
+    echo_rows(prune_summary_rows(record), output)

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cli.main import cli, emit_result
+from cli.main import cli, echo_rows, emit_result
 from compressor.analysis.config import METRICS
 from compressor.sharing.config import INITS, LORA_INITS
 
@@ -63,9 +63,7 @@ def share(model, groups, plan, output, share_, init, lora_rank, lora_init, lora_
     result = json.dumps(record.to_dict(), indent=2)
     if emit_result(result, json_path):
         return
-    width = max(len(k) for k, _ in share_summary_rows(record))
-    for label, value in share_summary_rows(record):
-        click.echo(f"{label:<{width}}  {value}")
+    echo_rows(share_summary_rows(record))
     if record.metrics.get("note"):
         click.echo("\n" + record.metrics["note"])
     click.echo(f"wrote {output}")

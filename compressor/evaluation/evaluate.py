@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ..config import StageConfig, check_choice, check_device, check_positive
 from ..errors import ConfigError
 from ..models import LoadedModel, unique_parameters
-from ..models.heads import is_sequence_classifier
+from ..models.heads import is_causal_lm, is_sequence_classifier
 from ..record import StageRecord
 
 TASKS = ("auto", "embedding", "classification", "lm")
@@ -68,7 +68,7 @@ class EvaluateConfig(StageConfig):
 def pick_task(loaded: LoadedModel, task: str) -> str:
     """The task to score ``loaded`` on; a forced task must fit the model's head."""
     is_classifier = is_sequence_classifier(loaded.model)
-    is_lm = loaded.adapter.is_decoder and loaded.model.get_output_embeddings() is not None
+    is_lm = is_causal_lm(loaded)
     if task == "classification" and not is_classifier:
         raise ConfigError(f"--task classification needs a classifier head; {loaded.name} has none")
     if task == "lm" and not is_lm:

@@ -30,7 +30,7 @@ from ..data.text import calibration_texts
 from ..errors import ConfigError, ExportError
 from ..io import check_writable, staged_folder, write_text_atomic
 from ..models import LoadedModel, unique_parameters
-from ..models.heads import is_sequence_classifier
+from ..models.heads import is_causal_lm, is_sequence_classifier
 from ..quantization.config import QuantizeConfig
 from ..record import StageRecord
 from .config import ORT_CLASSES, ExportConfig
@@ -49,7 +49,7 @@ def pick_task(loaded: LoadedModel, task: str) -> str:
         ConfigError: a forced task the model has no head for.
     """
     is_classifier = is_sequence_classifier(loaded.model)
-    is_lm = loaded.adapter.is_decoder and loaded.model.get_output_embeddings() is not None
+    is_lm = is_causal_lm(loaded)
     if task == "text-classification" and not is_classifier:
         raise ConfigError(f"--task text-classification needs a classification head; {loaded.name} has none")
     if task == "text-generation" and not is_lm:

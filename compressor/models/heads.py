@@ -9,6 +9,11 @@ def is_sequence_classifier(model) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in archs) and hasattr(model, "num_labels")
 
 
+def is_causal_lm(loaded) -> bool:
+    """A decoder with a language-model head (a `LoadedModel`)."""
+    return loaded.adapter.is_decoder and loaded.model.get_output_embeddings() is not None
+
+
 def class_indices(model, labels: list[str]):
     """Labels as the head's class indices, matched by ``id2label`` name (any case) or given as an
     index in range; ``None`` if any label fits neither."""
