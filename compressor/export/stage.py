@@ -192,8 +192,8 @@ def load_ort(folder: str | Path, task: str, **kwargs):
 def check_batches(tokenizer, texts: list[str], lengths: list[int], max_positions: int | None) -> list[tuple[int, dict]]:
     """One batch per length: four real texts truncated to the length, 3/4, 1/2 and 1/4 of it,
     right-padded, so that the attention mask is exercised as well."""
+    tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its padding side and pad token
     if tokenizer.pad_token is None:  # GPT-2 and Llama tokenizers have none; pad with EOS as their users do
-        tokenizer = copy.deepcopy(tokenizer)
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
     long_text = " ".join(texts)

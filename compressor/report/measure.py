@@ -101,7 +101,7 @@ def task_metric(runner: Runner, split, config: ReportConfig) -> dict[str, Any]:
             raise CompressError(f"the labels of {config.data} do not match the classes of {runner.label}")
         pred = torch.cat([runner(dict(e)).argmax(-1) for e in batches(runner.tokenizer, te_x, config.batch_size,
                                                                        config.max_length, "cpu")])
-        return {"metric": "accuracy", "value": float((pred == gold).float().mean()), "outputs": pred}
+        return {"metric": "accuracy", "value": float((pred == gold).float().mean()), "outputs": pred[: config.fidelity_size]}
     nll, count = 0.0, 0
     for enc in batches(runner.tokenizer, te_x, max(1, config.batch_size // 8), config.max_length, "cpu"):
         ids, mask = enc["input_ids"], enc["attention_mask"]

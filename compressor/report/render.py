@@ -33,7 +33,9 @@ def markdown(result: dict[str, Any], *, title: str, command: str | None = None) 
         f"Task metric: {result['metric']} on `{cfg['data']}` ({cfg['train_size']:,} train / {cfg['test_size']:,} test, "
         f"{cfg['max_length']} tokens), as `compress evaluate` computes it; fidelity: "
         + ("cosine of the pooled sentence embeddings to the original's" if result["task"] == "feature-extraction"
-           else "agreement of predictions with the original's") + f" on {cfg['fidelity_size']} test texts.",
+           else "agreement of predictions with the original's" if result["task"] == "text-classification"
+           else "not measured for text generation")
+        + ("." if result["task"] == "text-generation" else f" on {min(cfg['fidelity_size'], cfg['test_size']):,} test texts."),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

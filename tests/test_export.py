@@ -1,0 +1,374 @@
+"""ONNX export on tiny models of every family: fp32 equals PyTorch, int8 quantizes every
+projection, shared weights are stored once, and bad input fails before anything is written.
+
+The folders are checked the way a user would use them (loaded through optimum's ORTModel
+classes on fresh text) and read back with ``onnx``, not only through the export's own record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from cli.main import cli
+from compressor.export import ExportConfig, export
+from compressor.models import load_model, unique_parameters
+from compressor.pruning import PruneConfig, prune
+from compressor.quantization import QuantizeConfig
+from compressor.sharing import ShareConfig, share
+from compressor.sharing.layer import SharedLinear
+
+EXPORTED = ["bert", "distilbert", "roberta", "gpt2", "llama", "qwen2"]
+#: Not the export's built-in check sentences: the tests look at text the export never saw.
+TEXTS = ["onnx files are checked against pytorch; three lengths!", "short one.", "a third (padded) text, 42 % of it"]
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+INT8_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+QUANTIZED_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm")
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def fresh_inputs(loaded, texts=TEXTS) -> dict[str, torch.Tensor]:
+    loaded.tokenizer.padding_side = "right"
+    return dict(loaded.tokenizer(texts, padding=True, return_tensors="pt"))
+
+
+def pytorch_output(loaded, enc: dict[str, torch.Tensor]) -> np.ndarray:
+    """Token states (encoders, bare Transformer) or logits (causal LMs), as float32."""
+    model = loaded.model if loaded.adapter.is_decoder else loaded.adapter.base(loaded.model)
+    kwargs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        out = model.eval()(**kwargs)
+    return (out.logits if loaded.adapter.is_decoder else out.last_hidden_state).float().numpy()
+
+
+def ort_output(folder: Path, task: str, enc: dict[str, torch.Tensor]) -> np.ndarray:
+    """The folder loaded as a user would, through optimum's class for the task."""
+    import warnings
+
+    from optimum.onnxruntime import ORTModelForCausalLM, ORTModelForFeatureExtraction
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if task == "text-generation":
+            model = ORTModelForCausalLM.from_pretrained(folder, use_cache=False, use_io_binding=False)
+        else:
+            assert task == "feature-extraction"
+            model = ORTModelForFeatureExtraction.from_pretrained(folder)
+    out = model(**{k: v for k, v in enc.items() if k in model.input_names})
+    key = "logits" if task == "text-generation" else "last_hidden_state"
+    return np.asarray(out[key], dtype=np.float32)
+
+
+def real_tokens(a: np.ndarray, enc) -> np.ndarray:
+    """``(tokens, features)``: the rows of the non-padding tokens only."""
+    return a[enc["attention_mask"].numpy().astype(bool)]
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    return float(cos.mean())
+
+
+def compare(loaded, folder: Path, task: str, texts=TEXTS) -> tuple[float, float]:
+    """(max |ONNX - PyTorch|, mean cosine) over the real tokens of a fresh batch."""
+    enc = fresh_inputs(loaded, texts)
+    ref, got = real_tokens(pytorch_output(loaded, enc), enc), real_tokens(ort_output(folder, task, enc), enc)
+    assert got.shape == ref.shape
+    return float(np.abs(got - ref).max()), mean_cosine(got, ref)
+
+
+def read_graph(folder: Path) -> onnx.ModelProto:
+    return onnx.load(str(folder / "model.onnx"))
+
+
+def weight_ops(graph: onnx.ModelProto) -> dict[str, int]:
+    """Projections counted from the graph itself (independently of compressor.export.graph).
+
+    ``float``: MatMul/Gemm with a floating-point weight matrix (a >= 2-d initializer reached
+    directly or through Identity nodes); ``int8``: int8 ops whose weight is an 8-bit initializer,
+    plus MatMuls reading DequantizeLinear(8-bit initializer) (static QDQ); ``matmuls``: every
+    MatMul node, on weights or not.
+    """
+    inits = {t.name: t for t in graph.graph.initializer}
+    identity = {n.output[0]: n.input[0] for n in graph.graph.node if n.op_type == "Identity"}
+
+    def init_of(name):
+        while name in identity:
+            name = identity[name]
+        return inits.get(name)
+
+    dequantized = {n.output[0] for n in graph.graph.node if n.op_type == "DequantizeLinear"
+                   and (w := init_of(n.input[0])) is not None and w.data_type in INT8_TYPES and len(w.dims) >= 2}
+    counts = Counter()
+    for node in graph.graph.node:
+        weights = [init_of(x) for x in node.input]
+        matrices = [w for w in weights if w is not None and len(w.dims) >= 2]
+        if node.op_type in ("MatMul", "Gemm"):
+            counts["matmuls"] += node.op_type == "MatMul"
+            if any(w.data_type in FLOAT_TYPES for w in matrices):
+                counts["float"] += 1
+            elif any(x in dequantized for x in node.input[:2]):
+                counts["int8"] += 1
+        elif node.op_type in QUANTIZED_OPS and any(w.data_type in INT8_TYPES for w in matrices):
+            counts["int8"] += 1
+    return {k: counts[k] for k in ("matmuls", "float", "int8")}
+
+
+def shapes(graph: onnx.ModelProto, shape: tuple[int, ...], types) -> int:
+    """Initializers of ``shape`` (either orientation) with a data type in ``types``."""
+    wanted = {tuple(shape), tuple(reversed(shape))}
+    return sum(1 for t in graph.graph.initializer if tuple(t.dims) in wanted and t.data_type in types)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_dirs, tmp_path_factory):
+    """``exported(family, mode)`` -> (record, folder), each exported once for the module."""
+    root = tmp_path_factory.mktemp("exports")
+    cache = {}
+
+    def get(family: str, mode: str = "fp32"):
+        if (family, mode) not in cache:
+            folder = root / f"{family}-{mode}"
+            q = None if mode == "fp32" else QuantizeConfig(mode)
+            cache[family, mode] = export(load_model(str(tiny_dirs[family])), ExportConfig(), folder, quantize=q), folder
+        return cache[family, mode]
+
+    return get
+
+
+def task_of(family: str) -> str:
+    return "text-generation" if family in ("gpt2", "llama", "qwen2", "mistral") else "feature-extraction"
+
+
+# --- fp32 and int8 on every family ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", EXPORTED)
+def test_fp32_export_equals_pytorch_through_ortmodel(family, tiny_dirs, exported):
+    record, folder = exported(family)
+    m = record.metrics
+    assert (m["task"], m["precision"]) == (task_of(family), "fp32")
+    assert m["ort_class"] == ("ORTModelForCausalLM" if task_of(family) == "text-generation" else "ORTModelForFeatureExtraction")
+    assert [b["length"] for b in m["check"]["batches"]] == [8, 32, 128 - 2 * (family == "roberta")]
+    assert m["check"]["max_abs_diff"] < 1e-4 and all(b["mismatched"] == 0 for b in m["check"]["batches"])
+    assert {"model.onnx", "config.json", "export_report.json"} <= {p.name for p in folder.iterdir()}
+    assert m["file_bytes"] == (folder / "model.onnx").stat().st_size
+    # our own check, on text the export never saw
+    diff, cos = compare(load_model(str(tiny_dirs[family])), folder, m["task"])
+    assert diff < 1e-4 and cos > 0.99999
+    # the record's projection counts are the graph's
+    ops = weight_ops(read_graph(folder))
+    assert ops["int8"] == 0 and ops["float"] == m["projections"]["on_weights"] == m["projections"]["float_on_weights"] > 0
+
+
+@pytest.mark.parametrize("family", EXPORTED)
+def test_int8_export_quantizes_every_projection(family, tiny_dirs, exported):
+    (fp32, fp32_folder), (record, folder) = exported(family), exported(family, "int8")
+    m = record.metrics
+    assert m["precision"] == "int8" and m["graph"]["mode"] == "int8"
+    ops, fp32_ops = weight_ops(read_graph(folder)), weight_ops(read_graph(fp32_folder))
+    # no float projection left, directly or behind an Identity; every fp32 projection became an int8 one
+    assert ops["float"] == 0 and m["projections"]["float_on_weights"] == 0
+    assert ops["int8"] == fp32_ops["float"] == m["projections"]["on_weights"]
+    assert m["projections"]["quantized"] >= ops["int8"]
+    assert m["check"]["mean_cosine"] >= 0.9
+    diff, cos = compare(load_model(str(tiny_dirs[family])), folder, m["task"])
+    assert cos >= 0.9 and diff > 1e-6  # close, and really quantized
+    assert m["file_bytes"] < fp32.metrics["file_bytes"]
+    assert (folder / "ort_config.json").is_file()
+
+
+# --- shared and pruned models --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_shared_weights_stored_once_lora_unmerged_and_quantized(family, tiny_dirs, exported, tmp_path):
+    dense_fp32, dense_int8 = (read_graph(exported(family, mode)[1]) for mode in ("fp32", "int8"))
+    dense_stored = exported(family)[0].metrics["stored_numbers"]
+    weight_matmuls = {}
+    for rank in (0, 4):
+        # an explicit plan: two groups of two layers, so every layer is in a shared group
+        loaded, _ = share(load_model(str(tiny_dirs[family])), ShareConfig(plan="0-1,2-3", lora_rank=rank, fidelity=False))
+        shared = [m for m in loaded.model.modules() if isinstance(m, SharedLinear)]
+        assert shared and all(m.lora_rank == rank for m in shared)
+        weight = shared[0].base_layer.weight.detach().numpy()
+        unique, _ = unique_parameters(loaded.model)
+        lora = sum(p.numel() for m in shared if m.lora_rank for p in (m.lora_A.weight, m.lora_B.weight))
+        for mode in ("fp32", "int8"):
+            folder = tmp_path / f"r{rank}-{mode}"
+            record = export(loaded, ExportConfig(), folder, quantize=None if mode == "fp32" else QuantizeConfig(mode))
+            graph = read_graph(folder)
+            stored = sum(int(np.prod(t.dims)) for t in graph.graph.initializer)
+            assert stored == record.metrics["stored_numbers"]
+            # about the unique parameters (plus GPT-2's tied head, which the exporter stores twice);
+            # without the LoRA deltas clearly below the dense model's
+            tied = loaded.model.get_output_embeddings().weight.numel() if family == "gpt2" else 0
+            assert stored <= (unique + tied) * 1.01 + 1024 and stored - lora < 0.75 * dense_stored
+            ops = weight_ops(graph)
+            if mode == "fp32":
+                weight_matmuls[rank] = ops["float"]
+                # the shared weight is in the file exactly once, by value
+                copies = sum(1 for t in graph.graph.initializer if tuple(t.dims) in (weight.shape, weight.T.shape)
+                             and t.data_type == onnx.TensorProto.FLOAT
+                             and any(np.array_equal(numpy_helper.to_array(t), w) for w in (weight, weight.T)))
+                assert copies == 1
+                assert 2 * shapes(graph, weight.shape, FLOAT_TYPES) == shapes(dense_fp32, weight.shape, FLOAT_TYPES)
+                diff, _ = compare(loaded, folder, record.metrics["task"])
+                assert diff < 1e-4 and record.metrics["check"]["max_abs_diff"] < 1e-4
+            else:
+                assert ops["float"] == 0 and ops["int8"] == weight_matmuls[rank] == record.metrics["projections"]["on_weights"]
+                assert 2 * shapes(graph, weight.shape, INT8_TYPES) == shapes(dense_int8, weight.shape, INT8_TYPES)
+                _, cos = compare(loaded, folder, record.metrics["task"])
+                assert cos >= 0.9
+    # LoRA stays a separate branch: two more projections (A, then B) per shared linear
+    assert weight_matmuls[4] - weight_matmuls[0] == 2 * len(shared)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_pruned_model_exports_with_its_new_shapes(family, tiny_dirs, tmp_path):
+    loaded, _ = prune(load_model(str(tiny_dirs[family])), PruneConfig(heads=0.5, ffn=0.25, score="magnitude", fidelity=False))
+    g = loaded.geometry
+    assert (g.num_heads, g.head_dim, g.intermediate_size) == (2, 8, 48)
+    record = export(loaded, ExportConfig(), tmp_path / "pruned")
+    graph = read_graph(tmp_path / "pruned")
+    # the graph has the pruned shapes: (hidden, ffn) for up (and gate) and down, (hidden, heads x head_dim)
+    # for the query and attention output (and, without grouped-query attention, key and value)
+    per_layer = {(32, 48): 3, (32, 16): 2, (32, 8): 2} if family == "llama" else {(32, 48): 2, (32, 16): 4}
+    for shape, n in per_layer.items():
+        assert shapes(graph, shape, FLOAT_TYPES) == n * g.num_layers, shape
+    assert not any(64 in t.dims for t in graph.graph.initializer)  # no unpruned FFN matrix left
+    assert record.metrics["check"]["max_abs_diff"] < 1e-4
+    diff, _ = compare(loaded, tmp_path / "pruned", record.metrics["task"])
+    assert diff < 1e-4
+
+
+def test_export_leaves_the_callers_tokenizer_alone(tiny_dirs, tmp_path):
+    loaded = load_model(str(tiny_dirs["llama"]))
+    loaded.tokenizer.padding_side = "left"  # as Llama's own tokenizer; the check pads on the right
+    export(loaded, ExportConfig(check_lengths=[8]), tmp_path / "out")
+    assert loaded.tokenizer.padding_side == "left"
+
+
+# --- fp16 and static int8 ------------------------------------------------------------------
+
+
+def test_fp16_export_stores_half_precision(tiny_dirs, exported):
+    record, folder = exported("bert", "fp16")
+    graph = read_graph(folder)
+    types = Counter(t.data_type for t in graph.graph.initializer)
+    assert set(types) == {onnx.TensorProto.FLOAT16}
+    # inputs and outputs stay as optimum expects them
+    assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert record.metrics["precision"] == "fp16" and record.metrics["check"]["mean_cosine"] >= 0.999
+    diff, cos = compare(load_model(str(tiny_dirs["bert"])), folder, "feature-extraction")
+    assert cos >= 0.999 and diff < 0.05
+    assert record.metrics["file_bytes"] < exported("bert")[0].metrics["file_bytes"]
+
+
+CALIBRATION = [
+    "the film opens slowly, but the second half is worth the wait.",
+    "a dull script and wooden acting make this a long two hours.",
+    "i laughed out loud three times; the rest was merely pleasant.",
+    "every scene looks beautiful, yet nothing happens for an hour.",
+    "the lead gives the performance of her career.",
+    "too long, too loud, and far too pleased with itself.",
+    "a quiet, generous story about a family that stays together.",
+    "the plot twist arrives on time and changes nothing.",
+]
+
+
+def test_int8_static_calibrated_on_a_text_file(tiny_dirs, exported, tmp_path):
+    data = tmp_path / "calibration.txt"
+    data.write_text("\n".join(f"{s} ({i})" for i in range(4) for s in CALIBRATION) + "\n")
+    loaded = load_model(str(tiny_dirs["bert"]))
+    q = QuantizeConfig("int8-static", calibration=str(data))
+    record = export(loaded, ExportConfig(), tmp_path / "static", quantize=q)
+    m = record.metrics
+    assert m["precision"] == "int8-static" and m["graph"]["calibration_samples"] == 4 * len(CALIBRATION)
+    ops = weight_ops(read_graph(tmp_path / "static"))
+    assert ops["float"] == 0 and ops["int8"] == weight_ops(read_graph(exported("bert")[1]))["float"]
+    assert m["projections"]["float_on_weights"] == 0
+    _, cos = compare(loaded, tmp_path / "static", "feature-extraction")
+    assert cos >= 0.9 and m["check"]["mean_cosine"] >= 0.9
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def one_line_error(res) -> str:
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("compress: error:"), res.stderr
+    return lines[0]
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_cli_refuses_bad_input_and_writes_nothing(tiny_dirs, tmp_path):
+    runner = CliRunner()
+    model = str(tiny_dirs["bert"])
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    new = tmp_path / "new"
+    cases = {
+        "exists": (["-o", str(existing)], "exists"),
+        "static without data": (["-o", str(new), "--quantize", "int8-static"], "--calibration"),
+        "fp16 and int8": (["-o", str(new), "--fp16", "--quantize", "int8"], "not both"),
+        "calibration without int8-static": (["-o", str(new), "--quantize", "int8", "--calibration", "x.txt"], "int8-static"),
+    }
+    for name, (args, words) in cases.items():
+        res = runner.invoke(cli, ["export", model, *args])
+        assert res.exit_code == 2, (name, res.output)
+        assert words in one_line_error(res), name
+    assert not new.exists() and [p.name for p in existing.iterdir()] == ["keep.txt"]
+    assert (existing / "keep.txt").read_text() == "mine" and leftovers(tmp_path) == []
+
+
+def test_cli_export_that_strays_from_pytorch_fails_and_leaves_nothing(tiny_dirs, tmp_path):
+    out = tmp_path / "int8"
+    # int8 cannot reach a mean cosine of exactly 1 on any real batch
+    res = CliRunner().invoke(cli, ["export", str(tiny_dirs["bert"]), "-o", str(out), "--quantize", "int8",
+                                   "--min-cosine", "1.0"])
+    assert res.exit_code == 1, res.output
+    assert "mean cosine" in one_line_error(res) and "--min-cosine" in res.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_overwrite_replaces_the_folder(tiny_dirs, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    res = CliRunner().invoke(cli, ["export", str(tiny_dirs["distilbert"]), "-o", str(out), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert not (out / "stale.txt").exists() and (out / "model.onnx").is_file()
+    assert "wrote" in res.stdout and leftovers(tmp_path) == []
+
+
+def test_installed_compress_export_prints_json(tiny_dirs, tmp_path):
+    """A real process: --json - puts only the record on stdout (no exporter chatter)."""
+    exe = shutil.which("compress", path=str(Path(sys.executable).parent)) or shutil.which("compress")
+    assert exe, "the `compress` console script is not installed"
+    out = tmp_path / "q"
+    proc = subprocess.run([exe, "export", str(tiny_dirs["qwen2"]), "-o", str(out), "--quantize", "int8", "--json", "-"],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["stage"] == "export" and record["metrics"]["precision"] == "int8"
+    assert record["metrics"]["projections"]["float_on_weights"] == 0
+    assert record == json.loads((out / "export_report.json").read_text())

@@ -1,0 +1,89 @@
+"""`compress report` on a tiny BERT: the original, optimum's baselines and two variants side by side."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+from click.testing import CliRunner
+
+from cli.main import cli
+from compressor.export import ExportConfig, export
+from compressor.models import load_model
+from compressor.quantization import QuantizeConfig
+from compressor.sharing import ShareConfig, save_checkpoint, share
+
+
+def labelled_csv(path, rows=60):
+    """Two classes: words spelled from the first half of the alphabet, or from the second."""
+    rng = random.Random(0)
+    halves = {"pos": "abcdefghijklm", "neg": "nopqrstuvwxyz"}
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(rows):
+            label = "pos" if i % 2 else "neg"
+            words = ("".join(rng.choices(halves[label], k=rng.randint(2, 7))) for _ in range(rng.randint(3, 8)))
+            writer.writerow([" ".join(words) + ".", label])
+    return path
+
+
+def test_report_compares_variants_with_the_original_and_optimums_baselines(tiny_dirs, tmp_path):
+    original = str(tiny_dirs["bert"])
+    int8 = tmp_path / "int8"
+    export(load_model(original), ExportConfig(), int8, quantize=QuantizeConfig("int8"))
+    shared, _ = share(load_model(original), ShareConfig(plan="0-1,2-3", fidelity=False))
+    save_checkpoint(shared, tmp_path / "shared")
+    data = labelled_csv(tmp_path / "reviews.csv")
+    out = tmp_path / "report"
+    res = CliRunner().invoke(cli, [
+        "report", str(int8), str(tmp_path / "shared"), "-o", str(out), "--original", original,
+        "--names", "ours int8,shared", "--baselines", "--repeats", "2", "--warmup", "1", "--batch-sizes", "1,4",
+        "--seq-len", "16", "--threads", "1", "--data", str(data), "--train-size", "36", "--test-size", "24",
+        "--json", "-"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    assert {p.name for p in out.iterdir()} >= {"report.md", "report.json", "report.png", "baselines"}
+    assert json.loads((out / "report.json").read_text())["rows"] == result["rows"]
+    assert (out / "report.png").stat().st_size > 1000
+
+    rows = {r["label"]: r for r in result["rows"]}
+    assert [r["label"] for r in result["rows"]] == ["original", "optimum ONNX fp32", "optimum ONNX int8", "ours int8", "shared"]
+    assert [r["kind"] for r in result["rows"]] == ["PyTorch fp32", "ONNX fp32", "ONNX int8", "ONNX int8", "PyTorch fp32"]
+    assert result["task"] == "feature-extraction" and result["metric"] == "probe accuracy"
+    base, fp32, q8 = rows["original"], rows["optimum ONNX fp32"], rows["optimum ONNX int8"]
+    # optimum's plain export is the same model: same metric, embeddings the same up to rounding
+    # (on a random tiny model the probe's accuracy itself says little; fidelity is the sharp check)
+    assert fp32["value"] == base["value"] and fp32["of_original"] == 1.0
+    assert fp32["fidelity"] > 0.999 and base["fidelity"] is None
+    assert 0.9 < q8["fidelity"] <= 1.0 + 1e-6 and 0.9 < rows["ours int8"]["fidelity"] <= 1.0 + 1e-6
+    assert q8["size_bytes"] < fp32["size_bytes"]
+    assert rows["ours int8"]["size_bytes"] == (int8 / "model.onnx").stat().st_size
+    assert rows["shared"]["parameters"] < base["parameters"]
+    for row in result["rows"]:
+        assert 0.0 <= row["value"] <= 1.0
+        assert set(row["latency"]) == {"1", "4"}
+        for lat in row["latency"].values():
+            assert 0 < lat["p50_ms"] <= lat["p90_ms"] and lat["throughput"] > 0
+        assert row["size_vs_optimum_int8"] > 0 and row["speedup_vs_optimum_int8"] > 0
+    assert q8["size_vs_optimum_int8"] == 1.0
+    prov = result["provenance"]
+    assert prov["threads"] == 1 and prov["packages"]["onnxruntime"] and prov["packages"]["torch"]
+    assert result["config"]["batch_sizes"] == [1, 4] and result["config"]["repeats"] == 2
+    md = (out / "report.md").read_text()
+    assert all(f"| {label} |" in md for label in rows)
+    assert "on 24 test texts" in md  # fidelity is measured on the test split, which is smaller than 500
+
+
+def test_report_refuses_bad_input_and_writes_nothing(tiny_dirs, tmp_path):
+    runner = CliRunner()
+    not_a_folder = tmp_path / "model.onnx"
+    not_a_folder.write_text("")
+    out = tmp_path / "report"
+    for args in ([str(not_a_folder)], [str(tmp_path / "missing")], [str(tmp_path), "--names", "a,b"],
+                 [str(tmp_path), "--batch-sizes", "1,x"]):
+        res = runner.invoke(cli, ["report", *args, "-o", str(out), "--original", str(tiny_dirs["bert"])])
+        assert res.exit_code == 2, (args, res.output)
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not out.exists()
