@@ -4,6 +4,7 @@ optimum's plain ONNX routes, measured side by side."""
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 
 import click
@@ -68,7 +69,7 @@ def report(variants, output, original, names, threads, batch_sizes, seq_len, war
 
     loaded = load_model(original)
     title = title or f"{loaded.name}: size, speed and accuracy"
-    command = "compress report " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
+    command = shlex.join(["compress", *sys.argv[1:]]) if Path(sys.argv[0]).name == "compress" else None
     with staged_folder(output, overwrite=overwrite) as tmp:
         result = run_report(loaded, list(zip(labels, variants)), config, work=tmp)
         result["command"] = command
