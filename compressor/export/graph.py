@@ -100,35 +100,40 @@ def stored_elements(model: onnx.ModelProto) -> int:
 
 
 def weight_matmuls(model: onnx.ModelProto) -> dict[str, int]:
-    """How many projections the graph has and how many still multiply by a float weight.
+    """How many projections the graph has and how many still multiply by a weight stored in float.
 
-    ``matmuls``: float MatMul/Gemm nodes; ``quantized``: int8 ones; ``on_weights``: those of
-    either kind that multiply by a weight (the projections, as opposed to attention's
-    activation products). ``float_on_weights`` counts MatMul/Gemm nodes fed by a floating-point initializer, directly
-    or through Identity nodes: after int8 quantization it must be 0.
+    ``matmuls``: float MatMul/Gemm nodes; ``quantized``: int8 ones (QDQ MatMuls reading a
+    dequantized int8 weight included); ``on_weights``: nodes of either kind that multiply by a
+    weight (the projections, as opposed to attention's activation products);
+    ``float_on_weights``: those whose weight is stored in floating point, read directly or
+    through Identity, DequantizeLinear or DynamicQuantizeLinear nodes. The last case is what
+    onnxruntime's quantizer does to a weight behind an Identity: it keeps it in fp32 and
+    quantizes it anew on every call. After int8 quantization ``float_on_weights`` must be 0.
     """
     inits = initializers(model)
-    identity = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity"}
+    producers = {out: node for node in model.graph.node for out in node.output}
     counts = Counter(n.op_type for n in model.graph.node)
+    passes = ("Identity", "DequantizeLinear", "DynamicQuantizeLinear")
 
-    def source(name: str) -> str:
-        while name in identity:
-            name = identity[name]
-        return name
+    def stored(name: str) -> onnx.TensorProto | None:
+        """The initializer a node input comes from, through pass-through and (de)quantize nodes."""
+        while name not in inits and name in producers and producers[name].op_type in passes:
+            name = producers[name].input[0]
+        weight = inits.get(name)
+        return weight if weight is not None and len(weight.dims) >= 2 else None
 
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
-    # QDQ format: a MatMul reading DequantizeLinear(int8 weight) runs as an int8 kernel
-    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
-    qdq = sum(1 for n in model.graph.node if n.op_type in WEIGHT_OPS and any(source(x) in dequantized for x in n.input[:2]))
-    float_on_weights = 0
+    on_weights = float_on_weights = qdq = 0
     for node in model.graph.node:
-        if node.op_type in WEIGHT_OPS:
-            weights = [inits.get(source(x)) for x in node.input[:2]]
-            if any(w is not None and w.data_type in floats and len(w.dims) >= 2 for w in weights):
-                float_on_weights += 1
-    on_weights = sum(
-        1 for n in model.graph.node if n.op_type in WEIGHT_OPS + QUANTIZED_OPS
-        and any((w := inits.get(source(x))) is not None and len(w.dims) >= 2 or source(x) in dequantized for x in n.input[:2])
-    )
+        if node.op_type not in WEIGHT_OPS + QUANTIZED_OPS:
+            continue
+        weights = [w for w in map(stored, node.input) if w is not None]
+        if not weights:
+            continue
+        on_weights += 1
+        if any(w.data_type in floats for w in weights):
+            float_on_weights += 1
+        elif node.op_type in WEIGHT_OPS:  # QDQ: a MatMul on DequantizeLinear(int8 weight) runs as an int8 kernel
+            qdq += 1
     return {"matmuls": sum(counts[op] for op in WEIGHT_OPS), "quantized": sum(counts[op] for op in QUANTIZED_OPS) + qdq,
             "on_weights": on_weights, "float_on_weights": float_on_weights}
