@@ -160,8 +160,9 @@ def main() -> None:
             + "".join(f"| {k} | {bert[k] / MIB:.1f} |\n" for k in
                       ("optimum ONNX fp32", "optimum ONNX int8", "shared 3 groups ONNX fp32",
                        "shared 3 groups, optimum's ORTQuantizer alone", "shared 3 groups ONNX int8"))
-            + "\nProjections quantized by optimum's ORTQuantizer alone on the shared export: "
-            + "{} of {} (the rest are fed through the exporter's Identity nodes); by `compress export --quantize int8`: "
+            + "\nProjections with an int8 weight after optimum's ORTQuantizer alone on the shared export: "
+            + "{} of {} (the others read their weight through the exporter's Identity nodes and keep it in fp32); "
+              "after `compress export --quantize int8`: "
               "{} of {}.\n".format(*(n for key in ("shared 3 groups, optimum's ORTQuantizer alone projections",
                                                      "shared 3 groups ONNX int8 projections")
                                      for n in (bert[key]["on_weights"] - bert[key]["float_on_weights"], bert[key]["on_weights"])))
