@@ -112,7 +112,7 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
             raise ExportError(f"the ONNX file stores {stored:,} numbers for {params:,} unique parameters: "
                               "a shared weight was stored more than once")
         if quantize is not None and quantize.mode != "fp16" and matmuls["float_on_weights"]:
-            raise ExportError(f"{matmuls['float_on_weights']} of {matmuls['matmuls']} projections were left unquantized")
+            raise ExportError(f"{matmuls['float_on_weights']} of {matmuls['on_weights']} projections kept a float weight after int8 quantization")
 
         check = check_export(tmp, model, loaded.tokenizer, task, input_names, config, quantize, texts)
         metrics: dict[str, Any] = {
