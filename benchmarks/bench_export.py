@@ -10,11 +10,11 @@ Targets (issue 5):
 3. A pruned variant at least 1.3x faster than optimum's int8 export at batch 32, sequence 128,
    2 threads, keeping at least 97% of the original's probe accuracy.
 
-The fine-tuned variants come from benchmarks/build_export_variants.py (run first; about 7 CPU
-minutes each). Everything in targets 2 and 3 is measured in one `compress report` run: the rows
+The fine-tuned variants come from benchmarks/build_export_variants.py (run first; 20 and 7 CPU
+minutes of distillation). Everything in targets 2 and 3 is measured in one `compress report` run: the rows
 take turns, with fixed threads and warm-up.
 
-Run:  python benchmarks/build_export_variants.py --minutes 7
+Run:  python benchmarks/build_export_variants.py
       python benchmarks/bench_export.py --threads 2
 Writes reports/bench_export.{json,md,png}.
 """
