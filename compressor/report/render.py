@@ -66,17 +66,21 @@ def chart(result: dict[str, Any], path: Path, *, title: str) -> None:
     x = [r["size_bytes"] / 1e6 for r in rows]
     y = [r["latency"][largest]["throughput"] for r in rows]
     c = [r["value"] for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(8, 5.5 + 0.22 * len(rows)))
     points = ax.scatter(x, y, c=c, cmap="viridis", s=90, edgecolors="black")
-    for xi, yi, r in zip(x, y, rows):
-        ax.annotate(f"{r['label']}\n{r['metric']} {r['value']:.3f}", (xi, yi), textcoords="offset points",
-                    xytext=(6, 4), fontsize=7)
+    # numbers beside the points and the names in a key below: rows close in size and speed
+    # would print their names over each other
+    for i, (xi, yi) in enumerate(zip(x, y)):
+        ax.annotate(str(i + 1), (xi, yi), textcoords="offset points", xytext=(7, 5), fontsize=8, weight="bold")
+    key = "\n".join(f"{i + 1}  {r['label']} ({r['kind']}): {r['metric']} {r['value']:.3f}" for i, r in enumerate(rows))
+    fig.text(0.02, 0.01, key, fontsize=7.5, family="monospace", va="bottom")
+    fig.subplots_adjust(bottom=0.08 + 0.026 * len(rows))
+    ax.margins(x=0.15, y=0.15)
     ax.set_xscale("log")
     ax.set_xlabel("file size (MB, log scale)")
     ax.set_ylabel(f"throughput at batch {largest}, seq {result['config']['seq_len']} (sequences/s)")
     ax.set_title(f"{title}\n{result['config']['threads']} threads, {result['provenance']['cpu']}", fontsize=9)
     fig.colorbar(points, ax=ax, label=result["metric"])
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
