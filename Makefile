@@ -22,12 +22,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # analyze -> share (3 groups, LoRA) -> finetune (short CPU budget) -> evaluate, side by side
+# -> int8 ONNX -> report against optimum's plain fp32 and int8 exports
 demo: setup
 	$(BIN)/compress analyze --groups 3 -o $(DEMO_OUT)/analyze --overwrite
 	$(BIN)/compress share --groups 3 --lora-rank 32 -o $(DEMO_OUT)/shared --overwrite
 	$(BIN)/compress data fetch movie-snippets
 	$(BIN)/compress finetune $(DEMO_OUT)/shared --data movie-snippets --max-minutes $(DEMO_MINUTES) -o $(DEMO_OUT)/finetuned --overwrite
 	$(BIN)/compress evaluate bundled $(DEMO_OUT)/shared $(DEMO_OUT)/finetuned --data movie-snippets --json $(DEMO_OUT)/evaluate.json --overwrite
+	$(BIN)/compress export $(DEMO_OUT)/finetuned --quantize int8 -o $(DEMO_OUT)/onnx-int8 --overwrite
+	$(BIN)/compress report $(DEMO_OUT)/onnx-int8 --names shared-int8 --repeats 5 -o $(DEMO_OUT)/report --overwrite
 
 data: setup
 	$(BIN)/compress data fetch movie-snippets
