@@ -19,7 +19,7 @@ from compressor.pruning.config import SCORES
 @click.option("--score", type=click.Choice(SCORES), default="taylor", show_default=True, help="taylor: first-order effect on the sublayer output on calibration text; magnitude: weight norms.")
 @click.option("--vocab-from", default=None, help="Keep only the tokens this data uses (file, movie-snippets, or hub dataset id) plus special tokens.")
 @click.option("--vocab-min-count", type=int, default=1, show_default=True, help="With --vocab-from: keep only tokens the data uses at least this often (above 1, rare words are spelled with kept pieces).")
-@click.option("--data", type=click.Path(), default=None, help="Calibration text (.txt, .csv, .tsv, .jsonl; default: built-in sentences).")
+@click.option("--data", type=click.Path(), default=None, help="Calibration text (.txt, .csv, .tsv, .jsonl; default: the --vocab-from text if given, else built-in sentences).")
 @click.option("--text-column", default=None, help="Column (csv/tsv) or key (jsonl) holding the text.")
 @click.option("--encoding", default="utf-8", show_default=True)
 @click.option("--max-samples", type=int, default=64, show_default=True, help="Calibration texts.")

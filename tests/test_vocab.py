@@ -322,3 +322,19 @@ def test_minilm_embedding_shrinks_by_more_than_half(tmp_path):
     assert torch.equal(_outputs(loaded, DOMAIN), before["outputs"])  # bit for bit
     ids = loaded.tokenizer(texts)["input_ids"]
     assert max(max(i) for i in ids) < metrics["vocab_after"]
+
+
+def test_stage_measures_fidelity_on_the_domain_text(tiny_dirs, tmp_path):
+    # Without --data, the stage calibrates and checks fidelity on the --vocab-from text: the model
+    # is cut for that domain, and on it the outputs must not move.
+    from compressor.pruning import PruneConfig, prune
+
+    domain = tmp_path / "domain.txt"
+    domain.write_text("\n".join(DOMAIN), encoding="utf-8")
+    loaded = compressor.load(tiny_dirs["bert"])
+    loaded, record = prune(loaded, PruneConfig(vocab_from=str(domain)))
+    fidelity = record.metrics["fidelity"]
+    assert fidelity["num_texts"] == len(DOMAIN)
+    assert fidelity["embedding_cosine"] > 1 - 1e-6
+    assert max(fidelity["hidden_state_error"]) < 1e-5
+    assert record.params_after < record.params_before

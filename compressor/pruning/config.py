@@ -31,7 +31,8 @@ class PruneConfig(StageConfig):
         vocab_min_count: Keep a token only if ``vocab_from`` uses it at least this often. 1 keeps
             the data's outputs unchanged to the bit; above it, rare words are spelled with the
             pieces that are kept (smaller embeddings, slightly different tokens).
-        data: Calibration text for ``taylor`` and ``drop_layers`` (default: built-in sentences).
+        data: Calibration text for ``taylor``, ``drop_layers`` and the fidelity check (default: the
+            first ``max_samples`` texts of ``vocab_from`` when given, else built-in sentences).
         text_column: Column or key of the text in ``data`` / ``vocab_from``.
         encoding: Text encoding of ``data`` / ``vocab_from``.
         max_samples: Calibration texts to use.

@@ -47,8 +47,13 @@ def prune(loaded: LoadedModel, config: PruneConfig) -> tuple[LoadedModel, StageR
         from ..data.datasets import load_texts
 
         vocab_texts = load_texts(config.vocab_from, text_column=config.text_column, encoding=config.encoding)
-    texts = calibration_texts(config.data, text_column=config.text_column, encoding=config.encoding,
-                              limit=config.max_samples)
+    if config.data is None and vocab_texts is not None:
+        # A model cut to a domain's vocabulary is meant for that domain: calibrate and measure
+        # fidelity on its text, not on general sentences whose rarer words it no longer has.
+        texts = vocab_texts[: config.max_samples]
+    else:
+        texts = calibration_texts(config.data, text_column=config.text_column, encoding=config.encoding,
+                                  limit=config.max_samples)
     needs_text = config.fidelity or config.drop_layers or ((config.heads or config.ffn) and config.score == "taylor")
     if needs_text and loaded.tokenizer is None:
         raise ConfigError(f"{loaded.name} has no tokenizer; calibration needs one (use --score magnitude --no-fidelity)")
