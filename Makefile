@@ -47,6 +47,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_recovery.py --minutes 10
 	$(BIN)/python benchmarks/build_export_variants.py
 	$(BIN)/python benchmarks/bench_export.py --threads 2
+	$(BIN)/python benchmarks/bench_int8_static.py --threads 2
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -16,8 +16,9 @@ from compressor.export.config import TASKS
 @click.option("--task", type=click.Choice(TASKS), default="auto", show_default=True, help="What the ONNX model computes (auto: from the model's head).")
 @click.option("--quantize", type=click.Choice(["int8", "int8-static"]), default=None, help="int8: dynamic; int8-static: activation ranges calibrated on --calibration.")
 @click.option("--calibration", default=None, help="Text for int8-static (file, movie-snippets, or hub dataset id).")
-@click.option("--calibration-samples", type=int, default=128, show_default=True)
-@click.option("--per-channel", is_flag=True, help="One int8 scale per output channel.")
+@click.option("--calibration-samples", type=int, default=128, show_default=True, help="Calibration texts to run (int8-static).")
+@click.option("--per-channel/--per-tensor", default=None,
+              help="One int8 scale per output channel of a weight, or one per tensor (default: per tensor for int8, per channel for int8-static).")
 @click.option("--fp16", is_flag=True, help="Half-precision weights and compute, for GPU targets.")
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="fp32: largest allowed difference from PyTorch (plus 1e-3 x |output|).")
@@ -44,13 +45,13 @@ def export(model, output, task, quantize, calibration, calibration_samples, per_
     if fp16 and quantize:
         raise ConfigError("give --quantize or --fp16, not both")
     mode = "fp16" if fp16 else quantize
-    if mode is None and (calibration or per_channel or min_cosine is not None):
-        raise ConfigError("--calibration, --per-channel and --min-cosine apply to --quantize or --fp16")
+    if mode is None and (calibration or per_channel is not None or min_cosine is not None):
+        raise ConfigError("--calibration, --per-channel/--per-tensor and --min-cosine apply to --quantize or --fp16")
     config = ExportConfig(task=task, opset=opset, atol=atol, check_data=check_data, text_column=text_column, encoding=encoding)
     qconfig = None
     if mode:
         qconfig = QuantizeConfig(mode=mode, calibration=calibration, text_column=text_column, encoding=encoding,
-                                 max_samples=calibration_samples, per_channel=per_channel, min_cosine=min_cosine)
+                                 calibration_samples=calibration_samples, per_channel=per_channel, min_cosine=min_cosine)
     check_distinct(output, json_path)
     check_writable(output, overwrite=overwrite, folder=True)
     if json_path and json_path != "-":

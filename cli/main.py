@@ -5,12 +5,14 @@ write the outputs. Heavy imports (torch, transformers) happen inside command bod
 ``compress --help`` is instant. A `CompressError` becomes one line on stderr and exit code 2.
 
 Exit codes: 0 success; 1 a batch job failed (or an abort); 2 bad input (a bad option, manifest
-or recipe, a missing model or file, an output that cannot be written); 130 Ctrl-C.
+or recipe, a missing model or file, an output that cannot be written); 130 Ctrl-C; 143 SIGTERM.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import click
 
@@ -21,12 +23,23 @@ from compressor.pipeline.events import LOG_FORMATS
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler, `timeout`, `kill`): unwinds like Ctrl-C, so that the temporary
+    folders of unfinished outputs are removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 class CompressGroup(click.Group):
     """Turns user errors raised anywhere in a command into one clear line."""
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.Abort:
@@ -49,6 +62,9 @@ class CompressGroup(click.Group):
             else:
                 click.echo(f"compress: error: {e}", err=True)
             sys.exit(e.exit_code)
+        except Terminated:
+            click.echo("compress: terminated", err=True)
+            sys.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:
             click.echo("compress: interrupted", err=True)
             sys.exit(130)
@@ -66,7 +82,7 @@ def cli(log_format):
     MODEL is a local Hugging Face folder, a hub id, or a short alias (bert-base, gpt2, ...);
     leave it out to use the bundled all-MiniLM-L6-v2.
 
-    Exit codes: 0 success, 1 a batch job failed, 2 bad input, 130 interrupted.
+    Exit codes: 0 success, 1 a batch job failed, 2 bad input, 130 interrupted, 143 terminated.
     """
 
 

@@ -30,7 +30,8 @@ class StageConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ConfigError(f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}; known: {', '.join(sorted(names))}",
+            stage = cls.__name__.removesuffix("Config").lower()  # ShareConfig -> the share stage
+            raise ConfigError(f"unknown option(s) for {stage}: {', '.join(unknown)}; known: {', '.join(sorted(names))}",
                               option=unknown[0])
         return cls(**data)
 

@@ -105,7 +105,9 @@ def test_an_unreachable_ray_cluster_fails_fast(manifest, tmp_path):
     start = time.perf_counter()
     result = batch(manifest, "-o", tmp_path / "out", "--executor", "ray", "--address", "127.0.0.1:1", log_format="text")
     assert result.exit_code == 2 and time.perf_counter() - start < 10
-    assert result.stderr.splitlines()[-1].startswith("compress: error: cannot reach the Ray cluster at 127.0.0.1:1: ")
+    assert result.stderr.count("\n") == 1  # one line, and nothing written: no batch folder, no summary
+    assert result.stderr.startswith("compress: error: cannot reach the Ray cluster at 127.0.0.1:1: ")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

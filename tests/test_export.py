@@ -212,7 +212,9 @@ def test_shared_weights_stored_once_lora_unmerged_and_quantized(family, tiny_dir
             folder = tmp_path / f"r{rank}-{mode}"
             record = export(loaded, ExportConfig(), folder, quantize=None if mode == "fp32" else QuantizeConfig(mode))
             graph = read_graph(folder)
-            stored = sum(int(np.prod(t.dims)) for t in graph.graph.initializer)
+            # the model's numbers: every initializer but the quantizer's scales and zero points
+            stored = sum(int(np.prod(t.dims)) for t in graph.graph.initializer
+                         if not t.name.endswith(("_scale", "_zero_point")))
             assert stored == record.metrics["stored_numbers"]
             # about the unique parameters (plus GPT-2's tied head, which the exporter stores twice);
             # without the LoRA deltas clearly below the dense model's
@@ -291,19 +293,43 @@ CALIBRATION = [
 ]
 
 
-def test_int8_static_calibrated_on_a_text_file(tiny_dirs, exported, tmp_path):
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_int8_static_calibrated_on_a_text_file(family, tiny_dirs, exported, tmp_path):
     data = tmp_path / "calibration.txt"
     data.write_text("\n".join(f"{s} ({i})" for i in range(4) for s in CALIBRATION) + "\n")
-    loaded = load_model(str(tiny_dirs["bert"]))
+    loaded = load_model(str(tiny_dirs[family]))
+    lora = family == "bert"
+    if lora:  # shared groups with LoRA: the branches of a down-projection read its outliers too
+        loaded, _ = share(loaded, ShareConfig(plan="0-1,2-3", lora_rank=2, fidelity=False))
     q = QuantizeConfig("int8-static", calibration=str(data))
+    assert q.per_channel  # int8-static's default; int8 keeps optimum's per-tensor preset
     record = export(loaded, ExportConfig(), tmp_path / "static", quantize=q)
     m = record.metrics
     assert m["precision"] == "int8-static" and m["graph"]["calibration_samples"] == 4 * len(CALIBRATION)
-    ops = weight_ops(read_graph(tmp_path / "static"))
-    assert ops["float"] == 0 and ops["int8"] == weight_ops(read_graph(exported("bert")[1]))["float"]
-    assert m["projections"]["float_on_weights"] == 0
-    _, cos = compare(loaded, tmp_path / "static", "feature-extraction")
+    graph = read_graph(tmp_path / "static")
+    ops = weight_ops(graph)
+    assert ops["float"] == 0 and m["projections"]["float_on_weights"] == 0
+    if not lora:
+        assert ops["int8"] == weight_ops(read_graph(exported(family)[1]))["float"]
+    # every layer's FFN down-projection (with its LoRA A and B) runs on dynamic ranges, the rest static
+    layers = loaded.geometry.num_layers
+    dynamic = Counter(n.op_type for n in graph.graph.node)["MatMulInteger"]
+    assert m["graph"]["dynamic_matmuls"] == dynamic == layers * (3 if lora else 1)
+    _, cos = compare(loaded, tmp_path / "static", task_of(family))
     assert cos >= 0.9 and m["check"]["mean_cosine"] >= 0.9
+
+
+def test_int8_static_on_minilm_keeps_the_outputs(tmp_path):
+    # All-static MinMax ranges gave MiniLM a mean cosine of 0.85-0.88 to PyTorch (under the 0.90
+    # the check asks); with dynamic FFN down-projections and per-channel weights, 0.98
+    # (reports/bench_int8_static.md).
+    loaded = load_model(None)
+    data = tmp_path / "calibration.txt"
+    data.write_text("\n".join(CALIBRATION * 4) + "\n")
+    record = export(loaded, ExportConfig(), tmp_path / "static",
+                    quantize=QuantizeConfig("int8-static", calibration=str(data), calibration_samples=32))
+    assert record.metrics["graph"]["dynamic_matmuls"] == 6
+    assert record.metrics["check"]["mean_cosine"] > 0.95
 
 
 # --- the command line ----------------------------------------------------------------------
@@ -372,3 +398,22 @@ def test_installed_compress_export_prints_json(tiny_dirs, tmp_path):
     assert record["stage"] == "export" and record["metrics"]["precision"] == "int8"
     assert record["metrics"]["projections"]["float_on_weights"] == 0
     assert record == json.loads((out / "export_report.json").read_text())
+
+
+def test_sigterm_mid_export_leaves_nothing(tmp_path):
+    """`timeout`, `kill` and job schedulers stop with SIGTERM: the half-built folder goes too."""
+    import signal
+    import time
+
+    exe = shutil.which("compress", path=str(Path(sys.executable).parent)) or shutil.which("compress")
+    out = tmp_path / "minilm"
+    proc = subprocess.Popen([exe, "export", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 120
+    while not leftovers(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # until the temporary folder exists: the export is under way
+    assert proc.poll() is None and leftovers(tmp_path), "the export finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and stderr.strip().splitlines()[-1] == "compress: terminated"
+    assert list(tmp_path.iterdir()) == []

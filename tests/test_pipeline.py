@@ -44,7 +44,7 @@ def test_a_recipe_builds_the_commands_own_configs(tmp_path):
 
 
 @pytest.mark.parametrize("text,line,message", [
-    ("stages:\n  - share:\n      groups: 2\n      lora_rnk: 3\n", 4, "unknown option(s) for ShareConfig: lora_rnk; known:"),
+    ("stages:\n  - share:\n      groups: 2\n      lora_rnk: 3\n", 4, "unknown option(s) for share: lora_rnk; known:"),
     ("stages:\n  - analyze\n  - shar: {groups: 2}\n", 3, "unknown stage 'shar'; known stages: analyze, share, finetune, evaluate"),
     ("stages:\n  - share:\n      groups: 2\n      lora_rank: -1\n", 4, "share: lora_rank must be at least 0, got -1"),
     ("stages:\n  - finetune:\n      max_steps: 5\n      train: everything\n", 4, "train must be one of lora, lora+norms, all"),

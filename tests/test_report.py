@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import shutil
 
 from click.testing import CliRunner
 
@@ -86,4 +87,17 @@ def test_report_refuses_bad_input_and_writes_nothing(tiny_dirs, tmp_path):
         res = runner.invoke(cli, ["report", *args, "-o", str(out), "--original", str(tiny_dirs["bert"])])
         assert res.exit_code == 2, (args, res.output)
         assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not out.exists()
+
+    # a sequence longer than the model reads; an export folder whose model.onnx is not ONNX
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dirs["bert"], broken)
+    (broken / "model.onnx").write_text("not a protobuf")
+    for args, words in (([str(tiny_dirs["bert"]), "--seq-len", "4096"], "--seq-len 4096 is longer than"),
+                        ([str(broken)], "is not an ONNX model onnxruntime can load")):
+        res = runner.invoke(cli, ["report", *args, "-o", str(out), "--original", str(tiny_dirs["bert"]),
+                                  "--no-baselines", "--repeats", "1", "--warmup", "0"])
+        assert res.exit_code == 2, (args, res.output)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], res.stderr
     assert not out.exists()

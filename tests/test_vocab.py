@@ -338,3 +338,10 @@ def test_stage_measures_fidelity_on_the_domain_text(tiny_dirs, tmp_path):
     assert fidelity["embedding_cosine"] > 1 - 1e-6
     assert max(fidelity["hidden_state_error"]) < 1e-5
     assert record.params_after < record.params_before
+
+
+def test_a_min_count_that_keeps_no_data_token_is_refused(tiny_dirs):
+    loaded = compressor.load(tiny_dirs["bert"])
+    with pytest.raises(ConfigError, match="keeps none of the data's tokens"):
+        prune_vocabulary(loaded, DOMAIN, min_count=10**9)
+    assert loaded.model.config.vocab_size == 128  # left as it was

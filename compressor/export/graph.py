@@ -94,9 +94,22 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
             model.graph.initializer.remove(init)
 
 
+#: Inputs of quantization ops that hold scales and zero points rather than the model's numbers.
+_QUANT_PARAM_INPUTS = {"QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "MatMulInteger": (2, 3),
+                       "DynamicQuantizeMatMul": (2, 3), "QLinearMatMul": (1, 2, 4, 5, 6, 7)}
+
+
 def stored_elements(model: onnx.ModelProto) -> int:
-    """Numbers stored in the file's initializers (a shared weight counts once)."""
-    return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer))
+    """The model's numbers stored in the file's initializers (a shared weight counts once).
+
+    Quantization scales and zero points are left out (those at the scale and zero-point inputs
+    of quantization ops, and those onnxruntime's quantizer names ``*_scale`` / ``*_zero_point``):
+    per-channel scales would otherwise count one number per output channel of every weight.
+    """
+    params = {name for node in model.graph.node for i, name in enumerate(node.input)
+              if i in _QUANT_PARAM_INPUTS.get(node.op_type, ())}
+    return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer
+                   if t.name not in params and not t.name.endswith(("_scale", "_zero_point"))))
 
 
 def weight_matmuls(model: onnx.ModelProto) -> dict[str, int]:

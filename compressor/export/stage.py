@@ -37,8 +37,8 @@ from .config import ORT_CLASSES, ExportConfig
 from .graph import inline_identity_weights, stored_elements, weight_matmuls
 
 MODEL_FILE = "model.onnx"
-#: Slack on "a shared weight is stored once": quantization scales and zero points, per-channel
-#: scales and the odd folded constant are stored too.
+#: Slack on "a shared weight is stored once": the odd folded constant is stored too
+#: (quantization scales and zero points are not counted, see `stored_elements`).
 _STORAGE_SLACK = 0.01
 
 
@@ -83,6 +83,7 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
     task = pick_task(loaded, config.task)
     # feature-extraction from a model with a head exports its bare Transformer (token states)
     model = (loaded.adapter.base(loaded.model) if task == "feature-extraction" else loaded.model).eval()
+    ffn_down = ffn_down_scopes(loaded, model)
     if next(model.parameters()).dtype != torch.float32:  # export and check in fp32; --fp16 converts after
         model = copy.deepcopy(model).float()
     params, nbytes = unique_parameters(model)
@@ -98,7 +99,8 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
             from ..quantization import quantize_onnx
 
             with quiet("", "optimum"):  # onnxruntime's advice to pre-process goes to the root logger
-                quantized = quantize_onnx(tmp, quantize, tokenizer=loaded.tokenizer, input_names=input_names)
+                quantized = quantize_onnx(tmp, quantize, tokenizer=loaded.tokenizer, input_names=input_names,
+                                          dynamic_scopes=ffn_down)
         else:
             # only the Identity inlining: it leaves the graph's numbers alone and lets a user's
             # own quantizer (optimum's ORTQuantizer) reach every MatMul on a shared weight
@@ -267,3 +269,13 @@ def check_export(folder: Path, model, tokenizer, task: str, input_names: list[st
             "min_cosine": min(r["min_cosine"] for r in results),
             "tolerance": ({"atol": config.atol, "rtol": config.rtol} if quantize is None
                           else {"min_mean_cosine": quantize.min_cosine})}
+
+
+def ffn_down_scopes(loaded: LoadedModel, root: torch.nn.Module) -> tuple[str, ...]:
+    """Qualified names, under the exported ``root``, of every block's FFN down-projection."""
+    adapter = loaded.adapter
+    if "ffn_out" not in adapter.linears:
+        return ()
+    names = {id(module): name for name, module in root.named_modules()}
+    found = (names.get(id(adapter.linear(block, "ffn_out"))) for block in adapter.blocks(loaded.model))
+    return tuple(name for name in found if name)

@@ -283,10 +283,27 @@ def run_batch(jobs: list[Job], output: str | Path, *, executor: str = "local", w
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     check_int("jobs", workers, 1)
-    prepare_output(output, [j.name for j in jobs])
+    check_output(output)
     shown_executor = "ray" if executor == "ray" else ("local" if workers == 1 else f"local x {workers}")
 
     plans = plan_batch(jobs)
+    runnable = [p for p in plans if p.action in ("run", "continue")]
+    # Reach the cluster before anything is written: an address nobody answers at is bad input
+    # and leaves no batch folder behind.
+    ray_started = _connect_ray(address, log) if executor == "ray" and runnable else False
+    try:
+        return _run_planned(jobs, plans, runnable, output, executor=executor, workers=workers, log=log,
+                            progress=progress, shown_executor=shown_executor, start=start)
+    finally:
+        if ray_started:
+            import ray
+
+            ray.shutdown()
+
+
+def _run_planned(jobs: list[Job], plans: list[JobPlan], runnable: list[JobPlan], output: Path, *, executor: str,
+                 workers: int, log: EventLog, progress: bool, shown_executor: str, start: float) -> BatchSummary:
+    mark_batch(output, [j.name for j in jobs])
     results: dict[str, JobResult] = {}
     for p in plans:
         if p.action == "skip":
@@ -296,7 +313,6 @@ def run_batch(jobs: list[Job], output: str | Path, *, executor: str = "local", w
             record_failure(p.job, p.reason)
         else:
             results[p.job.name] = JobResult(p.job.name, p.job.shown_model, p.job.recipe, "pending", folder=str(p.job.folder))
-    runnable = [p for p in plans if p.action in ("run", "continue")]
     log.emit("batch_start", jobs=len(jobs), to_run=len(runnable), executor=shown_executor)
     for p in plans:
         if p.action == "skip":
@@ -309,7 +325,7 @@ def run_batch(jobs: list[Job], output: str | Path, *, executor: str = "local", w
 
     write_summary(output, summary())
     fatal = None
-    for result in _execute(runnable, executor=executor, workers=workers, address=address, log=log, progress=progress):
+    for result in _execute(runnable, executor=executor, workers=workers, log=log, progress=progress):
         results[result.job] = result
         write_summary(output, summary())
         if result.fatal:
@@ -325,13 +341,19 @@ def run_batch(jobs: list[Job], output: str | Path, *, executor: str = "local", w
     return final
 
 
-def prepare_output(output: Path, names: list[str]) -> None:
-    """Fail before any work if ``output`` cannot be the batch's folder; mark it as one."""
-    from ..io import check_writable, write_text_atomic
+def check_output(output: Path) -> None:
+    """Fail before any work if ``output`` cannot be the batch's folder."""
+    from ..io import check_writable
 
     check_writable(output, overwrite=True, folder=True)
     if output.is_dir() and any(output.iterdir()) and not (output / BATCH_FILE).is_file():
         raise OutputExistsError(f"{output} is not empty and holds no batch of compress; use another -o")
+
+
+def mark_batch(output: Path, names: list[str]) -> None:
+    """Mark ``output`` as a batch folder (the first write of a run)."""
+    from ..io import write_text_atomic
+
     try:
         write_text_atomic(output / BATCH_FILE, json.dumps({"jobs": names}, indent=2) + "\n")
     except OSError as e:
@@ -358,13 +380,13 @@ def _failed(job: Job, error: str) -> JobResult:
 # ---- executors --------------------------------------------------------------------------------
 
 
-def _execute(plans: list[JobPlan], *, executor: str, workers: int, address: str | None, log: EventLog,
+def _execute(plans: list[JobPlan], *, executor: str, workers: int, log: EventLog,
              progress: bool) -> Iterator[JobResult]:
     """Results as jobs finish."""
     if not plans:
         return
     if executor == "ray":
-        yield from _on_ray(plans, address, log)
+        yield from _on_ray(plans, log)
     elif workers == 1:
         for p in plans:
             yield run_job(p.job, p.keys, log=log, reason=p.reason, progress=progress)
@@ -417,28 +439,34 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         raise CompressError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
 
 
-def _on_ray(plans: list[JobPlan], address: str | None, log: EventLog) -> Iterator[JobResult]:
+def _connect_ray(address: str | None, log: EventLog) -> bool:
+    """Join or start Ray unless this process already has; returns whether it connected now."""
     try:
         import ray
     except ImportError:
         raise CompressError("--executor ray needs Ray: pip install 'compress[ray]'") from None
+    if ray.is_initialized():
+        return False
+    # "local" starts a new instance even where a `ray start` left its address behind
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    kwargs: dict[str, Any] = {}
+    if address == "local":
+        kwargs["include_dashboard"] = False
+    if not address.startswith("ray://"):  # Ray Client takes none of these
+        jsonl = log.format == "jsonl"  # Ray's own lines and the workers' output would break the JSON lines
+        kwargs.update(log_to_driver=not jsonl, logging_level=logging.ERROR if jsonl else logging.WARNING)
+    _check_reachable(address)
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise CompressError(f"cannot reach the Ray cluster at {address}: {(str(e).splitlines() or [''])[0]}") from None
+    return True
 
-    started = False
-    if not ray.is_initialized():
-        # "local" starts a new instance even where a `ray start` left its address behind
-        address = address or os.environ.get("RAY_ADDRESS") or "local"
-        kwargs: dict[str, Any] = {}
-        if address == "local":
-            kwargs["include_dashboard"] = False
-        if not address.startswith("ray://"):  # Ray Client takes none of these
-            jsonl = log.format == "jsonl"  # Ray's own lines and the workers' output would break the JSON lines
-            kwargs.update(log_to_driver=not jsonl, logging_level=logging.ERROR if jsonl else logging.WARNING)
-        _check_reachable(address)
-        try:
-            ray.init(address=address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise CompressError(f"cannot reach the Ray cluster at {address}: {(str(e).splitlines() or [''])[0]}") from None
-        started = True
+
+def _on_ray(plans: list[JobPlan], log: EventLog) -> Iterator[JobResult]:
+    """Every job a Ray task on the cluster `_connect_ray` joined."""
+    import ray
+
     task = ray.remote(run_in_worker)
     refs = {}
     for p in plans:
@@ -464,5 +492,3 @@ def _on_ray(plans: list[JobPlan], address: str | None, log: EventLog) -> Iterato
         for ref in pending:
             with contextlib.suppress(Exception):
                 ray.cancel(ref)
-        if started:
-            ray.shutdown()

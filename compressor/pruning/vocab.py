@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import check_int
-from ..errors import DataError, UnsupportedModelError
+from ..errors import ConfigError, DataError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
@@ -119,6 +119,9 @@ def prune_vocabulary(loaded: LoadedModel, texts: list[str], *, min_count: int = 
     vocab = tok.get_vocab()  # token -> id, added tokens included
     token_ids = set(vocab.values())
     from_data = {i for i, c in counts.items() if c >= min_count}
+    if not from_data:  # only the special tokens would be left: every word would read as [UNK]
+        raise ConfigError(f"--vocab-min-count {min_count} keeps none of the data's tokens (the most used one "
+                          f"appears {max(counts.values(), default=0)} times)", option="vocab_min_count")
     special = _special_ids(tok, state, vocab)
     config_ids = {i for i in _config_token_ids(model) if i in token_ids}
     if emb.padding_idx is not None and emb.padding_idx in token_ids:

@@ -27,9 +27,11 @@ class QuantizeConfig(StageConfig):
             data set such as ``movie-snippets``); required for it, refused otherwise.
         text_column: Column or key of the text in ``calibration``.
         encoding: Text encoding of ``calibration``.
-        max_samples: Calibration texts to run.
+        calibration_samples: Calibration texts to run.
         max_length: Truncate calibration texts to this many tokens.
         per_channel: One scale per output channel of a weight instead of one per tensor.
+            Default: per tensor for ``int8`` (optimum's preset), per channel for ``int8-static``
+            (its static ranges leave no room for a coarse weight scale as well).
         isa: The optimum preset (``AutoQuantizationConfig.<isa>``) whose settings to use;
             ``auto`` picks avx512_vnni, avx512, avx2 or arm64 from this CPU.
         min_cosine: The export fails if its outputs' mean cosine to PyTorch's is below this
@@ -40,22 +42,28 @@ class QuantizeConfig(StageConfig):
     calibration: str | None = None
     text_column: str | None = None
     encoding: str = "utf-8"
-    max_samples: int = 128
+    calibration_samples: int = 128
     max_length: int = 128
-    per_channel: bool = False
+    per_channel: bool | None = None
     isa: str = "auto"
     min_cosine: float | None = None
 
     def __post_init__(self):
         check_choice("mode", self.mode, MODES)
         check_choice("isa", self.isa, ISAS)
-        for name in ("max_samples", "max_length"):
+        for name in ("calibration_samples", "max_length"):
             check_positive(name, getattr(self, name))
         if self.mode == "int8-static" and not self.calibration:
             raise ConfigError("--quantize int8-static needs --calibration DATA (text to measure activation ranges on)",
                               option="calibration")
         if self.mode != "int8-static" and self.calibration:
             raise ConfigError(f"--calibration is only used by int8-static, not {self.mode}", option="calibration")
+        if self.per_channel is None:
+            self.per_channel = self.mode == "int8-static"
+        if not isinstance(self.per_channel, bool):
+            raise ConfigError(f"per_channel must be true or false, got {self.per_channel!r}", option="per_channel")
+        if self.mode == "fp16" and self.per_channel:
+            raise ConfigError("--per-channel is for int8 scales, not fp16", option="per_channel")
         if self.min_cosine is None:
             self.min_cosine = MIN_COSINE[self.mode]
         if isinstance(self.min_cosine, bool) or not isinstance(self.min_cosine, (int, float)) or not -1 <= self.min_cosine <= 1:

@@ -161,7 +161,12 @@ def report(original: LoadedModel, variants: list[tuple[str, str]], config: Repor
     from ..evaluation.evaluate import EvaluateConfig, load_split
     from ..models import load_model
 
+    from ..export.stage import max_positions
+
     start = time.perf_counter()
+    limit = max_positions(original.model, original.tokenizer)
+    if limit and config.seq_len > limit:
+        raise CompressError(f"--seq-len {config.seq_len} is longer than {original.name} reads ({limit} tokens)")
     runners: list[Runner] = [TorchRunner(original, "original")]
     task = runners[0].task
     if config.baselines:
