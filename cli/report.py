@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from cli.main import cli, emit_result
+from cli.main import cli, emit_result, log_format
 
 
 def _ints(text: str) -> list[int]:
@@ -64,6 +64,7 @@ def report(variants, output, original, names, threads, batch_sizes, seq_len, war
 
     from compressor.io import staged_folder, write_text_atomic
     from compressor.models import load_model
+    from compressor.pipeline.events import EventLog
     from compressor.report import report as run_report
     from compressor.report.render import chart, markdown
 
@@ -71,7 +72,7 @@ def report(variants, output, original, names, threads, batch_sizes, seq_len, war
     title = title or f"{loaded.name}: size, speed and accuracy"
     command = shlex.join(["compress", *sys.argv[1:]]) if Path(sys.argv[0]).name == "compress" else None
     with staged_folder(output, overwrite=overwrite) as tmp:
-        result = run_report(loaded, list(zip(labels, variants)), config, work=tmp)
+        result = run_report(loaded, list(zip(labels, variants)), config, work=tmp, log=EventLog(log_format()))
         result["command"] = command
         write_text_atomic(tmp / "report.json", json.dumps(result, indent=2))
         write_text_atomic(tmp / "report.md", markdown(result, title=title, command=command))

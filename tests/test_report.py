@@ -44,7 +44,9 @@ def test_report_compares_variants_with_the_original_and_optimums_baselines(tiny_
         "--seq-len", "16", "--threads", "1", "--data", str(data), "--train-size", "36", "--test-size", "24",
         "--json", "-"])
     assert res.exit_code == 0, res.output
-    result = json.loads(res.stdout)
+    result = json.loads(res.stdout)  # the record alone on stdout; the steps on stderr
+    steps = [line for line in res.stderr.splitlines() if line.startswith("report: ")]
+    assert steps[0].startswith("report: exporting the baselines") and len(steps) == 2 + len(result["rows"])
     assert {p.name for p in out.iterdir()} >= {"report.md", "report.json", "report.png", "baselines"}
     assert json.loads((out / "report.json").read_text())["rows"] == result["rows"]
     assert (out / "report.png").stat().st_size > 1000

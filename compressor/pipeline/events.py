@@ -92,5 +92,7 @@ def render_text(e: dict[str, Any]) -> str:
         return f"[{job}] FAILED: {e['error']}"
     if kind == "error":
         return f"compress: error: {e['message']}"
+    if kind == "report_step":
+        return f"report: {e['step']}"
     rest = ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("event", "time"))
     return f"{kind}: {rest}"

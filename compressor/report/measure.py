@@ -148,10 +148,11 @@ def provenance(config: ReportConfig) -> dict[str, Any]:
 
 
 def report(original: LoadedModel, variants: list[tuple[str, str]], config: ReportConfig, *,
-           work: Path) -> dict[str, Any]:
+           work: Path, log=None) -> dict[str, Any]:
     """Measure the original, the baselines (in ``work``) and ``variants`` (label, path).
 
     A variant path is an export folder (measured in onnxruntime) or a model folder (in PyTorch).
+    ``log``, an `EventLog`, gets a ``report_step`` event as each step starts (it takes minutes).
 
     Returns:
         ``{"rows": [...], "config", "provenance", "task", "metric"}``; each row has label, kind,
@@ -167,9 +168,14 @@ def report(original: LoadedModel, variants: list[tuple[str, str]], config: Repor
     limit = max_positions(original.model, original.tokenizer)
     if limit and config.seq_len > limit:
         raise CompressError(f"--seq-len {config.seq_len} is longer than {original.name} reads ({limit} tokens)")
+    def step(text: str) -> None:
+        if log is not None:
+            log.emit("report_step", step=text)
+
     runners: list[Runner] = [TorchRunner(original, "original")]
     task = runners[0].task
     if config.baselines:
+        step("exporting the baselines the way optimum does (ONNX fp32, then int8)")
         for label, folder in optimum_baselines(original, work / "baselines", task).items():
             runners.append(OnnxRunner(folder, label, threads=config.threads, pooling=original.pooling))
     for label, path in variants:
@@ -185,9 +191,12 @@ def report(original: LoadedModel, variants: list[tuple[str, str]], config: Repor
 
     split = load_split(EvaluateConfig(data=config.data, train_size=config.train_size, test_size=config.test_size,
                                       max_length=config.max_length), need_labels=task != "text-generation")
+    step(f"latency of {len(runners)} rows, taking turns: batch {', '.join(map(str, config.batch_sizes))}, "
+         f"sequence {config.seq_len}, {config.warmup} warm-up + {config.repeats} timed runs each")
     timings = latency(runners, config, split[2][:64])
     rows = []
     for runner in runners:
+        step(f"{runner.label}: task metric on {config.data}")
         metric = task_metric(runner, split, config)
         rows.append({"label": runner.label, "kind": runner.kind, "path": runner.path, "size_bytes": runner.size_bytes,
                      "parameters": runner.parameters, "latency": timings[runner.label], **metric})
