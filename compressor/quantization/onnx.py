@@ -120,9 +120,9 @@ def _quantize_static(path: Path, tmp: Path, preset, config: QuantizeConfig, toke
             return next(self._it, None)
 
     dynamic = scoped_matmuls(onnx.load(str(path), load_external_data=False), dynamic_scopes)
-    static_out = tmp / "model_static.onnx"
+    static = tmp / "model_static.onnx"
     quantize_static(
-        str(path), str(static_out), Reader(), quant_format=preset.format,
+        str(path), str(static), Reader(), quant_format=preset.format,
         # projections and embeddings: quantizing LayerNorm, Softmax inputs and the like with
         # static ranges costs far more accuracy than it buys speed on transformers
         op_types_to_quantize=["MatMul", "Gather"], nodes_to_exclude=dynamic,
@@ -132,13 +132,13 @@ def _quantize_static(path: Path, tmp: Path, preset, config: QuantizeConfig, toke
         extra_options={"WeightSymmetric": preset.weights_symmetric, "ActivationSymmetric": preset.activations_symmetric,
                        "DefaultTensorType": onnx.TensorProto.FLOAT},
     )
-    if dynamic:
-        out = tmp / "model_quantized.onnx"
-        quantize_dynamic(str(static_out), str(out), op_types_to_quantize=["MatMul"], nodes_to_quantize=dynamic,
+    quantized = static
+    if dynamic:  # the FFN down-projections, left out above
+        quantized = tmp / "model_quantized.onnx"
+        quantize_dynamic(str(static), str(quantized), op_types_to_quantize=["MatMul"], nodes_to_quantize=dynamic,
                          per_channel=config.per_channel, reduce_range=preset.reduce_range,
                          weight_type=preset.weights_dtype, extra_options={"WeightSymmetric": preset.weights_symmetric})
-        static_out = out
-    shutil.move(static_out, path)
+    shutil.move(quantized, path)
     ORTConfig(quantization=preset).save_pretrained(path.parent)
     return {"calibration_samples": len(feeds), "dynamic_matmuls": len(dynamic)}
 
@@ -150,8 +150,6 @@ def scoped_matmuls(model: onnx.ModelProto, scopes: tuple[str, ...]) -> list[str]
     for ``encoder.layer.0.output.dense``, so dots and slashes are read alike.
     """
     prefixes = tuple(f"{scope}." for scope in scopes)
-    if not prefixes:
-        return []
     return [n.name for n in model.graph.node
             if n.op_type == "MatMul" and n.name.strip("/").replace("/", ".").startswith(prefixes)]
 

@@ -160,14 +160,14 @@ def report(original: LoadedModel, variants: list[tuple[str, str]], config: Repor
         original's (``of_original``), fidelity, and speed and size against optimum's int8.
     """
     from ..evaluation.evaluate import EvaluateConfig, load_split
-    from ..models import load_model
-
     from ..export.stage import max_positions
+    from ..models import load_model
 
     start = time.perf_counter()
     limit = max_positions(original.model, original.tokenizer)
     if limit and config.seq_len > limit:
         raise CompressError(f"--seq-len {config.seq_len} is longer than {original.name} reads ({limit} tokens)")
+
     def step(text: str) -> None:
         if log is not None:
             log.emit("report_step", step=text)

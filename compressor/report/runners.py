@@ -85,17 +85,17 @@ class OnnxRunner(Runner):
             raise CompressError(f"{folder} holds no model.onnx; give an export folder (compress export) or a model folder")
         self.label, self.path, self.pooling = label, str(folder), pooling
         self.size_bytes = file.stat().st_size
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         try:
             graph = onnx.load(str(file), load_external_data=False)
-            self.parameters = stored_elements(graph)
-            self.kind = "ONNX " + _precision(graph)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             self.session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # protobuf's DecodeError, onnxruntime's Fail / InvalidGraph, ...
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CompressError(f"{file} is not an ONNX model onnxruntime can load: {first}") from None
+        self.parameters = stored_elements(graph)
+        self.kind = "ONNX " + _precision(graph)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.output = self.session.get_outputs()[0].name
         self.task = {"last_hidden_state": "feature-extraction"}.get(self.output, "text-generation")
