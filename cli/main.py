@@ -16,19 +16,17 @@ import threading
 
 import click
 
-from compressor.errors import CompressError
+from compressor.errors import CompressError, Terminated
+from compressor.io import stop_requested
 from compressor.pipeline.events import LOG_FORMATS
 
 #: Exit codes, documented in the README.
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a job scheduler, `timeout`, `kill`): unwinds like Ctrl-C, so that the temporary
-    folders of unfinished outputs are removed on the way out."""
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process SIGTERM ended
 
 
 def _terminate(signum, frame):
+    stop_requested.set()  # for where the exception below is swallowed (see compressor.io)
     raise Terminated
 
 
@@ -49,6 +47,9 @@ class CompressGroup(click.Group):
             # click prints usage plus the error over several lines; one line is enough
             click.echo(f"compress: error: {e.format_message()}", err=True)
             sys.exit(EXIT_BAD_INPUT if isinstance(e, click.UsageError) else e.exit_code)
+        if stop_requested.is_set():  # the command finished, but a SIGTERM came that was swallowed
+            click.echo("compress: terminated", err=True)
+            sys.exit(EXIT_TERMINATED)
         sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
     def invoke(self, ctx):
@@ -64,7 +65,7 @@ class CompressGroup(click.Group):
             sys.exit(e.exit_code)
         except Terminated:
             click.echo("compress: terminated", err=True)
-            sys.exit(128 + signal.SIGTERM)
+            sys.exit(EXIT_TERMINATED)
         except KeyboardInterrupt:
             click.echo("compress: interrupted", err=True)
             sys.exit(130)

@@ -45,3 +45,8 @@ class ExportError(CompressError):
     stored twice, a projection left unquantized). The work failed: exit code 1, not 2."""
 
     exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM: a job scheduler, `timeout`, `kill`). It unwinds
+    like Ctrl-C, so that the temporary folders of unfinished outputs are removed on the way out."""

@@ -10,10 +10,16 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import CompressError, OutputExistsError
+from .errors import CompressError, OutputExistsError, Terminated
+
+#: Set when the process is asked to stop (the command line's SIGTERM handler). The exception
+#: that handler raises is lost where it lands in a ``__del__`` (Python prints and ignores it),
+#: so `staged_folder` checks this too before it renames: a stopped command commits nothing.
+stop_requested = threading.Event()
 
 
 def check_writable(path: str | Path, *, overwrite: bool, folder: bool = False) -> Path:
@@ -81,6 +87,8 @@ def staged_folder(path: str | Path, *, overwrite: bool) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it mkdir()'s mode
     try:
         yield tmp
+        if stop_requested.is_set():
+            raise Terminated
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

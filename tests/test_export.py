@@ -417,3 +417,22 @@ def test_sigterm_mid_export_leaves_nothing(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143 and stderr.strip().splitlines()[-1] == "compress: terminated"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_swallowed_sigterm_still_commits_nothing(tmp_path):
+    """Python ignores an exception raised in a ``__del__``; a SIGTERM whose exception lands there
+    still leaves a flag that keeps the staged folder from being renamed into place."""
+    from compressor.errors import Terminated
+    from compressor.io import staged_folder, stop_requested
+
+    stop_requested.set()
+    try:
+        with pytest.raises(Terminated):
+            with staged_folder(tmp_path / "out", overwrite=False) as tmp:
+                (tmp / "model.onnx").write_text("complete")
+    finally:
+        stop_requested.clear()
+    assert list(tmp_path.iterdir()) == []
+    with staged_folder(tmp_path / "out", overwrite=False) as tmp:  # without the flag it commits
+        (tmp / "model.onnx").write_text("complete")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
