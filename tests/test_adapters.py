@@ -1,17 +1,27 @@
-"""The architecture adapters: geometry, where the sublayers are, and writing weights back."""
+"""The architecture adapters: geometry, row maps of fused modules, writing weights back, the
+self-checks, and inference for families nobody declared."""
 
 import pytest
 import torch
 import transformers
 
-from compressor.adapters import SUPPORTED_MODEL_TYPES, get_adapter
+from compressor.adapters import FusedLayout, Geometry, SUPPORTED_MODEL_TYPES, adapter_for, get_adapter
+from compressor.adapters.checks import check_mapping, check_pruning, prove
 from compressor.errors import UnsupportedModelError
 from tiny_models import FAMILIES, make_model
 
 EXPECTED_FAMILY = {
-    "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "camembert": "bert", "distilbert": "distilbert",
-    "gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "mistral": "llama",
+    "bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta", "distilbert": "distilbert",
+    "gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "mistral": "llama", "mpnet": "mpnet",
+    "deberta-v2": "deberta-v2", "electra": "electra", "modernbert": "modernbert", "qwen3": "qwen3", "gemma": "gemma",
+    "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "gpt_neox": "gpt_neox", "opt": "opt",
 }
+GQA = {"llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"}
+
+
+def test_every_tiny_family_is_declared():
+    assert set(FAMILIES) <= set(SUPPORTED_MODEL_TYPES)
+    assert set(EXPECTED_FAMILY) == set(FAMILIES)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -21,7 +31,7 @@ def test_geometry_and_shapes(family):
     assert adapter.family == EXPECTED_FAMILY[family]
     g = adapter.geometry(model.config)
     assert (g.num_layers, g.hidden_size, g.num_heads, g.head_dim, g.intermediate_size) == (4, 32, 4, 8, 64)
-    assert g.num_kv_heads == (2 if adapter.family == "llama" else 4)
+    assert g.num_kv_heads == (2 if family in GQA else 4)
     blocks = adapter.blocks(model)
     assert len(blocks) == 4
     expected = {
@@ -35,26 +45,26 @@ def test_geometry_and_shapes(family):
     }
     assert set(adapter.roles) == set(expected) - ({"ffn_gate"} if not adapter.gated_ffn else set())
     for role in adapter.roles:
-        assert tuple(adapter.weight(blocks[0], role).shape) == expected[role], role
-    for path in adapter.norms:
-        norm = blocks[0].get_submodule(path)
-        assert norm.weight.shape == (g.hidden_size,)
+        assert tuple(adapter.weight(blocks[0], role, g).shape) == expected[role], role
+    norms = adapter.norm_modules(model)
+    assert len(norms) >= 4 and all(n.weight.dim() == 1 for n in norms)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_weight_is_what_the_module_computes(family):
-    """adapter.weight/bias, used as nn.Linear, reproduce each sublayer's own output."""
+    """adapter.weight/bias, used as nn.Linear, reproduce each role's rows of its module's output."""
     model = make_model(family)
     adapter = get_adapter(model)
+    g = adapter.geometry(model.config)
     block = adapter.blocks(model)[1]
     for role in adapter.roles:
         module = adapter.linear(block, role)
-        spec = adapter.linears[role]
-        w, b = adapter.weight(block, role), adapter.bias(block, role)
+        w, b = adapter.weight(block, role, g), adapter.bias(block, role, g)
         inp = torch.randn(5, w.shape[1])
         full = module(inp)
-        if spec.fused_index is not None:
-            full = full.chunk(3, dim=-1)[spec.fused_index]
+        rows = adapter.role_rows(role, g)
+        if rows is not None:
+            full = full[:, rows]
         torch.testing.assert_close(torch.nn.functional.linear(inp, w, b), full, rtol=1e-5, atol=1e-6)
 
 
@@ -62,22 +72,182 @@ def test_weight_is_what_the_module_computes(family):
 def test_load_block_weights_writes_in_place(family):
     model = make_model(family)
     adapter = get_adapter(model)
+    g = adapter.geometry(model.config)
     blocks = adapter.blocks(model)
-    weights, biases = adapter.block_weights(blocks[0])
-    adapter.load_block_weights(blocks[2], weights, biases)
+    weights, biases = adapter.block_weights(blocks[0], g)
+    adapter.load_block_weights(blocks[2], weights, biases, g)
     for role in adapter.roles:
-        assert torch.equal(adapter.weight(blocks[2], role), weights[role])
+        assert torch.equal(adapter.weight(blocks[2], role, g), weights[role])
         if biases[role] is not None:
-            assert torch.equal(adapter.bias(blocks[2], role), biases[role])
+            assert torch.equal(adapter.bias(blocks[2], role, g), biases[role])
     # the other blocks are untouched
-    assert not torch.equal(adapter.weight(blocks[1], "query"), weights["query"])
+    assert not torch.equal(adapter.weight(blocks[1], "query", g), weights["query"])
 
 
-def test_unsupported_architecture_lists_supported():
+def test_fused_layouts_are_explicit_row_maps():
+    g = Geometry(num_layers=1, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64)
+    rows = FusedLayout(("query", "key", "value")).rows(g)  # Phi-3: unequal widths under GQA
+    assert rows["query"].tolist() == list(range(32)) and rows["key"].tolist() == list(range(32, 48))
+    assert rows["value"].tolist() == list(range(48, 64))
+    mha = Geometry(1, 32, 4, 4, 8, 64)
+    neox = FusedLayout(("query", "key", "value"), per_head=True).rows(mha)  # q0 k0 v0 q1 k1 v1 ...
+    assert neox["query"][:8].tolist() == list(range(8)) and neox["query"][8:16].tolist() == list(range(24, 32))
+    assert neox["key"][:8].tolist() == list(range(8, 16)) and neox["value"][:8].tolist() == list(range(16, 24))
+    with pytest.raises(UnsupportedModelError):
+        FusedLayout(("query", "key", "value"), per_head=True).rows(g)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_self_checks_pass_on_every_declared_family(family):
+    """mapping, permutation and pruning checks on the tiny model; what a family cannot do is
+    declared (not run), never failed."""
+    model = make_model(family)
+    adapter, checks = prove(model, get_adapter(model), pruning=True)
+    by_name = {c.name: c for c in checks.checks}
+    assert by_name["mapping"].passed is True
+    assert by_name["permute neurons"].passed is True
+    for name in ("permute heads", "prune heads", "prune ffn"):
+        assert by_name[name].passed is not False, (name, by_name[name].detail)
+    assert (by_name["prune heads"].passed is None) == bool(adapter.refusal("prune_heads"))
+
+
+def _comparable(adapter, model):
+    """What an adapter means for a model, once proven: where everything is and what it may do."""
+    from compressor.adapters import CAPABILITIES
+
+    adapter, _ = prove(model, adapter, pruning=True)
+    g = adapter.geometry(model.config)
+    return {
+        "blocks": adapter.blocks_path,
+        "linears": adapter.linears,
+        "fused": adapter.fused,
+        "norms": {id(m) for m in adapter.norm_modules(model)},
+        "head_norms": adapter.head_norms,
+        "head_state": adapter.head_state,
+        "is_decoder": adapter.is_decoder,
+        "conv1d": adapter.conv1d,
+        "max_positions": adapter.max_positions(model.config),
+        "geometry": g,
+        "can": {c: adapter.refusal(c) is None for c in CAPABILITIES if c != "drop_layers"},
+    }
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inferred_adapter_reproduces_the_declared_one(family):
+    model = make_model(family)
+    declared, inferred = get_adapter(model), adapter_for(model, infer=True)
+    assert inferred.inferred and not declared.inferred
+    # the same modules, rows, norms and state, and after the self-checks the same capabilities
+    # (where the declared adapter says why up front, the inferred one finds out by its checks)
+    assert _comparable(inferred, model) == _comparable(declared, model)
+
+
+def test_mapping_check_catches_a_wrong_adapter():
+    """An adapter that puts a role in the wrong module is refused at load, naming the sublayer."""
+    import dataclasses
+
+    model = make_model("bert")
+    adapter = get_adapter(model)
+    wrong = dataclasses.replace(adapter, linears={**adapter.linears, "ffn_in": "output.dense", "ffn_out": "intermediate.dense"})
+    check = check_mapping(model, wrong, wrong.geometry(model.config))
+    assert check.passed is False and check.sublayer == "0.output.dense"
+    with pytest.raises(UnsupportedModelError, match="self-check 'mapping' failed at 0.output.dense"):
+        prove(model, wrong)
+
+
+def test_permutation_check_catches_a_wrong_row_map():
+    """GPT-2's stacked Q/K/V claimed as interleaved per head: the mapping check (which sees
+    shapes and orientation, not meaning) passes, the head permutation fails, and heads are then
+    kept in place and not pruned."""
+    import dataclasses
+
+    model = make_model("gpt2")
+    adapter = get_adapter(model)
+    wrong = dataclasses.replace(adapter, fused={"attn.c_attn": FusedLayout(("query", "key", "value"), per_head=True)})
+    proven, checks = prove(model, wrong, pruning=True)
+    assert checks.get("mapping").passed is True
+    assert checks.get("permute heads").passed is False
+    assert proven.refusal("permute_heads") and proven.refusal("prune_heads")
+
+
+def test_unsupported_architecture_is_named():
     config = transformers.T5Config()
     with pytest.raises(UnsupportedModelError) as e:
         get_adapter(config)
-    message = str(e.value)
-    assert "'t5'" in message
-    for t in ("bert", "roberta", "distilbert", "gpt2", "llama", "qwen2", "mistral"):
-        assert t in SUPPORTED_MODEL_TYPES and t in message
+    assert "'t5'" in str(e.value)
+    for t in ("bert", "roberta", "distilbert", "gpt2", "llama", "qwen2", "mistral", "mpnet", "phi3", "opt"):
+        assert t in SUPPORTED_MODEL_TYPES and t in str(e.value)
+
+
+# --- inference on models nobody declared, and deliberately broken ones ----------------------
+def test_inferred_adapter_on_an_undeclared_family():
+    """A family with no declared adapter (here: BioGPT, a decoder with BERT-like names) gets an
+    inferred adapter that passes every check."""
+    config = transformers.BioGptConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                                       vocab_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.BioGptForCausalLM(config).eval()
+    assert "biogpt" not in SUPPORTED_MODEL_TYPES
+    adapter, checks = prove(model, adapter_for(model), pruning=True)
+    assert adapter.inferred and adapter.is_decoder
+    assert adapter.linears["query"] == "self_attn.q_proj" and adapter.linears["ffn_in"] == "fc1"
+    assert all(checks.get(n).passed for n in ("mapping", "permute neurons", "permute heads", "prune ffn"))
+    # BioGPT's head size is hidden / heads: the pruning check finds that a config with fewer
+    # heads does not rebuild, and head pruning is refused with what it found
+    assert checks.get("prune heads").passed is False
+    with pytest.raises(UnsupportedModelError, match="cannot prune attention heads: self-check 'prune heads' failed"):
+        adapter.require("prune_heads")
+
+
+def test_a_block_with_an_unmatched_linear_is_refused():
+    model = make_model("bert")
+    for block in model.encoder.layer:
+        block.attention.self.extra = torch.nn.Linear(32, 48)  # a projection no role explains
+    with pytest.raises(UnsupportedModelError, match=r"self-check 'label linears' failed: attention\.self\.extra \(48 x 32\)"):
+        adapter_for(model, infer=True)
+
+
+def test_a_per_head_parameter_outside_the_blocks_refuses_head_surgery():
+    """MPNet with inference forced: the (buckets, heads) bias outside the blocks is found, heads
+    stay in place for alignment, and head pruning is refused with the reason."""
+    model = make_model("mpnet")
+    adapter, checks = prove(model, adapter_for(model, infer=True), pruning=True)
+    assert adapter.head_state == ("encoder.relative_attention_bias.weight",)
+    assert "relative_attention_bias" in adapter.refusal("permute_heads")
+    with pytest.raises(UnsupportedModelError, match="cannot prune attention heads: every layer reads the per-head parameter"):
+        adapter.require("prune_heads")
+
+
+class _ShuffledRows(torch.nn.Module):
+    """Hands the attention a fused projection's rows in a fixed scrambled order."""
+
+    def __init__(self, order):
+        super().__init__()
+        self.register_buffer("order", order)
+
+    def forward(self, x):
+        return x[..., self.order]
+
+
+def test_a_fused_projection_with_an_unknown_split_is_refused():
+    """A GPT-NeoX whose fused QKV rows reach the attention scrambled: neither stacked nor
+    per-head rows are the heads, and the inferred adapter says it cannot tell."""
+    model = make_model("gpt_neox")
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(0))
+    for block in model.gpt_neox.layers:
+        block.attention.query_key_value = torch.nn.Sequential(block.attention.query_key_value, _ShuffledRows(order))
+    with pytest.raises(UnsupportedModelError,
+                       match=r"self-check 'fused split' failed: attention\.query_key_value\.0 \(96 x 32\): neither"):
+        adapter_for(model, infer=True)
+
+
+def test_pruning_check_refuses_what_does_not_reload():
+    """OPT's head size is hidden / heads: pruning a head through an adapter that claims it can
+    yields a config that rebuilds other shapes, and the check says so."""
+    import dataclasses
+
+    model = make_model("opt")
+    adapter = dataclasses.replace(get_adapter(model), refusals={})
+    check = check_pruning(model, adapter, "heads")
+    assert check.passed is False
+

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from compressor.adapters import get_adapter
-from compressor.analysis.alignment import BlockPermutation, find_permutation, permute_weights, unit_features
+from compressor.analysis.alignment import BlockPermutation, find_permutation, permute_weights, restrict, unit_features
 from compressor.analysis.weights import weight_similarity
 from tiny_models import FAMILIES, make_model
 
@@ -24,6 +24,12 @@ def random_permutation(geometry, seed=0) -> BlockPermutation:
                             query_within=within)
 
 
+def allowed(perm, adapter, geometry) -> BlockPermutation:
+    """``perm`` limited to the units the family lets move (MPNet keeps its heads in place)."""
+    return restrict(perm, geometry, heads=adapter.refusal("permute_heads") is None,
+                    neurons=adapter.refusal("permute_neurons") is None)
+
+
 def model_output(model, ids):
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
@@ -38,11 +44,13 @@ def test_permutation_preserves_function(family):
     with torch.no_grad():
         before = model_output(model, ids)
         for i, block in enumerate(adapter.blocks(model)):
-            w, b = adapter.block_weights(block)
-            adapter.load_block_weights(block, *permute_weights(w, b, random_permutation(geometry, i), geometry))
+            w, b = adapter.block_weights(block, geometry)
+            perm = allowed(random_permutation(geometry, i), adapter, geometry)
+            adapter.load_block_weights(block, *permute_weights(w, b, perm, geometry), geometry)
         after = model_output(model, ids)
     fresh = make_model(family)
-    assert not torch.equal(adapter.weight(adapter.blocks(model)[0], "ffn_in"), adapter.weight(adapter.blocks(fresh)[0], "ffn_in"))
+    assert not torch.equal(adapter.weight(adapter.blocks(model)[0], "ffn_in", geometry),
+                           adapter.weight(adapter.blocks(fresh)[0], "ffn_in", geometry))
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
 
 
@@ -52,15 +60,17 @@ def test_permuted_copy_scores_one_aligned_and_less_raw(family):
     adapter = get_adapter(model)
     geometry = adapter.geometry(model.config)
     blocks = adapter.blocks(model)
-    w, b = adapter.block_weights(blocks[0])
-    adapter.load_block_weights(blocks[1], *permute_weights(w, b, random_permutation(geometry, 7), geometry))
+    w, b = adapter.block_weights(blocks[0], geometry)
+    perm = allowed(random_permutation(geometry, 7), adapter, geometry)
+    adapter.load_block_weights(blocks[1], *permute_weights(w, b, perm, geometry), geometry)
 
     sim = weight_similarity(model, adapter)
     for role in adapter.roles:
         assert sim["aligned"][role][0][1] == pytest.approx(1.0, abs=1e-5), role
         assert sim["aligned"][role][1][0] == pytest.approx(1.0, abs=1e-5), role
-    # Every role is moved by the permutation, so raw cosine drops below 1 for each.
-    for role in adapter.roles:
+    # Every role moved by the permutation has a raw cosine below 1.
+    moved = adapter.roles if adapter.refusal("permute_heads") is None else ("ffn_in", "ffn_out")
+    for role in moved:
         assert sim["raw"][role][0][1] < 0.9, role
     # Unrelated random layers stay far apart even after alignment.
     assert sim["aligned_mean"][0][2] < 0.5
@@ -70,7 +80,7 @@ def test_find_permutation_recovers_the_inverse():
     model = make_model("llama")
     adapter = get_adapter(model)
     geometry = adapter.geometry(model.config)
-    w, b = adapter.block_weights(adapter.blocks(model)[0])
+    w, b = adapter.block_weights(adapter.blocks(model)[0], geometry)
     perm = random_permutation(geometry, 3)
     permuted, _ = permute_weights(w, b, perm, geometry)
     found = find_permutation(unit_features(w, geometry), unit_features(permuted, geometry))
@@ -86,8 +96,24 @@ def test_a_layer_against_an_exact_copy_scores_one(family):
     model = make_model(family)
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
-    adapter.load_block_weights(blocks[1], *adapter.block_weights(blocks[0]))
+    geometry = adapter.geometry(model.config)
+    adapter.load_block_weights(blocks[1], *adapter.block_weights(blocks[0], geometry), geometry)
     sim = weight_similarity(model, adapter)
     for role in adapter.roles:
         assert sim["raw"][role][0][1] == pytest.approx(1.0, abs=1e-6)
         assert sim["aligned"][role][0][1] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_mpnet_heads_really_are_not_permutable():
+    """The refusal is not a guess: MPNet's shared per-head bias makes a head permutation change
+    the output (the load-time self-check finds the same), while its neurons permute freely."""
+    from compressor.adapters.checks import check_permutation
+
+    model = make_model("mpnet")
+    with torch.no_grad():  # a trained model's bias is far from zero; random init leaves it small
+        model.encoder.relative_attention_bias.weight.normal_(0, 1.0)
+    adapter = get_adapter(model)
+    g = adapter.geometry(model.config)
+    assert adapter.refusal("permute_heads")
+    assert check_permutation(model, adapter, g, "heads").passed is False
+    assert check_permutation(model, adapter, g, "neurons").passed is True

@@ -31,11 +31,11 @@ def check_config_matches_shapes(loaded):
     g = loaded.geometry
     adapter = loaded.adapter
     for block in adapter.blocks(loaded.model):
-        assert adapter.weight(block, "query").shape == (g.num_heads * g.head_dim, g.hidden_size)
-        assert adapter.weight(block, "key").shape == (g.num_kv_heads * g.head_dim, g.hidden_size)
-        assert adapter.weight(block, "attn_out").shape == (g.hidden_size, g.num_heads * g.head_dim)
-        assert adapter.weight(block, "ffn_in").shape == (g.intermediate_size, g.hidden_size)
-        assert adapter.weight(block, "ffn_out").shape == (g.hidden_size, g.intermediate_size)
+        assert adapter.weight(block, "query", g).shape == (g.num_heads * g.head_dim, g.hidden_size)
+        assert adapter.weight(block, "key", g).shape == (g.num_kv_heads * g.head_dim, g.hidden_size)
+        assert adapter.weight(block, "attn_out", g).shape == (g.hidden_size, g.num_heads * g.head_dim)
+        assert adapter.weight(block, "ffn_in", g).shape == (g.intermediate_size, g.hidden_size)
+        assert adapter.weight(block, "ffn_out", g).shape == (g.hidden_size, g.intermediate_size)
     assert len(adapter.blocks(loaded.model)) == loaded.config.num_hidden_layers == g.num_layers
 
 
@@ -85,8 +85,8 @@ def test_dead_units_go_first_and_removing_them_changes_nothing(family, score, ti
     unit = g.heads_per_kv * g.head_dim  # query-space columns of one attention unit
     with torch.no_grad():
         for block in adapter.blocks(loaded.model):
-            adapter.weight(block, "attn_out")[:, unit : 2 * unit] = 0  # unit 1 is dead
-            adapter.weight(block, "ffn_out")[:, :16] = 0  # neurons 0..15 are dead
+            adapter.weight(block, "attn_out", g)[:, unit : 2 * unit] = 0  # unit 1 is dead
+            adapter.weight(block, "ffn_out", g)[:, :16] = 0  # neurons 0..15 are dead
     before = outputs(loaded)
     kv = g.num_kv_heads
     loaded, record = prune(loaded, PruneConfig(heads=1 / kv, ffn=0.25, score=score, fidelity=False))
@@ -94,7 +94,7 @@ def test_dead_units_go_first_and_removing_them_changes_nothing(family, score, ti
         assert 1 not in kept
     assert loaded.geometry.intermediate_size == 48
     for block in adapter.blocks(loaded.model):  # the dead neurons are the ones that went
-        assert bool((adapter.weight(block, "ffn_out").abs().sum(0) > 0).all())
+        assert bool((adapter.weight(block, "ffn_out", g).abs().sum(0) > 0).all())
     torch.testing.assert_close(outputs(loaded), before, atol=1e-5, rtol=1e-5)
 
 

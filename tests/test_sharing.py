@@ -62,7 +62,7 @@ def test_sharing_is_real(tiny_dirs, family, init):
     for norm in adapter.norms:  # norms stay per layer
         assert blocks[0].get_submodule(norm).weight is not blocks[1].get_submodule(norm).weight
     # two of three copies of every shared matrix are gone
-    per_layer = sum(adapter.weight(blocks[3], r).numel() for r in adapter.roles)
+    per_layer = sum(adapter.weight(blocks[3], r, loaded.geometry).numel() for r in adapter.roles)
     assert record.params_before - record.params_after == 2 * per_layer
     assert unique_parameters(loaded.model)[0] == record.params_after
 
@@ -79,8 +79,8 @@ def test_aligned_mean_of_a_permuted_copy_is_exact(tiny_dirs, family):
         loaded = load_model(tiny_dirs[family])
         adapter, g = loaded.adapter, loaded.geometry
         blocks = adapter.blocks(loaded.model)
-        w, b = adapter.block_weights(blocks[0])
-        adapter.load_block_weights(blocks[1], *permute_weights(w, b, random_permutation(g, 5), g))
+        w, b = adapter.block_weights(blocks[0], g)
+        adapter.load_block_weights(blocks[1], *permute_weights(w, b, random_permutation(g, 5), g), g)
         # biases and norms too, so that layer 1 computes exactly what layer 0 does
         for name, p in blocks[0].named_parameters():
             if p.dim() == 1 and name.split(".")[-2] in {n.split(".")[-1] for n in adapter.norms}:

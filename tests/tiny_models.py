@@ -37,6 +37,32 @@ FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {**_DECODER, "num_key_value_heads": 2}),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {**_DECODER, "num_key_value_heads": 2}),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {**_DECODER, "num_key_value_heads": 2}),
+    # MPNet: one per-head relative attention bias outside the blocks, read by every layer
+    "mpnet": (transformers.MPNetConfig, transformers.MPNetModel, _ENCODER),
+    # DeBERTa-v3 style: disentangled attention through the layers' own key/query projections
+    "deberta-v2": (transformers.DebertaV2Config, transformers.DebertaV2Model,
+                   {**_ENCODER, "relative_attention": True, "pos_att_type": ["p2c", "c2p"], "position_buckets": 16,
+                    "max_relative_positions": -1, "position_biased_input": False, "norm_rel_ebd": "layer_norm",
+                    "share_att_key": True}),
+    # ELECTRA: embeddings narrower than the blocks, projected up
+    "electra": (transformers.ElectraConfig, transformers.ElectraModel, {**_ENCODER, "embedding_size": 16}),
+    # ModernBERT: fused Wqkv, GLU Wi, global attention every 2nd layer, local window elsewhere
+    "modernbert": (transformers.ModernBertConfig, transformers.ModernBertModel,
+                   {**_ENCODER, "global_attn_every_n_layers": 2, "local_attention": 8, "bos_token_id": 2,
+                    "eos_token_id": 3, "cls_token_id": 2, "sep_token_id": 3}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {**_DECODER, "num_key_value_heads": 2, "head_dim": 8}),
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, {**_DECODER, "num_key_value_heads": 2, "head_dim": 8}),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+               {**_DECODER, "num_key_value_heads": 2, "head_dim": 8, "sliding_window": 8}),
+    "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+                    {**_DECODER, "num_key_value_heads": 2, "head_dim": 8, "sliding_window": 8}),
+    # Phi-3: fused qkv_proj with unequal query and key/value widths, fused gate_up_proj
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {**_DECODER, "num_key_value_heads": 2}),
+    # GPT-NeoX: query_key_value interleaved per head
+    "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM, _DECODER),
+    "opt": (transformers.OPTConfig, transformers.OPTForCausalLM,
+            dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, ffn_dim=64, vocab_size=VOCAB_SIZE,
+                 max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3, word_embed_proj_dim=32)),
 }
 
 

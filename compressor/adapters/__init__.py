@@ -1,41 +1,102 @@
-"""Architecture adapters: what differs between model families lives here and nowhere else."""
+"""Architecture adapters: what differs between model families lives here and nowhere else.
+
+`adapter_for` gives a model its adapter: the declared one for its ``model_type``
+(`families`), or one inferred from its structure (`infer`). Either way `checks.prove` proves
+it on the loaded model before a stage uses it (`compressor.models.load_model` does).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..errors import UnsupportedModelError
-from .base import HEAD_ROW_ROLES, NEURON_ROW_ROLES, ROLES, ArchitectureAdapter, Geometry, LinearSpec
+from .base import (
+    CAPABILITIES,
+    HEAD_ROW_ROLES,
+    NEURON_ROW_ROLES,
+    ROLES,
+    ArchitectureAdapter,
+    FusedLayout,
+    Geometry,
+    applied_weight,
+    dense_like,
+    is_conv1d,
+    module_shape,
+    module_weight,
+    set_module_weight,
+)
 from .families import ADAPTERS
 
 _BY_MODEL_TYPE = {t: a for a in ADAPTERS for t in a.model_types}
 
-#: The ``model_type`` values `compress` supports, for messages and docs.
+#: The ``model_type`` values with a declared adapter, for messages and docs.
 SUPPORTED_MODEL_TYPES = tuple(sorted(_BY_MODEL_TYPE))
 
 
+def declared_adapter(model_or_config) -> ArchitectureAdapter | None:
+    """The declared adapter for a model (or its config), or ``None``."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return _BY_MODEL_TYPE.get(getattr(config, "model_type", None))
+
+
 def get_adapter(model_or_config) -> ArchitectureAdapter:
-    """The adapter for a model (or its config).
+    """The declared adapter for a model (or its config).
 
     Raises:
-        UnsupportedModelError: no adapter serves ``config.model_type``.
+        UnsupportedModelError: no adapter is declared for ``config.model_type``.
     """
-    config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
-    try:
-        return _BY_MODEL_TYPE[model_type]
-    except KeyError:
+    adapter = declared_adapter(model_or_config)
+    if adapter is None:
+        config = getattr(model_or_config, "config", model_or_config)
         raise UnsupportedModelError(
-            f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        ) from None
+            f"no declared adapter for {getattr(config, 'model_type', None)!r}; declared: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return adapter
+
+
+def adapter_for(model, *, infer: bool = False) -> ArchitectureAdapter:
+    """The model's adapter: declared for its ``model_type``, else (or with ``infer``) inferred.
+
+    An inferred fused QKV projection whose rows could be stacked or interleaved per head is
+    settled by which layout survives a head permutation.
+
+    Raises:
+        UnsupportedModelError: nothing could be inferred, or the fused split is unclear.
+    """
+    declared = None if infer else declared_adapter(model)
+    if declared is not None:
+        return declared
+    from .infer import infer_adapter
+
+    return _settle_fused_split(model, infer_adapter(model))
+
+
+def _settle_fused_split(model, adapter: ArchitectureAdapter) -> ArchitectureAdapter:
+    from .checks import check_mapping, check_permutation, probe_inputs
+
+    qkv = [path for path, layout in adapter.fused.items() if "query" in layout.roles]
+    g = adapter.geometry(model.config)
+    if not qkv or g.num_kv_heads != g.num_heads:
+        return adapter
+    inputs = probe_inputs(model)
+    if not check_mapping(model, adapter, g, inputs).passed:
+        return adapter  # prove() names the failing sublayer
+    if check_permutation(model, adapter, g, "heads", inputs).passed is not False:
+        return adapter
+    path = qkv[0]
+    per_head = dataclasses.replace(adapter, fused={**adapter.fused, path: FusedLayout(adapter.fused[path].roles, per_head=True)})
+    if not adapter.head_state and check_permutation(model, per_head, g, "heads", inputs).passed:
+        return per_head
+    out_f, in_f = module_shape(adapter.linear(adapter.blocks(model)[0], "query"))
+    raise UnsupportedModelError(
+        f"{adapter.family}: no adapter could be inferred: self-check 'fused split' failed: {path} ({out_f} x {in_f}): "
+        "neither stacked nor per-head query/key/value rows survive a head permutation"
+    )
 
 
 __all__ = [
-    "ADAPTERS",
-    "ArchitectureAdapter",
-    "Geometry",
-    "HEAD_ROW_ROLES",
-    "LinearSpec",
-    "NEURON_ROW_ROLES",
-    "ROLES",
-    "SUPPORTED_MODEL_TYPES",
-    "get_adapter",
+    "ADAPTERS", "ArchitectureAdapter", "CAPABILITIES", "FusedLayout", "Geometry", "HEAD_ROW_ROLES",
+    "NEURON_ROW_ROLES", "ROLES", "SUPPORTED_MODEL_TYPES", "adapter_for", "applied_weight",
+    "declared_adapter", "dense_like", "get_adapter", "is_conv1d", "module_shape", "module_weight",
+    "set_module_weight",
 ]

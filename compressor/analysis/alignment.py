@@ -155,3 +155,28 @@ def find_permutation(reference: UnitFeatures, other: UnitFeatures) -> BlockPermu
             score[a, b] = blocks[a, b][torch.arange(r), inner[a, b]].mean()
     kv_groups = match_units(kv_sim + score)
     return BlockPermutation(neurons, kv_groups, inner[torch.arange(groups), kv_groups])
+
+
+def restrict(perm: BlockPermutation, geometry: Geometry, *, heads: bool = True, neurons: bool = True) -> BlockPermutation:
+    """``perm`` with the heads (or neurons) left in place where they may not move.
+
+    A family whose heads are read by state outside the block (MPNet's shared per-head bias) or
+    whose self-check found heads not permutable keeps its heads where they are.
+    """
+    identity = BlockPermutation.identity(geometry)
+    return BlockPermutation(
+        perm.neurons if neurons else identity.neurons,
+        perm.kv_groups if heads else identity.kv_groups,
+        perm.query_within if heads else None,
+    )
+
+
+def random_permutation(geometry: Geometry, generator: torch.Generator) -> BlockPermutation:
+    """A random function-preserving permutation (neurons, key/value groups, heads within groups)."""
+    r = geometry.heads_per_kv
+    within = torch.stack([torch.randperm(r, generator=generator) for _ in range(geometry.num_kv_heads)])
+    return BlockPermutation(
+        torch.randperm(geometry.intermediate_size, generator=generator),
+        torch.randperm(geometry.num_kv_heads, generator=generator),
+        within if r > 1 else None,
+    )

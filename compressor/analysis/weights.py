@@ -8,7 +8,7 @@ from itertools import combinations
 import torch
 
 from ..adapters import ArchitectureAdapter
-from .alignment import find_permutation, permute_weights, unit_features
+from .alignment import find_permutation, permute_weights, restrict, unit_features
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor, norm_a: float, norm_b: float) -> float:
@@ -36,9 +36,11 @@ def weight_similarity(model, adapter: ArchitectureAdapter, *, workers: int | Non
     roles = adapter.roles
     blocks = adapter.blocks(model)
     n = len(blocks)
+    movable_heads = adapter.refusal("permute_heads") is None
+    movable_neurons = adapter.refusal("permute_neurons") is None
     with torch.no_grad():
         # Views of the stored weights, in float32 for stable cosines; no copies for fp32 models.
-        weights = [{r: adapter.weight(b, r).float() for r in roles} for b in blocks]
+        weights = [{r: adapter.weight(b, r, geometry).float() for r in roles} for b in blocks]
         norms = [{r: float(w[r].norm()) for r in roles} for w in weights]
     # Matching features are built per pair rather than kept for every layer: they are as large
     # as the layer itself, and rebuilding them costs a few percent of the time.
@@ -50,6 +52,8 @@ def weight_similarity(model, adapter: ArchitectureAdapter, *, workers: int | Non
         i, j = ij
         with torch.no_grad():
             perm = find_permutation(unit_features(weights[i], geometry), unit_features(weights[j], geometry))
+            # units that may not move (see the adapter's self-checks) stay where they are
+            perm = restrict(perm, geometry, heads=movable_heads, neurons=movable_neurons)
             permuted, _ = permute_weights(weights[j], {}, perm, geometry)
             for r in roles:
                 raw[r][i, j] = raw[r][j, i] = _cosine(weights[i][r], weights[j][r], norms[i][r], norms[j][r])

@@ -116,7 +116,7 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
         if quantize is not None and quantize.mode != "fp16" and matmuls["float_on_weights"]:
             raise ExportError(f"{matmuls['float_on_weights']} of {matmuls['on_weights']} projections kept a float weight after int8 quantization")
 
-        check = check_export(tmp, model, loaded.tokenizer, task, input_names, config, quantize, texts)
+        check = check_export(tmp, model, loaded.tokenizer, task, input_names, config, quantize, texts, loaded.adapter)
         metrics: dict[str, Any] = {
             "model": loaded.name, "task": task, "ort_class": ORT_CLASSES[task], "precision": precision,
             "opset": config.opset, "inputs": input_names, "file_bytes": (tmp / MODEL_FILE).stat().st_size,
@@ -210,11 +210,9 @@ def check_batches(tokenizer, texts: list[str], lengths: list[int], max_positions
     return batches
 
 
-def max_positions(model, tokenizer) -> int | None:
-    cfg = model.config
-    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if limit and getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
-        limit -= 2  # positions start after the padding index
+def max_positions(adapter, model, tokenizer) -> int | None:
+    """The longest input the model and its tokenizer take (the adapter knows reserved positions)."""
+    limit = adapter.max_positions(model.config)
     tok_limit = getattr(tokenizer, "model_max_length", None)
     if tok_limit and tok_limit < 1_000_000:
         limit = min(limit, tok_limit) if limit else tok_limit
@@ -222,7 +220,7 @@ def max_positions(model, tokenizer) -> int | None:
 
 
 def check_export(folder: Path, model, tokenizer, task: str, input_names: list[str], config: ExportConfig,
-                 quantize: QuantizeConfig | None, texts: list[str]) -> dict[str, Any]:
+                 quantize: QuantizeConfig | None, texts: list[str], adapter) -> dict[str, Any]:
     """Compare the folder, loaded through optimum, with PyTorch on every check batch.
 
     fp32 must match elementwise (``atol + rtol * |reference|``); a quantized export must reach
@@ -235,7 +233,7 @@ def check_export(folder: Path, model, tokenizer, task: str, input_names: list[st
     # ORTModelForCausalLM computes position ids itself; the other classes take them from the caller
     forward_names = [n for n in input_names if n != "position_ids" or task != "text-generation"]
     results = []
-    for length, batch in check_batches(tokenizer, texts, config.check_lengths, max_positions(model, tokenizer)):
+    for length, batch in check_batches(tokenizer, texts, config.check_lengths, max_positions(adapter, model, tokenizer)):
         inputs = {k: v for k, v in batch.items() if k in forward_names}
         if "position_ids" in forward_names:
             mask = batch["attention_mask"]

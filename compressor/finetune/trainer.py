@@ -71,10 +71,14 @@ def check_resumable(output: str | Path) -> None:
         raise ConfigError(f"nothing to resume: {Path(output) / STATE} does not exist")
 
 
-def select_trainable(model, mode: str) -> list[torch.nn.Parameter]:
-    """Set ``requires_grad`` for the chosen mode and return the trainable parameters."""
+def select_trainable(loaded, mode: str) -> list[torch.nn.Parameter]:
+    """Set ``requires_grad`` for the chosen mode and return the trainable parameters.
+
+    ``lora+norms`` trains the norms the adapter names (in the blocks, in the heads, outside).
+    """
     chosen = []
-    norm_params = {id(p) for m in model.modules() if type(m).__name__.endswith("Norm") for p in m.parameters(recurse=False)}
+    model = loaded.model
+    norm_params = {id(p) for m in loaded.adapter.norm_modules(model) for p in m.parameters(recurse=False)}
     for name, p in model.named_parameters():
         is_lora = ".lora_A." in name or ".lora_B." in name
         train = mode == "all" or is_lora or (mode == "lora+norms" and id(p) in norm_params)
@@ -227,7 +231,7 @@ def finetune(
     model, tmodel = student.model.to(device), teacher.model.to(device).eval()
     for p in tmodel.parameters():
         p.requires_grad_(False)
-    trainable = select_trainable(model, config.train)
+    trainable = select_trainable(student, config.train)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
 

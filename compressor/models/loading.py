@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from ..adapters import ArchitectureAdapter, get_adapter
-from ..errors import ModelLoadError
+from ..adapters import ArchitectureAdapter, declared_adapter
+from ..errors import ModelLoadError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -85,6 +85,7 @@ class LoadedModel:
     pooling: str = "mean"
     sharing: dict | None = None
     origin: str | None = None
+    checks: Any = None  # compressor.adapters.checks.AdapterChecks: what the self-checks found
 
     def __post_init__(self):
         if self.origin is None:
@@ -239,7 +240,7 @@ def load_model(
     if not local:
         location = _cached_or_reachable(location)
     config = _load_config(location, shown, trust_remote_code)
-    adapter = get_adapter(config)  # fail before reading weights
+    _check_architecture(config, shown)  # fail before reading weights
 
     cls = _model_class(config)
     try:
@@ -262,13 +263,40 @@ def load_model(
             f"(e.g. {missing[0]}); is config.json from another model?"
         )
     model.eval()
+    adapter, checks = prove_adapter(model)
 
     tokenizer = _load_tokenizer(location, trust_remote_code)
     declared = _pooling(Path(location)) if local else None
     # without a sentence-transformers pooling config: mean for encoders, last token for decoders
     pooling = declared or ("last" if adapter.is_decoder else "mean")
     name = BUNDLED_NAME if spec is None else (location if not local else str(spec).rstrip("/"))
-    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=location, name=name, pooling=pooling)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=location, name=name, pooling=pooling,
+                       checks=checks)
+
+
+def _check_architecture(config, shown: str) -> None:
+    """Refuse what no adapter can describe before reading any weights: a model without
+    Transformer blocks, or an encoder-decoder (the toolkit compresses one stack of blocks)."""
+    if declared_adapter(config) is not None:
+        return
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{shown}: {config.model_type} is an encoder-decoder model; compress handles "
+                                    "encoder-only and decoder-only Transformers")
+    if not isinstance(getattr(config, "num_hidden_layers", None), int):
+        raise UnsupportedModelError(f"{shown}: {config.model_type} has no Transformer block list "
+                                    "(its config names no num_hidden_layers)")
+
+
+def prove_adapter(model, *, infer: bool = False):
+    """The model's adapter (declared or inferred) after its self-checks, and the checks.
+
+    Raises:
+        UnsupportedModelError: no adapter could be inferred, or the mapping check failed.
+    """
+    from ..adapters import adapter_for
+    from ..adapters.checks import prove
+
+    return prove(model, adapter_for(model, infer=infer))
 
 
 def _cached_or_reachable(hub_id: str) -> str:

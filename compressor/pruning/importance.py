@@ -19,24 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from ..sharing.layer import SharedLinear
 
 
-def applied_weight(module) -> torch.Tensor:
-    """``(out, in)`` weight a module applies (a shared weight plus the layer's own delta)."""
-    from ..adapters.base import is_conv1d
-
-    if isinstance(module, SharedLinear):
-        return module.effective_weight().detach()
-    w = module.weight.detach()
-    return w.t() if is_conv1d(module) else w
-
-
-def role_weight(adapter, block, role: str) -> torch.Tensor:
-    """The applied ``(out, in)`` weight of one role (a third of a fused QKV module)."""
-    w = applied_weight(adapter.linear(block, role))
-    index = adapter.linears[role].fused_index
-    return w if index is None else w.chunk(3, dim=0)[index]
 
 
 def magnitude_scores(loaded) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -45,15 +29,15 @@ def magnitude_scores(loaded) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     g = loaded.geometry
     heads, neurons = [], []
     for block in adapter.blocks(loaded.model):
-        value = role_weight(adapter, block, "value").float()
-        out = role_weight(adapter, block, "attn_out").float()
+        value = adapter.applied_weight(block, "value", g).float()
+        out = adapter.applied_weight(block, "attn_out", g).float()
         v_norm = value.reshape(g.num_kv_heads, -1).norm(dim=1)  # (kv heads,)
         o_norm = out.reshape(out.shape[0], g.num_kv_heads, -1).norm(dim=(0, 2))  # (kv heads,), query heads of a group together
         heads.append(v_norm * o_norm)
-        w_in = role_weight(adapter, block, "ffn_in").float().norm(dim=1)
-        if "ffn_gate" in adapter.linears:
-            w_in = w_in + role_weight(adapter, block, "ffn_gate").float().norm(dim=1)
-        w_out = role_weight(adapter, block, "ffn_out").float().norm(dim=0)
+        w_in = adapter.applied_weight(block, "ffn_in", g).float().norm(dim=1)
+        if adapter.gated_ffn:
+            w_in = w_in + adapter.applied_weight(block, "ffn_gate", g).float().norm(dim=1)
+        w_out = adapter.applied_weight(block, "ffn_out", g).float().norm(dim=0)
         neurons.append(w_in * w_out)
     return heads, neurons
 
@@ -69,8 +53,8 @@ def taylor_scores(loaded, texts: list[str], *, batch_size: int = 16, max_length:
     blocks = adapter.blocks(model)
     n = len(blocks)
     model.to(device).eval()
-    out_weights = [role_weight(adapter, b, "attn_out").float() for b in blocks]
-    ffn_out_norms = [role_weight(adapter, b, "ffn_out").float().norm(dim=0) for b in blocks]
+    out_weights = [adapter.applied_weight(b, "attn_out", g).float() for b in blocks]
+    ffn_out_norms = [adapter.applied_weight(b, "ffn_out", g).float().norm(dim=0) for b in blocks]
     # (hidden, kv heads, heads per kv, head_dim): the columns of W_o that each head writes through
     out_by_head = [w.view(w.shape[0], g.num_kv_heads, g.heads_per_kv, g.head_dim) for w in out_weights]
     head_sum = [torch.zeros(g.num_kv_heads, dtype=torch.float64) for _ in range(n)]

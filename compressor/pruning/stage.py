@@ -34,13 +34,17 @@ def prune(loaded: LoadedModel, config: PruneConfig) -> tuple[LoadedModel, StageR
 
     Raises:
         ConfigError: more layers to drop than the model has, or bad data.
+        UnsupportedModelError: the family cannot prune what is asked (said by its adapter or
+            found by the adapter's pruning self-check); nothing is changed then.
         PruneError: the pruned model no longer runs.
     """
     start = time.perf_counter()
-    adapter, model = loaded.adapter, loaded.model
-    n = len(adapter.blocks(model))
+    model = loaded.model
+    n = len(loaded.adapter.blocks(model))
     if config.drop_layers >= n:
         raise ConfigError(f"--drop-layers {config.drop_layers} would leave no layer of the model's {n}")
+    require_pruning(loaded, heads=bool(config.heads), ffn=bool(config.ffn), layers=bool(config.drop_layers))
+    adapter = loaded.adapter
     # Read all data first, so that a bad file fails before any work.
     vocab_texts = None
     if config.vocab_from:
@@ -119,6 +123,22 @@ def prune(loaded: LoadedModel, config: PruneConfig) -> tuple[LoadedModel, StageR
         seconds=time.perf_counter() - start,
     )
     return loaded, record
+
+
+def require_pruning(loaded: LoadedModel, *, heads: bool, ffn: bool, layers: bool) -> None:
+    """Refuse, in one line, a pruning the family cannot do, before anything changes.
+
+    The adapter's pruning self-checks (one head and one neuron pruned in a two-layer copy,
+    which must rebuild from its config and run) are run here once, and what they rule out is
+    refused as the family's declared limits are.
+    """
+    from ..adapters.checks import prove
+
+    if heads or ffn:
+        loaded.adapter, loaded.checks = prove(loaded.model, loaded.adapter, pruning=True, checks=loaded.checks)
+    for wanted, capability in ((heads, "prune_heads"), (ffn, "prune_ffn"), (layers, "drop_layers")):
+        if wanted:
+            loaded.adapter.require(capability)
 
 
 def _groups(loaded: LoadedModel, roles: tuple[str, ...]) -> list[list[int]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapters.base import is_conv1d
+from ..adapters import dense_like, module_weight, set_module_weight
 from ..models import LoadedModel
 from ..sharing.layer import SharedLinear
 
@@ -35,16 +35,11 @@ def slice_linear(module: nn.Module, *, rows: torch.Tensor | None = None, cols: t
                 module.bias = nn.Parameter(module.bias[rows].clone(), requires_grad=module.bias.requires_grad)
             if module.lora_rank:
                 # lora_B: (out, rank) loses rows; lora_A: (rank, in) loses columns
-                _set_linear_weight(module.lora_B, _cut(module.lora_B.weight, rows, None))
-                _set_linear_weight(module.lora_A, _cut(module.lora_A.weight, None, cols))
+                set_module_weight(module.lora_B, _cut(module.lora_B.weight, rows, None))
+                set_module_weight(module.lora_A, _cut(module.lora_A.weight, None, cols))
             module.out_features, module.in_features = base.out_features, base.in_features
             return
-        if is_conv1d(module):
-            w = _cut(module.weight.t(), rows, cols).t().contiguous()  # Conv1D stores (in, out)
-            module.weight = nn.Parameter(w, requires_grad=module.weight.requires_grad)
-            module.nf = w.shape[1]
-        else:
-            _set_linear_weight(module, _cut(module.weight, rows, cols))
+        set_module_weight(module, _cut(module_weight(module), rows, cols))
         if getattr(module, "bias", None) is not None and rows is not None:
             module.bias = nn.Parameter(module.bias[rows].clone(), requires_grad=module.bias.requires_grad)
 
@@ -55,11 +50,6 @@ def _cut(w: torch.Tensor, rows, cols) -> torch.Tensor:
     if cols is not None:
         w = w.index_select(1, cols.to(w.device))
     return w.detach().clone()
-
-
-def _set_linear_weight(linear: nn.Linear, w: torch.Tensor) -> None:
-    linear.weight = nn.Parameter(w, requires_grad=linear.weight.requires_grad)
-    linear.out_features, linear.in_features = w.shape
 
 
 def recap_lora(module: SharedLinear, lora_alpha: float | None) -> None:
@@ -106,12 +96,9 @@ def prune_heads(loaded: LoadedModel, keep: dict[int, list[int]], done: set[int])
         q_rows = head_rows(units, hpk, d)
         kv_rows = head_rows(units, 1, d)
         rows_by_role = {"query": q_rows, "key": kv_rows, "value": kv_rows}
-        sizes = {"query": g.num_heads * d, "key": g.num_kv_heads * d, "value": g.num_kv_heads * d}
-        for path, roles in adapter.module_roles(("query", "key", "value")).items():
-            # a fused QKV module holds its roles one after the other
-            offsets = [sum(sizes[r] for r in roles[:i]) for i in range(len(roles))]
-            idx = torch.cat([rows_by_role[r] + off for r, off in zip(roles, offsets)])
-            slice_linear(block.get_submodule(path), rows=idx, done=done)
+        for path in adapter.module_roles(("query", "key", "value")):
+            # a fused module keeps its layout (stacked or per head) through its row map
+            slice_linear(block.get_submodule(path), rows=adapter.module_rows(path, rows_by_role, g), done=done)
         slice_linear(adapter.linear(block, "attn_out"), cols=q_rows, done=done)
 
         removed_now = sorted(set(range(g.num_heads)) - {u * hpk + i for u in units for i in range(hpk)})
@@ -120,6 +107,8 @@ def prune_heads(loaded: LoadedModel, keep: dict[int, list[int]], done: set[int])
             module = block.get_submodule(path)
             if kind == "heads":
                 setattr(module, attr, new_heads)
+            elif kind == "kv_heads":
+                setattr(module, attr, new_kv)
             elif kind == "width":
                 setattr(module, attr, new_heads * d)
             elif kind == "pruned":
@@ -127,9 +116,7 @@ def prune_heads(loaded: LoadedModel, keep: dict[int, list[int]], done: set[int])
         if adapter.pruned_heads_in_config:
             config.pruned_heads = {**(config.pruned_heads or {}), layer: removed_original}
     if not adapter.pruned_heads_in_config:
-        config.num_attention_heads = new_heads
-        config.num_key_value_heads = new_kv
-        config.head_dim = d
+        adapter.write_heads(config, new_heads, new_kv, d)
 
 
 def _original_heads(config, layer: int, removed_now: list[int]) -> list[int]:
@@ -146,17 +133,18 @@ def _original_heads(config, layer: int, removed_now: list[int]) -> list[int]:
 def prune_ffn(loaded: LoadedModel, keep: dict[int, list[int]], done: set[int]) -> None:
     """Keep the FFN neurons ``keep[layer]`` (sorted, as many in every layer)."""
     adapter, model = loaded.adapter, loaded.model
+    g = loaded.geometry
     blocks = adapter.blocks(model)
     widths = {len(v) for v in keep.values()}
     assert len(widths) == 1, "every layer keeps as many neurons (the config holds one width)"
     for layer, neurons in keep.items():
         idx = torch.tensor(neurons, dtype=torch.long)
         block = blocks[layer]
-        for role in ("ffn_gate", "ffn_in"):
-            if role in adapter.linears:
-                slice_linear(adapter.linear(block, role), rows=idx, done=done)
+        for path in adapter.module_roles(("ffn_gate", "ffn_in")):
+            rows = adapter.module_rows(path, {"ffn_gate": idx, "ffn_in": idx}, g)
+            slice_linear(block.get_submodule(path), rows=rows, done=done)
         slice_linear(adapter.linear(block, "ffn_out"), cols=idx, done=done)
-    setattr(model.config, adapter.config_keys["intermediate_size"], widths.pop())
+    adapter.write_intermediate(model.config, widths.pop())
 
 
 def recap_all(loaded: LoadedModel) -> None:
@@ -212,18 +200,5 @@ def drop_layers(loaded: LoadedModel, drop: list[int]) -> None:
 def _densify(block: nn.Module, path: str, *, conv1d: bool) -> None:
     """Replace the `SharedLinear` at ``path`` by a dense module holding its effective weight."""
     shared = block.get_submodule(path)
-    w = shared.effective_weight().detach()  # (out, in)
-    out_f, in_f = w.shape
-    if conv1d:
-        from transformers.pytorch_utils import Conv1D
-
-        dense = Conv1D(out_f, in_f)
-        dense.weight = nn.Parameter(w.t().contiguous())
-        dense.bias = nn.Parameter(shared.bias.detach().clone() if shared.bias is not None else torch.zeros(out_f, dtype=w.dtype))
-    else:
-        dense = nn.Linear(in_f, out_f, bias=shared.bias is not None, dtype=w.dtype, device=w.device)
-        dense.weight = nn.Parameter(w.clone())
-        if shared.bias is not None:
-            dense.bias = nn.Parameter(shared.bias.detach().clone())
-    parent_path, _, name = path.rpartition(".")
-    setattr(block.get_submodule(parent_path) if parent_path else block, name, dense)
+    bias = shared.bias.detach().clone() if shared.bias is not None else None
+    block.set_submodule(path, dense_like(shared.effective_weight().detach(), bias, conv1d=conv1d))

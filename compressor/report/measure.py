@@ -164,7 +164,7 @@ def report(original: LoadedModel, variants: list[tuple[str, str]], config: Repor
     from ..models import load_model
 
     start = time.perf_counter()
-    limit = max_positions(original.model, original.tokenizer)
+    limit = max_positions(original.adapter, original.model, original.tokenizer)
     if limit and config.seq_len > limit:
         raise CompressError(f"--seq-len {config.seq_len} is longer than {original.name} reads ({limit} tokens)")
 

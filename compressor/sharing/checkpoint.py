@@ -83,7 +83,8 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None):
     from safetensors.torch import load_model as load_weights
     from torch import nn
 
-    from ..adapters import get_adapter
+    from ..adapters import adapter_for, module_shape
+    from ..adapters.checks import prove
     from ..models.loading import LoadedModel, _load_config, _load_tokenizer
     from .merge import install_shared
 
@@ -98,13 +99,13 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None):
             f"{manifest.get('format_version')!r}; this compress reads {FORMAT!r} version {FORMAT_VERSION}"
         )
     config = _load_config(str(folder), str(folder), False)
-    adapter = get_adapter(config)
     cls = getattr(transformers, str(manifest.get("model_class")), None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ModelLoadError(f"{folder}: unknown model class {manifest.get('model_class')!r}")
     with transformers.modeling_utils.no_init_weights():  # the weights come from the file
         model = cls(config)
     model.tie_weights()  # skipped with the init above; GPT-2's head shares the embedding
+    adapter = adapter_for(model)  # from the structure alone; proven below on the loaded weights
     dtype = getattr(torch, str(manifest.get("dtype", "float32")), None)
     if isinstance(dtype, torch.dtype):
         model.to(dtype)
@@ -117,7 +118,7 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None):
                 continue
             for path in sharing["modules"]:
                 dense = blocks[group[0]].get_submodule(path)
-                out_f, in_f = _shape(dense)
+                out_f, in_f = module_shape(dense)
                 base = nn.Linear(in_f, out_f, bias=False, dtype=dense.weight.dtype)
                 biases = {
                     layer: (None if blocks[layer].get_submodule(path).bias is None else torch.zeros(out_f, dtype=dense.weight.dtype))
@@ -130,6 +131,7 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(f"{folder}: weights do not match the manifest: {first}") from None
     model.eval()
+    adapter, checks = prove(model, adapter)
     return LoadedModel(
         model=model,
         tokenizer=_load_tokenizer(str(folder), False),
@@ -139,12 +141,6 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None):
         pooling=manifest.get("pooling", "mean"),
         sharing=sharing,
         origin=manifest.get("source"),
+        checks=checks,
     )
 
-
-def _shape(module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of a dense linear or GPT-2 Conv1D module."""
-    from ..adapters.base import is_conv1d
-
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if is_conv1d(module) else (w.shape[0], w.shape[1])

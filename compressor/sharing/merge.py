@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from ..adapters import ArchitectureAdapter
-from ..analysis.alignment import BlockPermutation, find_permutation, permute_weights, unit_features
+from ..adapters.base import ATTENTION_ROLES, FFN_ROLES
+from ..adapters import module_weight as stored_weight
+from ..analysis.alignment import find_permutation, permute_weights, restrict, unit_features
 from ..data import calibration_texts
 from ..errors import ConfigError
 from ..models import LoadedModel, unique_parameters
@@ -37,14 +39,14 @@ def shared_modules(adapter: ArchitectureAdapter, roles: tuple[str, ...]) -> dict
     return chosen
 
 
-def module_weight(adapter: ArchitectureAdapter, block: nn.Module, roles: tuple[str, ...]) -> torch.Tensor:
-    """The ``(out, in)`` weight of the module holding ``roles`` (fused roles stacked in order)."""
-    return torch.cat([adapter.weight(block, r) for r in roles], dim=0)
+def module_weight(block: nn.Module, path: str) -> torch.Tensor:
+    """The ``(out, in)`` weight of the module at ``path``, rows as stored (a fused module whole)."""
+    return stored_weight(block.get_submodule(path))
 
 
-def module_bias(adapter: ArchitectureAdapter, block: nn.Module, roles: tuple[str, ...]) -> torch.Tensor | None:
-    biases = [adapter.bias(block, r) for r in roles]
-    return None if biases[0] is None else torch.cat(biases, dim=0)
+def module_bias(block: nn.Module, path: str) -> torch.Tensor | None:
+    b = getattr(block.get_submodule(path), "bias", None)
+    return None if b is None else b.detach()
 
 
 def install_shared(blocks, group: list[int], path: str, base: nn.Linear, biases: dict[int, torch.Tensor | None],
@@ -66,7 +68,7 @@ def install_shared(blocks, group: list[int], path: str, base: nn.Linear, biases:
 
 def _check_rank(adapter, blocks, modules, rank):
     """A rank no shared matrix can hold is an error; smaller matrices (grouped-query K/V) get full rank."""
-    sizes = {path: tuple(module_weight(adapter, blocks[0], roles).shape) for path, roles in modules.items()}
+    sizes = {path: tuple(module_weight(blocks[0], path).shape) for path in modules}
     largest = max(min(s) for s in sizes.values())
     if rank > largest:
         path, (out_f, in_f) = max(sizes.items(), key=lambda kv: min(kv[1]))
@@ -75,18 +77,16 @@ def _check_rank(adapter, blocks, modules, rank):
 
 def _align_group(adapter, blocks, group, geometry, roles) -> None:
     """Permute every member onto the group's first layer (function-preserving, in place)."""
-    ref_w, _ = adapter.block_weights(blocks[group[0]])
+    ref_w, _ = adapter.block_weights(blocks[group[0]], geometry)
     ref_features = unit_features(ref_w, geometry)
-    identity = BlockPermutation.identity(geometry)
+    # Only the shared half needs lining up, and only units the adapter lets move (MPNet's heads
+    # are read by a bias outside the block) may be moved.
+    heads = any(r in roles for r in ATTENTION_ROLES) and adapter.refusal("permute_heads") is None
+    neurons = any(r in roles for r in FFN_ROLES) and adapter.refusal("permute_neurons") is None
     for layer in group[1:]:
-        w, b = adapter.block_weights(blocks[layer])
-        perm = find_permutation(ref_features, unit_features(w, geometry))
-        # Only the shared half needs lining up; leave the other as it is.
-        if not any(r in roles for r in ("ffn_gate", "ffn_in", "ffn_out")):
-            perm.neurons = identity.neurons
-        if not any(r in roles for r in ("query", "key", "value", "attn_out")):
-            perm.kv_groups, perm.query_within = identity.kv_groups, None
-        adapter.load_block_weights(blocks[layer], *permute_weights(w, b, perm, geometry))
+        w, b = adapter.block_weights(blocks[layer], geometry)
+        perm = restrict(find_permutation(ref_features, unit_features(w, geometry)), geometry, heads=heads, neurons=neurons)
+        adapter.load_block_weights(blocks[layer], *permute_weights(w, b, perm, geometry), geometry)
 
 
 def share(loaded: LoadedModel, config: ShareConfig) -> tuple[LoadedModel, StageRecord]:
@@ -143,16 +143,16 @@ def share(loaded: LoadedModel, config: ShareConfig) -> tuple[LoadedModel, StageR
                 continue
             if config.init == "aligned-mean":
                 _align_group(adapter, blocks, group, geometry, roles)
-            for path, held in modules.items():
-                weights = {layer: module_weight(adapter, blocks[layer], held).clone() for layer in group}
-                biases = {layer: module_bias(adapter, blocks[layer], held) for layer in group}
+            for path in modules:
+                weights = {layer: module_weight(blocks[layer], path).clone() for layer in group}
+                biases = {layer: module_bias(blocks[layer], path) for layer in group}
                 biases = {k: (None if v is None else v.clone()) for k, v in biases.items()}
                 if config.init == "first":
                     shared_w = weights[group[0]]
                 else:
                     shared_w = torch.stack(list(weights.values())).mean(0)
                 out_f, in_f = shared_w.shape
-                ref = adapter.linear(blocks[group[0]], held[0]).weight
+                ref = blocks[group[0]].get_submodule(path).weight
                 base = nn.Linear(in_f, out_f, bias=False, dtype=ref.dtype, device=ref.device)
                 base.weight.copy_(shared_w)
                 installed = install_shared(blocks, group, path, base, biases, config.lora_rank, config.lora_alpha)
