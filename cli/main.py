@@ -124,6 +124,7 @@ from cli import data as _data  # noqa: E402,F401
 from cli import evaluate as _evaluate  # noqa: E402,F401
 from cli import export as _export  # noqa: E402,F401
 from cli import finetune as _finetune  # noqa: E402,F401
+from cli import inspect as _inspect  # noqa: E402,F401
 from cli import pipeline as _pipeline  # noqa: E402,F401
 from cli import report as _report  # noqa: E402,F401
 from cli import prune as _prune  # noqa: E402,F401

@@ -89,7 +89,7 @@ def _bad_cases(tiny_dirs, tmp_path):
     return {
         "missing path": ([tmp_path / "missing"], "does not exist"),
         "not a model": ([not_model], "not a Hugging Face model folder"),
-        "unsupported": ([t5], "unsupported architecture 't5'"),
+        "unsupported": ([t5], "t5 is an encoder-decoder model"),
         "groups 0": ([bert, "--groups", "0"], "--groups must be at least 1"),
         "too many groups": ([bert, "--groups", "5"], "more than the model's 4 layers"),
         "empty data": ([bert, "--data", empty], "contains no text"),

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import compressor
 from cli.main import cli
-from compressor.errors import ConfigError
+from compressor.errors import ConfigError, UnsupportedModelError
 from compressor.pruning import PruneConfig, prune
 from compressor.sharing import ShareConfig, save_checkpoint, share
 from compressor.sharing.layer import SharedLinear
@@ -46,10 +46,21 @@ def test_pruned_config_matches_shapes_and_reloads(family, shared, tiny_dirs, tmp
     if shared:
         loaded, _ = share(loaded, ShareConfig(plan="0-1,2-3", lora_rank=4, fidelity=False))
     before = loaded.geometry
-    loaded, record = prune(loaded, PruneConfig(heads=0.5, ffn=0.5, drop_layers=1, data=None))
+    # what a family cannot prune is refused in one line before anything changes
+    heads = 0.0 if loaded.adapter.refusal("prune_heads") else 0.5
+    layers = 0 if loaded.adapter.refusal("drop_layers") else 1
+    if not heads:
+        with pytest.raises(UnsupportedModelError, match=f"{loaded.adapter.family} models cannot prune attention heads: "):
+            prune(loaded, PruneConfig(heads=0.5, data=None))
+    if not layers:
+        with pytest.raises(UnsupportedModelError, match=f"{loaded.adapter.family} models cannot drop layers: "):
+            prune(loaded, PruneConfig(drop_layers=1, data=None))
+    assert loaded.geometry == before
+    loaded, record = prune(loaded, PruneConfig(heads=heads, ffn=0.5, drop_layers=layers, data=None))
     g = loaded.geometry
-    assert g.num_layers == before.num_layers - 1
-    assert g.num_kv_heads == before.num_kv_heads // 2 and g.num_heads == before.num_heads // 2
+    assert g.num_layers == before.num_layers - layers
+    if heads:
+        assert g.num_kv_heads == before.num_kv_heads // 2 and g.num_heads == before.num_heads // 2
     assert g.head_dim == before.head_dim and g.intermediate_size == before.intermediate_size // 2
     check_config_matches_shapes(loaded)
     assert record.params_after < record.params_before

@@ -41,7 +41,7 @@ FAMILIES = {
     "mpnet": (transformers.MPNetConfig, transformers.MPNetModel, _ENCODER),
     # DeBERTa-v3 style: disentangled attention through the layers' own key/query projections
     "deberta-v2": (transformers.DebertaV2Config, transformers.DebertaV2Model,
-                   {**_ENCODER, "relative_attention": True, "pos_att_type": ["p2c", "c2p"], "position_buckets": 16,
+                   {**_ENCODER, "relative_attention": True, "pos_att_type": ["p2c", "c2p"], "position_buckets": 8,
                     "max_relative_positions": -1, "position_biased_input": False, "norm_rel_ebd": "layer_norm",
                     "share_att_key": True}),
     # ELECTRA: embeddings narrower than the blocks, projected up

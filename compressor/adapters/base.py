@@ -281,7 +281,8 @@ class ArchitectureAdapter:
             if roles is not None and role not in roles:
                 continue
             path = self.linears[role]
-            out[path] = self.fused[path].roles if path in self.fused else (role,)
+            held = self.fused[path].roles if path in self.fused else (role,)
+            out[path] = tuple(r for r in held if roles is None or r in roles)
         return out
 
     def role_rows(self, role: str, geometry: Geometry) -> torch.Tensor | None:

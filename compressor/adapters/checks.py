@@ -194,7 +194,9 @@ def check_permutation(model: nn.Module, adapter: ArchitectureAdapter, geometry: 
             where = "attention" if unit == "heads" else "FFN"
             return Check(name, False, f"permuting block {i}'s {unit} through the adapter changes the output "
                                       f"(relative error {err:.1e}): the {where} is not permutable", f"{i}.{where}")
-    return Check(name, True, f"random {unit} permutations of blocks {', '.join(map(str, chosen))} leave the output unchanged")
+    what = "FFN neurons" if unit == "neurons" else "attention heads"
+    return Check(name, True, f"a random permutation of the {what} of blocks {', '.join(map(str, chosen))} leaves "
+                             "their outputs unchanged")
 
 
 def _block_io(adapter, model, block, inputs) -> tuple[torch.Tensor, torch.Tensor]:

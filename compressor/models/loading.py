@@ -211,6 +211,7 @@ def load_model(
     *,
     trust_remote_code: bool = False,
     dtype: Any = None,
+    infer_adapter: bool = False,
 ) -> LoadedModel:
     """Load a model for compression.
 
@@ -220,13 +221,15 @@ def load_model(
             or ``None`` for the bundled all-MiniLM-L6-v2.
         trust_remote_code: Allow a checkpoint's own Python code to run (off by default).
         dtype: torch dtype to load in; ``None`` loads float32.
+        infer_adapter: Infer the adapter from the model's structure even where one is declared.
 
     Returns:
         The model in eval mode with its tokenizer and architecture adapter.
 
     Raises:
         ModelLoadError: missing folder, not a model, unreadable weights, or no network for a hub id.
-        UnsupportedModelError: the architecture has no adapter.
+        UnsupportedModelError: no adapter could be inferred for an undeclared architecture, or
+            the adapter failed its mapping self-check on the loaded weights.
     """
     location, local = resolve(spec)
     if spec is not None and str(spec) == BUNDLED_ALIAS:
@@ -263,7 +266,7 @@ def load_model(
             f"(e.g. {missing[0]}); is config.json from another model?"
         )
     model.eval()
-    adapter, checks = prove_adapter(model)
+    adapter, checks = prove_adapter(model, infer=infer_adapter)
 
     tokenizer = _load_tokenizer(location, trust_remote_code)
     declared = _pooling(Path(location)) if local else None

@@ -64,7 +64,7 @@ def taylor_scores(loaded, texts: list[str], *, batch_size: int = 16, max_length:
 
     def attn_hook(i):
         def hook(module, args):
-            x = args[0][current["mask"]].float()  # (tokens, heads x head_dim): the heads' outputs
+            x = real_tokens(args[0], current["mask"])  # (tokens, heads x head_dim): the heads' outputs
             x = x.view(x.shape[0], g.num_kv_heads, g.heads_per_kv, g.head_dim)
             # dy/dm_u for a unit u: sum over its query heads of W_o[:, h] x_h; (tokens, kv heads, hidden)
             contribution = torch.einsum("tkqd,okqd->tko", x, out_by_head[i])
@@ -74,7 +74,7 @@ def taylor_scores(loaded, texts: list[str], *, batch_size: int = 16, max_length:
 
     def ffn_hook(i):
         def hook(module, args):
-            a = args[0][current["mask"]].float()  # (tokens, neurons): activations after the nonlinearity
+            a = real_tokens(args[0], current["mask"])  # (tokens, neurons): activations after the nonlinearity
             neuron_sum[i] += (a.abs() * ffn_out_norms[i]).sum(0).double().cpu()
 
         return hook
@@ -92,6 +92,16 @@ def taylor_scores(loaded, texts: list[str], *, batch_size: int = 16, max_length:
         for h in handles:
             h.remove()
     return [(s / tokens).float() for s in head_sum], [(s / tokens).float() for s in neuron_sum]
+
+
+def real_tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The rows of a sublayer input ``x`` that are real tokens, as ``(tokens, features)`` float.
+
+    ``x`` is ``(batch, seq, features)``, or already flattened to ``(batch * seq, features)``
+    (OPT's decoder layer flattens the tokens before its FFN).
+    """
+    x = x.reshape(-1, x.shape[-1]) if x.dim() != mask.dim() + 1 else x
+    return (x[mask.reshape(-1)] if x.dim() == 2 else x[mask]).float()
 
 
 def select(scores: list[torch.Tensor], groups: list[list[int]], ratio: float) -> dict[int, list[int]]:
