@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..data.text import fit_length
 from ..errors import ConfigError
 
 
@@ -66,7 +67,7 @@ def collect_block_outputs(
     n = len(blocks)
 
     # Real tokens per text (as the batches will see them), then the global sample of positions.
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=fit_length(tokenizer, max_length))["input_ids"]]
     total = sum(lengths)
     if total < MIN_TOKENS:
         raise ConfigError(f"the calibration text holds {total} token(s), under {MIN_TOKENS}; give more text to compare layers on")
@@ -102,7 +103,7 @@ def collect_block_outputs(
     try:
         for start in range(0, len(texts), batch_size):
             stop = min(start + batch_size, len(texts))
-            enc = tokenizer(texts[start:stop], padding=True, truncation=True, max_length=max_length,
+            enc = tokenizer(texts[start:stop], padding=True, truncation=True, max_length=fit_length(tokenizer, max_length),
                             return_tensors="pt").to(device)
             current["mask"] = enc["attention_mask"].bool()  # (batch, seq); real tokens come out text by text
             current["keep"] = keep[offsets[start] : offsets[stop]].to(device)

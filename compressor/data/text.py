@@ -22,6 +22,13 @@ LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "category", "target", 
 SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl")
 
 
+def fit_length(tokenizer, max_length: int) -> int:
+    """``max_length`` capped at what the model's positions hold (``tokenizer.model_max_length``,
+    which loading sets from the adapter): BioGPT or OPT index learned positions and fail past them."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    return min(max_length, limit) if isinstance(limit, int) and 0 < limit < 1_000_000 else max_length
+
+
 def default_calibration_texts() -> list[str]:
     """The small built-in calibration set: varied English sentences shipped with the package."""
     text = resources.files(__package__).joinpath("calibration.txt").read_text(encoding="utf-8")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..data.text import fit_length
+
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     """Sentence embeddings from token states.
@@ -36,7 +38,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
 def batches(tokenizer, texts: list[str], batch_size: int, max_length: int, device: str):
     for start in range(0, len(texts), batch_size):
         yield tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
-                        max_length=max_length, return_tensors="pt").to(device)
+                        max_length=fit_length(tokenizer, max_length), return_tensors="pt").to(device)
 
 
 @torch.no_grad()

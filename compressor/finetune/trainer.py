@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..data.text import fit_length
 from ..errors import CompressError, ConfigError, DataError
 from ..evaluation.fidelity import pool
 from ..models import LoadedModel, unique_parameters
@@ -287,7 +288,7 @@ def finetune(
                     reason = "interrupted"
                     break
                 idx = _batch_indices(len(texts), config.batch_size, step, config.seed)
-                enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=config.max_length,
+                enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=fit_length(tokenizer, config.max_length),
                                 return_tensors="pt").to(device)
                 batch_labels = label_ids[idx].to(device) if label_ids is not None else None
                 with autocast:

@@ -268,7 +268,7 @@ def load_model(
     model.eval()
     adapter, checks = prove_adapter(model, infer=infer_adapter)
 
-    tokenizer = _load_tokenizer(location, trust_remote_code)
+    tokenizer = fit_tokenizer(_load_tokenizer(location, trust_remote_code), adapter, model.config)
     declared = _pooling(Path(location)) if local else None
     # without a sentence-transformers pooling config: mean for encoders, last token for decoders
     pooling = declared or ("last" if adapter.is_decoder else "mean")
@@ -336,6 +336,15 @@ def _load_config(location: str, shown: str, trust_remote_code: bool):
         raise ModelLoadError(f"could not read the config of {shown}: {msg}") from None
     except OSError as e:
         raise ModelLoadError(f"could not read the config of {shown}: {_first_line(e)}") from None
+
+
+def fit_tokenizer(tokenizer, adapter, config):
+    """Cap the tokenizer's ``model_max_length`` at the positions the model holds, so that every
+    stage's truncation stays inside them (a tokenizer folder often says nothing, or more)."""
+    limit = adapter.max_positions(config)
+    if tokenizer is not None and limit and (tokenizer.model_max_length or 0) > limit:
+        tokenizer.model_max_length = limit
+    return tokenizer
 
 
 def _load_tokenizer(location: str, trust_remote_code: bool):

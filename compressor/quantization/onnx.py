@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..data.text import calibration_texts
+from ..data.text import calibration_texts, fit_length
 from ..export.graph import gemm_to_matmul, inline_identity_weights
 from .config import QuantizeConfig
 
@@ -156,7 +156,7 @@ def scoped_matmuls(model: onnx.ModelProto, scopes: tuple[str, ...]) -> list[str]
 
 def model_inputs(tokenizer, texts: list[str], max_length: int, input_names, *, padding: bool | str = True) -> dict[str, np.ndarray]:
     """The ONNX feed for ``texts`` (see `onnx_feed`)."""
-    enc = tokenizer(texts, truncation=True, max_length=max_length, padding=padding, return_tensors="np")
+    enc = tokenizer(texts, truncation=True, max_length=fit_length(tokenizer, max_length), padding=padding, return_tensors="np")
     return onnx_feed(enc, input_names)
 
 

@@ -85,7 +85,7 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None):
 
     from ..adapters import adapter_for, module_shape
     from ..adapters.checks import prove
-    from ..models.loading import LoadedModel, _load_config, _load_tokenizer
+    from ..models.loading import LoadedModel, _load_config, _load_tokenizer, fit_tokenizer
     from .merge import install_shared
 
     folder = Path(folder)
@@ -134,7 +134,7 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None):
     adapter, checks = prove(model, adapter)
     return LoadedModel(
         model=model,
-        tokenizer=_load_tokenizer(str(folder), False),
+        tokenizer=fit_tokenizer(_load_tokenizer(str(folder), False), adapter, model.config),
         adapter=adapter,
         source=str(folder),
         name=name or str(folder),

@@ -1,0 +1,118 @@
+"""`compress inspect`, inferred adapters through the commands, and models no adapter can describe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+
+from cli.main import cli
+from tiny_models import make_tokenizer
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+class OddBertConfig(transformers.BertConfig):
+    model_type = "odd-bert"
+
+
+class OddBertModel(transformers.BertModel):
+    """A BERT whose attention carries a projection no role explains (it is never used)."""
+
+    config_class = OddBertConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        for layer in self.encoder.layer:
+            layer.attention.self.extra = torch.nn.Linear(config.hidden_size, 48)
+
+
+transformers.AutoConfig.register("odd-bert", OddBertConfig)
+transformers.AutoModel.register(OddBertConfig, OddBertModel)
+
+
+def _save(model, folder):
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def biogpt_dir(tmp_path_factory):
+    """BioGPT: a decoder transformers knows and compress declares no adapter for."""
+    config = transformers.BioGptConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                                       vocab_size=128, max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    return _save(transformers.BioGptForCausalLM(config).eval(), tmp_path_factory.mktemp("biogpt") / "m")
+
+
+def test_inspect_a_declared_family(tiny_dirs):
+    result = run("inspect", tiny_dirs["phi3"], "--json", "-")
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert (d["adapter"], d["source"], d["model_type"]) == ("phi3", "declared", "phi3")
+    roles = {r["role"]: r for r in d["roles"]}
+    assert roles["key"]["module"] == "layers.<i>.self_attn.qkv_proj" and roles["key"]["shape"] == [16, 32]
+    assert roles["key"]["rows"] == "rows 32-47" and roles["ffn_in"]["rows"] == "rows 64-127"
+    assert d["fused"]["self_attn.qkv_proj"] == {"roles": ["query", "key", "value"], "layout": "stacked"}
+    assert {c["name"]: c["status"] for c in d["checks"]} == {
+        "mapping": "passed", "permute neurons": "passed", "permute heads": "passed", "prune heads": "passed",
+        "prune ffn": "passed"}
+    text = run("inspect", tiny_dirs["gpt_neox"])
+    assert text.exit_code == 0 and "per head" in text.output and "refused:" in text.output
+    assert "prune attention heads: its head size is hidden_size / num_attention_heads" in text.output
+
+
+def test_inspect_infer_matches_declared(tiny_dirs):
+    declared = json.loads(run("inspect", tiny_dirs["modernbert"], "--json", "-").stdout)
+    inferred = json.loads(run("inspect", tiny_dirs["modernbert"], "--infer", "--json", "-").stdout)
+    assert inferred["source"] == "inferred" and declared["source"] == "declared"
+    assert [r["module"] for r in inferred["roles"]] == [r["module"] for r in declared["roles"]]
+    assert inferred["fused"] == declared["fused"]
+
+
+def test_an_undeclared_family_runs_on_its_inferred_adapter(biogpt_dir, tmp_path):
+    d = json.loads(run("inspect", biogpt_dir, "--json", "-").stdout)
+    assert d["source"] == "inferred" and d["is_decoder"]
+    assert all(c["status"] != "FAILED" for c in d["checks"] if c["name"] != "prune heads")
+    assert not d["capabilities"]["prune_heads"]["allowed"]  # head size is hidden / heads
+    shared = run("share", biogpt_dir, "--plan", "0-1,2-3", "--lora-rank", "4", "-o", tmp_path / "shared", "--json", "-")
+    assert shared.exit_code == 0, shared.output
+    assert json.loads(shared.stdout)["params_after"] < json.loads(shared.stdout)["params_before"]
+    pruned = run("prune", tmp_path / "shared", "--ffn", "0.5", "-o", tmp_path / "pruned", "--json", "-")
+    assert pruned.exit_code == 0, pruned.output
+    refused = run("prune", biogpt_dir, "--heads", "0.5", "-o", tmp_path / "no")
+    assert refused.exit_code == 2 and not (tmp_path / "no").exists()
+    assert "cannot prune attention heads: self-check 'prune heads' failed" in refused.stderr
+
+
+def test_no_recognisable_block_list(tmp_path):
+    folder = tmp_path / "resnet"
+    transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1]).save_pretrained(folder)
+    result = run("inspect", folder)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "has no Transformer block list" in result.stderr
+
+
+def test_a_linear_no_role_explains_is_refused_by_every_command(tmp_path):
+    config = OddBertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                           vocab_size=128, max_position_embeddings=64)
+    folder = _save(OddBertModel(config).eval(), tmp_path / "odd")
+    for command in (["inspect", folder], ["analyze", folder, "-o", tmp_path / "a"], ["share", folder, "--groups", "2", "-o", tmp_path / "s"]):
+        result = run(*command)
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+        assert "self-check 'label linears' failed: attention.self.extra (48 x 32) matches no role" in result.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "s").exists()
+
+
+def test_inspect_json_file_needs_overwrite(tiny_dirs, tmp_path):
+    out = tmp_path / "adapter.json"
+    assert run("inspect", tiny_dirs["bert"], "--json", out).exit_code == 0
+    assert json.loads(out.read_text())["adapter"] == "bert"
+    again = run("inspect", tiny_dirs["bert"], "--json", out)
+    assert again.exit_code == 2 and "--overwrite" in again.stderr
