@@ -37,6 +37,8 @@ MAPPING_RTOL = 1e-5
 #: (the residual branch): a permutation only reorders sums, while a wrong row map or a head read
 #: from outside the block changes the branch itself.
 PERMUTATION_RTOL = 1e-3
+#: Vocabulary of the two-layer copy the pruning check builds.
+PROBE_VOCAB = 512
 
 
 @dataclass
@@ -177,45 +179,58 @@ def check_permutation(model: nn.Module, adapter: ArchitectureAdapter, geometry: 
     inputs = inputs or probe_inputs(model)
     generator = torch.Generator().manual_seed(1)
     chosen = sorted({dense[0], dense[len(dense) // 2], dense[-1]})
-    for i in chosen:
-        block = blocks[i]
-        ref_in, ref_out = _block_io(adapter, model, block, inputs)
-        saved = adapter.block_weights(block, geometry)
-        perm = restrict(random_permutation(geometry, generator), geometry, heads=unit == "heads", neurons=unit == "neurons")
-        if torch.equal(perm.neurons, BlockPermutation.identity(geometry).neurons) and unit == "neurons":
-            perm.neurons = perm.neurons.roll(1)
-        try:
-            adapter.load_block_weights(block, *permute_weights(*saved, perm, geometry), geometry)
-            _, got = _block_io(adapter, model, block, inputs)
-        finally:
-            adapter.load_block_weights(block, *saved, geometry)
-        err = float((got - ref_out).abs().max()) / max(float((ref_out - ref_in).abs().max()), 1e-12)
+    # One forward pass before and one with all chosen blocks permuted: a block that preserves
+    # its function hands the next one the same input, so the first block whose output moves is
+    # the one at fault.
+    ref = _blocks_io(adapter, model, [blocks[i] for i in chosen], inputs)
+    saved = {i: adapter.block_weights(blocks[i], geometry) for i in chosen}
+    try:
+        for i in chosen:
+            perm = restrict(random_permutation(geometry, generator), geometry, heads=unit == "heads", neurons=unit == "neurons")
+            if unit == "neurons" and torch.equal(perm.neurons, BlockPermutation.identity(geometry).neurons):
+                perm.neurons = perm.neurons.roll(1)
+            adapter.load_block_weights(blocks[i], *permute_weights(*saved[i], perm, geometry), geometry)
+        got = _blocks_io(adapter, model, [blocks[i] for i in chosen], inputs)
+    finally:
+        for i in chosen:
+            adapter.load_block_weights(blocks[i], *saved[i], geometry)
+    for k, i in enumerate(chosen):
+        (ref_in, ref_out), (_, out) = ref[k], got[k]
+        err = float((out - ref_out).abs().max()) / max(float((ref_out - ref_in).abs().max()), 1e-12)
         if err > PERMUTATION_RTOL:
             where = "attention" if unit == "heads" else "FFN"
-            return Check(name, False, f"permuting block {i}'s {unit} through the adapter changes the output "
+            return Check(name, False, f"permuting block {i}'s {unit} through the adapter changes its output "
                                       f"(relative error {err:.1e}): the {where} is not permutable", f"{i}.{where}")
     what = "FFN neurons" if unit == "neurons" else "attention heads"
     return Check(name, True, f"a random permutation of the {what} of blocks {', '.join(map(str, chosen))} leaves "
                              "their outputs unchanged")
 
 
-def _block_io(adapter, model, block, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """The hidden states going into and coming out of ``block`` in a forward pass."""
-    seen = {}
+def _blocks_io(adapter, model, blocks, inputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The hidden states going into and coming out of each of ``blocks`` in one forward pass."""
+    seen: dict[int, dict] = {i: {} for i in range(len(blocks))}
 
-    def before(module, args, kwargs):
-        seen["in"] = (args[0] if args else kwargs["hidden_states"]).detach().float()
+    def before(i):
+        def hook(module, args, kwargs):
+            seen[i]["in"] = (args[0] if args else kwargs["hidden_states"]).detach().float()
 
-    def after(module, args, output):
-        seen["out"] = (output[0] if isinstance(output, (tuple, list)) else output).detach().float()
+        return hook
 
-    handles = [block.register_forward_pre_hook(before, with_kwargs=True), block.register_forward_hook(after)]
+    def after(i):
+        def hook(module, args, output):
+            seen[i]["out"] = (output[0] if isinstance(output, (tuple, list)) else output).detach().float()
+
+        return hook
+
+    handles = []
+    for i, block in enumerate(blocks):
+        handles += [block.register_forward_pre_hook(before(i), with_kwargs=True), block.register_forward_hook(after(i))]
     try:
         _hidden(adapter, model, inputs)
     finally:
         for h in handles:
             h.remove()
-    return seen["in"], seen["out"]
+    return [(seen[i]["in"], seen[i]["out"]) for i in range(len(blocks))]
 
 
 # --- pruning ---------------------------------------------------------------------------------
@@ -230,6 +245,14 @@ def _probe_model(model: nn.Module, layers: int = 2) -> nn.Module:
         if isinstance(value, list) and len(value) == n and key != "architectures":
             setattr(config, key, value[:keep])  # per-layer lists (Gemma's layer_types)
     config.num_hidden_layers = keep
+    # a small vocabulary: the embeddings play no part in head or neuron surgery, and a
+    # 150k-token table would dominate the check's time
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and vocab > PROBE_VOCAB:
+        config.vocab_size = PROBE_VOCAB
+        for key, value in list(config.to_dict().items()):
+            if key.endswith("_token_id") and isinstance(value, int) and value >= PROBE_VOCAB:
+                setattr(config, key, PROBE_VOCAB - 1 - ("pad" not in key))
     if getattr(config, "pruned_heads", None):
         config.pruned_heads = {k: v for k, v in config.pruned_heads.items() if int(k) < keep}
     torch.manual_seed(0)
