@@ -305,8 +305,10 @@ def check_pruning(model: nn.Module, adapter: ArchitectureAdapter, unit: str) -> 
     except Exception as e:  # noqa: BLE001  (whatever breaks here is the finding)
         return Check(name, False, f"pruning one {unit[:-1] if unit == 'heads' else 'neuron'} through the adapter "
                                   f"breaks the model: {_first_line(e)}")
-    return Check(name, True, f"one {'head' if unit == 'heads' else 'FFN neuron'} pruned in every layer of a "
-                             "2-layer copy: config matches shapes, reloads and runs")
+    what = ("FFN neuron" if unit == "ffn" else "head" if g.heads_per_kv == 1
+            else f"key/value head with its {g.heads_per_kv} query heads")
+    return Check(name, True, f"one {what} pruned in every layer of a 2-layer copy: config matches shapes, "
+                             "reloads and runs")
 
 
 # --- all together ------------------------------------------------------------------------------
