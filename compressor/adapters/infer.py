@@ -42,10 +42,6 @@ def _attention_like(path: str) -> bool:
     return any(w in part for part in path.lower().split(".") for w in ("attn", "attention"))
 
 
-def _ffn_like(path: str) -> bool:
-    return any(w in part for part in path.lower().split(".") for w in ("mlp", "ffn", "feed_forward", "intermediate"))
-
-
 def _refuse(model_type: str, check: str, detail: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"{model_type}: no adapter could be inferred: self-check '{check}' failed: {detail}")
 
@@ -216,108 +212,131 @@ def infer_adapter(model: nn.Module) -> ArchitectureAdapter:
         UnsupportedModelError: no block list, a linear that matches no role, a missing role,
             or a fused projection that is not split as the geometry says.
     """
-    import transformers
-    from torch import nn
-
     config = model.config
     model_type = str(getattr(config, "model_type", None) or type(model).__name__)
     base = base_model(model)
     n = getattr(config, "num_hidden_layers", None)
-    hidden = getattr(config, "hidden_size", None)
-    heads = getattr(config, "num_attention_heads", None)
-    if not (isinstance(n, int) and isinstance(hidden, int) and isinstance(heads, int)):
+    if not all(isinstance(getattr(config, k, None), int) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads")):
         raise _refuse(model_type, "geometry", "the config has no num_hidden_layers / hidden_size / num_attention_heads")
     blocks_path = find_blocks(base, n, model_type)
     blocks = base.get_submodule(blocks_path)
-
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_key, head_dim = _config_value(config, _HEAD_DIM_KEYS)
-    head_dim = head_dim or hidden // heads
     linears = [(p, module_shape(m)) for p, m in blocks[0].named_modules() if p and is_linear(m)]
     # a SharedLinear's inner modules are ours, not the family's
     linears = [(p, s) for p, s in linears if not any(p.startswith(q + ".") for q, _ in linears)]
-    inter_key, inter = _config_value(config, _FFN_KEYS)
-    if inter is None:  # the FFN output projection is the hidden-sized linear fed by another width
-        widths = [i for _, (o, i) in linears if o == hidden and i not in (hidden, heads * head_dim)]
-        if len(set(widths)) != 1:
-            raise _refuse(model_type, "geometry", "the FFN width is neither in the config nor clear from the shapes")
-        inter = widths[0]
-    g = Geometry(n, hidden, heads, kv, head_dim, inter)
+    g, keys = _geometry(config, linears, model_type)
     roles, fused = _label(linears, g, model_type)
-
-    # norms: union over blocks (a first block may have an Identity where the others norm), in
-    # the order of the block that has the most
-    per_block = sorted((_norm_paths(list(block.named_modules()), hidden) for block in blocks), key=len, reverse=True)
-    norms: list[str] = []
-    for paths in per_block:
-        norms.extend(p for p in paths if p not in norms)
-    head_norms = tuple(_norm_paths(list(blocks[0].named_modules()), head_dim)) if head_dim != hidden else ()
-    inside = {id(p) for p in blocks.parameters()}
-    outer_modules = [(p, m) for p, m in base.named_modules() if not p.startswith(blocks_path + ".") and p != blocks_path]
-    outer_norms = tuple(p for p, m in outer_modules if p and _is_norm(m))
-    # per-head state outside the blocks: a parameter with one axis of num_heads and none hidden-sized
-    # (MPNet's relative attention bias is (buckets, heads)); an axis of num_heads that is the
-    # smallest of a matrix, or a vector of num_heads; a false alarm only keeps heads in place
-    outer_norm_params = {id(p) for _, m in outer_modules if _is_norm(m) for p in m.parameters(recurse=False)}
-    head_state = tuple(
-        name for name, p in base.named_parameters()
-        if id(p) not in inside and id(p) not in outer_norm_params and p.dim() <= 2 and heads != hidden
-        and (tuple(p.shape) == (heads,) or (p.dim() == 2 and min(p.shape) == heads))
-    )
-    reserved, after_padding = 0, False
-    max_pos = getattr(config, "max_position_embeddings", None)
-    for path, m in outer_modules:
-        if (isinstance(m, nn.Embedding) and "pos" in path.lower() and m.num_embeddings == max_pos
-                and m.padding_idx is not None):
-            # RoBERTa-style positions count from padding_idx + 1
-            if m.padding_idx == getattr(config, "pad_token_id", None):
-                after_padding = True
-            else:
-                reserved = m.padding_idx + 1
-
-    attention_path = roles["query"].rpartition(".")[0]
-    attention = blocks[0].get_submodule(attention_path) if attention_path else blocks[0]
-    explicit_head_dim = head_key is not None
-    prunes_in_config = not explicit_head_dim and "_prune_heads" in type(base).__dict__
-    head_attrs = _head_attrs_from_own_pruning(blocks[0], attention_path, heads, head_dim) if prunes_in_config else []
-    for attr, value in ([] if prunes_in_config else vars(attention).items()):
-        if not isinstance(value, int) or isinstance(value, bool) or "head" not in attr:
-            continue
-        if value == heads and "key_value" not in attr:
-            head_attrs.append((attention_path, attr, "heads"))
-        elif value == kv and kv != heads:
-            head_attrs.append((attention_path, attr, "kv_heads"))
-        elif value == heads * head_dim and "size" in attr:
-            head_attrs.append((attention_path, attr, "width"))
-    refusals = {}
-
-    mappings = transformers.models.auto.modeling_auto
-    causal = type(config) in mappings.MODEL_FOR_CAUSAL_LM_MAPPING
-    masked = type(config) in mappings.MODEL_FOR_MASKED_LM_MAPPING
-    name = type(model).__name__
-    is_decoder = bool(getattr(config, "is_decoder", False)) or name.endswith(("ForCausalLM", "LMHeadModel")) or (causal and not masked)
-    keys = {"intermediate_size": inter_key or "intermediate_size"}
-    if getattr(config, "num_key_value_heads", None):
-        keys["num_kv_heads"] = "num_key_value_heads"
-    if head_key:
-        keys["head_dim"] = head_key
+    outer = [(p, m) for p, m in base.named_modules() if p and not p.startswith(blocks_path + ".") and p != blocks_path]
+    reserved, after_padding = _reserved_positions(config, outer)
+    prunes_in_config = "head_dim" not in keys and "_prune_heads" in type(base).__dict__
     return ArchitectureAdapter(
         family=model_type,
         model_types=(model_type,),
         blocks_path=blocks_path,
         linears=roles,
         fused=fused,
-        norms=tuple(norms),
-        head_norms=head_norms,
-        outer_norms=outer_norms,
-        head_state=head_state,
+        norms=_block_norms(blocks, g.hidden_size),
+        head_norms=tuple(_norm_paths(list(blocks[0].named_modules()), g.head_dim)) if g.head_dim != g.hidden_size else (),
+        outer_norms=tuple(p for p, m in outer if _is_norm(m)),
+        head_state=_head_state(base, blocks, outer, g),
         config_keys=keys,
-        is_decoder=is_decoder,
-        head_attrs=tuple(head_attrs),
+        is_decoder=_is_decoder(model),
+        head_attrs=_head_attrs(blocks[0], roles["query"].rpartition(".")[0], g, from_own_pruning=prunes_in_config),
         pruned_heads_in_config=prunes_in_config,
-        refusals=refusals,
         reserved_positions=reserved,
         positions_after_padding=after_padding,
         conv1d=any(is_conv1d(m) for m in blocks[0].modules()),
         inferred=True,
     )
+
+
+def _geometry(config, linears, model_type: str) -> tuple[Geometry, dict[str, str]]:
+    """The geometry from the config (the FFN width from the shapes where the config has none),
+    and the config keys that hold it."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_key, head_dim = _config_value(config, _HEAD_DIM_KEYS)
+    head_dim = head_dim or hidden // heads
+    inter_key, inter = _config_value(config, _FFN_KEYS)
+    if inter is None:  # the FFN output projection is the hidden-sized linear fed by another width
+        widths = [i for _, (o, i) in linears if o == hidden and i not in (hidden, heads * head_dim)]
+        if len(set(widths)) != 1:
+            raise _refuse(model_type, "geometry", "the FFN width is neither in the config nor clear from the shapes")
+        inter = widths[0]
+    keys = {"intermediate_size": inter_key or "intermediate_size"}
+    if getattr(config, "num_key_value_heads", None):
+        keys["num_kv_heads"] = "num_key_value_heads"
+    if head_key:
+        keys["head_dim"] = head_key
+    return Geometry(config.num_hidden_layers, hidden, heads, kv, head_dim, inter), keys
+
+
+def _block_norms(blocks, hidden: int) -> tuple[str, ...]:
+    """Norm paths, the union over blocks (ModernBERT's first block has an Identity where the
+    others norm), in the order of the block that has the most."""
+    per_block = sorted((_norm_paths(list(block.named_modules()), hidden) for block in blocks), key=len, reverse=True)
+    norms: list[str] = []
+    for paths in per_block:
+        norms.extend(p for p in paths if p not in norms)
+    return tuple(norms)
+
+
+def _head_state(base, blocks, outer, g: Geometry) -> tuple[str, ...]:
+    """Parameters outside the blocks with one entry per head (MPNet's relative attention bias is
+    (buckets, heads)): a vector of num_heads, or a matrix whose smallest axis is num_heads.
+    A false alarm only keeps heads in place; a miss is what the permutation check is for."""
+    if g.num_heads == g.hidden_size:
+        return ()
+    inside = {id(p) for p in blocks.parameters()}
+    norm_params = {id(p) for _, m in outer if _is_norm(m) for p in m.parameters(recurse=False)}
+    return tuple(
+        name for name, p in base.named_parameters()
+        if id(p) not in inside and id(p) not in norm_params and p.dim() <= 2
+        and (tuple(p.shape) == (g.num_heads,) or (p.dim() == 2 and min(p.shape) == g.num_heads))
+    )
+
+
+def _reserved_positions(config, outer) -> tuple[int, bool]:
+    """Position ids reserved before the first token: RoBERTa-style embeddings count positions
+    from ``padding_idx + 1`` (``pad_token_id + 1`` where the two are the same)."""
+    from torch import nn
+
+    max_pos = getattr(config, "max_position_embeddings", None)
+    for path, m in outer:
+        if (isinstance(m, nn.Embedding) and "pos" in path.lower() and m.num_embeddings == max_pos
+                and m.padding_idx is not None):
+            if m.padding_idx == getattr(config, "pad_token_id", None):
+                return 0, True
+            return m.padding_idx + 1, False
+    return 0, False
+
+
+def _head_attrs(block, attention_path: str, g: Geometry, *, from_own_pruning: bool) -> tuple[tuple[str, str, str], ...]:
+    """The attention's own records of its head count that pruning must update: learned from the
+    family's own ``prune_heads`` where it has one, else the integer attributes named for heads."""
+    if from_own_pruning:
+        return tuple(_head_attrs_from_own_pruning(block, attention_path, g.num_heads, g.head_dim))
+    attention = block.get_submodule(attention_path) if attention_path else block
+    found = []
+    for attr, value in vars(attention).items():
+        if not isinstance(value, int) or isinstance(value, bool) or "head" not in attr:
+            continue
+        if value == g.num_heads and "key_value" not in attr:
+            found.append((attention_path, attr, "heads"))
+        elif value == g.num_kv_heads and g.num_kv_heads != g.num_heads:
+            found.append((attention_path, attr, "kv_heads"))
+        elif value == g.num_heads * g.head_dim and "size" in attr:
+            found.append((attention_path, attr, "width"))
+    return tuple(found)
+
+
+def _is_decoder(model) -> bool:
+    """Causal: the config says so, the class is a causal LM, or transformers knows the family
+    only as a causal LM (BERT is in both the causal and the masked LM mappings: an encoder)."""
+    import transformers
+
+    mappings = transformers.models.auto.modeling_auto
+    config = model.config
+    causal = type(config) in mappings.MODEL_FOR_CAUSAL_LM_MAPPING
+    masked = type(config) in mappings.MODEL_FOR_MASKED_LM_MAPPING
+    return (bool(getattr(config, "is_decoder", False)) or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+            or (causal and not masked))
