@@ -54,49 +54,58 @@ def get_adapter(model_or_config) -> ArchitectureAdapter:
     return adapter
 
 
-def adapter_for(model, *, infer: bool = False) -> ArchitectureAdapter:
+def adapter_for(model, *, infer: bool = False, settle: bool = True) -> ArchitectureAdapter:
     """The model's adapter: declared for its ``model_type``, else (or with ``infer``) inferred.
 
-    An inferred fused QKV projection whose rows could be stacked or interleaved per head is
-    settled by which layout survives a head permutation.
+    An inferred fused QKV projection is stacked or (without grouped-query attention) interleaved
+    per head; which one is settled by which layout survives a head permutation of the loaded
+    weights (``settle``; off for a model whose weights are not loaded yet).
 
     Raises:
-        UnsupportedModelError: nothing could be inferred, or the fused split is unclear.
+        UnsupportedModelError: nothing could be inferred, or no layout of the fused QKV holds.
     """
     declared = None if infer else declared_adapter(model)
     if declared is not None:
         return declared
     from .infer import infer_adapter
 
-    return _settle_fused_split(model, infer_adapter(model))
+    adapter = infer_adapter(model)
+    return _settle_fused_split(model, adapter) if settle else adapter
+
+
+def with_fused(adapter: ArchitectureAdapter, fused: dict[str, FusedLayout]) -> ArchitectureAdapter:
+    """``adapter`` with other layouts for its fused modules (a checkpoint records the settled ones)."""
+    return dataclasses.replace(adapter, fused={**adapter.fused, **fused})
 
 
 def _settle_fused_split(model, adapter: ArchitectureAdapter) -> ArchitectureAdapter:
     from .checks import check_mapping, check_permutation, probe_inputs
 
     qkv = [path for path, layout in adapter.fused.items() if "query" in layout.roles]
-    g = adapter.geometry(model.config)
-    if not qkv or g.num_kv_heads != g.num_heads:
+    if not qkv:
         return adapter
+    g = adapter.geometry(model.config)
     inputs = probe_inputs(model)
     if not check_mapping(model, adapter, g, inputs).passed:
-        return adapter  # prove() names the failing sublayer
-    if check_permutation(model, adapter, g, "heads", inputs).passed is not False:
-        return adapter
+        return adapter  # prove() refuses it, naming the sublayer
     path = qkv[0]
-    per_head = dataclasses.replace(adapter, fused={**adapter.fused, path: FusedLayout(adapter.fused[path].roles, per_head=True)})
-    if not adapter.head_state and check_permutation(model, per_head, g, "heads", inputs).passed:
-        return per_head
+    candidates = [adapter]
+    if g.num_kv_heads == g.num_heads:
+        candidates.append(with_fused(adapter, {path: FusedLayout(adapter.fused[path].roles, per_head=True)}))
+    for candidate in candidates:
+        if check_permutation(model, candidate, g, "heads", inputs).passed is not False:
+            return candidate
     out_f, in_f = module_shape(adapter.linear(adapter.blocks(model)[0], "query"))
     raise UnsupportedModelError(
         f"{adapter.family}: no adapter could be inferred: self-check 'fused split' failed: {path} ({out_f} x {in_f}): "
-        "neither stacked nor per-head query/key/value rows survive a head permutation"
+        f"neither {'stacked nor per-head' if len(candidates) > 1 else 'stacked'} query/key/value rows survive a head "
+        "permutation (or the attention reads per-head state the adapter cannot see, such as ALiBi slopes)"
     )
 
 
 __all__ = [
     "ADAPTERS", "ArchitectureAdapter", "CAPABILITIES", "FusedLayout", "Geometry", "HEAD_ROW_ROLES",
     "NEURON_ROW_ROLES", "ROLES", "SUPPORTED_MODEL_TYPES", "adapter_for", "applied_weight",
-    "declared_adapter", "dense_like", "get_adapter", "is_conv1d", "module_shape", "module_weight",
+    "declared_adapter", "dense_like", "get_adapter", "with_fused", "is_conv1d", "module_shape", "module_weight",
     "set_module_weight",
 ]

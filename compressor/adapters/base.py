@@ -111,6 +111,7 @@ class FusedLayout:
         return out
 
     def total(self, geometry: Geometry) -> int:
+        """Output rows of the whole fused module."""
         return sum(geometry.width(r) for r in self.roles)
 
 
@@ -221,10 +222,12 @@ class ArchitectureAdapter:
         setattr(config, self.config_keys.get("head_dim", "head_dim"), head_dim)
 
     def write_intermediate(self, config, width: int) -> None:
+        """Record a new FFN width in the config."""
         setattr(config, self.config_keys["intermediate_size"], width)
 
     def max_positions(self, config) -> int | None:
-        """The longest sequence the position embeddings hold, or ``None`` (rotary: no limit here)."""
+        """The longest sequence the config allows (``max_position_embeddings`` less reserved
+        positions), or ``None`` where it names no limit."""
         limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         reserved = self.reserved_positions
         if self.positions_after_padding:
@@ -238,6 +241,7 @@ class ArchitectureAdapter:
 
     @property
     def gated_ffn(self) -> bool:
+        """The FFN has a gate projection (SwiGLU, GeGLU, ModernBERT's GLU)."""
         return "ffn_gate" in self.linears
 
     # --- what the family can do -----------------------------------------------------------

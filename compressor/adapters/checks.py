@@ -4,18 +4,26 @@ An adapter, declared or inferred, is a claim about a model: these rows of that m
 queries of head 3, these columns of that one are FFN neuron 17. Each check turns a claim into a
 number that could come out wrong:
 
-* ``mapping``: every role's weight and bias, taken through the adapter (row maps of fused
-  modules included), reproduce that sublayer's output inside a real forward pass of every
-  block (to 1e-5, relative, in fp32), and writing the weights back through the adapter leaves
-  every parameter as it was. A failure means the adapter is wrong: the model is refused.
-* ``permute neurons`` / ``permute heads``: a random permutation of FFN neurons (of heads, as
-  whole key/value groups), applied through the adapter, leaves the model's output unchanged.
-  A failure marks that unit as not permutable, and alignment leaves it in place.
-* ``prune heads`` / ``prune ffn``: removing one head and one FFN neuron in every layer of a
-  two-layer copy, through the adapter, gives a model whose config rebuilds its shapes, which
-  loads its own weights and runs. A failure refuses that pruning.
+* ``mapping``: every role's module is a linear of the shape the geometry says, is called in a
+  real forward pass of every block, and its weight and bias as the adapter reads them (the
+  role's rows of a fused module) reproduce those rows of its output (to 1e-5, relative, in
+  fp32); writing the weights back through the adapter leaves every parameter as it was. This
+  proves shapes, orientation (GPT-2's ``Conv1D``) and that the rows are read and written
+  consistently; it cannot tell which rows are the queries. A failure refuses the model.
+* ``permute neurons`` / ``permute heads``: a random permutation (never the identity) of the FFN
+  neurons (of the heads: key/value groups and the query heads inside them), applied through
+  the adapter to three blocks, leaves those blocks' outputs unchanged. This is what proves the
+  row maps mean what they say: a wrong head layout, a per-head parameter outside the block or
+  a bias recomputed from the head order moves the output. A failure marks that unit as not
+  permutable: alignment leaves it in place and it is not pruned.
+* ``prune heads`` / ``prune ffn``: in a two-layer copy, removing one head (one FFN neuron) of
+  every layer through the adapter computes what the unpruned copy computes with that unit's
+  output columns zeroed, and the config rebuilds the new shapes, loads the weights and runs.
+  A failure refuses that pruning.
 
-The model is changed in place only for the permutation check, and put back exactly.
+Any exception inside a check is that check failing. Tolerances widen with the precision of
+the model's weights (fp16 and bf16 round far above 1e-5). A NaN never passes. The model is
+changed in place only by the permutation check, and put back exactly.
 """
 
 from __future__ import annotations
@@ -62,13 +70,16 @@ class AdapterChecks:
     checks: list[Check] = field(default_factory=list)
 
     def add(self, check: Check) -> Check:
+        """Record ``check`` (replacing an earlier result of the same name); returns it."""
         self.checks = [c for c in self.checks if c.name != check.name] + [check]
         return check
 
     def get(self, name: str) -> Check | None:
+        """The result of the check called ``name``, or ``None`` if it has not run."""
         return next((c for c in self.checks if c.name == name), None)
 
     def to_dict(self) -> list[dict]:
+        """The checks as JSON-ready dicts, each with its ``status``."""
         return [{**asdict(c), "status": c.status} for c in self.checks]
 
 
@@ -98,6 +109,21 @@ def _relative(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got - ref).abs().max()) / max(1.0, float(ref.abs().max()))
 
 
+def tolerance(base: float, dtype) -> float:
+    """``base`` for fp32 weights; for half precision, what its rounding allows (20 ulps)."""
+    import torch
+
+    return base if dtype in (torch.float32, torch.float64) else max(base, 20 * torch.finfo(dtype).eps)
+
+
+def _within(err: float, tol: float) -> bool:
+    return err <= tol  # False for NaN: a check never passes on NaN
+
+
+def _dtype(model):
+    return next(model.parameters()).dtype
+
+
 # --- mapping ---------------------------------------------------------------------------------
 def check_mapping(model: nn.Module, adapter: ArchitectureAdapter, geometry: Geometry, inputs=None) -> Check:
     """Every role's weights reproduce its sublayer's output in a real forward pass."""
@@ -124,7 +150,8 @@ def check_mapping(model: nn.Module, adapter: ArchitectureAdapter, geometry: Geom
 
     def hook(key):
         def record(module, args, output):
-            seen[key] = (args[0].detach(), output.detach())
+            # copies: a family may add into the output in place afterwards (Falcon's parallel MLP)
+            seen[key] = (args[0].detach().clone(), output.detach().clone())
 
         return record
 
@@ -135,6 +162,7 @@ def check_mapping(model: nn.Module, adapter: ArchitectureAdapter, geometry: Geom
     finally:
         for h in handles:
             h.remove()
+    tol = tolerance(MAPPING_RTOL, _dtype(model))
     for i, block in enumerate(blocks):
         for path, roles in adapter.module_roles().items():
             if (i, path) not in seen:
@@ -147,7 +175,7 @@ def check_mapping(model: nn.Module, adapter: ArchitectureAdapter, geometry: Geom
                 ref = y if rows is None else y.index_select(-1, rows.to(y.device))
                 got = F.linear(x.float(), w.float(), None if b is None else b.float())
                 err = _relative(got, ref.float())
-                if err > MAPPING_RTOL * (1 if x.dtype == torch.float32 else 1e3):
+                if not _within(err, tol):
                     return Check("mapping", False, f"{role} taken from {path} does not reproduce the sublayer's output "
                                                   f"(relative error {err:.1e})", f"{i}.{path}")
     # writing the weights back through the adapter leaves every parameter as it was
@@ -158,7 +186,7 @@ def check_mapping(model: nn.Module, adapter: ArchitectureAdapter, geometry: Geom
     if changed:
         return Check("mapping", False, f"writing the weights back through the adapter changed {changed[0]}", f"0.{changed[0]}")
     return Check("mapping", True, f"{len(adapter.roles)} roles in {len(blocks)} blocks reproduce their sublayers' "
-                                 f"outputs (relative error <= {MAPPING_RTOL:g})")
+                                 f"outputs (relative error <= {tol:g})")
 
 
 # --- permutations ----------------------------------------------------------------------------
@@ -166,16 +194,16 @@ def check_permutation(model: nn.Module, adapter: ArchitectureAdapter, geometry: 
     """A random permutation of ``unit`` (``neurons`` or ``heads``) in a few blocks leaves the output unchanged."""
     import torch
 
-    from ..analysis.alignment import BlockPermutation, permute_weights, random_permutation, restrict
+    from ..analysis.alignment import permute_weights, random_permutation, restrict
 
     name = f"permute {unit}"
     blocks = adapter.blocks(model)
     dense = [i for i, b in enumerate(blocks) if not any(type(m).__name__ == "SharedLinear" for m in b.modules())]
     if not dense:
         return Check(name, None, "every block is shared (checked when the model was dense)")
-    units = geometry.intermediate_size if unit == "neurons" else geometry.num_kv_heads
+    units = geometry.intermediate_size if unit == "neurons" else geometry.num_heads
     if units < 2:
-        return Check(name, None, f"only one {unit[:-1]}")
+        return Check(name, None, f"only one {'neuron' if unit == 'neurons' else 'head'}")
     inputs = inputs or probe_inputs(model)
     generator = torch.Generator().manual_seed(1)
     chosen = sorted({dense[0], dense[len(dense) // 2], dense[-1]})
@@ -186,9 +214,8 @@ def check_permutation(model: nn.Module, adapter: ArchitectureAdapter, geometry: 
     saved = {i: adapter.block_weights(blocks[i], geometry) for i in chosen}
     try:
         for i in chosen:
-            perm = restrict(random_permutation(geometry, generator), geometry, heads=unit == "heads", neurons=unit == "neurons")
-            if unit == "neurons" and torch.equal(perm.neurons, BlockPermutation.identity(geometry).neurons):
-                perm.neurons = perm.neurons.roll(1)
+            perm = _moving(restrict(random_permutation(geometry, generator), geometry, heads=unit == "heads",
+                                    neurons=unit == "neurons"), geometry, unit)
             adapter.load_block_weights(blocks[i], *permute_weights(*saved[i], perm, geometry), geometry)
         got = _blocks_io(adapter, model, [blocks[i] for i in chosen], inputs)
     finally:
@@ -197,7 +224,7 @@ def check_permutation(model: nn.Module, adapter: ArchitectureAdapter, geometry: 
     for k, i in enumerate(chosen):
         (ref_in, ref_out), (_, out) = ref[k], got[k]
         err = float((out - ref_out).abs().max()) / max(float((ref_out - ref_in).abs().max()), 1e-12)
-        if err > PERMUTATION_RTOL:
+        if not _within(err, tolerance(PERMUTATION_RTOL, _dtype(model))):
             where = "attention" if unit == "heads" else "FFN"
             return Check(name, False, f"permuting block {i}'s {unit} through the adapter changes its output "
                                       f"(relative error {err:.1e}): the {where} is not permutable", f"{i}.{where}")
@@ -206,19 +233,36 @@ def check_permutation(model: nn.Module, adapter: ArchitectureAdapter, geometry: 
                              "their outputs unchanged")
 
 
+def _moving(perm, geometry: Geometry, unit: str):
+    """``perm`` made to move something: a check that permutes nothing proves nothing."""
+    import torch
+
+    if unit == "neurons":
+        if torch.equal(perm.neurons, torch.arange(geometry.intermediate_size)):
+            perm.neurons = perm.neurons.roll(1)
+    elif geometry.num_kv_heads > 1:
+        if torch.equal(perm.kv_groups, torch.arange(geometry.num_kv_heads)):
+            perm.kv_groups = perm.kv_groups.roll(1)
+    elif perm.query_within is not None:  # multi-query attention: the heads move inside the one group
+        if torch.equal(perm.query_within[0], torch.arange(geometry.heads_per_kv)):
+            perm.query_within = perm.query_within.roll(1, dims=1)
+    return perm
+
+
 def _blocks_io(adapter, model, blocks, inputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The hidden states going into and coming out of each of ``blocks`` in one forward pass."""
     seen: dict[int, dict] = {i: {} for i in range(len(blocks))}
 
     def before(i):
         def hook(module, args, kwargs):
-            seen[i]["in"] = (args[0] if args else kwargs["hidden_states"]).detach().float()
+            first = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+            seen[i]["in"] = first.detach().float().clone()
 
         return hook
 
     def after(i):
         def hook(module, args, output):
-            seen[i]["out"] = (output[0] if isinstance(output, (tuple, list)) else output).detach().float()
+            seen[i]["out"] = (output[0] if isinstance(output, (tuple, list)) else output).detach().float().clone()
 
         return hook
 
@@ -230,6 +274,9 @@ def _blocks_io(adapter, model, blocks, inputs) -> list[tuple[torch.Tensor, torch
     finally:
         for h in handles:
             h.remove()
+    missing = [i for i in range(len(blocks)) if "out" not in seen[i]]
+    if missing:
+        raise RuntimeError(f"block {missing[0]} is not called in a forward pass")
     return [(seen[i]["in"], seen[i]["out"]) for i in range(len(blocks))]
 
 
@@ -284,12 +331,17 @@ def check_pruning(model: nn.Module, adapter: ArchitectureAdapter, unit: str) -> 
     g = loaded.geometry
     units = g.num_kv_heads if unit == "heads" else g.intermediate_size
     if units < 2:
-        return Check(name, None, f"only one {unit}")
+        return Check(name, None, f"only one {'key/value head' if unit == 'heads' else 'FFN neuron'}")
     keep = {layer: list(range(units - 1)) for layer in range(g.num_layers)}
     try:
-        (prune_heads if unit == "heads" else prune_ffn)(loaded, keep, set())
         inputs = probe_inputs(probe)
+        masked = _without_last_unit(probe, adapter, g, unit)  # what the pruned model must compute
+        (prune_heads if unit == "heads" else prune_ffn)(loaded, keep, set())
         out = _hidden(adapter, probe, inputs)
+        err = _relative(out, _hidden(adapter, masked, inputs))
+        if not _within(err, tolerance(MAPPING_RTOL * 10, _dtype(probe))):
+            return Check(name, False, f"the pruned copy does not compute what the unit's output columns zeroed "
+                                      f"compute (relative error {err:.1e}): the rows cut are not that unit's")
         rebuilt = type(probe)(copy.deepcopy(probe.config)).eval()
         expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
@@ -307,8 +359,27 @@ def check_pruning(model: nn.Module, adapter: ArchitectureAdapter, unit: str) -> 
                                   f"breaks the model: {_first_line(e)}")
     what = ("FFN neuron" if unit == "ffn" else "head" if g.heads_per_kv == 1
             else f"key/value head with its {g.heads_per_kv} query heads")
-    return Check(name, True, f"one {what} pruned in every layer of a 2-layer copy: config matches shapes, "
-                             "reloads and runs")
+    return Check(name, True, f"one {what} pruned in every layer of a 2-layer copy: computes what zeroing it does, "
+                             "config matches shapes, reloads and runs")
+
+
+def _without_last_unit(probe, adapter: ArchitectureAdapter, g: Geometry, unit: str):
+    """A copy of ``probe`` whose last attention unit (or FFN neuron) writes nothing: its columns
+    of the output projection are zero. Removing the unit must compute the same."""
+    import torch
+
+    from ..pruning.structured import head_rows
+    from .base import module_weight
+
+    masked = copy.deepcopy(probe)
+    with torch.no_grad():
+        for block in adapter.blocks(masked):
+            if unit == "heads":
+                cols = head_rows([g.num_kv_heads - 1], g.heads_per_kv, g.head_dim)
+                module_weight(adapter.linear(block, "attn_out"))[:, cols] = 0
+            else:
+                module_weight(adapter.linear(block, "ffn_out"))[:, g.intermediate_size - 1] = 0
+    return masked
 
 
 # --- all together ------------------------------------------------------------------------------
@@ -329,16 +400,16 @@ def prove(model: nn.Module, adapter: ArchitectureAdapter, *, pruning: bool = Fal
     geometry = adapter.geometry(model.config)
     if checks.get("mapping") is None:
         inputs = probe_inputs(model)
-        mapping = checks.add(check_mapping(model, adapter, geometry, inputs))
+        mapping = checks.add(_guarded("mapping", check_mapping, model, adapter, geometry, inputs))
         if not mapping.passed:
-            raise UnsupportedModelError(
-                f"{adapter.family} adapter refused: self-check 'mapping' failed at {mapping.sublayer}: {mapping.detail}")
+            where = f" at {mapping.sublayer}" if mapping.sublayer else ""
+            raise UnsupportedModelError(f"{adapter.family} adapter refused: self-check 'mapping' failed{where}: {mapping.detail}")
         for unit in ("neurons", "heads"):
             capability = f"permute_{unit}"
             if adapter.refusal(capability):
                 checks.add(Check(f"permute {unit}", None, f"declared: {adapter.refusal(capability)}"))
                 continue
-            result = checks.add(check_permutation(model, adapter, geometry, unit, inputs))
+            result = checks.add(_guarded(f"permute {unit}", check_permutation, model, adapter, geometry, unit, inputs))
             if result.passed is False:
                 adapter = adapter.with_refusals({capability: f"self-check 'permute {unit}' failed: {result.detail}"})
     if pruning:
@@ -352,6 +423,15 @@ def prove(model: nn.Module, adapter: ArchitectureAdapter, *, pruning: bool = Fal
             if result.passed is False:
                 adapter = adapter.with_refusals({capability: f"self-check 'prune {unit}' failed: {result.detail}"})
     return adapter, checks
+
+
+def _guarded(name: str, check, *args) -> Check:
+    """Run a check; an exception inside it is the check failing, said in one line."""
+    try:
+        return check(*args)
+    except Exception as e:  # noqa: BLE001  (whatever the model raises is the finding)
+        return Check(name, False, f"the check could not run the model through the adapter: {type(e).__name__}: "
+                                  f"{_first_line(e)}")
 
 
 def _first_line(e: BaseException) -> str:

@@ -12,7 +12,7 @@ from .base import CAPABILITIES, module_shape
 
 
 def _row_span(rows) -> str:
-    """``rows 32-47`` for a contiguous map, ``rows 8 of every 24 (per head)`` otherwise."""
+    """``rows 32-47`` for a contiguous map, ``24 rows, per head`` for an interleaved one."""
     values = rows.tolist()
     if values == list(range(values[0], values[-1] + 1)):
         return f"rows {values[0]}-{values[-1]}"
@@ -20,10 +20,18 @@ def _row_span(rows) -> str:
 
 
 def describe(loaded) -> dict:
-    """The adapter of ``loaded`` (declared or inferred), each role's module and shape, the state
-    and norms it knows of, what it refuses and why, and every self-check with its result.
+    """What compress believes about ``loaded``, as plain data.
 
-    Runs the pruning self-checks if they have not run yet (they build a two-layer copy).
+    Runs the pruning self-checks if they have not run yet (they build a two-layer copy), and
+    keeps what they rule out on ``loaded.adapter``.
+
+    Args:
+        loaded: A `LoadedModel` (its load ran the mapping and permutation checks).
+
+    Returns:
+        The adapter (declared or inferred), each role's module, shape and rows, fused layouts,
+        norms, per-head state, capabilities with the reason for each refusal, every self-check
+        with its result, and the seconds the checks took.
     """
     from .checks import prove
 

@@ -69,26 +69,44 @@ def _config_value(config, keys):
     return None, None
 
 
-def _label(linears: list[tuple[str, tuple[int, int]]], g: Geometry, model_type: str) -> tuple[dict[str, str], dict[str, FusedLayout]]:
-    """Role -> module path, and the fused modules, from shapes, names and order."""
-    a, q, kv, inter = g.hidden_size, g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim, g.intermediate_size
-    roles: dict[str, str] = {}
-    fused: dict[str, FusedLayout] = {}
-    left = list(linears)
+class _Pool:
+    """The block's linears not labelled yet."""
 
-    def take(pred):
-        found = [item for item in left if pred(item)]
+    def __init__(self, linears):
+        self.left = list(linears)
+
+    def take(self, pred) -> list[tuple[str, tuple[int, int]]]:
+        found = [item for item in self.left if pred(item)]
         for item in found:
-            left.remove(item)
+            self.left.remove(item)
         return found
 
-    # the FFN first: its widths are the least ambiguous
+
+def _label(linears: list[tuple[str, tuple[int, int]]], g: Geometry, model_type: str) -> tuple[dict[str, str], dict[str, FusedLayout]]:
+    """Role -> module path, and the fused modules, from shapes, names and order.
+
+    The FFN goes first (its widths are the least ambiguous), then the attention; a linear left
+    over is refused, never guessed at.
+    """
+    pool = _Pool(linears)
+    roles: dict[str, str] = {}
+    fused: dict[str, FusedLayout] = {}
+    _label_ffn(pool, g, model_type, roles, fused)
+    _label_attention(pool, g, model_type, roles, fused)
+    if pool.left:
+        path, (o, i) = pool.left[0]
+        raise _refuse(model_type, "label linears", f"{path} ({o} x {i}) matches no role (query, key, value, output, FFN)")
+    return roles, fused
+
+
+def _label_ffn(pool: _Pool, g: Geometry, model_type: str, roles: dict, fused: dict) -> None:
+    a, inter = g.hidden_size, g.intermediate_size
     # names break ties of shape (a fused QKV as wide as the FFN): attention modules are not FFN
-    out_proj = take(lambda it: it[1] == (a, inter) and not _attention_like(it[0]))
+    out_proj = pool.take(lambda it: it[1] == (a, inter) and not _attention_like(it[0]))
     if len(out_proj) != 1:
         raise _refuse(model_type, "label linears", f"expected one FFN output projection ({a} x {inter}), found {len(out_proj)}")
     roles["ffn_out"] = out_proj[0][0]
-    up = take(lambda it: it[1] == (inter, a) and not _attention_like(it[0]))
+    up = pool.take(lambda it: it[1] == (inter, a) and not _attention_like(it[0]))
     if len(up) == 2:
         gate = next((p for p, _ in up if _stem(p) in _NAMES["ffn_gate"] or "gate" in _stem(p)), up[0][0])
         roles["ffn_gate"] = gate
@@ -96,62 +114,58 @@ def _label(linears: list[tuple[str, tuple[int, int]]], g: Geometry, model_type: 
     elif len(up) == 1:
         roles["ffn_in"] = up[0][0]
     else:
-        gate_up = take(lambda it: it[1] == (2 * inter, a) and not _attention_like(it[0]))
+        gate_up = pool.take(lambda it: it[1] == (2 * inter, a) and not _attention_like(it[0]))
         if len(gate_up) != 1:
             raise _refuse(model_type, "label linears", f"no FFN input projection ({inter} x {a}, or {2 * inter} x {a} fused)")
         path = gate_up[0][0]
         roles["ffn_gate"] = roles["ffn_in"] = path
         fused[path] = FusedLayout(("ffn_gate", "ffn_in"))
 
-    # attention: a fused QKV, or separate projections
-    qkv = take(lambda it: it[1] == (q + 2 * kv, a))
-    if len(qkv) == 1:
+
+def _label_attention(pool: _Pool, g: Geometry, model_type: str, roles: dict, fused: dict) -> None:
+    a, q, kv = g.hidden_size, g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim
+    qkv = pool.take(lambda it: it[1] == (q + 2 * kv, a))
+    if len(qkv) > 1:
+        raise _refuse(model_type, "label linears", f"{len(qkv)} modules could be a fused QKV projection ({q + 2 * kv} x {a})")
+    if qkv:
         path = qkv[0][0]
         roles["query"] = roles["key"] = roles["value"] = path
-        fused[path] = FusedLayout(("query", "key", "value"))
-    elif qkv:
-        raise _refuse(model_type, "label linears", f"{len(qkv)} modules could be a fused QKV projection ({q + 2 * kv} x {a})")
+        fused[path] = FusedLayout(("query", "key", "value"))  # stacked; adapter_for settles per head
     else:
-        by_name = {}
-        for role in ("query", "key", "value"):
-            named = [p for p, s in left if _stem(p) in _NAMES[role] and s == ((q if role == "query" else kv), a)]
-            if len(named) == 1:
-                by_name[role] = named[0]
-        if len(by_name) == 3:
-            for role, path in by_name.items():
-                roles[role] = path
-            left[:] = [it for it in left if it[0] not in by_name.values()]
-        else:  # by order, as nearly every family registers them
-            queries = [it for it in left if it[1] == (q, a)]
-            if q != kv:
-                keys_values = [it for it in left if it[1] == (kv, a)]
-                if len(queries) != 1 or len(keys_values) != 2:
-                    raise _refuse(model_type, "label linears", f"cannot tell the query ({q} x {a}) and key/value "
-                                                               f"({kv} x {a}) projections apart")
-                chosen = [queries[0], *keys_values]
-            else:
-                # q, k, v and the output are all hidden x hidden: the first three in order, the
-                # output being last (or named so)
-                if len(queries) < 3:
-                    raise _refuse(model_type, "label linears", f"fewer than three attention projections ({q} x {a})")
-                chosen = [it for it in queries if _stem(it[0]) not in _NAMES["attn_out"]][:3]
-                if len(chosen) < 3:
-                    chosen = queries[:3]
-            for role, item in zip(("query", "key", "value"), chosen):
-                roles[role] = item[0]
-                left.remove(item)
-    out = take(lambda it: it[1] == (a, q))
+        for role, item in zip(("query", "key", "value"), _separate_qkv(pool, q, kv, a, model_type)):
+            roles[role] = item[0]
+            pool.left.remove(item)
+    out = pool.take(lambda it: it[1] == (a, q))
     if len(out) != 1:
         named = [it for it in out if _stem(it[0]) in _NAMES["attn_out"]]
         if len(named) != 1:
             raise _refuse(model_type, "label linears", f"expected one attention output projection ({a} x {q}), found {len(out)}")
-        left.extend(it for it in out if it is not named[0])
+        pool.left.extend(it for it in out if it is not named[0])
         out = named
     roles["attn_out"] = out[0][0]
-    if left:
-        path, (o, i) = left[0]
-        raise _refuse(model_type, "label linears", f"{path} ({o} x {i}) matches no role (query, key, value, output, FFN)")
-    return roles, fused
+
+
+def _separate_qkv(pool: _Pool, q: int, kv: int, a: int, model_type: str) -> list:
+    """The query, key and value projections, by name where the names say, else by order."""
+    by_name = []
+    for role in ("query", "key", "value"):
+        named = [it for it in pool.left if _stem(it[0]) in _NAMES[role] and it[1] == ((q if role == "query" else kv), a)]
+        by_name += named[:1] if len(named) == 1 else []
+    if len(by_name) == 3:
+        return by_name
+    queries = [it for it in pool.left if it[1] == (q, a)]
+    if q != kv:
+        keys_values = [it for it in pool.left if it[1] == (kv, a)]
+        if len(queries) != 1 or len(keys_values) != 2:
+            raise _refuse(model_type, "label linears", f"cannot tell the query ({q} x {a}) and key/value ({kv} x {a}) "
+                                                       "projections apart")
+        return [queries[0], *keys_values]
+    # q, k, v and the output are all hidden x hidden: the first three in order that are not
+    # named as the output
+    if len(queries) < 3:
+        raise _refuse(model_type, "label linears", f"fewer than three attention projections ({q} x {a})")
+    chosen = [it for it in queries if _stem(it[0]) not in _NAMES["attn_out"]][:3]
+    return chosen if len(chosen) == 3 else queries[:3]
 
 
 def _is_norm(module) -> bool:

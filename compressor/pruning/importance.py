@@ -20,9 +20,6 @@ from __future__ import annotations
 import torch
 
 
-
-
-
 def magnitude_scores(loaded) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """``(unit scores, neuron scores)``: one tensor per layer."""
     adapter = loaded.adapter

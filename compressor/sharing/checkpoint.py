@@ -60,6 +60,13 @@ def save_checkpoint(loaded, folder: str | Path, *, overwrite: bool = False,
             "source": loaded.origin,  # the original dense model, the teacher for recovery
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "sharing": loaded.sharing,
+            # what the adapter's self-checks settled on the dense model, for a reload whose
+            # blocks may all be shared (and so cannot be checked again)
+            "adapter": {
+                "inferred": loaded.adapter.inferred,
+                "fused": {path: {"roles": list(f.roles), "per_head": f.per_head} for path, f in loaded.adapter.fused.items()},
+                "refusals": loaded.adapter.refusals,
+            },
         }
         write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         if extra_files is not None:
@@ -83,7 +90,7 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None):
     from safetensors.torch import load_model as load_weights
     from torch import nn
 
-    from ..adapters import adapter_for, module_shape
+    from ..adapters import FusedLayout, adapter_for, module_shape, with_fused
     from ..adapters.checks import prove
     from ..models.loading import LoadedModel, _load_config, _load_tokenizer, fit_tokenizer
     from .merge import install_shared
@@ -105,7 +112,14 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None):
     with transformers.modeling_utils.no_init_weights():  # the weights come from the file
         model = cls(config)
     model.tie_weights()  # skipped with the init above; GPT-2's head shares the embedding
-    adapter = adapter_for(model)  # from the structure alone; proven below on the loaded weights
+    # from the structure alone (the weights are not loaded yet); what the dense model's checks
+    # settled comes from the manifest, and the checks run again below on the loaded weights
+    adapter = adapter_for(model, settle=False)
+    recorded = manifest.get("adapter") or {}
+    if adapter.inferred and recorded.get("fused"):
+        adapter = with_fused(adapter, {p: FusedLayout(tuple(f["roles"]), bool(f["per_head"])) for p, f in recorded["fused"].items()})
+    if isinstance(recorded.get("refusals"), dict):
+        adapter = adapter.with_refusals({str(k): str(v) for k, v in recorded["refusals"].items()})
     dtype = getattr(torch, str(manifest.get("dtype", "float32")), None)
     if isinstance(dtype, torch.dtype):
         model.to(dtype)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..adapters import ArchitectureAdapter
 from ..adapters.base import ATTENTION_ROLES, FFN_ROLES
-from ..adapters import module_weight as stored_weight
+from ..adapters import module_weight
 from ..analysis.alignment import find_permutation, permute_weights, restrict, unit_features
 from ..data import calibration_texts
 from ..errors import ConfigError
@@ -39,14 +39,9 @@ def shared_modules(adapter: ArchitectureAdapter, roles: tuple[str, ...]) -> dict
     return chosen
 
 
-def module_weight(block: nn.Module, path: str) -> torch.Tensor:
-    """The ``(out, in)`` weight of the module at ``path``, rows as stored (a fused module whole)."""
-    return stored_weight(block.get_submodule(path))
-
-
-def module_bias(block: nn.Module, path: str) -> torch.Tensor | None:
-    b = getattr(block.get_submodule(path), "bias", None)
-    return None if b is None else b.detach()
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    b = getattr(module, "bias", None)
+    return None if b is None else b.detach().clone()
 
 
 def install_shared(blocks, group: list[int], path: str, base: nn.Linear, biases: dict[int, torch.Tensor | None],
@@ -68,7 +63,7 @@ def install_shared(blocks, group: list[int], path: str, base: nn.Linear, biases:
 
 def _check_rank(adapter, blocks, modules, rank):
     """A rank no shared matrix can hold is an error; smaller matrices (grouped-query K/V) get full rank."""
-    sizes = {path: tuple(module_weight(blocks[0], path).shape) for path in modules}
+    sizes = {path: tuple(module_weight(blocks[0].get_submodule(path)).shape) for path in modules}
     largest = max(min(s) for s in sizes.values())
     if rank > largest:
         path, (out_f, in_f) = max(sizes.items(), key=lambda kv: min(kv[1]))
@@ -144,9 +139,9 @@ def share(loaded: LoadedModel, config: ShareConfig) -> tuple[LoadedModel, StageR
             if config.init == "aligned-mean":
                 _align_group(adapter, blocks, group, geometry, roles)
             for path in modules:
-                weights = {layer: module_weight(blocks[layer], path).clone() for layer in group}
-                biases = {layer: module_bias(blocks[layer], path) for layer in group}
-                biases = {k: (None if v is None else v.clone()) for k, v in biases.items()}
+                # whole modules, rows as stored: a fused module is shared whole
+                weights = {layer: module_weight(blocks[layer].get_submodule(path)).clone() for layer in group}
+                biases = {layer: _bias(blocks[layer].get_submodule(path)) for layer in group}
                 if config.init == "first":
                     shared_w = weights[group[0]]
                 else:
