@@ -251,3 +251,66 @@ def test_pruning_check_refuses_what_does_not_reload():
     check = check_pruning(model, adapter, "heads")
     assert check.passed is False
 
+
+
+# --- what a review of the checks found ------------------------------------------------------
+def test_a_nan_never_passes():
+    model = make_model("bert")
+    with torch.no_grad():
+        model.encoder.layer[1].intermediate.dense.weight[3, 5] = float("nan")
+    with pytest.raises(UnsupportedModelError, match="self-check 'mapping' failed at 1.intermediate.dense"):
+        prove(model, get_adapter(model))
+
+
+def test_multi_query_heads_are_checked():
+    """One key/value head (multi-query attention): the heads still move inside the group."""
+    model = make_model("llama", num_key_value_heads=1)
+    _, checks = prove(model, get_adapter(model))
+    assert checks.get("permute heads").passed is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("family", ["gpt2", "qwen3", "phi3", "llama"])
+def test_half_precision_models_pass_their_checks(family, dtype):
+    model = make_model(family).to(dtype)
+    _, checks = prove(model, get_adapter(model), pruning=True)
+    assert all(c.passed is not False for c in checks.checks), [(c.name, c.detail) for c in checks.checks]
+
+
+def test_falcon_adds_into_a_sublayer_output_in_place_and_still_checks():
+    """Falcon's parallel attention adds the attention output into the MLP's output in place;
+    the checks copy what they record, so the inferred adapter passes."""
+    config = transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                                       parallel_attn=True, new_decoder_architecture=False, multi_query=True, alibi=False)
+    torch.manual_seed(0)
+    model = transformers.FalconForCausalLM(config).eval()
+    adapter, checks = prove(model, adapter_for(model))
+    assert adapter.inferred and checks.get("mapping").passed and checks.get("permute heads").passed
+
+
+def test_pruning_check_compares_with_the_unit_zeroed():
+    """Rows cut through a wrong map still give shapes that rebuild; the function does not match."""
+    import dataclasses
+
+    model = make_model("gpt2")
+    wrong = dataclasses.replace(get_adapter(model), fused={"attn.c_attn": FusedLayout(("query", "key", "value"), per_head=True)})
+    check = check_pruning(model, wrong, "heads")
+    assert check.passed is False and "rows cut are not that unit's" in check.detail
+    assert check_pruning(model, get_adapter(model), "heads").passed is True
+
+
+def test_an_all_shared_checkpoint_keeps_what_the_dense_checks_found(tmp_path):
+    """Every block shared: the reload cannot re-run the permutation checks, so the checkpoint
+    carries what they found on the dense model (MPNet-like inferred: heads stay in place)."""
+    from compressor.models import load_model
+    from compressor.sharing import ShareConfig, save_checkpoint, share
+    from tiny_models import save_model
+
+    folder = save_model("mpnet", tmp_path / "mpnet")
+    loaded = load_model(folder, infer_adapter=True)
+    assert loaded.adapter.inferred and loaded.adapter.refusal("permute_heads")
+    shared, _ = share(loaded, ShareConfig(plan="0-3", lora_rank=2, fidelity=False))
+    save_checkpoint(shared, tmp_path / "shared")
+    back = load_model(tmp_path / "shared")
+    assert back.checks.get("permute heads").passed is None
+    assert back.adapter.refusal("permute_heads") == loaded.adapter.refusal("permute_heads")

@@ -153,6 +153,8 @@ class ArchitectureAdapter:
         positions_after_padding: Positions count from ``config.pad_token_id + 1`` (RoBERTa),
             which adds ``pad_token_id + 1`` reserved positions.
         conv1d: Dense linears are GPT-2 style ``Conv1D`` modules (rebuilt as such by surgery).
+        fixed_kv_heads: Key/value heads the config does not count (Falcon's ``multi_query``
+            flag means one, whatever ``num_kv_heads`` says); read from the shapes by inference.
         inferred: Built by `compressor.adapters.infer` rather than declared.
     """
 
@@ -173,6 +175,7 @@ class ArchitectureAdapter:
     reserved_positions: int = 0
     positions_after_padding: bool = False
     conv1d: bool = False
+    fixed_kv_heads: int | None = None
     inferred: bool = False
 
     def __post_init__(self):
@@ -195,7 +198,7 @@ class ArchitectureAdapter:
         hidden = config.hidden_size
         heads = config.num_attention_heads
         kv_key = keys.get("num_kv_heads")
-        kv_heads = (getattr(config, kv_key, None) if kv_key else None) or heads
+        kv_heads = self.fixed_kv_heads or (getattr(config, kv_key, None) if kv_key else None) or heads
         head_dim = getattr(config, keys.get("head_dim", "head_dim"), None) or hidden // heads
         pruned = getattr(config, "pruned_heads", None) or {}
         if pruned:

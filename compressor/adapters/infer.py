@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 #: Config attributes that hold the FFN width, in the order they are tried.
 _FFN_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "hidden_dim", "d_ff", "ffn_hidden_size", "ffn_size")
 _HEAD_DIM_KEYS = ("head_dim", "attention_head_size", "kv_channels")
+_KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
 #: Name stems (the last path component, lower case, without _proj / _lin) by role.
 _NAMES = {
     "query": {"q", "query", "wq", "q_proj"},
@@ -237,7 +238,7 @@ def infer_adapter(model: nn.Module) -> ArchitectureAdapter:
     linears = [(p, module_shape(m)) for p, m in blocks[0].named_modules() if p and is_linear(m)]
     # a SharedLinear's inner modules are ours, not the family's
     linears = [(p, s) for p, s in linears if not any(p.startswith(q + ".") for q, _ in linears)]
-    g, keys = _geometry(config, linears, model_type)
+    g, keys, config_kv = _geometry(config, linears, model_type)
     roles, fused = _label(linears, g, model_type)
     outer = [(p, m) for p, m in base.named_modules() if p and not p.startswith(blocks_path + ".") and p != blocks_path]
     reserved, after_padding = _reserved_positions(config, outer)
@@ -259,17 +260,20 @@ def infer_adapter(model: nn.Module) -> ArchitectureAdapter:
         reserved_positions=reserved,
         positions_after_padding=after_padding,
         conv1d=any(is_conv1d(m) for m in blocks[0].modules()),
+        fixed_kv_heads=g.num_kv_heads if g.num_kv_heads != config_kv else None,
         inferred=True,
     )
 
 
-def _geometry(config, linears, model_type: str) -> tuple[Geometry, dict[str, str]]:
-    """The geometry from the config (the FFN width from the shapes where the config has none),
-    and the config keys that hold it."""
+def _geometry(config, linears, model_type: str) -> tuple[Geometry, dict[str, str], int]:
+    """The geometry from the config (the FFN width, and key/value heads the config miscounts,
+    from the shapes), the config keys that hold it, and the config's own key/value head count."""
     hidden, heads = config.hidden_size, config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
+    kv_key, kv = _config_value(config, _KV_KEYS)
+    config_kv = kv = kv or heads
     head_key, head_dim = _config_value(config, _HEAD_DIM_KEYS)
     head_dim = head_dim or hidden // heads
+    kv = _kv_heads_from_shapes(linears, hidden, heads, head_dim, kv)
     inter_key, inter = _config_value(config, _FFN_KEYS)
     if inter is None:  # the FFN output projection is the hidden-sized linear fed by another width
         widths = [i for _, (o, i) in linears if o == hidden and i not in (hidden, heads * head_dim)]
@@ -277,11 +281,23 @@ def _geometry(config, linears, model_type: str) -> tuple[Geometry, dict[str, str
             raise _refuse(model_type, "geometry", "the FFN width is neither in the config nor clear from the shapes")
         inter = widths[0]
     keys = {"intermediate_size": inter_key or "intermediate_size"}
-    if getattr(config, "num_key_value_heads", None):
-        keys["num_kv_heads"] = "num_key_value_heads"
+    if kv_key:
+        keys["num_kv_heads"] = kv_key
     if head_key:
         keys["head_dim"] = head_key
-    return Geometry(config.num_hidden_layers, hidden, heads, kv, head_dim, inter), keys
+    return Geometry(config.num_hidden_layers, hidden, heads, kv, head_dim, inter), keys, config_kv
+
+
+def _kv_heads_from_shapes(linears, hidden: int, heads: int, head_dim: int, kv: int) -> int:
+    """Key/value heads as the projections' shapes say, where the config's count fits none of
+    them (Falcon's multi-query flag means one key/value head whatever ``num_kv_heads`` says)."""
+    q = heads * head_dim
+    shapes = {s for _, s in linears}
+    separate = sum(1 for _, s in linears if s == (kv * head_dim, hidden))  # a key and a value projection at least
+    if (q + 2 * kv * head_dim, hidden) in shapes or separate >= 2:
+        return kv  # the config's count fits
+    counts = [n for n in range(1, heads + 1) if heads % n == 0]
+    return next((n for n in counts if (q + 2 * n * head_dim, hidden) in shapes), kv)  # a fused QKV's width
 
 
 def _block_norms(blocks, hidden: int) -> tuple[str, ...]:
