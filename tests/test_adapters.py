@@ -155,19 +155,28 @@ def test_mapping_check_catches_a_wrong_adapter():
         prove(model, wrong)
 
 
-def test_permutation_check_catches_a_wrong_row_map():
-    """GPT-2's stacked Q/K/V claimed as interleaved per head: the mapping check (which sees
-    shapes and orientation, not meaning) passes, the head permutation fails, and heads are then
-    kept in place and not pruned."""
+def test_wrong_row_maps_are_caught_where_the_mapping_check_cannot_see():
+    """GPT-2's stacked Q/K/V claimed as interleaved per head: the mapping check (shapes,
+    orientation, consistent rows) passes; the head permutation and the value rows do not, and
+    the model is refused rather than compressed on a wrong map."""
     import dataclasses
+
+    from compressor.adapters.checks import check_permutation, check_value_rows
 
     model = make_model("gpt2")
     adapter = get_adapter(model)
+    g = adapter.geometry(model.config)
     wrong = dataclasses.replace(adapter, fused={"attn.c_attn": FusedLayout(("query", "key", "value"), per_head=True)})
-    proven, checks = prove(model, wrong, pruning=True)
-    assert checks.get("mapping").passed is True
-    assert checks.get("permute heads").passed is False
-    assert proven.refusal("permute_heads") and proven.refusal("prune_heads")
+    assert check_mapping(model, wrong, g).passed is True
+    assert check_permutation(model, wrong, g, "heads").passed is False
+    assert check_value_rows(model, wrong, g).passed is False
+    with pytest.raises(UnsupportedModelError, match="self-check 'value rows' failed at 0.attn.c_attn"):
+        prove(model, wrong)
+    # keys and values swapped: permutations cannot tell, the value rows can
+    swapped = dataclasses.replace(adapter, fused={"attn.c_attn": FusedLayout(("query", "value", "key"))})
+    assert check_permutation(model, swapped, g, "heads").passed is True
+    assert check_value_rows(model, swapped, g).passed is False
+    assert check_value_rows(model, adapter, g).passed is True
 
 
 def test_unsupported_architecture_is_named():
@@ -237,7 +246,7 @@ def test_a_fused_projection_with_an_unknown_split_is_refused():
     for block in model.gpt_neox.layers:
         block.attention.query_key_value = torch.nn.Sequential(block.attention.query_key_value, _ShuffledRows(order))
     with pytest.raises(UnsupportedModelError,
-                       match=r"self-check 'fused split' failed: attention\.query_key_value\.0 \(96 x 32\): neither"):
+                       match=r"self-check 'fused split' failed: attention\.query_key_value\.0 \(96 x 32\): none of 12 readings"):
         adapter_for(model, infer=True)
 
 
@@ -314,3 +323,15 @@ def test_an_all_shared_checkpoint_keeps_what_the_dense_checks_found(tmp_path):
     back = load_model(tmp_path / "shared")
     assert back.checks.get("permute heads").passed is None
     assert back.adapter.refusal("permute_heads") == loaded.adapter.refusal("permute_heads")
+
+
+def test_codegen_reads_query_value_key_and_inference_finds_it():
+    """CodeGen's fused qkv_proj holds, per chunk, query, *value*, key. Permutations cannot tell
+    keys from values; the value-rows check can, and inference settles on the reading it allows."""
+    config = transformers.CodeGenConfig(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=128, rotary_dim=4)
+    torch.manual_seed(0)
+    model = transformers.CodeGenForCausalLM(config).eval()
+    adapter, checks = prove(model, adapter_for(model))
+    layout = adapter.fused[adapter.linears["value"]]
+    assert layout.per_head and layout.roles.index("value") == 1  # q v k per head
+    assert checks.get("value rows").passed and checks.get("permute heads").passed

@@ -61,8 +61,8 @@ def test_inspect_a_declared_family(tiny_dirs):
     assert roles["key"]["rows"] == "rows 32-47" and roles["ffn_in"]["rows"] == "rows 64-127"
     assert d["fused"]["self_attn.qkv_proj"] == {"roles": ["query", "key", "value"], "layout": "stacked"}
     assert {c["name"]: c["status"] for c in d["checks"]} == {
-        "mapping": "passed", "permute neurons": "passed", "permute heads": "passed", "prune heads": "passed",
-        "prune ffn": "passed"}
+        "mapping": "passed", "value rows": "passed", "permute neurons": "passed", "permute heads": "passed",
+        "prune heads": "passed", "prune ffn": "passed"}
     text = run("inspect", tiny_dirs["gpt_neox"])
     assert text.exit_code == 0 and "per head" in text.output and "refused:" in text.output
     assert "prune attention heads: its head size is hidden_size / num_attention_heads" in text.output
@@ -92,11 +92,47 @@ def test_an_undeclared_family_runs_on_its_inferred_adapter(biogpt_dir, tmp_path)
 
 
 def test_no_recognisable_block_list(tmp_path):
+    """ALBERT runs one shared layer num_hidden_layers times: there is no list of blocks."""
+    config = transformers.AlbertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                                       embedding_size=16, vocab_size=128)
+    folder = _save(transformers.AlbertModel(config).eval(), tmp_path / "albert")
+    result = run("inspect", folder)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "self-check 'block list' failed: no list of num_hidden_layers (3) identical blocks" in result.stderr
+
+
+def test_not_a_text_model(tmp_path):
     folder = tmp_path / "resnet"
     transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1]).save_pretrained(folder)
     result = run("inspect", folder)
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
-    assert "has no Transformer block list" in result.stderr
+    assert "resnet has no token vocabulary" in result.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "holds a JSON list, not a config object"),
+    ('"bert"', "holds a JSON str, not a config object"),
+    ("{}", "names no model_type"),
+    ("{not json", "is not valid JSON"),
+])
+def test_config_files_that_are_not_configs(tmp_path, content, message):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(content)
+    result = run("inspect", folder)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def test_weights_of_another_shape_name_the_tensor(tiny_dirs, tmp_path):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_dirs["bert"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 6}))
+    result = run("inspect", folder)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1  # no transformers warnings before it
+    assert "tensors missing" in result.stderr
 
 
 def test_a_linear_no_role_explains_is_refused_by_every_command(tmp_path):

@@ -79,28 +79,53 @@ def with_fused(adapter: ArchitectureAdapter, fused: dict[str, FusedLayout]) -> A
 
 
 def _settle_fused_split(model, adapter: ArchitectureAdapter) -> ArchitectureAdapter:
-    from .checks import check_mapping, check_permutation, probe_inputs
+    """Choose, among the readings of an inferred model's attention that its shapes allow, the one
+    the loaded weights bear out: a fused QKV stacked or interleaved per head, in any order of
+    query, key and value (CodeGen's is query, value, key); separate projections with the value
+    where the names or order put it, or elsewhere. A reading must survive a head permutation
+    and its value rows must silence their heads."""
+    from .checks import _guarded, check_mapping, check_permutation, check_value_rows, probe_inputs
 
-    qkv = [path for path, layout in adapter.fused.items() if "query" in layout.roles]
-    if not qkv:
-        return adapter
     g = adapter.geometry(model.config)
     inputs = probe_inputs(model)
     if not check_mapping(model, adapter, g, inputs).passed:
         return adapter  # prove() refuses it, naming the sublayer
-    path = qkv[0]
-    candidates = [adapter]
-    if g.num_kv_heads == g.num_heads:
-        candidates.append(with_fused(adapter, {path: FusedLayout(adapter.fused[path].roles, per_head=True)}))
+    candidates = list(_readings(adapter, g))
     for candidate in candidates:
-        if check_permutation(model, candidate, g, "heads", inputs).passed is not False:
+        permutes = bool(candidate.head_state) or _guarded("permute heads", check_permutation, model, candidate, g,
+                                                          "heads", inputs).passed is not False
+        if permutes and _guarded("value rows", check_value_rows, model, candidate, g, inputs).passed is not False:
             return candidate
-    out_f, in_f = module_shape(adapter.linear(adapter.blocks(model)[0], "query"))
+    path = candidate.linears["value"]
+    out_f, in_f = module_shape(adapter.linear(adapter.blocks(model)[0], "value"))
+    what = "fused split" if path in adapter.fused else "value rows"
     raise UnsupportedModelError(
-        f"{adapter.family}: no adapter could be inferred: self-check 'fused split' failed: {path} ({out_f} x {in_f}): "
-        f"neither {'stacked nor per-head' if len(candidates) > 1 else 'stacked'} query/key/value rows survive a head "
-        "permutation (or the attention reads per-head state the adapter cannot see, such as ALiBi slopes)"
+        f"{adapter.family}: no adapter could be inferred: self-check '{what}' failed: {path} ({out_f} x {in_f}): none of "
+        f"{len(candidates)} readings of query/key/value survives a head permutation with its value rows silencing "
+        "their heads (or the attention reads per-head state the adapter cannot see, such as ALiBi slopes)"
     )
+
+
+def _readings(adapter: ArchitectureAdapter, g: Geometry):
+    """The adapter as inferred, then the other assignments of query / key / value its shapes allow."""
+    import itertools
+
+    qkv = ("query", "key", "value")
+    path = adapter.linears["query"]
+    if path in adapter.fused:
+        layouts = [False] + ([True] if g.num_kv_heads == g.num_heads else [])
+        # under grouped-query attention the wide query block comes first or last: orders keep it in place
+        orders = [o for o in itertools.permutations(qkv) if g.num_kv_heads == g.num_heads or o[0] == "query"]
+        for per_head in layouts:
+            for order in orders:
+                yield with_fused(adapter, {path: FusedLayout(order, per_head=per_head)})
+        return
+    yield adapter
+    paths = {r: adapter.linears[r] for r in qkv}
+    # the value where the key was read (or the query, where they are as wide)
+    for role in ("key", "query") if g.num_kv_heads == g.num_heads else ("key",):
+        swapped = {**paths, "value": paths[role], role: paths["value"]}
+        yield dataclasses.replace(adapter, linears={**adapter.linears, **swapped})
 
 
 __all__ = [

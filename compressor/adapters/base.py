@@ -188,6 +188,29 @@ class ArchitectureAdapter:
             refusals = {**self.refusals, "permute_heads": f"every layer reads the per-head parameter {paths} outside the blocks"}
             object.__setattr__(self, "refusals", refusals)
 
+    # --- as data ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The adapter as JSON-ready data (a checkpoint of an inferred family records it: a
+        pruned model's widths may no longer tell its projections apart)."""
+        import dataclasses
+
+        d = dataclasses.asdict(self)
+        d["fused"] = {p: {"roles": list(f.roles), "per_head": f.per_head} for p, f in self.fused.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ArchitectureAdapter:
+        """The adapter `to_dict` wrote."""
+        import dataclasses
+
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs["fused"] = {p: FusedLayout(tuple(f["roles"]), bool(f["per_head"])) for p, f in d.get("fused", {}).items()}
+        for key in ("model_types", "norms", "head_norms", "outer_norms", "head_state"):
+            kwargs[key] = tuple(kwargs.get(key, ()))
+        kwargs["head_attrs"] = tuple(tuple(a) for a in kwargs.get("head_attrs", ()))
+        return cls(**kwargs)
+
     # --- geometry -------------------------------------------------------------------------
     def geometry(self, config) -> Geometry:
         """Read the model's geometry from its config."""

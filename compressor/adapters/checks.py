@@ -10,6 +10,10 @@ number that could come out wrong:
   fp32); writing the weights back through the adapter leaves every parameter as it was. This
   proves shapes, orientation (GPT-2's ``Conv1D``) and that the rows are read and written
   consistently; it cannot tell which rows are the queries. A failure refuses the model.
+* ``value rows``: zeroing the rows the adapter calls one key/value head's values computes what
+  zeroing its query heads' output columns computes: the one role distinction (a value read as
+  a key, as CodeGen's q/v/k order would be) that permutations cannot see. A failure refuses
+  the model.
 * ``permute neurons`` / ``permute heads``: a random permutation (never the identity) of the FFN
   neurons (of the heads: key/value groups and the query heads inside them), applied through
   the adapter to three blocks, leaves those blocks' outputs unchanged. This is what proves the
@@ -233,6 +237,53 @@ def check_permutation(model: nn.Module, adapter: ArchitectureAdapter, geometry: 
                              "their outputs unchanged")
 
 
+def check_value_rows(model: nn.Module, adapter: ArchitectureAdapter, geometry: Geometry, inputs=None) -> Check:
+    """The rows the adapter calls the values of a key/value head are what that head's query heads
+    write through the output projection: zeroing them computes what zeroing those heads' output
+    columns computes. (Keys and queries only shape the attention pattern; a value read as a key
+    would move the output differently.) The one role distinction permutations cannot see."""
+    import torch
+
+    from ..pruning.structured import head_rows
+
+    name = "value rows"
+    blocks = adapter.blocks(model)
+    dense = [i for i, b in enumerate(blocks) if not any(type(m).__name__ == "SharedLinear" for m in b.modules())]
+    if not dense:
+        return Check(name, None, "every block is shared (checked when the model was dense)")
+    i, d = dense[0], geometry.head_dim
+    block = blocks[i]
+    inputs = inputs or probe_inputs(model)
+    ((ref_in, ref_out),) = _blocks_io(adapter, model, [block], inputs)
+    saved = adapter.block_weights(block, geometry)
+    outs = []
+    try:
+        for zero in ("value", "attn_out"):
+            w = {r: t.clone() for r, t in saved[0].items()}
+            b = {r: (None if t is None else t.clone()) for r, t in saved[1].items()}
+            if zero == "value":
+                w["value"][:d] = 0
+                if b["value"] is not None:
+                    b["value"][:d] = 0
+            else:
+                w["attn_out"][:, head_rows([0], geometry.heads_per_kv, d)] = 0
+            adapter.load_block_weights(block, w, b, geometry)
+            outs.append(_blocks_io(adapter, model, [block], inputs)[0][1])
+    finally:
+        adapter.load_block_weights(block, *saved, geometry)
+    contribution = max(float((ref_out - ref_in).abs().max()), 1e-12)
+    moved = float((outs[1] - ref_out).abs().max()) / contribution
+    tol = tolerance(PERMUTATION_RTOL, _dtype(model))
+    if not moved > tol:
+        return Check(name, None, f"head 0 of block {i} writes (almost) nothing; nothing to compare")
+    err = float((outs[0] - outs[1]).abs().max()) / contribution
+    if not _within(err, tol):
+        return Check(name, False, f"zeroing what the adapter calls key/value head 0's values in block {i} does not "
+                                  f"silence that head (relative error {err:.1e}): those rows are not the values",
+                     f"{i}.{adapter.linears['value']}")
+    return Check(name, True, f"zeroing key/value head 0's value rows in block {i} silences exactly its query heads")
+
+
 def _moving(perm, geometry: Geometry, unit: str):
     """``perm`` made to move something: a check that permutes nothing proves nothing."""
     import torch
@@ -401,9 +452,12 @@ def prove(model: nn.Module, adapter: ArchitectureAdapter, *, pruning: bool = Fal
     if checks.get("mapping") is None:
         inputs = probe_inputs(model)
         mapping = checks.add(_guarded("mapping", check_mapping, model, adapter, geometry, inputs))
-        if not mapping.passed:
+        if mapping.passed:
+            mapping = checks.add(_guarded("value rows", check_value_rows, model, adapter, geometry, inputs))
+        if mapping.passed is False:
             where = f" at {mapping.sublayer}" if mapping.sublayer else ""
-            raise UnsupportedModelError(f"{adapter.family} adapter refused: self-check 'mapping' failed{where}: {mapping.detail}")
+            raise UnsupportedModelError(f"{adapter.family} adapter refused: self-check '{mapping.name}' failed{where}: "
+                                        f"{mapping.detail}")
         for unit in ("neurons", "heads"):
             capability = f"permute_{unit}"
             if adapter.refusal(capability):

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 #: Config attributes that hold the FFN width, in the order they are tried.
-_FFN_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "hidden_dim", "d_ff", "ffn_hidden_size", "ffn_size")
+_FFN_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "hidden_dim", "d_ff", "d_inner", "ffn_hidden_size", "ffn_size")
 _HEAD_DIM_KEYS = ("head_dim", "attention_head_size", "kv_channels")
 _KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
 #: Name stems (the last path component, lower case, without _proj / _lin) by role.
@@ -239,7 +239,8 @@ def infer_adapter(model: nn.Module) -> ArchitectureAdapter:
     # a SharedLinear's inner modules are ours, not the family's
     linears = [(p, s) for p, s in linears if not any(p.startswith(q + ".") for q, _ in linears)]
     g, keys, config_kv = _geometry(config, linears, model_type)
-    roles, fused = _label(linears, g, model_type)
+    # refusals name the blocks they looked at (XLM keeps attention and FFN in separate lists)
+    roles, fused = _label(linears, g, f"{model_type} (blocks: {blocks_path}, {type(blocks[0]).__name__})")
     outer = [(p, m) for p, m in base.named_modules() if p and not p.startswith(blocks_path + ".") and p != blocks_path]
     reserved, after_padding = _reserved_positions(config, outer)
     prunes_in_config = "head_dim" not in keys and "_prune_heads" in type(base).__dict__

@@ -27,7 +27,7 @@ import onnx
 import torch
 
 from ..data.text import calibration_texts
-from ..errors import ConfigError, ExportError
+from ..errors import ConfigError, ExportError, UnsupportedModelError
 from ..io import check_writable, staged_folder, write_text_atomic
 from ..models import LoadedModel, unique_parameters
 from ..models.heads import is_causal_lm, is_sequence_classifier
@@ -156,8 +156,10 @@ def _export_onnx(model, task: str, opset: int, path: Path):
 
     try:
         constructor = TasksManager.get_exporter_config_constructor("onnx", model, task=task, library_name="transformers")
-    except (KeyError, ValueError) as e:
-        raise ExportError(f"optimum cannot export {model.config.model_type} for {task}: {str(e).splitlines()[0]}") from None
+    except (KeyError, ValueError):
+        # optimum's message lists every architecture it knows (thousands of characters)
+        raise UnsupportedModelError(f"optimum's ONNX exporter has no configuration for {model.config.model_type} "
+                                    f"({task}); export is not possible for this family") from None
     onnx_config = constructor(model.config, task=task)
     # the exporter's tracer warnings and optimum's progress lines say nothing a user can act on
     with warnings.catch_warnings(), quiet("optimum", "transformers"), contextlib.redirect_stdout(io.StringIO()):

@@ -247,14 +247,17 @@ def load_model(
 
     cls = _model_class(config)
     try:
-        model, info = cls.from_pretrained(
-            location,
-            config=config,
-            trust_remote_code=trust_remote_code,
-            dtype=dtype,
-            use_safetensors=None,  # prefer model.safetensors, accept pytorch_model.bin
-            output_loading_info=True,
-        )
+        # transformers' own "newly initialized" warnings would come before our one line: the
+        # missing weights are judged below
+        with _quiet_transformers():
+            model, info = cls.from_pretrained(
+                location,
+                config=config,
+                trust_remote_code=trust_remote_code,
+                dtype=dtype,
+                use_safetensors=None,  # prefer model.safetensors, accept pytorch_model.bin
+                output_loading_info=True,
+            )
     except Exception as e:  # noqa: BLE001  (OSError, SafetensorError, RuntimeError...: all mean unreadable)
         raise ModelLoadError(f"could not load the weights of {shown}: {_first_line(e)}") from None
     # transformers fills missing weights with random values and only warns; analysing or
@@ -285,6 +288,9 @@ def _check_architecture(config, shown: str) -> None:
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{shown}: {config.model_type} is an encoder-decoder model; compress handles "
                                     "encoder-only and decoder-only Transformers")
+    if not isinstance(getattr(config, "vocab_size", None), int):
+        raise UnsupportedModelError(f"{shown}: {config.model_type} has no token vocabulary (vocab_size); compress "
+                                    "handles text Transformers")
     if not isinstance(getattr(config, "num_hidden_layers", None), int):
         raise UnsupportedModelError(f"{shown}: {config.model_type} has no Transformer block list "
                                     "(its config names no num_hidden_layers)")
@@ -317,6 +323,17 @@ def _cached_or_reachable(hub_id: str) -> str:
 
 
 def _load_config(location: str, shown: str, trust_remote_code: bool):
+    config_file = Path(location) / "config.json"
+    if config_file.is_file():  # a local folder: what transformers would guess past, refuse here
+        try:
+            raw = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"could not read the config of {shown}: {config_file} is not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ModelLoadError(f"{config_file} holds a JSON {type(raw).__name__}, not a config object")
+        if "model_type" not in raw:
+            # transformers would guess the family from the folder's name
+            raise ModelLoadError(f"{config_file} names no model_type")
     from transformers import AutoConfig
 
     try:
@@ -360,5 +377,21 @@ def _load_tokenizer(location: str, trust_remote_code: bool):
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
+    """The message's first line, or its first two where the first only announces the second
+    (``Error(s) in loading state_dict for LayerNorm:`` then the tensor and shapes)."""
+    lines = [line.strip() for line in (str(e).strip() or type(e).__name__).splitlines() if line.strip()]
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+class _quiet_transformers:
+    """Silence transformers' loading warnings for the duration of a ``with`` block."""
+
+    def __enter__(self):
+        import logging
+
+        self._logger = logging.getLogger("transformers")
+        self._level = self._logger.level
+        self._logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self._logger.setLevel(self._level)

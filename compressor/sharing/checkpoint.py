@@ -62,11 +62,7 @@ def save_checkpoint(loaded, folder: str | Path, *, overwrite: bool = False,
             "sharing": loaded.sharing,
             # what the adapter's self-checks settled on the dense model, for a reload whose
             # blocks may all be shared (and so cannot be checked again)
-            "adapter": {
-                "inferred": loaded.adapter.inferred,
-                "fused": {path: {"roles": list(f.roles), "per_head": f.per_head} for path, f in loaded.adapter.fused.items()},
-                "refusals": loaded.adapter.refusals,
-            },
+            "adapter": loaded.adapter.to_dict(),
         }
         write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         if extra_files is not None:
@@ -90,7 +86,7 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None):
     from safetensors.torch import load_model as load_weights
     from torch import nn
 
-    from ..adapters import FusedLayout, adapter_for, module_shape, with_fused
+    from ..adapters import ArchitectureAdapter, adapter_for, module_shape
     from ..adapters.checks import prove
     from ..models.loading import LoadedModel, _load_config, _load_tokenizer, fit_tokenizer
     from .merge import install_shared
@@ -112,13 +108,17 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None):
     with transformers.modeling_utils.no_init_weights():  # the weights come from the file
         model = cls(config)
     model.tie_weights()  # skipped with the init above; GPT-2's head shares the embedding
-    # from the structure alone (the weights are not loaded yet); what the dense model's checks
-    # settled comes from the manifest, and the checks run again below on the loaded weights
-    adapter = adapter_for(model, settle=False)
-    recorded = manifest.get("adapter") or {}
-    if adapter.inferred and recorded.get("fused"):
-        adapter = with_fused(adapter, {p: FusedLayout(tuple(f["roles"]), bool(f["per_head"])) for p, f in recorded["fused"].items()})
-    if isinstance(recorded.get("refusals"), dict):
+    # The adapter the dense model was proven with, as the manifest records it (for an inferred
+    # family: pruning may leave widths that no longer tell the projections apart, and a model
+    # whose blocks are all shared cannot be permutation-checked again); the checks below run
+    # again on the loaded weights.
+    recorded = manifest.get("adapter")
+    declared = adapter_for(model, settle=False) if not (isinstance(recorded, dict) and recorded.get("inferred")) else None
+    try:
+        adapter = ArchitectureAdapter.from_dict(recorded) if declared is None else declared
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{folder / MANIFEST}: the recorded adapter does not read: {e}") from None
+    if declared is not None and isinstance(recorded, dict) and isinstance(recorded.get("refusals"), dict):
         adapter = adapter.with_refusals({str(k): str(v) for k, v in recorded["refusals"].items()})
     dtype = getattr(torch, str(manifest.get("dtype", "float32")), None)
     if isinstance(dtype, torch.dtype):
