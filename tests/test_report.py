@@ -103,3 +103,29 @@ def test_report_refuses_bad_input_and_writes_nothing(tiny_dirs, tmp_path):
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], res.stderr
     assert not out.exists()
+
+
+def test_report_on_a_decoder_whose_tokenizer_has_no_pad_token(tmp_path):
+    """Real decoders (Llama, SmolLM2) ship no pad token; optimum's baseline export keeps the
+    tokenizer as it is, and the report pads every row's inputs all the same."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import make_model, make_tokenizer
+
+    folder = tmp_path / "llama"
+    make_model("llama").save_pretrained(folder)
+    tokenizer = make_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    int8 = tmp_path / "int8"
+    export(load_model(folder), ExportConfig(check_lengths=[8]), int8, quantize=QuantizeConfig("int8"))
+    out = tmp_path / "report"
+    res = CliRunner().invoke(cli, [
+        "report", str(int8), "-o", str(out), "--original", str(folder), "--repeats", "1", "--warmup", "1",
+        "--batch-sizes", "1,2", "--seq-len", "16", "--threads", "1", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["rows"]
+    assert [r["label"] for r in rows][:3] == ["original", "optimum ONNX fp32", "optimum ONNX int8"]
+    assert all(r["latency"] for r in rows) and rows[0]["metric"] == "perplexity"

@@ -364,6 +364,12 @@ def fit_tokenizer(tokenizer, adapter, config):
     return tokenizer
 
 
+def load_tokenizer(location: str, trust_remote_code: bool = False):
+    """The folder's tokenizer, with a pad token (the EOS token where it ships none, as GPT-2
+    and Llama users do), or ``None`` for a folder without one."""
+    return _load_tokenizer(location, trust_remote_code)
+
+
 def _load_tokenizer(location: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 

@@ -75,9 +75,10 @@ class OnnxRunner(Runner):
     def __init__(self, folder: str | Path, label: str, *, threads: int, pooling: str = "mean"):
         import onnx
         import onnxruntime as ort
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         from ..export.graph import stored_elements
+        from ..models.loading import load_tokenizer
 
         folder = Path(folder)
         file = folder / "model.onnx"
@@ -103,7 +104,8 @@ class OnnxRunner(Runner):
         if self.output == "logits" and any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
             self.task = "text-classification"
         self.id2label = getattr(config, "id2label", None)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        # optimum's own export keeps the hub tokenizer as it is: no pad token for a decoder
+        self.tokenizer = load_tokenizer(str(folder))
         report = folder / "export_report.json"
         if report.is_file():  # our own exports say what they are
             self.kind = "ONNX " + json.loads(report.read_text())["metrics"]["precision"]
