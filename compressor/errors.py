@@ -50,3 +50,11 @@ class ExportError(CompressError):
 class Terminated(KeyboardInterrupt):
     """The process was asked to stop (SIGTERM: a job scheduler, `timeout`, `kill`). It unwinds
     like Ctrl-C, so that the temporary folders of unfinished outputs are removed on the way out."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message as one line for the user: its first line, or its first two where
+    the first only announces the second (``Error(s) in loading state_dict for LayerNorm:``
+    then the tensor and shapes)."""
+    lines = [line.strip() for line in (str(e).strip() or type(e).__name__).splitlines() if line.strip()]
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]

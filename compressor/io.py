@@ -108,3 +108,19 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def quiet(*loggers: str):
+    """Only errors from these loggers while the block runs (optimum's progress lines, the
+    exporter's and transformers' warnings say nothing a user can act on)."""
+    import logging
+
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
+    for logger, _ in saved:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)

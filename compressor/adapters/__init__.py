@@ -57,9 +57,10 @@ def get_adapter(model_or_config) -> ArchitectureAdapter:
 def adapter_for(model, *, infer: bool = False, settle: bool = True) -> ArchitectureAdapter:
     """The model's adapter: declared for its ``model_type``, else (or with ``infer``) inferred.
 
-    An inferred fused QKV projection is stacked or (without grouped-query attention) interleaved
-    per head; which one is settled by which layout survives a head permutation of the loaded
-    weights (``settle``; off for a model whose weights are not loaded yet).
+    An inferred attention has several readings its shapes allow (a fused QKV stacked or
+    interleaved per head, in any order; the value in another of the separate projections); the
+    one the loaded weights bear out is chosen (``settle``; off for a model whose weights are not
+    loaded yet, whose checkpoint records the adapter).
 
     Raises:
         UnsupportedModelError: nothing could be inferred, or no layout of the fused QKV holds.
@@ -70,21 +71,16 @@ def adapter_for(model, *, infer: bool = False, settle: bool = True) -> Architect
     from .infer import infer_adapter
 
     adapter = infer_adapter(model)
-    return _settle_fused_split(model, adapter) if settle else adapter
+    return _settle_attention(model, adapter) if settle else adapter
 
 
-def with_fused(adapter: ArchitectureAdapter, fused: dict[str, FusedLayout]) -> ArchitectureAdapter:
-    """``adapter`` with other layouts for its fused modules (a checkpoint records the settled ones)."""
-    return dataclasses.replace(adapter, fused={**adapter.fused, **fused})
-
-
-def _settle_fused_split(model, adapter: ArchitectureAdapter) -> ArchitectureAdapter:
+def _settle_attention(model, adapter: ArchitectureAdapter) -> ArchitectureAdapter:
     """Choose, among the readings of an inferred model's attention that its shapes allow, the one
     the loaded weights bear out: a fused QKV stacked or interleaved per head, in any order of
     query, key and value (CodeGen's is query, value, key); separate projections with the value
     where the names or order put it, or elsewhere. A reading must survive a head permutation
     and its value rows must silence their heads."""
-    from .checks import _guarded, check_mapping, check_permutation, check_value_rows, probe_inputs
+    from .checks import guarded, check_mapping, check_permutation, check_value_rows, probe_inputs
 
     g = adapter.geometry(model.config)
     inputs = probe_inputs(model)
@@ -92,9 +88,9 @@ def _settle_fused_split(model, adapter: ArchitectureAdapter) -> ArchitectureAdap
         return adapter  # prove() refuses it, naming the sublayer
     candidates = list(_readings(adapter, g))
     for candidate in candidates:
-        permutes = bool(candidate.head_state) or _guarded("permute heads", check_permutation, model, candidate, g,
+        permutes = bool(candidate.head_state) or guarded("permute heads", check_permutation, model, candidate, g,
                                                           "heads", inputs).passed is not False
-        if permutes and _guarded("value rows", check_value_rows, model, candidate, g, inputs).passed is not False:
+        if permutes and guarded("value rows", check_value_rows, model, candidate, g, inputs).passed is not False:
             return candidate
     path = candidate.linears["value"]
     out_f, in_f = module_shape(adapter.linear(adapter.blocks(model)[0], "value"))
@@ -118,7 +114,7 @@ def _readings(adapter: ArchitectureAdapter, g: Geometry):
         orders = [o for o in itertools.permutations(qkv) if g.num_kv_heads == g.num_heads or o[0] == "query"]
         for per_head in layouts:
             for order in orders:
-                yield with_fused(adapter, {path: FusedLayout(order, per_head=per_head)})
+                yield dataclasses.replace(adapter, fused={**adapter.fused, path: FusedLayout(order, per_head=per_head)})
         return
     yield adapter
     paths = {r: adapter.linears[r] for r in qkv}
@@ -131,6 +127,6 @@ def _readings(adapter: ArchitectureAdapter, g: Geometry):
 __all__ = [
     "ADAPTERS", "ArchitectureAdapter", "CAPABILITIES", "FusedLayout", "Geometry", "HEAD_ROW_ROLES",
     "NEURON_ROW_ROLES", "ROLES", "SUPPORTED_MODEL_TYPES", "adapter_for", "applied_weight",
-    "declared_adapter", "dense_like", "get_adapter", "with_fused", "is_conv1d", "module_shape", "module_weight",
+    "declared_adapter", "dense_like", "get_adapter", "is_conv1d", "module_shape", "module_weight",
     "set_module_weight",
 ]

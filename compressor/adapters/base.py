@@ -110,6 +110,11 @@ class FusedLayout:
             start += width
         return out
 
+    @property
+    def kind(self) -> str:
+        """``per head`` or ``stacked``, as users read it."""
+        return "per head" if self.per_head else "stacked"
+
     def total(self, geometry: Geometry) -> int:
         """Output rows of the whole fused module."""
         return sum(geometry.width(r) for r in self.roles)
@@ -123,8 +128,8 @@ class ArchitectureAdapter:
         family: Short name shown to users (``"bert"``, ``"llama"``...).
         model_types: The ``config.model_type`` values this adapter serves.
         blocks_path: Dotted path from ``model.base_model`` to the ``nn.ModuleList`` of blocks.
-        linears: Role -> dotted module path inside a block (several roles may name one fused
-            module, described in ``fused``).
+        linears: Role -> dotted module path inside a block; the roles of a fused module are
+            added from ``fused``.
         fused: Module path -> how its rows hold its roles.
         norms: Dotted paths of the block's norms, in block order (a path may be missing in some
             blocks, as ModernBERT's first block has no attention norm).
@@ -179,10 +184,13 @@ class ArchitectureAdapter:
     inferred: bool = False
 
     def __post_init__(self):
+        # a fused module's roles are named once, in its layout; linears gets them from there
+        linears = dict(self.linears)
         for path, layout in self.fused.items():
             for role in layout.roles:
-                if self.linears.get(role) != path:
+                if linears.setdefault(role, path) != path:
                     raise ValueError(f"{self.family}: fused module {path} holds {role}, which linears puts elsewhere")
+        object.__setattr__(self, "linears", linears)
         if self.head_state and "permute_heads" not in self.refusals:
             paths = ", ".join(self.head_state)
             refusals = {**self.refusals, "permute_heads": f"every layer reads the per-head parameter {paths} outside the blocks"}

@@ -36,7 +36,7 @@ import copy
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from ..errors import UnsupportedModelError
+from ..errors import UnsupportedModelError, first_line
 from .base import ArchitectureAdapter, Geometry, applied_weight, is_linear, module_shape
 
 if TYPE_CHECKING:
@@ -202,7 +202,7 @@ def check_permutation(model: nn.Module, adapter: ArchitectureAdapter, geometry: 
 
     name = f"permute {unit}"
     blocks = adapter.blocks(model)
-    dense = [i for i, b in enumerate(blocks) if not any(type(m).__name__ == "SharedLinear" for m in b.modules())]
+    dense = _dense_blocks(blocks)
     if not dense:
         return Check(name, None, "every block is shared (checked when the model was dense)")
     units = geometry.intermediate_size if unit == "neurons" else geometry.num_heads
@@ -227,7 +227,7 @@ def check_permutation(model: nn.Module, adapter: ArchitectureAdapter, geometry: 
             adapter.load_block_weights(blocks[i], *saved[i], geometry)
     for k, i in enumerate(chosen):
         (ref_in, ref_out), (_, out) = ref[k], got[k]
-        err = float((out - ref_out).abs().max()) / max(float((ref_out - ref_in).abs().max()), 1e-12)
+        err = _branch_error(out, ref_out, ref_in, ref_out)
         if not _within(err, tolerance(PERMUTATION_RTOL, _dtype(model))):
             where = "attention" if unit == "heads" else "FFN"
             return Check(name, False, f"permuting block {i}'s {unit} through the adapter changes its output "
@@ -242,13 +242,11 @@ def check_value_rows(model: nn.Module, adapter: ArchitectureAdapter, geometry: G
     write through the output projection: zeroing them computes what zeroing those heads' output
     columns computes. (Keys and queries only shape the attention pattern; a value read as a key
     would move the output differently.) The one role distinction permutations cannot see."""
-    import torch
-
     from ..pruning.structured import head_rows
 
     name = "value rows"
     blocks = adapter.blocks(model)
-    dense = [i for i, b in enumerate(blocks) if not any(type(m).__name__ == "SharedLinear" for m in b.modules())]
+    dense = _dense_blocks(blocks)
     if not dense:
         return Check(name, None, "every block is shared (checked when the model was dense)")
     i, d = dense[0], geometry.head_dim
@@ -271,17 +269,26 @@ def check_value_rows(model: nn.Module, adapter: ArchitectureAdapter, geometry: G
             outs.append(_blocks_io(adapter, model, [block], inputs)[0][1])
     finally:
         adapter.load_block_weights(block, *saved, geometry)
-    contribution = max(float((ref_out - ref_in).abs().max()), 1e-12)
-    moved = float((outs[1] - ref_out).abs().max()) / contribution
     tol = tolerance(PERMUTATION_RTOL, _dtype(model))
-    if not moved > tol:
+    if not _branch_error(outs[1], ref_out, ref_in, ref_out) > tol:
         return Check(name, None, f"head 0 of block {i} writes (almost) nothing; nothing to compare")
-    err = float((outs[0] - outs[1]).abs().max()) / contribution
+    err = _branch_error(outs[0], outs[1], ref_in, ref_out)
     if not _within(err, tol):
         return Check(name, False, f"zeroing what the adapter calls key/value head 0's values in block {i} does not "
                                   f"silence that head (relative error {err:.1e}): those rows are not the values",
                      f"{i}.{adapter.linears['value']}")
     return Check(name, True, f"zeroing key/value head 0's value rows in block {i} silences exactly its query heads")
+
+
+def _branch_error(a: torch.Tensor, b: torch.Tensor, block_in: torch.Tensor, block_out: torch.Tensor) -> float:
+    """``max |a - b|`` relative to what the block adds to its input (its residual branch), so
+    that a branch small beside the residual stream still counts in full."""
+    return float((a - b).abs().max()) / max(float((block_out - block_in).abs().max()), 1e-12)
+
+
+def _dense_blocks(blocks) -> list[int]:
+    """Indices of the blocks no weight of which is shared: those a check may change and restore."""
+    return [i for i, b in enumerate(blocks) if not any(type(m).__name__ == "SharedLinear" for m in b.modules())]
 
 
 def _moving(perm, geometry: Geometry, unit: str):
@@ -377,7 +384,7 @@ def check_pruning(model: nn.Module, adapter: ArchitectureAdapter, unit: str) -> 
     try:
         probe = _probe_model(model)
     except Exception as e:  # noqa: BLE001  (a config that does not rebuild: reported, not raised)
-        return Check(name, False, f"the architecture does not rebuild from its config: {_first_line(e)}")
+        return Check(name, False, f"the architecture does not rebuild from its config: {first_line(e)}")
     loaded = LoadedModel(model=probe, tokenizer=None, adapter=adapter, source="probe")
     g = loaded.geometry
     units = g.num_kv_heads if unit == "heads" else g.intermediate_size
@@ -407,7 +414,7 @@ def check_pruning(model: nn.Module, adapter: ArchitectureAdapter, unit: str) -> 
                                       f"(relative error {err:.1e})")
     except Exception as e:  # noqa: BLE001  (whatever breaks here is the finding)
         return Check(name, False, f"pruning one {unit[:-1] if unit == 'heads' else 'neuron'} through the adapter "
-                                  f"breaks the model: {_first_line(e)}")
+                                  f"breaks the model: {first_line(e)}")
     what = ("FFN neuron" if unit == "ffn" else "head" if g.heads_per_kv == 1
             else f"key/value head with its {g.heads_per_kv} query heads")
     return Check(name, True, f"one {what} pruned in every layer of a 2-layer copy: computes what zeroing it does, "
@@ -451,9 +458,9 @@ def prove(model: nn.Module, adapter: ArchitectureAdapter, *, pruning: bool = Fal
     geometry = adapter.geometry(model.config)
     if checks.get("mapping") is None:
         inputs = probe_inputs(model)
-        mapping = checks.add(_guarded("mapping", check_mapping, model, adapter, geometry, inputs))
+        mapping = checks.add(guarded("mapping", check_mapping, model, adapter, geometry, inputs))
         if mapping.passed:
-            mapping = checks.add(_guarded("value rows", check_value_rows, model, adapter, geometry, inputs))
+            mapping = checks.add(guarded("value rows", check_value_rows, model, adapter, geometry, inputs))
         if mapping.passed is False:
             where = f" at {mapping.sublayer}" if mapping.sublayer else ""
             raise UnsupportedModelError(f"{adapter.family} adapter refused: self-check '{mapping.name}' failed{where}: "
@@ -463,7 +470,7 @@ def prove(model: nn.Module, adapter: ArchitectureAdapter, *, pruning: bool = Fal
             if adapter.refusal(capability):
                 checks.add(Check(f"permute {unit}", None, f"declared: {adapter.refusal(capability)}"))
                 continue
-            result = checks.add(_guarded(f"permute {unit}", check_permutation, model, adapter, geometry, unit, inputs))
+            result = checks.add(guarded(f"permute {unit}", check_permutation, model, adapter, geometry, unit, inputs))
             if result.passed is False:
                 adapter = adapter.with_refusals({capability: f"self-check 'permute {unit}' failed: {result.detail}"})
     if pruning:
@@ -479,14 +486,10 @@ def prove(model: nn.Module, adapter: ArchitectureAdapter, *, pruning: bool = Fal
     return adapter, checks
 
 
-def _guarded(name: str, check, *args) -> Check:
+def guarded(name: str, check, *args) -> Check:
     """Run a check; an exception inside it is the check failing, said in one line."""
     try:
         return check(*args)
     except Exception as e:  # noqa: BLE001  (whatever the model raises is the finding)
         return Check(name, False, f"the check could not run the model through the adapter: {type(e).__name__}: "
-                                  f"{_first_line(e)}")
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+                                  f"{first_line(e)}")

@@ -52,6 +52,7 @@ def describe(loaded) -> dict:
             "module_shape": list(module_shape(module)),
             "shape": list(adapter.weight(block, role, g).shape),
             "rows": None if rows is None else _row_span(rows),
+            "layout": adapter.fused[path].kind if path in adapter.fused else None,
             "bias": getattr(module, "bias", None) is not None,
         })
     base = adapter.base(model)
@@ -67,7 +68,7 @@ def describe(loaded) -> dict:
                      "head_dim": g.head_dim, "ffn": g.intermediate_size},
         "is_decoder": adapter.is_decoder,
         "roles": roles,
-        "fused": {path: {"roles": list(layout.roles), "layout": "per head" if layout.per_head else "stacked"}
+        "fused": {path: {"roles": list(layout.roles), "layout": layout.kind}
                   for path, layout in adapter.fused.items()},
         "norms": list(adapter.norms),
         "head_norms": list(adapter.head_norms),
@@ -95,7 +96,7 @@ def describe_text(d: dict) -> str:
         shape = f"{r['shape'][0]} x {r['shape'][1]}"
         rows = r["rows"] or "all"
         if r["rows"]:
-            rows += f" of {r['module_shape'][0]} ({d['fused'][r['module'].split('.<i>.')[1]]['layout']})"
+            rows += f" of {r['module_shape'][0]} ({r['layout']})"
         lines.append(f"{r['role']:<9} {r['module']:<44} {shape:>11}  {rows}")
     lines.append("")
     lines.append(f"norms      {', '.join(d['norms']) or '-'}"

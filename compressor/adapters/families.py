@@ -115,9 +115,6 @@ GPT2 = ArchitectureAdapter(
     model_types=("gpt2",),
     blocks_path="h",
     linears={
-        "query": "attn.c_attn",
-        "key": "attn.c_attn",
-        "value": "attn.c_attn",
         "attn_out": "attn.c_proj",
         "ffn_in": "mlp.c_fc",
         "ffn_out": "mlp.c_proj",
@@ -137,9 +134,6 @@ GPT_NEOX = ArchitectureAdapter(
     model_types=("gpt_neox",),
     blocks_path="layers",
     linears={
-        "query": "attention.query_key_value",
-        "key": "attention.query_key_value",
-        "value": "attention.query_key_value",
         "attn_out": "attention.dense",
         "ffn_in": "mlp.dense_h_to_4h",
         "ffn_out": "mlp.dense_4h_to_h",
@@ -208,12 +202,7 @@ PHI3 = ArchitectureAdapter(
     model_types=("phi3",),
     blocks_path="layers",
     linears={
-        "query": "self_attn.qkv_proj",
-        "key": "self_attn.qkv_proj",
-        "value": "self_attn.qkv_proj",
         "attn_out": "self_attn.o_proj",
-        "ffn_gate": "mlp.gate_up_proj",
-        "ffn_in": "mlp.gate_up_proj",
         "ffn_out": "mlp.down_proj",
     },
     fused={
@@ -234,12 +223,7 @@ MODERNBERT = ArchitectureAdapter(
     model_types=("modernbert",),
     blocks_path="layers",
     linears={
-        "query": "attn.Wqkv",
-        "key": "attn.Wqkv",
-        "value": "attn.Wqkv",
         "attn_out": "attn.Wo",
-        "ffn_gate": "mlp.Wi",
-        "ffn_in": "mlp.Wi",
         "ffn_out": "mlp.Wo",
     },
     fused={

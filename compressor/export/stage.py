@@ -16,7 +16,6 @@ import contextlib
 import copy
 import io
 import json
-import logging
 import time
 import warnings
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 
 from ..data.text import calibration_texts
 from ..errors import ConfigError, ExportError, UnsupportedModelError
-from ..io import check_writable, staged_folder, write_text_atomic
+from ..io import check_writable, quiet, staged_folder, write_text_atomic
 from ..models import LoadedModel, unique_parameters
 from ..models.heads import is_causal_lm, is_sequence_classifier
 from ..quantization.config import QuantizeConfig
@@ -166,18 +165,6 @@ def _export_onnx(model, task: str, opset: int, path: Path):
         warnings.simplefilter("ignore")
         onnx_export(model, onnx_config, path, opset=opset, device="cpu")
     return onnx_config
-
-
-@contextlib.contextmanager
-def quiet(*loggers: str):
-    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
-    for logger, _ in saved:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in saved:
-            logger.setLevel(level)
 
 
 def load_ort(folder: str | Path, task: str, **kwargs):

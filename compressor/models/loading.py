@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from ..adapters import ArchitectureAdapter, declared_adapter
-from ..errors import ModelLoadError, UnsupportedModelError
+from ..errors import ModelLoadError, UnsupportedModelError, first_line
+from ..io import quiet
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -249,7 +250,7 @@ def load_model(
     try:
         # transformers' own "newly initialized" warnings would come before our one line: the
         # missing weights are judged below
-        with _quiet_transformers():
+        with quiet("transformers"):
             model, info = cls.from_pretrained(
                 location,
                 config=config,
@@ -259,7 +260,7 @@ def load_model(
                 output_loading_info=True,
             )
     except Exception as e:  # noqa: BLE001  (OSError, SafetensorError, RuntimeError...: all mean unreadable)
-        raise ModelLoadError(f"could not load the weights of {shown}: {_first_line(e)}") from None
+        raise ModelLoadError(f"could not load the weights of {shown}: {first_line(e)}") from None
     # transformers fills missing weights with random values and only warns; analysing or
     # compressing those would be silently wrong. Only a task head may be new (e.g. a pooler).
     missing = [k for k in info.get("missing_keys", []) if not _HEAD_PREFIXES & set(k.split(".")[:2])]
@@ -271,7 +272,7 @@ def load_model(
     model.eval()
     adapter, checks = prove_adapter(model, infer=infer_adapter)
 
-    tokenizer = fit_tokenizer(_load_tokenizer(location, trust_remote_code), adapter, model.config)
+    tokenizer = fit_tokenizer(load_tokenizer(location, trust_remote_code), adapter, model.config)
     declared = _pooling(Path(location)) if local else None
     # without a sentence-transformers pooling config: mean for encoders, last token for decoders
     pooling = declared or ("last" if adapter.is_decoder else "mean")
@@ -339,7 +340,7 @@ def _load_config(location: str, shown: str, trust_remote_code: bool):
     try:
         return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     except ValueError as e:
-        msg = _first_line(e)
+        msg = first_line(e)
         if "trust_remote_code" in str(e) or "custom code" in msg:
             raise ModelLoadError(
                 f"{shown} needs its own code to run; pass --trust-remote-code if you trust it"
@@ -352,7 +353,7 @@ def _load_config(location: str, shown: str, trust_remote_code: bool):
             ) from None
         raise ModelLoadError(f"could not read the config of {shown}: {msg}") from None
     except OSError as e:
-        raise ModelLoadError(f"could not read the config of {shown}: {_first_line(e)}") from None
+        raise ModelLoadError(f"could not read the config of {shown}: {first_line(e)}") from None
 
 
 def fit_tokenizer(tokenizer, adapter, config):
@@ -367,10 +368,6 @@ def fit_tokenizer(tokenizer, adapter, config):
 def load_tokenizer(location: str, trust_remote_code: bool = False):
     """The folder's tokenizer, with a pad token (the EOS token where it ships none, as GPT-2
     and Llama users do), or ``None`` for a folder without one."""
-    return _load_tokenizer(location, trust_remote_code)
-
-
-def _load_tokenizer(location: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     try:
@@ -380,24 +377,3 @@ def _load_tokenizer(location: str, trust_remote_code: bool):
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token  # GPT-2 and Llama ship no pad token
     return tok
-
-
-def _first_line(e: BaseException) -> str:
-    """The message's first line, or its first two where the first only announces the second
-    (``Error(s) in loading state_dict for LayerNorm:`` then the tensor and shapes)."""
-    lines = [line.strip() for line in (str(e).strip() or type(e).__name__).splitlines() if line.strip()]
-    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-
-
-class _quiet_transformers:
-    """Silence transformers' loading warnings for the duration of a ``with`` block."""
-
-    def __enter__(self):
-        import logging
-
-        self._logger = logging.getLogger("transformers")
-        self._level = self._logger.level
-        self._logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        self._logger.setLevel(self._level)

@@ -42,7 +42,7 @@ def optimum_baselines(original: LoadedModel, folder: Path, task: str) -> dict[st
     from ..quantization.onnx import optimum_preset
 
     fp32, int8 = folder / "optimum-fp32", folder / "optimum-int8"
-    from ..export.stage import quiet
+    from ..io import quiet
 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet("optimum", "transformers"):
         warnings.simplefilter("ignore")

@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, first_line
 from ..io import staged_folder, write_text_atomic
 
 MANIFEST = "compress.json"
@@ -88,7 +88,7 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None):
 
     from ..adapters import ArchitectureAdapter, adapter_for, module_shape
     from ..adapters.checks import prove
-    from ..models.loading import LoadedModel, _load_config, _load_tokenizer, fit_tokenizer
+    from ..models.loading import LoadedModel, _load_config, fit_tokenizer, load_tokenizer
     from .merge import install_shared
 
     folder = Path(folder)
@@ -142,13 +142,12 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None):
     try:
         load_weights(model, str(folder / WEIGHTS), strict=True)
     except (OSError, RuntimeError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ModelLoadError(f"{folder}: weights do not match the manifest: {first}") from None
+        raise ModelLoadError(f"{folder}: weights do not match the manifest: {first_line(e)}") from None
     model.eval()
     adapter, checks = prove(model, adapter)
     return LoadedModel(
         model=model,
-        tokenizer=fit_tokenizer(_load_tokenizer(str(folder), False), adapter, model.config),
+        tokenizer=fit_tokenizer(load_tokenizer(str(folder)), adapter, model.config),
         adapter=adapter,
         source=str(folder),
         name=name or str(folder),
