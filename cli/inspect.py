@@ -7,14 +7,15 @@ import json
 import click
 
 from cli.main import cli, emit_result
+from cli.options import json_option, overwrite_option, trust_remote_code_option
 
 
 @cli.command()
 @click.argument("model", required=False)
 @click.option("--infer", is_flag=True, help="Infer the adapter from the model's structure even where one is declared (to compare).")
-@click.option("--json", "json_path", type=click.Path(), default=None, help="Write the description as JSON here ('-' prints it instead of the table).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code to run.")
+@json_option
+@overwrite_option
+@trust_remote_code_option
 def inspect(model, infer, json_path, overwrite, trust_remote_code):
     """Show how compress reads MODEL: the adapter (declared for its family, or inferred from
     its structure), the module path, shape and rows of every role, norms and per-head state,
@@ -25,10 +26,11 @@ def inspect(model, infer, json_path, overwrite, trust_remote_code):
     from compressor.adapters.describe import describe, describe_text
     from compressor.io import check_writable
     from compressor.models import load_model
+    from compressor.pruning.checks import prove_pruning
 
     if json_path and json_path != "-":
         check_writable(json_path, overwrite=overwrite)
     loaded = load_model(model, trust_remote_code=trust_remote_code, infer_adapter=infer)
-    result = describe(loaded)
+    result = describe(loaded, seconds=prove_pruning(loaded))
     if not emit_result(json.dumps(result, indent=2) + "\n", json_path):
         click.echo(describe_text(result))

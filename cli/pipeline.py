@@ -7,6 +7,7 @@ import json
 import click
 
 from cli.main import EXIT_OK, cli, emit_result, log_format
+from cli.options import json_option, output_option
 
 #: What --dry-run says for each action.
 _WOULD = {"run": "would run", "continue": "would continue", "skip": "would skip", "fail": "would fail"}
@@ -15,9 +16,9 @@ _WOULD = {"run": "would run", "continue": "would continue", "skip": "would skip"
 @cli.command("run")
 @click.argument("recipe", type=click.Path())
 @click.option("--model", default=None, help="The model (default: the recipe's 'model', else the bundled MiniLM).")
-@click.option("-o", "--output", required=True, type=click.Path(), help="The job's folder: one subfolder per stage, report.json, DONE.json.")
+@output_option("The job's folder: one subfolder per stage, report.json, DONE.json.")
 @click.option("--dry-run", is_flag=True, help="Say whether the job would run, continue or be skipped, and why; run nothing.")
-@click.option("--json", "json_path", default=None, help="Write the job's result as JSON here ('-' prints it).")
+@json_option
 def run(recipe, model, output, dry_run, json_path):
     """Run the stages of RECIPE (a YAML file) on a model, each stage's output in OUTPUT/NN-stage.
 
@@ -58,13 +59,13 @@ def run(recipe, model, output, dry_run, json_path):
 
 @cli.command()
 @click.argument("manifest", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(), help="The batch folder: one folder per job, summary.json, summary.md.")
+@output_option("The batch folder: one folder per job, summary.json, summary.md.")
 @click.option("--jobs", "workers", type=int, default=1, show_default=True, help="Jobs at once, in parallel processes (local executor).")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this machine; ray: tasks on a Ray cluster, each asking for its CPUs (and a GPU when a stage runs on cuda).")
 @click.option("--address", default=None, help="Ray cluster: ray://host:10001, host:6379 or auto (default: start a local Ray instance).")
 @click.option("--dry-run", is_flag=True, help="List what would run, continue, be skipped or fail, and why; run nothing.")
-@click.option("--json", "json_path", default=None, help="Write the summary as JSON here ('-' prints it).")
+@json_option
 def batch(manifest, output, workers, executor, address, dry_run, json_path):
     """Run every job of MANIFEST (models x recipes, or jobs one by one), each in OUTPUT/JOB.
 

@@ -1,12 +1,22 @@
-"""Base class for stage configs: plain dataclasses that check themselves and round-trip JSON."""
+"""Base class for stage configs: plain dataclasses that check themselves.
+
+A config's fields are its options everywhere: `option_specs` reads each field's name, type,
+default, choices (``field(metadata={"choices": ...})``) and help (the ``Attributes:`` entry of
+the class docstring), and the CLI's flags, the recipe schema and the docs are all made from
+that, so a new field needs no second declaration.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import dataclasses
-import json
+import inspect
+import re
+import types
+import typing
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .errors import ConfigError
@@ -21,9 +31,6 @@ class StageConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any]) -> T:
         """Build a config from a dict, rejecting keys the config does not have."""
@@ -35,13 +42,124 @@ class StageConfig:
                               option=unknown[0])
         return cls(**data)
 
-    @classmethod
-    def from_json(cls: type[T], text: str) -> T:
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise ConfigError(f"{cls.__name__}: not valid JSON: {e}") from None
-        return cls.from_dict(data)
+
+@dataclass
+class TextFormat:
+    """How a text file is read (shared by every config that reads one).
+
+    Attributes:
+        text_column: Column (csv/tsv) or key (jsonl) holding the text; guessed if not given.
+        encoding: Text encoding of the file.
+    """
+
+    text_column: str | None = None
+    encoding: str = "utf-8"
+
+
+@dataclass
+class TextOptions(TextFormat):
+    """Text a stage reads, and how.
+
+    Attributes:
+        data: Calibration text: a file (.txt, .csv, .tsv, .jsonl), a packaged data set
+            (movie-snippets) or a Hugging Face dataset id; default: built-in English sentences.
+    """
+
+    data: str | None = None
+
+
+def choice(default: Any, choices: tuple, **kwargs) -> Any:
+    """A field whose value is one of ``choices`` (the CLI offers exactly these)."""
+    return dataclasses.field(default=default, metadata={"choices": tuple(choices)}, **kwargs)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One config field as an option: what the CLI, the recipe schema and the docs show.
+
+    Attributes:
+        name: The field name (a recipe's key; the CLI flag is `flag(name)`).
+        kind: ``bool``, ``int``, ``float``, ``str``, ``list[int]`` or ``list[str]``.
+        default: The default value (``None``: not set).
+        help: The field's entry in its class docstring, on one line.
+        choices: The allowed values, where the field is a `choice`.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    choices: tuple | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def option_specs(cls: type) -> list[OptionSpec]:
+    """The options of a config class, one per field: the class's own first, then those it
+    inherits (the text options), each class's in declaration order."""
+    hints = typing.get_type_hints(cls)
+    helps = field_help(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    order = list(dict.fromkeys(n for klass in cls.__mro__ for n in vars(klass).get("__annotations__", {})
+                               if n in fields))
+    specs = []
+    for f in (fields[n] for n in order):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        specs.append(OptionSpec(f.name, _kind(hints[f.name]), default, helps.get(f.name, ""),
+                                f.metadata.get("choices")))
+    return specs
+
+
+def _kind(hint) -> str:
+    """The option kind of a field's type: ``int | None`` is ``int``, ``list[list[int]] | str`` is
+    ``str`` (such a field is given on the command line as text the config parses)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if str in args:
+            return "str"
+        hint = args[0] if len(args) == 1 else str
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return f"list[{item.__name__}]" if item in (int, str, float) else "str"
+    if hint in (bool, int, float, str):
+        return hint.__name__
+    return "str"
+
+
+_ATTRIBUTE = re.compile(r"^(\w+):\s*(.*)$")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's ``Attributes:`` entry from the docstrings of ``cls`` and its bases (the
+    class's own entry wins), joined onto one line."""
+    found: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        doc = inspect.getdoc(klass) if klass.__doc__ else None
+        if not doc or "Attributes:" not in doc:
+            continue
+        name, lines = None, []
+        for line in doc.split("Attributes:", 1)[1].splitlines():
+            if not line.strip():
+                continue
+            indent = len(line) - len(line.lstrip())
+            match = _ATTRIBUTE.match(line.strip())
+            if match and indent <= 4:
+                if name:
+                    found[name] = " ".join(lines)
+                name, lines = match.group(1), [match.group(2)]
+            elif name and indent > 4:
+                lines.append(line.strip())
+            else:
+                break
+        if name:
+            found[name] = " ".join(lines)
+    return found
 
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:

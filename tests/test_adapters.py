@@ -6,7 +6,8 @@ import torch
 import transformers
 
 from compressor.adapters import FusedLayout, Geometry, SUPPORTED_MODEL_TYPES, adapter_for, get_adapter
-from compressor.adapters.checks import check_mapping, check_pruning, prove
+from compressor.adapters.checks import check_mapping, prove
+from compressor.pruning.checks import check_pruning, prove_units
 from compressor.errors import UnsupportedModelError
 from tiny_models import FAMILIES, make_model
 
@@ -102,7 +103,7 @@ def test_self_checks_pass_on_every_declared_family(family):
     """mapping, permutation and pruning checks on the tiny model; what a family cannot do is
     declared (not run), never failed."""
     model = make_model(family)
-    adapter, checks = prove(model, get_adapter(model), pruning=True)
+    adapter, checks = prove_units(model, get_adapter(model))
     by_name = {c.name: c for c in checks.checks}
     assert by_name["mapping"].passed is True
     assert by_name["permute neurons"].passed is True
@@ -115,7 +116,7 @@ def _comparable(adapter, model):
     """What an adapter means for a model, once proven: where everything is and what it may do."""
     from compressor.adapters import CAPABILITIES
 
-    adapter, _ = prove(model, adapter, pruning=True)
+    adapter, _ = prove_units(model, adapter)
     g = adapter.geometry(model.config)
     return {
         "blocks": adapter.blocks_path,
@@ -197,7 +198,7 @@ def test_inferred_adapter_on_an_undeclared_family():
     torch.manual_seed(0)
     model = transformers.BioGptForCausalLM(config).eval()
     assert "biogpt" not in SUPPORTED_MODEL_TYPES
-    adapter, checks = prove(model, adapter_for(model), pruning=True)
+    adapter, checks = prove_units(model, adapter_for(model))
     assert adapter.inferred and adapter.is_decoder
     assert adapter.linears["query"] == "self_attn.q_proj" and adapter.linears["ffn_in"] == "fc1"
     assert all(checks.get(n).passed for n in ("mapping", "permute neurons", "permute heads", "prune ffn"))
@@ -220,7 +221,7 @@ def test_a_per_head_parameter_outside_the_blocks_refuses_head_surgery():
     """MPNet with inference forced: the (buckets, heads) bias outside the blocks is found, heads
     stay in place for alignment, and head pruning is refused with the reason."""
     model = make_model("mpnet")
-    adapter, checks = prove(model, adapter_for(model, infer=True), pruning=True)
+    adapter, checks = prove_units(model, adapter_for(model, infer=True))
     assert adapter.head_state == ("encoder.relative_attention_bias.weight",)
     assert "relative_attention_bias" in adapter.refusal("permute_heads")
     with pytest.raises(UnsupportedModelError, match="cannot prune attention heads: every layer reads the per-head parameter"):
@@ -282,7 +283,7 @@ def test_multi_query_heads_are_checked():
 @pytest.mark.parametrize("family", ["gpt2", "qwen3", "phi3", "llama"])
 def test_half_precision_models_pass_their_checks(family, dtype):
     model = make_model(family).to(dtype)
-    _, checks = prove(model, get_adapter(model), pruning=True)
+    _, checks = prove_units(model, get_adapter(model))
     assert all(c.passed is not False for c in checks.checks), [(c.name, c.detail) for c in checks.checks]
 
 

@@ -160,9 +160,12 @@ def test_ctrl_c_leaves_a_usable_checkpoint(student_dir, data_file, tiny_dirs, tm
     load_model(out)  # usable
 
 
-def test_config_needs_a_budget():
-    with pytest.raises(ConfigError, match="give a budget"):
-        FinetuneConfig(max_steps=None, max_minutes=None)
+def test_config_always_has_a_budget():
+    # The CLI and recipes read the same default: 200 steps, unless a time budget alone is given.
+    assert FinetuneConfig(max_steps=None, max_minutes=None).max_steps == 200
+    assert FinetuneConfig(max_minutes=3).max_steps is None
+    with pytest.raises(ConfigError, match="max-steps"):
+        FinetuneConfig(max_steps=0)
 
 
 def test_classifier_distils_with_labels_and_evaluates_with_its_head(tmp_path):

@@ -20,6 +20,7 @@ from .base import (
     Geometry,
     applied_weight,
     dense_like,
+    head_rows,
     is_conv1d,
     module_shape,
     module_weight,
@@ -127,6 +128,6 @@ def _readings(adapter: ArchitectureAdapter, g: Geometry):
 __all__ = [
     "ADAPTERS", "ArchitectureAdapter", "CAPABILITIES", "FusedLayout", "Geometry", "HEAD_ROW_ROLES",
     "NEURON_ROW_ROLES", "ROLES", "SUPPORTED_MODEL_TYPES", "adapter_for", "applied_weight",
-    "declared_adapter", "dense_like", "get_adapter", "is_conv1d", "module_shape", "module_weight",
+    "declared_adapter", "dense_like", "get_adapter", "head_rows", "is_conv1d", "module_shape", "module_weight",
     "set_module_weight",
 ]

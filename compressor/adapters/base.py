@@ -426,6 +426,14 @@ def is_linear(module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module) or type(module).__name__ == "SharedLinear"
 
 
+def head_rows(units: list[int], heads_per_unit: int, head_dim: int) -> torch.Tensor:
+    """Rows (in a query-sized projection) of the heads that make up ``units``."""
+    import torch  # here, not at the top: the adapters load with `compress --help`
+
+    heads = [u * heads_per_unit + i for u in units for i in range(heads_per_unit)]
+    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+
+
 def module_weight(module) -> torch.Tensor:
     """The stored weight as ``(out, in)``, detached (a view; for a shared module, the shared weight)."""
     w = module.weight.detach()

@@ -20,10 +20,10 @@ number that could come out wrong:
   row maps mean what they say: a wrong head layout, a per-head parameter outside the block or
   a bias recomputed from the head order moves the output. A failure marks that unit as not
   permutable: alignment leaves it in place and it is not pruned.
-* ``prune heads`` / ``prune ffn``: in a two-layer copy, removing one head (one FFN neuron) of
-  every layer through the adapter computes what the unpruned copy computes with that unit's
-  output columns zeroed, and the config rebuilds the new shapes, loads the weights and runs.
-  A failure refuses that pruning.
+* ``prune heads`` / ``prune ffn`` (`compressor.pruning.checks`, run where pruning needs them):
+  in a two-layer copy, removing one head (one FFN neuron) of every layer through the adapter
+  computes what the unpruned copy computes with that unit's output columns zeroed, and the
+  config rebuilds the new shapes, loads the weights and runs. A failure refuses that pruning.
 
 Any exception inside a check is that check failing. Tolerances widen with the precision of
 the model's weights (fp16 and bf16 round far above 1e-5). A NaN never passes. The model is
@@ -32,12 +32,11 @@ changed in place only by the permutation check, and put back exactly.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import UnsupportedModelError, first_line
-from .base import ArchitectureAdapter, Geometry, applied_weight, is_linear, module_shape
+from .base import ArchitectureAdapter, Geometry, head_rows, is_linear, module_shape
 
 if TYPE_CHECKING:
     import torch
@@ -49,8 +48,6 @@ MAPPING_RTOL = 1e-5
 #: (the residual branch): a permutation only reorders sums, while a wrong row map or a head read
 #: from outside the block changes the branch itself.
 PERMUTATION_RTOL = 1e-3
-#: Vocabulary of the two-layer copy the pruning check builds.
-PROBE_VOCAB = 512
 
 
 @dataclass
@@ -100,7 +97,7 @@ def probe_inputs(model: nn.Module, *, batch: int = 2, length: int = 16, seed: in
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
 
 
-def _hidden(adapter: ArchitectureAdapter, model: nn.Module, inputs) -> torch.Tensor:
+def final_hidden(adapter: ArchitectureAdapter, model: nn.Module, inputs) -> torch.Tensor:
     import torch
 
     with torch.no_grad():
@@ -109,7 +106,7 @@ def _hidden(adapter: ArchitectureAdapter, model: nn.Module, inputs) -> torch.Ten
     return (hidden if hidden is not None else out[0]).float()
 
 
-def _relative(got: torch.Tensor, ref: torch.Tensor) -> float:
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got - ref).abs().max()) / max(1.0, float(ref.abs().max()))
 
 
@@ -120,11 +117,11 @@ def tolerance(base: float, dtype) -> float:
     return base if dtype in (torch.float32, torch.float64) else max(base, 20 * torch.finfo(dtype).eps)
 
 
-def _within(err: float, tol: float) -> bool:
+def within(err: float, tol: float) -> bool:
     return err <= tol  # False for NaN: a check never passes on NaN
 
 
-def _dtype(model):
+def weights_dtype(model):
     return next(model.parameters()).dtype
 
 
@@ -162,11 +159,11 @@ def check_mapping(model: nn.Module, adapter: ArchitectureAdapter, geometry: Geom
     handles = [blocks[i].get_submodule(path).register_forward_hook(hook((i, path)))
                for i in range(len(blocks)) for path in adapter.module_roles()]
     try:
-        _hidden(adapter, model, inputs or probe_inputs(model))
+        final_hidden(adapter, model, inputs or probe_inputs(model))
     finally:
         for h in handles:
             h.remove()
-    tol = tolerance(MAPPING_RTOL, _dtype(model))
+    tol = tolerance(MAPPING_RTOL, weights_dtype(model))
     for i, block in enumerate(blocks):
         for path, roles in adapter.module_roles().items():
             if (i, path) not in seen:
@@ -178,8 +175,8 @@ def check_mapping(model: nn.Module, adapter: ArchitectureAdapter, geometry: Geom
                 rows = adapter.role_rows(role, geometry)
                 ref = y if rows is None else y.index_select(-1, rows.to(y.device))
                 got = F.linear(x.float(), w.float(), None if b is None else b.float())
-                err = _relative(got, ref.float())
-                if not _within(err, tol):
+                err = relative_error(got, ref.float())
+                if not within(err, tol):
                     return Check("mapping", False, f"{role} taken from {path} does not reproduce the sublayer's output "
                                                   f"(relative error {err:.1e})", f"{i}.{path}")
     # writing the weights back through the adapter leaves every parameter as it was
@@ -228,7 +225,7 @@ def check_permutation(model: nn.Module, adapter: ArchitectureAdapter, geometry: 
     for k, i in enumerate(chosen):
         (ref_in, ref_out), (_, out) = ref[k], got[k]
         err = _branch_error(out, ref_out, ref_in, ref_out)
-        if not _within(err, tolerance(PERMUTATION_RTOL, _dtype(model))):
+        if not within(err, tolerance(PERMUTATION_RTOL, weights_dtype(model))):
             where = "attention" if unit == "heads" else "FFN"
             return Check(name, False, f"permuting block {i}'s {unit} through the adapter changes its output "
                                       f"(relative error {err:.1e}): the {where} is not permutable", f"{i}.{where}")
@@ -242,8 +239,6 @@ def check_value_rows(model: nn.Module, adapter: ArchitectureAdapter, geometry: G
     write through the output projection: zeroing them computes what zeroing those heads' output
     columns computes. (Keys and queries only shape the attention pattern; a value read as a key
     would move the output differently.) The one role distinction permutations cannot see."""
-    from ..pruning.structured import head_rows
-
     name = "value rows"
     blocks = adapter.blocks(model)
     dense = _dense_blocks(blocks)
@@ -269,11 +264,11 @@ def check_value_rows(model: nn.Module, adapter: ArchitectureAdapter, geometry: G
             outs.append(_blocks_io(adapter, model, [block], inputs)[0][1])
     finally:
         adapter.load_block_weights(block, *saved, geometry)
-    tol = tolerance(PERMUTATION_RTOL, _dtype(model))
+    tol = tolerance(PERMUTATION_RTOL, weights_dtype(model))
     if not _branch_error(outs[1], ref_out, ref_in, ref_out) > tol:
         return Check(name, None, f"head 0 of block {i} writes (almost) nothing; nothing to compare")
     err = _branch_error(outs[0], outs[1], ref_in, ref_out)
-    if not _within(err, tol):
+    if not within(err, tol):
         return Check(name, False, f"zeroing what the adapter calls key/value head 0's values in block {i} does not "
                                   f"silence that head (relative error {err:.1e}): those rows are not the values",
                      f"{i}.{adapter.linears['value']}")
@@ -328,7 +323,7 @@ def _blocks_io(adapter, model, blocks, inputs) -> list[tuple[torch.Tensor, torch
     for i, block in enumerate(blocks):
         handles += [block.register_forward_pre_hook(before(i), with_kwargs=True), block.register_forward_hook(after(i))]
     try:
-        _hidden(adapter, model, inputs)
+        final_hidden(adapter, model, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -338,117 +333,16 @@ def _blocks_io(adapter, model, blocks, inputs) -> list[tuple[torch.Tensor, torch
     return [(seen[i]["in"], seen[i]["out"]) for i in range(len(blocks))]
 
 
-# --- pruning ---------------------------------------------------------------------------------
-def _probe_model(model: nn.Module, layers: int = 2) -> nn.Module:
-    """A fresh copy of the model's architecture with ``layers`` blocks, randomly initialised."""
-    import torch
-
-    config = copy.deepcopy(model.config)
-    n = config.num_hidden_layers
-    keep = min(layers, n)
-    for key, value in list(config.to_diff_dict().items()):
-        if isinstance(value, list) and len(value) == n and key != "architectures":
-            setattr(config, key, value[:keep])  # per-layer lists (Gemma's layer_types)
-    config.num_hidden_layers = keep
-    # a small vocabulary: the embeddings play no part in head or neuron surgery, and a
-    # 150k-token table would dominate the check's time
-    vocab = getattr(config, "vocab_size", None)
-    if isinstance(vocab, int) and vocab > PROBE_VOCAB:
-        config.vocab_size = PROBE_VOCAB
-        for key, value in list(config.to_dict().items()):
-            if key.endswith("_token_id") and isinstance(value, int) and value >= PROBE_VOCAB:
-                setattr(config, key, PROBE_VOCAB - 1 - ("pad" not in key))
-    if getattr(config, "pruned_heads", None):
-        config.pruned_heads = {k: v for k, v in config.pruned_heads.items() if int(k) < keep}
-    torch.manual_seed(0)
-    probe = type(model)(config).eval()
-    with torch.no_grad():  # as in a trained model: norms and biases not all 1 and 0
-        for p in probe.parameters():
-            if p.dim() == 1:
-                p.add_(0.05 * torch.randn_like(p))
-    return probe
-
-
-def check_pruning(model: nn.Module, adapter: ArchitectureAdapter, unit: str) -> Check:
-    """Prune one ``unit`` (``heads`` or ``ffn``) in every layer of a two-layer copy; the result
-    must rebuild from its config, load its own weights and run."""
-    import torch
-
-    from ..models.loading import LoadedModel
-    from ..pruning.structured import prune_ffn, prune_heads
-
-    name = f"prune {unit}"
-    capability = "prune_heads" if unit == "heads" else "prune_ffn"
-    if adapter.refusal(capability):
-        return Check(name, None, f"refused: {adapter.refusal(capability)}")
-    try:
-        probe = _probe_model(model)
-    except Exception as e:  # noqa: BLE001  (a config that does not rebuild: reported, not raised)
-        return Check(name, False, f"the architecture does not rebuild from its config: {first_line(e)}")
-    loaded = LoadedModel(model=probe, tokenizer=None, adapter=adapter, source="probe")
-    g = loaded.geometry
-    units = g.num_kv_heads if unit == "heads" else g.intermediate_size
-    if units < 2:
-        return Check(name, None, f"only one {'key/value head' if unit == 'heads' else 'FFN neuron'}")
-    keep = {layer: list(range(units - 1)) for layer in range(g.num_layers)}
-    try:
-        inputs = probe_inputs(probe)
-        masked = _without_last_unit(probe, adapter, g, unit)  # what the pruned model must compute
-        (prune_heads if unit == "heads" else prune_ffn)(loaded, keep, set())
-        out = _hidden(adapter, probe, inputs)
-        err = _relative(out, _hidden(adapter, masked, inputs))
-        if not _within(err, tolerance(MAPPING_RTOL * 10, _dtype(probe))):
-            return Check(name, False, f"the pruned copy does not compute what the unit's output columns zeroed "
-                                      f"compute (relative error {err:.1e}): the rows cut are not that unit's")
-        rebuilt = type(probe)(copy.deepcopy(probe.config)).eval()
-        expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
-        wrong = next((k for k in expected if got.get(k) != expected[k]), None)
-        if wrong:
-            return Check(name, False, f"after pruning, the config rebuilds {wrong} as {got.get(wrong)}, the model "
-                                      f"holds {expected[wrong]}", wrong)
-        rebuilt.load_state_dict(probe.state_dict())
-        err = _relative(_hidden(adapter, rebuilt, inputs), out)
-        if err > MAPPING_RTOL:
-            return Check(name, False, f"the model rebuilt from the pruned config computes something else "
-                                      f"(relative error {err:.1e})")
-    except Exception as e:  # noqa: BLE001  (whatever breaks here is the finding)
-        return Check(name, False, f"pruning one {unit[:-1] if unit == 'heads' else 'neuron'} through the adapter "
-                                  f"breaks the model: {first_line(e)}")
-    what = ("FFN neuron" if unit == "ffn" else "head" if g.heads_per_kv == 1
-            else f"key/value head with its {g.heads_per_kv} query heads")
-    return Check(name, True, f"one {what} pruned in every layer of a 2-layer copy: computes what zeroing it does, "
-                             "config matches shapes, reloads and runs")
-
-
-def _without_last_unit(probe, adapter: ArchitectureAdapter, g: Geometry, unit: str):
-    """A copy of ``probe`` whose last attention unit (or FFN neuron) writes nothing: its columns
-    of the output projection are zero. Removing the unit must compute the same."""
-    import torch
-
-    from ..pruning.structured import head_rows
-    from .base import module_weight
-
-    masked = copy.deepcopy(probe)
-    with torch.no_grad():
-        for block in adapter.blocks(masked):
-            if unit == "heads":
-                cols = head_rows([g.num_kv_heads - 1], g.heads_per_kv, g.head_dim)
-                module_weight(adapter.linear(block, "attn_out"))[:, cols] = 0
-            else:
-                module_weight(adapter.linear(block, "ffn_out"))[:, g.intermediate_size - 1] = 0
-    return masked
-
-
 # --- all together ------------------------------------------------------------------------------
-def prove(model: nn.Module, adapter: ArchitectureAdapter, *, pruning: bool = False,
+def prove(model: nn.Module, adapter: ArchitectureAdapter, *,
           checks: AdapterChecks | None = None) -> tuple[ArchitectureAdapter, AdapterChecks]:
-    """Run the self-checks; return the adapter with what they rule out refused, and the checks.
+    """Run the self-checks every load runs (mapping, value rows, permutations); return the
+    adapter with what they rule out refused, and the checks. The pruning checks are
+    `compressor.pruning.checks.prove_pruning`.
 
     Args:
         model: The loaded model (changed only transiently, by the permutation check).
         adapter: Its adapter, declared or inferred.
-        pruning: Also run the pruning checks (they build a small copy of the architecture).
         checks: Results of an earlier call to extend.
 
     Raises:
@@ -473,16 +367,6 @@ def prove(model: nn.Module, adapter: ArchitectureAdapter, *, pruning: bool = Fal
             result = checks.add(guarded(f"permute {unit}", check_permutation, model, adapter, geometry, unit, inputs))
             if result.passed is False:
                 adapter = adapter.with_refusals({capability: f"self-check 'permute {unit}' failed: {result.detail}"})
-    if pruning:
-        for unit, capability in (("heads", "prune_heads"), ("ffn", "prune_ffn")):
-            if checks.get(f"prune {unit}") is not None:
-                continue
-            if unit == "heads" and adapter.refusal("permute_heads") and not adapter.refusal(capability):
-                # a head read by state outside its block cannot leave it alone either
-                adapter = adapter.with_refusals({capability: adapter.refusal("permute_heads")})
-            result = checks.add(check_pruning(model, adapter, unit))
-            if result.passed is False:
-                adapter = adapter.with_refusals({capability: f"self-check 'prune {unit}' failed: {result.detail}"})
     return adapter, checks
 
 

@@ -1,12 +1,10 @@
 """What `compress` believes about a model: the adapter in use and what its self-checks found.
 
-`describe` runs every self-check (the pruning ones too) and returns plain data, which
-`compress inspect` prints as a table or as JSON.
+`describe` returns what the self-checks found as plain data (`compress inspect` runs the pruning
+ones first), which the command prints as a table or as JSON.
 """
 
 from __future__ import annotations
-
-import time
 
 from .base import CAPABILITIES, module_shape
 
@@ -19,24 +17,19 @@ def _row_span(rows) -> str:
     return f"{len(values)} rows, per head"
 
 
-def describe(loaded) -> dict:
+def describe(loaded, seconds: float = 0.0) -> dict:
     """What compress believes about ``loaded``, as plain data.
 
-    Runs the pruning self-checks if they have not run yet (they build a two-layer copy), and
-    keeps what they rule out on ``loaded.adapter``.
-
     Args:
-        loaded: A `LoadedModel` (its load ran the mapping and permutation checks).
+        loaded: A `LoadedModel` (its load ran the mapping and permutation checks; a check not
+            run, such as the pruning ones, shows as not run).
+        seconds: What the self-checks took, to report.
 
     Returns:
         The adapter (declared or inferred), each role's module, shape and rows, fused layouts,
         norms, per-head state, capabilities with the reason for each refusal, every self-check
         with its result, and the seconds the checks took.
     """
-    from .checks import prove
-
-    start = time.perf_counter()
-    loaded.adapter, loaded.checks = prove(loaded.model, loaded.adapter, pruning=True, checks=loaded.checks)
     adapter, model = loaded.adapter, loaded.model
     g = loaded.geometry
     block = adapter.blocks(model)[0]
@@ -77,7 +70,7 @@ def describe(loaded) -> dict:
         "max_positions": adapter.max_positions(model.config),
         "capabilities": {c: {"allowed": adapter.refusal(c) is None, "reason": adapter.refusal(c)} for c in CAPABILITIES},
         "checks": loaded.checks.to_dict(),
-        "seconds": round(time.perf_counter() - start, 3),
+        "seconds": round(seconds, 3),
     }
 
 

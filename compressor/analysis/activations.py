@@ -14,13 +14,14 @@ Only real tokens count: padding is dropped with the attention mask.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..data.text import fit_length
 from ..errors import ConfigError
-
 
 #: Fewer tokens than this say nothing about how alike two layers are.
 MIN_TOKENS = 16
@@ -32,6 +33,83 @@ def _hidden_from_args(args, kwargs) -> torch.Tensor:
 
 def _hidden_from_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@dataclass
+class _TokenSample:
+    """The real-token positions kept for CKA and angular distance, drawn once over all texts.
+
+    Attributes:
+        keep: ``(total,)`` bool, one entry per real token of every text, in text order.
+        offsets: Where each text's tokens start in ``keep`` (one more entry than texts).
+    """
+
+    keep: torch.Tensor
+    offsets: list[int]
+
+    @property
+    def total(self) -> int:
+        return self.offsets[-1]
+
+    def of_texts(self, start: int, stop: int) -> torch.Tensor:
+        """The ``keep`` entries of texts ``start..stop-1`` (their real tokens, text by text)."""
+        return self.keep[self.offsets[start] : self.offsets[stop]]
+
+
+def _sample_tokens(tokenizer, texts: list[str], max_length: int, max_tokens: int, seed: int) -> _TokenSample:
+    """Count the real tokens of every text (as the batches will see them) and draw ``max_tokens`` of them."""
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=fit_length(tokenizer, max_length))["input_ids"]]
+    total = sum(lengths)
+    if total < MIN_TOKENS:
+        raise ConfigError(f"the calibration text holds {total} token(s), under {MIN_TOKENS}; give more text to compare layers on")
+    keep = torch.zeros(total, dtype=torch.bool)
+    keep[torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:max_tokens]] = True
+    offsets = [0]
+    for length in lengths:
+        offsets.append(offsets[-1] + length)
+    return _TokenSample(keep, offsets)
+
+
+class _BlockCapture:
+    """Forward hooks on every block: the cosine of its input to its output, summed over real
+    tokens, and its output at the kept tokens.
+
+    Set `mask` and `keep` before each batch goes through the model.
+    """
+
+    def __init__(self, num_layers: int):
+        self.mask: torch.Tensor | None = None  # (batch, seq): the batch's real tokens
+        self.keep: torch.Tensor | None = None  # (real tokens of the batch,): those kept
+        self.cos_sum = torch.zeros(num_layers, dtype=torch.float64)
+        self.outputs: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self._inputs: dict[int, torch.Tensor] = {}
+
+    def _pre_hook(self, i: int):
+        def hook(module, args, kwargs):
+            self._inputs[i] = _hidden_from_args(args, kwargs)[self.mask].float()
+
+        return hook
+
+    def _post_hook(self, i: int):
+        def hook(module, args, kwargs, output):
+            out = _hidden_from_output(output)[self.mask].float()  # (real tokens, hidden)
+            self.cos_sum[i] += F.cosine_similarity(self._inputs.pop(i), out, dim=-1).double().sum()
+            self.outputs[i].append(out[self.keep].cpu())
+
+        return hook
+
+    @contextmanager
+    def attached(self, blocks):
+        """Hook every block while the context lasts."""
+        handles = []
+        for i, block in enumerate(blocks):
+            handles.append(block.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
+            handles.append(block.register_forward_hook(self._post_hook(i), with_kwargs=True))
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
 
 
 @torch.no_grad()
@@ -64,56 +142,19 @@ def collect_block_outputs(
     adapter, model = loaded.adapter, loaded.model
     blocks = adapter.blocks(model)
     base = adapter.base(model).to(device)
-    n = len(blocks)
-
-    # Real tokens per text (as the batches will see them), then the global sample of positions.
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=fit_length(tokenizer, max_length))["input_ids"]]
-    total = sum(lengths)
-    if total < MIN_TOKENS:
-        raise ConfigError(f"the calibration text holds {total} token(s), under {MIN_TOKENS}; give more text to compare layers on")
-    keep = torch.zeros(total, dtype=torch.bool)
-    keep[torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:max_tokens]] = True
-    offsets = [0]
-    for length in lengths:
-        offsets.append(offsets[-1] + length)
-
-    current: dict[str, torch.Tensor] = {}
-    inputs: dict[int, torch.Tensor] = {}
-    outputs: list[list[torch.Tensor]] = [[] for _ in range(n)]
-    cos_sum = torch.zeros(n, dtype=torch.float64)
-
-    def pre_hook(i):
-        def hook(module, args, kwargs):
-            inputs[i] = _hidden_from_args(args, kwargs)[current["mask"]].float()
-
-        return hook
-
-    def post_hook(i):
-        def hook(module, args, kwargs, output):
-            out = _hidden_from_output(output)[current["mask"]].float()  # (real tokens, hidden)
-            cos_sum[i] += F.cosine_similarity(inputs.pop(i), out, dim=-1).double().sum()
-            outputs[i].append(out[current["keep"]].cpu())
-
-        return hook
-
-    handles = []
-    for i, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
-        handles.append(block.register_forward_hook(post_hook(i), with_kwargs=True))
-    try:
+    sample = _sample_tokens(tokenizer, texts, max_length, max_tokens, seed)
+    capture = _BlockCapture(len(blocks))
+    with capture.attached(blocks):
         for start in range(0, len(texts), batch_size):
             stop = min(start + batch_size, len(texts))
             enc = tokenizer(texts[start:stop], padding=True, truncation=True, max_length=fit_length(tokenizer, max_length),
                             return_tensors="pt").to(device)
-            current["mask"] = enc["attention_mask"].bool()  # (batch, seq); real tokens come out text by text
-            current["keep"] = keep[offsets[start] : offsets[stop]].to(device)
+            capture.mask = enc["attention_mask"].bool()  # (batch, seq); real tokens come out text by text
+            capture.keep = sample.of_texts(start, stop).to(device)
             base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    finally:
-        for h in handles:
-            h.remove()
 
-    block_influence = 1.0 - cos_sum / total
-    return [torch.cat(o) for o in outputs], block_influence.float(), total
+    block_influence = 1.0 - capture.cos_sum / sample.total
+    return [torch.cat(o) for o in capture.outputs], block_influence.float(), sample.total
 
 
 def linear_cka(outputs: list[torch.Tensor]) -> torch.Tensor:

@@ -9,7 +9,17 @@ from ..errors import ConfigError
 from ..models import LoadedModel, unique_parameters
 from ..record import StageRecord
 from .config import AnalyzeConfig
-from .grouping import best_partitions
+from .grouping import plan_string, recommend_grouping
+
+# plan_string belongs to the grouping (grouping.py); it stays importable from here for older code.
+__all__ = [
+    "activation_similarity",
+    "analyze",
+    "model_summary",
+    "plan_string",
+    "removable_layers",
+    "similarity_for_grouping",
+]
 
 
 def similarity_for_grouping(metrics: dict, metric: str) -> list[list[float]]:
@@ -34,17 +44,15 @@ def analyze(loaded: LoadedModel, config: AnalyzeConfig) -> tuple[LoadedModel, St
         The model, unchanged, and a record whose ``metrics`` hold: ``model`` (family and
         geometry), ``weights`` (raw and aligned cosine per sublayer; see `weight_similarity`),
         ``activations`` (CKA, angular distance, Block Influence), ``grouping`` (the best
-        contiguous partition and its score for every group count, and the recommended one) and
-        ``removable_layers`` (lowest Block Influence first).
+        contiguous partition and its score for every group count, and the recommended one; a
+        `Grouping` as a dict) and ``removable_layers`` (lowest Block Influence first).
 
     Raises:
         ConfigError: more groups than layers, or a model without a tokenizer for activations.
         DataError: an unreadable or empty calibration file.
     """
     start = time.perf_counter()
-    adapter, model = loaded.adapter, loaded.model
-    geometry = loaded.geometry
-    n = len(adapter.blocks(model))
+    n = len(loaded.adapter.blocks(loaded.model))
     if config.groups is not None and config.groups > n:
         raise ConfigError(f"--groups {config.groups} is more than the model's {n} layers")
     # Read the data before the slow part, so that a bad file fails at once.
@@ -53,66 +61,24 @@ def analyze(loaded: LoadedModel, config: AnalyzeConfig) -> tuple[LoadedModel, St
         texts = calibration_texts(config.data, text_column=config.text_column, encoding=config.encoding,
                                   limit=config.max_samples)
 
-    metrics: dict = {
-        "model": {
-            "name": loaded.name,
-            "source": loaded.source,
-            "model_type": model.config.model_type,
-            "family": adapter.family,
-            "num_layers": n,
-            "hidden_size": geometry.hidden_size,
-            "num_heads": geometry.num_heads,
-            "num_kv_heads": geometry.num_kv_heads,
-            "intermediate_size": geometry.intermediate_size,
-        }
-    }
+    metrics: dict = {"model": model_summary(loaded)}
     timings = {}
     if config.weights:
         from .weights import weight_similarity
 
         t = time.perf_counter()
-        metrics["weights"] = weight_similarity(model, adapter)
+        metrics["weights"] = weight_similarity(loaded.model, loaded.adapter)
         timings["weights"] = time.perf_counter() - t
     if config.activations:
-        from .activations import angular_distance, collect_block_outputs, linear_cka
-
         t = time.perf_counter()
-        outputs, influence, num_tokens = collect_block_outputs(
-            loaded,
-            texts,
-            max_length=config.max_length,
-            batch_size=config.batch_size,
-            max_tokens=config.max_tokens,
-            device=config.device,
-            seed=config.seed,
-        )
-        metrics["activations"] = {
-            "num_texts": len(texts),
-            "num_tokens": num_tokens,
-            "tokens_compared": int(outputs[0].shape[0]),
-            "cka": linear_cka(outputs).tolist(),
-            "angular_distance": angular_distance(outputs).tolist(),
-            "block_influence": influence.tolist(),
-        }
-        del outputs
+        metrics["activations"] = activation_similarity(loaded, texts, config)
         timings["activations"] = time.perf_counter() - t
-        order = sorted(range(n), key=lambda i: influence[i].item())
-        metrics["removable_layers"] = [
-            {"layer": i, "block_influence": float(influence[i])} for i in order[: config.removable]
-        ]
+        metrics["removable_layers"] = removable_layers(metrics["activations"]["block_influence"], config.removable)
 
     similarity = similarity_for_grouping(metrics, config.metric)
-    by_groups = {k: {"groups": g, "score": score} for k, (g, score) in best_partitions(similarity).items()}
-    recommended = config.groups or (n + 1) // 2  # about half the layers
-    metrics["grouping"] = {
-        "metric": config.metric,
-        "recommended_groups": recommended,
-        "recommended": by_groups[recommended],
-        "plan": plan_string(by_groups[recommended]["groups"]),
-        "by_groups": {str(k): v for k, v in by_groups.items()},
-    }
+    metrics["grouping"] = recommend_grouping(similarity, config.metric, config.groups).to_dict()
     metrics["seconds"] = timings
-    params, nbytes = unique_parameters(model)
+    params, nbytes = unique_parameters(loaded.model)
     record = StageRecord(
         stage="analyze",
         config=config.to_dict(),
@@ -126,6 +92,46 @@ def analyze(loaded: LoadedModel, config: AnalyzeConfig) -> tuple[LoadedModel, St
     return loaded, record
 
 
-def plan_string(groups: list[list[int]]) -> str:
-    """``[[0, 1], [2, 3]]`` -> ``"0-1,2-3"`` (the form ``compress share --plan`` takes)."""
-    return ",".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
+def model_summary(loaded: LoadedModel) -> dict:
+    """The ``model`` entry of an analysis: name, family and geometry."""
+    geometry = loaded.geometry
+    return {
+        "name": loaded.name,
+        "source": loaded.source,
+        "model_type": loaded.model.config.model_type,
+        "family": loaded.adapter.family,
+        "num_layers": len(loaded.adapter.blocks(loaded.model)),
+        "hidden_size": geometry.hidden_size,
+        "num_heads": geometry.num_heads,
+        "num_kv_heads": geometry.num_kv_heads,
+        "intermediate_size": geometry.intermediate_size,
+    }
+
+
+def activation_similarity(loaded: LoadedModel, texts: list[str], config: AnalyzeConfig) -> dict:
+    """The ``activations`` entry of an analysis: CKA, angular distance and Block Influence on ``texts``."""
+    from .activations import angular_distance, collect_block_outputs, linear_cka
+
+    outputs, influence, num_tokens = collect_block_outputs(
+        loaded,
+        texts,
+        max_length=config.max_length,
+        batch_size=config.batch_size,
+        max_tokens=config.max_tokens,
+        device=config.device,
+        seed=config.seed,
+    )
+    return {
+        "num_texts": len(texts),
+        "num_tokens": num_tokens,
+        "tokens_compared": int(outputs[0].shape[0]),
+        "cka": linear_cka(outputs).tolist(),
+        "angular_distance": angular_distance(outputs).tolist(),
+        "block_influence": influence.tolist(),
+    }
+
+
+def removable_layers(block_influence: list[float], count: int) -> list[dict]:
+    """The ``count`` layers with the lowest Block Influence, lowest first (ties in layer order)."""
+    order = sorted(range(len(block_influence)), key=lambda i: block_influence[i])
+    return [{"layer": i, "block_influence": block_influence[i]} for i in order[:count]]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import StageConfig, check_choice, check_device, check_int, check_positive
+from ..config import StageConfig, TextOptions, check_choice, choice, check_device, check_int, check_positive
 
 #: Similarities the grouping can be driven by.
 METRICS = ("cka", "angular", "aligned-weight", "raw-weight")
 
 
 @dataclass
-class AnalyzeConfig(StageConfig):
+class AnalyzeConfig(TextOptions, StageConfig):
     """How to analyze layer similarity.
 
     Attributes:
@@ -23,9 +23,6 @@ class AnalyzeConfig(StageConfig):
             ``cka`` when activations are analyzed, else ``aligned-weight``.
         weights: Compute weight similarity (raw and permutation-aligned).
         activations: Compute activation similarity on calibration text.
-        data: Calibration text file (txt, csv/tsv, jsonl); ``None`` uses the built-in set.
-        text_column: Column or key of the text in ``data``; guessed if ``None``.
-        encoding: Text encoding of ``data``.
         max_samples: Use at most this many texts.
         max_length: Truncate texts to this many tokens.
         batch_size: Texts per forward pass.
@@ -36,12 +33,9 @@ class AnalyzeConfig(StageConfig):
     """
 
     groups: int | None = None
-    metric: str | None = None
+    metric: str | None = choice(None, METRICS)
     weights: bool = True
     activations: bool = True
-    data: str | None = None
-    text_column: str | None = None
-    encoding: str = "utf-8"
     max_samples: int = 256
     max_length: int = 128
     batch_size: int = 16

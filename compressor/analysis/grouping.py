@@ -6,13 +6,84 @@ perfectly, 1). With K fixed the number of shared groups is fixed, so the score s
 of the layers' similarity a sharing plan keeps. Groups are contiguous runs of layers, as in
 Relaxed Recursive Transformers and LaCo; one dynamic program finds the best partition for
 every K in O(L^3), after an O(L^2) table of group scores (2-D prefix sums).
+
+`recommend_grouping` returns them all as a `Grouping`, the record sharing reads its plan from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 Matrix = Sequence[Sequence[float]]
+
+
+@dataclass
+class Partition:
+    """One partition of the layers into contiguous groups, and how well it keeps their similarity.
+
+    Attributes:
+        groups: Lists of layer indices, in order (``[[0, 1], [2], [3, 4]]``).
+        score: Its `partition_score` (1 = every layer alone, the identity).
+    """
+
+    groups: list[list[int]]
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"groups": self.groups, "score": self.score}
+
+
+@dataclass
+class Grouping:
+    """The grouping an analysis recommends: the best partition for every group count, and the pick.
+
+    Its `to_dict` is the ``grouping`` entry of an analysis record (``analysis.json``), which
+    `compressor.sharing.parse_plan` and users' files read; `from_dict` reads that entry back.
+
+    Attributes:
+        metric: The similarity that scored the partitions (see `AnalyzeConfig.metric`).
+        recommended_groups: The group count recommended.
+        by_groups: The best contiguous partition for every group count from 1 to the layers.
+    """
+
+    metric: str
+    recommended_groups: int
+    by_groups: dict[int, Partition]
+
+    @property
+    def recommended(self) -> Partition:
+        """The best partition into `recommended_groups` groups."""
+        return self.by_groups[self.recommended_groups]
+
+    @property
+    def plan(self) -> str:
+        """The recommended partition as ``compress share --plan`` takes it (``"0-1,2-3"``)."""
+        return plan_string(self.recommended.groups)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "recommended_groups": self.recommended_groups,
+            "recommended": self.recommended.to_dict(),
+            "plan": self.plan,
+            "by_groups": {str(k): p.to_dict() for k, p in self.by_groups.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Grouping:
+        """The grouping from its `to_dict` form (``metrics["grouping"]`` of an analysis record)."""
+        return cls(
+            metric=data["metric"],
+            recommended_groups=data["recommended_groups"],
+            by_groups={int(k): Partition(p["groups"], p["score"]) for k, p in data["by_groups"].items()},
+        )
+
+
+def plan_string(groups: list[list[int]]) -> str:
+    """``[[0, 1], [2, 3]]`` -> ``"0-1,2-3"`` (the form ``compress share --plan`` takes)."""
+    return ",".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
 
 
 def group_fit(similarity: Matrix, start: int, stop: int) -> float:
@@ -99,3 +170,16 @@ def best_partition(similarity: Matrix, k: int) -> tuple[list[list[int]], float]:
     if not 1 <= k <= n:
         raise ValueError(f"groups must be between 1 and {n}, got {k}")
     return best_partitions(similarity, k)[k]
+
+
+def recommend_grouping(similarity: Matrix, metric: str, groups: int | None = None) -> Grouping:
+    """The best contiguous partition for every group count, recommending ``groups`` of them.
+
+    Args:
+        similarity: ``L x L`` symmetric layer similarity (higher = more alike).
+        metric: The name of that similarity, kept in the result.
+        groups: The group count to recommend; ``None``: about half the layers, ``(L + 1) // 2``.
+    """
+    by_groups = {k: Partition(g, score) for k, (g, score) in best_partitions(similarity).items()}
+    recommended = groups or (len(similarity) + 1) // 2  # about half the layers
+    return Grouping(metric=metric, recommended_groups=recommended, by_groups=by_groups)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .grouping import Grouping
+
 #: Sublayer roles as shown to users.
 ROLE_LABELS = {
     "query": "Q",
@@ -59,12 +61,12 @@ def _matrices(metrics: dict) -> list[tuple[str, list[list[float]]]]:
 
 
 def _grouping_rows(metrics: dict) -> list[list[str]]:
-    grouping = metrics["grouping"]
+    grouping = Grouping.from_dict(metrics["grouping"])
     rows = []
-    for k, entry in grouping["by_groups"].items():
-        mark = " <- recommended" if int(k) == grouping["recommended_groups"] else ""
-        groups = " | ".join(",".join(map(str, g)) for g in entry["groups"])
-        rows.append([k, f"{entry['score']:.3f}", groups + mark])
+    for k, partition in grouping.by_groups.items():
+        mark = " <- recommended" if k == grouping.recommended_groups else ""
+        groups = " | ".join(",".join(map(str, g)) for g in partition.groups)
+        rows.append([str(k), f"{partition.score:.3f}", groups + mark])
     return rows
 
 
@@ -75,12 +77,12 @@ def _block_influence_rows(metrics: dict) -> list[list[str]]:
 
 
 def _summary_line(metrics: dict) -> str:
-    m, g = metrics["model"], metrics["grouping"]
+    m, g = metrics["model"], Grouping.from_dict(metrics["grouping"])
     return (
         f"{m['name']}: {m['model_type']}, {m['num_layers']} layers, hidden {m['hidden_size']}, "
         f"{m['num_heads']} heads, FFN {m['intermediate_size']}. "
-        f"Recommended --groups {g['recommended_groups']}: --plan \"{g['plan']}\" "
-        f"(score {g['recommended']['score']:.3f} by {g['metric']})"
+        f"Recommended --groups {g.recommended_groups}: --plan \"{g.plan}\" "
+        f"(score {g.recommended.score:.3f} by {g.metric})"
     )
 
 

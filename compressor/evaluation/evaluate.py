@@ -17,25 +17,23 @@ import random
 import time
 from dataclasses import dataclass
 
-from ..config import StageConfig, check_choice, check_device, check_positive
+from ..config import StageConfig, TextOptions, check_choice, choice, check_device, check_positive
 from ..errors import ConfigError
 from ..models import LoadedModel, unique_parameters
-from ..models.heads import is_causal_lm, is_sequence_classifier
+from ..models import heads
 from ..record import StageRecord
 
 TASKS = ("auto", "embedding", "classification", "lm")
 
 
 @dataclass
-class EvaluateConfig(StageConfig):
+class EvaluateConfig(TextOptions, StageConfig):
     """What to evaluate on.
 
     Attributes:
         data: A file (csv/tsv/jsonl with labels; txt for perplexity), a packaged data set name
             (``movie-snippets``) or a Hugging Face dataset id.
-        text_column: Column or key of the text.
         label_column: Column or key of the labels.
-        encoding: Text encoding of a data file.
         task: ``auto`` picks by the model: classifier head -> classification, causal LM -> lm,
             otherwise embedding (probe).
         train_size: Examples the probe is fitted on.
@@ -47,10 +45,8 @@ class EvaluateConfig(StageConfig):
     """
 
     data: str = "movie-snippets"
-    text_column: str | None = None
     label_column: str | None = None
-    encoding: str = "utf-8"
-    task: str = "auto"
+    task: str = choice("auto", TASKS)
     train_size: int = 4000
     test_size: int = 2000
     seed: int = 0
@@ -65,17 +61,13 @@ class EvaluateConfig(StageConfig):
         check_device(self.device)
 
 
+#: What `compress evaluate` calls each kind of model's task.
+EVALUATE_TASKS = {"classifier": "classification", "lm": "lm", "encoder": "embedding"}
+
+
 def pick_task(loaded: LoadedModel, task: str) -> str:
     """The task to score ``loaded`` on; a forced task must fit the model's head."""
-    is_classifier = is_sequence_classifier(loaded.model)
-    is_lm = is_causal_lm(loaded)
-    if task == "classification" and not is_classifier:
-        raise ConfigError(f"--task classification needs a classifier head; {loaded.name} has none")
-    if task == "lm" and not is_lm:
-        raise ConfigError(f"--task lm needs a causal language model; {loaded.name} is not one")
-    if task != "auto":
-        return task
-    return "classification" if is_classifier else "lm" if is_lm else "embedding"
+    return heads.pick_task(loaded, task, EVALUATE_TASKS)
 
 
 def load_split(config: EvaluateConfig, *, need_labels: bool):
@@ -111,7 +103,7 @@ def evaluate(loaded: LoadedModel, config: EvaluateConfig, *, teacher: LoadedMode
         The model, unchanged, and a record whose metrics hold ``task`` and the task's numbers
         (``accuracy``/``macro_f1`` or ``perplexity``), plus ``fidelity`` with a teacher.
     """
-    from .fidelity import fidelity
+    from .fidelity import check_teacher, fidelity
     from .probe import classifier_metrics, embed, perplexity, probe_accuracy
 
     start = time.perf_counter()
@@ -131,8 +123,6 @@ def evaluate(loaded: LoadedModel, config: EvaluateConfig, *, teacher: LoadedMode
     else:
         metrics.update(perplexity(loaded, te_x, batch_size=max(1, config.batch_size // 8), **kw))
     if teacher is not None:
-        from ..finetune.trainer import check_teacher
-
         try:
             check_teacher(loaded, teacher)  # fidelity compares like with like: same shape, same tokenizer
         except ConfigError as e:
@@ -140,6 +130,5 @@ def evaluate(loaded: LoadedModel, config: EvaluateConfig, *, teacher: LoadedMode
         else:
             # the first 1,000 test texts: enough for a stable mean, half the cost of all 2,000
             metrics["fidelity"] = fidelity(loaded, teacher, te_x[:1000], batch_size=config.batch_size, **kw)
-    params, nbytes = unique_parameters(loaded.model)
-    return loaded, StageRecord("evaluate", config.to_dict(), params, params, nbytes, nbytes, metrics,
-                               time.perf_counter() - start)
+    return loaded, StageRecord.build("evaluate", config, before=unique_parameters(loaded.model), metrics=metrics,
+                                     started=start)

@@ -14,6 +14,29 @@ import torch
 import torch.nn.functional as F
 
 from ..data.text import fit_length
+from ..errors import ConfigError
+
+
+def check_teacher(student, teacher) -> None:
+    """The teacher must be the student's original: same architecture, shape and tokenizer
+    (fidelity and distillation compare like with like).
+
+    Raises:
+        ConfigError: the two models do not match, or one has no tokenizer.
+    """
+    s, t = student.geometry, teacher.geometry
+    if student.config.model_type != teacher.config.model_type:
+        raise ConfigError(f"the teacher is a {teacher.config.model_type} model, the student a {student.config.model_type}")
+    if s.hidden_size != t.hidden_size or s.num_layers > t.num_layers:
+        raise ConfigError(
+            f"the teacher ({t.num_layers} layers, hidden {t.hidden_size}) does not match the student "
+            f"({s.num_layers} layers, hidden {s.hidden_size})"
+        )
+    if student.tokenizer is None or teacher.tokenizer is None:
+        raise ConfigError("both student and teacher need a tokenizer")
+    if student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
+        raise ConfigError("the teacher's tokenizer differs from the student's (a pruned vocabulary?); fine-tune "
+                          "before `compress prune --vocab-from`, or distil from the model the student was made from")
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:

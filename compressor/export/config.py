@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import StageConfig, check_choice, check_int, check_positive
+from ..config import StageConfig, TextFormat, check_choice, choice, check_int, check_positive
 from ..errors import ConfigError
 
 #: Tasks an export can target, each with the optimum class that loads it (`ORT_CLASSES`).
@@ -17,7 +17,7 @@ ORT_CLASSES = {
 
 
 @dataclass
-class ExportConfig(StageConfig):
+class ExportConfig(TextFormat, StageConfig):
     """How to export to ONNX and how hard to check the result.
 
     Attributes:
@@ -30,19 +30,15 @@ class ExportConfig(StageConfig):
             ``atol + rtol * |PyTorch's|``.
         rtol: See ``atol``.
         check_data: Real text the export is checked on (default: the built-in sentences).
-        text_column: Column or key of the text in ``check_data``.
-        encoding: Text encoding of ``check_data``.
         check_lengths: Token lengths checked; each batch mixes that length with shorter,
             padded texts. Lengths past the model's maximum are capped to it.
     """
 
-    task: str = "auto"
+    task: str = choice("auto", TASKS)
     opset: int = 17
     atol: float = 1e-4
     rtol: float = 1e-3
     check_data: str | None = None
-    text_column: str | None = None
-    encoding: str = "utf-8"
     check_lengths: list[int] = field(default_factory=lambda: [8, 32, 128])
 
     def __post_init__(self):

@@ -26,10 +26,10 @@ import onnx
 import torch
 
 from ..data.text import calibration_texts
-from ..errors import ConfigError, ExportError, UnsupportedModelError
+from ..errors import ExportError, UnsupportedModelError
 from ..io import check_writable, quiet, staged_folder, write_text_atomic
 from ..models import LoadedModel, unique_parameters
-from ..models.heads import is_causal_lm, is_sequence_classifier
+from ..models.heads import pick_task
 from ..quantization.config import QuantizeConfig
 from ..record import StageRecord
 from .config import ORT_CLASSES, ExportConfig
@@ -39,23 +39,6 @@ MODEL_FILE = "model.onnx"
 #: Slack on "a shared weight is stored once": the odd folded constant is stored too
 #: (quantization scales and zero points are not counted, see `stored_elements`).
 _STORAGE_SLACK = 0.01
-
-
-def pick_task(loaded: LoadedModel, task: str) -> str:
-    """``task``, or for ``auto``: text-classification, text-generation or feature-extraction.
-
-    Raises:
-        ConfigError: a forced task the model has no head for.
-    """
-    is_classifier = is_sequence_classifier(loaded.model)
-    is_lm = is_causal_lm(loaded)
-    if task == "text-classification" and not is_classifier:
-        raise ConfigError(f"--task text-classification needs a classification head; {loaded.name} has none")
-    if task == "text-generation" and not is_lm:
-        raise ConfigError(f"--task text-generation needs a causal language model; {loaded.name} is not one")
-    if task != "auto":
-        return task
-    return "text-classification" if is_classifier else "text-generation" if is_lm else "feature-extraction"
 
 
 def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, quantize: QuantizeConfig | None = None,
@@ -122,10 +105,10 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
             "stored_numbers": stored, "projections": matmuls, "graph": quantized, "check": check,
             "sharing": bool(loaded.sharing),
         }
-        record = StageRecord(stage="export", config={**config.to_dict(), "quantize": quantize.to_dict() if quantize else None},
-                             params_before=params, params_after=stored, bytes_before=nbytes,
-                             bytes_after=metrics["file_bytes"], metrics=metrics,
-                             seconds=round(time.perf_counter() - start, 2))
+        record = StageRecord.build("export", {**config.to_dict(), "quantize": quantize.to_dict() if quantize else None},
+                                   before=(params, nbytes), after=(stored, metrics["file_bytes"]), metrics=metrics,
+                                   started=start)
+        record.seconds = round(record.seconds, 2)
         write_text_atomic(tmp / "export_report.json", json.dumps(record.to_dict(), indent=2))
     return record
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import StageConfig, check_choice, check_int, check_positive
+from ..config import StageConfig, TextOptions, check_choice, choice, check_int, check_positive
 from ..errors import ConfigError
 
 #: What trains: the LoRA deltas; the deltas and every norm; or every parameter.
@@ -12,7 +12,7 @@ TRAIN_MODES = ("lora", "lora+norms", "all")
 
 
 @dataclass
-class FinetuneConfig(StageConfig):
+class FinetuneConfig(TextOptions, StageConfig):
     """How to recover a compressed model's quality by distilling from the original.
 
     Attributes:
@@ -20,11 +20,9 @@ class FinetuneConfig(StageConfig):
             recorded in the student's checkpoint.
         data: Training text: a file (txt, csv/tsv, jsonl), a packaged data set name
             (``movie-snippets``) or a Hugging Face dataset id.
-        text_column: Column or key of the text.
         label_column: Column or key of the labels (adds cross-entropy for classifiers).
-        encoding: Text encoding of a data file.
         train: What trains: ``lora``, ``lora+norms`` or ``all``.
-        max_steps: Stop after this many optimizer steps.
+        max_steps: Stop after this many optimizer steps (default 200 when no ``max_minutes``).
         max_minutes: Stop after this much training time (whichever limit comes first).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
@@ -43,11 +41,9 @@ class FinetuneConfig(StageConfig):
 
     teacher: str | None = None
     data: str = "movie-snippets"
-    text_column: str | None = None
     label_column: str | None = None
-    encoding: str = "utf-8"
-    train: str = "lora+norms"
-    max_steps: int | None = 200
+    train: str = choice("lora+norms", TRAIN_MODES)
+    max_steps: int | None = None
     max_minutes: float | None = None
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -66,7 +62,7 @@ class FinetuneConfig(StageConfig):
     def __post_init__(self):
         check_choice("train", self.train, TRAIN_MODES)
         if self.max_steps is None and self.max_minutes is None:
-            raise ConfigError("give a budget: --max-steps and/or --max-minutes")
+            self.max_steps = 200
         check_int("max_steps", self.max_steps, 1, allow_none=True)
         check_positive("max_minutes", self.max_minutes, allow_none=True)
         for name in ("lr", "batch_size", "max_length"):

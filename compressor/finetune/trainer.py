@@ -12,30 +12,36 @@ The output folder is a compressed checkpoint at every moment that matters: every
 saves; a second one stops at once). ``trainer_state.pt`` beside it lets ``--resume`` continue
 from the step it stopped at, with the same data order and random state. Dropout is off during
 training: the student learns the teacher's eval-mode function.
+
+The training texts and their batches are in ``data.py``; what a resume restores (trainable
+parameters, optimizer, scheduler, step, random state) is the ``TrainingState`` of ``state.py``.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..data.text import fit_length
-from ..errors import CompressError, ConfigError, DataError
+from ..errors import ConfigError
 from ..evaluation.fidelity import pool
 from ..models import LoadedModel, unique_parameters
-from ..models.heads import class_indices, is_sequence_classifier
+from ..models.heads import is_sequence_classifier
 from ..record import StageRecord
 from .config import FinetuneConfig
+from .data import TrainingData, load_training_data
+from .state import STATE, TrainingState, check_resumable, select_trainable
 
-STATE = "trainer_state.pt"
-#: Options a resumed run must share with the run it continues (the rest, budgets included, may change).
-RESUME_KEYS = ("data", "text_column", "label_column", "train", "lr", "weight_decay", "warmup_steps", "batch_size",
-               "max_length", "max_samples", "seed")
+# STATE, check_resumable and select_trainable live in state.py; the CLI and the pipeline import them from here.
+__all__ = ["STATE", "check_resumable", "check_teacher", "distillation_loss", "finetune", "layer_pairs", "select_trainable"]
+
 REPORT = "finetune_report.json"
 
 
@@ -64,62 +70,6 @@ def layer_pairs(student_layers: int, teacher_layers: int) -> list[tuple[int, int
     uniform mapping).
     """
     return [(i, round(i * teacher_layers / student_layers)) for i in range(1, student_layers + 1)]
-
-
-def check_resumable(output: str | Path) -> None:
-    """``--resume`` needs the trainer state an earlier run left in ``output``."""
-    if not (Path(output) / STATE).is_file():
-        raise ConfigError(f"nothing to resume: {Path(output) / STATE} does not exist")
-
-
-def select_trainable(loaded, mode: str) -> list[torch.nn.Parameter]:
-    """Set ``requires_grad`` for the chosen mode and return the trainable parameters.
-
-    ``lora+norms`` trains the norms the adapter names (in the blocks, in the heads, outside).
-    """
-    chosen = []
-    model = loaded.model
-    norm_params = {id(p) for m in loaded.adapter.norm_modules(model) for p in m.parameters(recurse=False)}
-    for name, p in model.named_parameters():
-        is_lora = ".lora_A." in name or ".lora_B." in name
-        train = mode == "all" or is_lora or (mode == "lora+norms" and id(p) in norm_params)
-        p.requires_grad_(train)
-        if train:
-            chosen.append(p)
-    if mode != "all" and not any(".lora_" in n for n, _ in model.named_parameters()):
-        raise ConfigError(f"--train {mode}: the student has no LoRA deltas (share it with --lora-rank R, or use --train all)")
-    return chosen
-
-
-class _StopFlag:
-    """The first Ctrl-C asks the loop to stop after the current step; the second stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
-
-
-def _batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """The texts of a step: a fresh seeded shuffle every epoch, so any step can be recomputed."""
-    per_epoch = max(1, n // batch_size)
-    epoch, k = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return order[k * batch_size : (k + 1) * batch_size].tolist()
 
 
 def distillation_loss(student_out, teacher_out, mask, config: FinetuneConfig, pooling: str, *, labels=None,
@@ -183,10 +133,7 @@ def finetune(
         ConfigError / DataError: a mismatched teacher, unusable data, an empty split, a missing
             trainer state for ``resume``.
     """
-    from ..data.datasets import load_labelled, load_texts
     from ..io import check_writable
-    from ..models import load_model
-    from ..sharing.checkpoint import save_checkpoint
 
     start_time = time.perf_counter()
     output = Path(output)
@@ -195,151 +142,35 @@ def finetune(
     else:
         check_writable(output, overwrite=overwrite, folder=True)
     device = config.resolved_device()
-
     if teacher is None:
-        source = config.teacher or _recorded_source(student)
-        if source is None:
-            raise ConfigError("name the original model with --teacher")
-        teacher = load_model(source)
+        teacher = _load_teacher(student, config)
     check_teacher(student, teacher)
+    data = load_training_data(student, config)
 
-    is_classifier = is_sequence_classifier(student.model)
-    texts = labels = label_ids = None
-    if config.label_column is not None or (is_classifier and config.label_weight):
-        try:
-            texts, labels = load_labelled(config.data, text_column=config.text_column, label_column=config.label_column,
-                                          encoding=config.encoding)
-        except DataError:
-            if config.label_column is not None:
-                raise  # labels were asked for by name
-            # otherwise a classifier distils from unlabelled text too (KL on its logits)
-    if texts is None:
-        texts = load_texts(config.data, text_column=config.text_column, encoding=config.encoding)
-    if config.max_samples:
-        texts = texts[: config.max_samples]
-        labels = labels[: config.max_samples] if labels is not None else None
-    if config.label_column is not None and not is_classifier:
-        raise ConfigError("--label-column trains a classifier head, and the student has none; drop --label-column")
-    if labels is not None and is_classifier:
-        label_ids = class_indices(student.model, labels)
-        if label_ids is None and config.label_column is not None:
-            raise ConfigError(f"labels {sorted(set(labels))[:5]} do not match the classifier's classes "
-                              f"{sorted(str(v) for v in student.model.config.id2label.values())}")
-        # labels the head does not know (and were not asked for by name): distil with KL only
-    if len(texts) < 1:
-        raise ConfigError("the training data is empty")
-
-    model, tmodel = student.model.to(device), teacher.model.to(device).eval()
-    for p in tmodel.parameters():
+    student.model.to(device)
+    teacher.model.to(device).eval()
+    for p in teacher.model.parameters():
         p.requires_grad_(False)
-    trainable = select_trainable(student, config.train)
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
-
-    step, history = 0, []
+    state = TrainingState.start(student, config)
     if resume:
-        state = torch.load(output / STATE, map_location="cpu", weights_only=False)
-        changed = [k for k in RESUME_KEYS if state["config"].get(k) != getattr(config, k)]
-        if changed:
-            raise ConfigError(
-                "--resume continues the same run; these options differ from it: "
-                + ", ".join(f"--{k.replace('_', '-')} (was {state['config'].get(k)!r})" for k in changed)
-            )
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, history = state["step"], state["history"]
-        torch.set_rng_state(state["rng"])
+        state.load(output)
     else:
-        torch.manual_seed(config.seed)
-    start_step = step
+        state.seed()
 
-    def save(reason: str) -> None:
-        record = _record(config, student, history, start_step, step, reason, device, start_time, trainable)
-
-        def extras(staged: Path) -> None:
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": torch.get_rng_state(), "history": history, "config": config.to_dict()}, staged / STATE)
-            import json
-
-            (staged / REPORT).write_text(json.dumps(record.to_dict(), indent=2))
-
-        save_checkpoint(student, output, overwrite=True, extra_files=extras)
-
-    tokenizer = student.tokenizer
-    # the pooled-embedding loss is for sentence encoders; a classifier is judged by its head (KL, labels)
-    is_encoder = not student.adapter.is_decoder and not is_classifier
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _null()
-    bar = _progress(config, start_step) if progress else None
-    reason = "max_steps"
-    loop_start = time.perf_counter()  # the time budget is training time, not loading time
-    # Dropout stays off: the student is taught to compute what the teacher computes in eval
-    # mode, and the run is deterministic on CPU.
-    model.eval()
-    try:
-        with _StopFlag() as stop:
-            while True:
-                if config.max_steps is not None and step >= config.max_steps:
-                    reason = "max_steps"
-                    break
-                if config.max_minutes is not None and time.perf_counter() - loop_start >= 60 * config.max_minutes:
-                    reason = "max_minutes"
-                    break
-                if stop.requested:
-                    reason = "interrupted"
-                    break
-                idx = _batch_indices(len(texts), config.batch_size, step, config.seed)
-                enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=fit_length(tokenizer, config.max_length),
-                                return_tensors="pt").to(device)
-                batch_labels = label_ids[idx].to(device) if label_ids is not None else None
-                with autocast:
-                    with torch.no_grad():
-                        t_out = tmodel(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
-                    s_out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
-                    loss, parts = distillation_loss(s_out, t_out, enc["attention_mask"], config, student.pooling,
-                                                    labels=batch_labels, is_encoder=is_encoder)
-                if not torch.isfinite(loss):
-                    raise CompressError(f"the loss became {float(loss)} at step {step + 1}; lower --lr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                history.append({"step": step, "loss": float(loss.detach()), **parts})
-                if bar is not None:
-                    bar.update(1)
-                    postfix = {"loss": f"{float(loss.detach()):.4f}"}
-                    if config.max_minutes is not None:  # tqdm's own ETA only knows the step budget
-                        left = max(0.0, 60 * config.max_minutes - (time.perf_counter() - loop_start))
-                        postfix["time left"] = f"{int(left // 60)}:{int(left % 60):02d}"
-                    bar.set_postfix(postfix)
-                if config.save_every and step % config.save_every == 0:
-                    save("checkpoint")
-    finally:
-        if bar is not None:
-            bar.close()
-    save(reason)
-    record = _record(config, student, history, start_step, step, reason, device, start_time, trainable)
-    return student, record
+    run = _Run(student, teacher.model, data, state, output, device, start_time)
+    reason = _train(run, progress=progress)
+    run.save(reason)
+    return student, run.record(reason)
 
 
-def _record(config, student, history, start_step, step, reason, device, start_time, trainable) -> StageRecord:
-    params, nbytes = unique_parameters(student.model)
-    done = history[start_step:]
-    window = max(1, min(10, len(history) // 4 or 1))
-    seconds = time.perf_counter() - start_time
-    metrics = {
-        "steps": step,
-        "steps_this_run": step - start_step,
-        "stopped_by": reason,
-        "device": device,
-        "trainable_params": sum(p.numel() for p in trainable),
-        "loss_first": sum(h["loss"] for h in history[:window]) / window if history else None,
-        "loss_last": sum(h["loss"] for h in history[-window:]) / window if history else None,
-        "seconds_per_step": seconds / len(done) if done else None,
-        "history": history,
-    }
-    return StageRecord("finetune", config.to_dict(), params, params, nbytes, nbytes, metrics, seconds)
+def _load_teacher(student: LoadedModel, config: FinetuneConfig) -> LoadedModel:
+    """The original named by ``--teacher``, or else the one the student's checkpoint records."""
+    from ..models import load_model
+
+    source = config.teacher or _recorded_source(student)
+    if source is None:
+        raise ConfigError("name the original model with --teacher")
+    return load_model(source)
 
 
 def _recorded_source(student: LoadedModel) -> str | None:
@@ -350,15 +181,126 @@ def _recorded_source(student: LoadedModel) -> str | None:
     return origin
 
 
-class _null:
+@dataclass
+class _Run:
+    """One call of `finetune`: the models, the data, the state, and where and since when it saves."""
+
+    student: LoadedModel
+    teacher: torch.nn.Module  # on the device, in eval mode, frozen
+    data: TrainingData
+    state: TrainingState
+    output: Path
+    device: str
+    start_time: float  # the run's seconds include loading; its time budget does not
+
+    def record(self, reason: str) -> StageRecord:
+        """The stage record as it stands: steps, losses, seconds per step, why it stopped."""
+        state = self.state
+        params, nbytes = unique_parameters(self.student.model)
+        history = state.history
+        done = history[state.start_step :]
+        window = max(1, min(10, len(history) // 4 or 1))
+        seconds = time.perf_counter() - self.start_time
+        metrics = {
+            "steps": state.step,
+            "steps_this_run": state.step - state.start_step,
+            "stopped_by": reason,
+            "device": self.device,
+            "trainable_params": sum(p.numel() for p in state.trainable),
+            "loss_first": sum(h["loss"] for h in history[:window]) / window if history else None,
+            "loss_last": sum(h["loss"] for h in history[-window:]) / window if history else None,
+            "seconds_per_step": seconds / len(done) if done else None,
+            "history": history,
+        }
+        return StageRecord("finetune", state.config.to_dict(), params, params, nbytes, nbytes, metrics, seconds)
+
+    def save(self, reason: str) -> None:
+        """Rewrite ``output`` as a checkpoint, with the trainer state and the report beside it."""
+        from ..sharing.checkpoint import save_checkpoint
+
+        report = json.dumps(self.record(reason).to_dict(), indent=2)
+
+        def extras(staged: Path) -> None:  # written into the staged folder, so all land together
+            self.state.save(staged)
+            (staged / REPORT).write_text(report)
+
+        save_checkpoint(self.student, self.output, overwrite=True, extra_files=extras)
+
+
+def _train(run: _Run, *, progress: bool) -> str:
+    """Take steps until the step or time budget, or a Ctrl-C, stops them; return which stopped them."""
+    state, config, student = run.state, run.state.config, run.student
+    # the pooled-embedding loss is for sentence encoders; a classifier is judged by its head (KL, labels)
+    is_encoder = not student.adapter.is_decoder and not is_sequence_classifier(student.model)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.device.startswith("cuda") else nullcontext()
+    bar = _progress(config, state.step) if progress else None
+    loop_start = time.perf_counter()  # the time budget is training time, not loading time
+    # Dropout stays off: the student is taught to compute what the teacher computes in eval
+    # mode, and the run is deterministic on CPU.
+    student.model.eval()
+    try:
+        with _StopFlag() as stop:
+            while (reason := _stop_reason(config, state.step, loop_start, stop)) is None:
+                enc, labels = run.data.batch(state.step, config, student.tokenizer, run.device)
+                with autocast:
+                    loss, parts = _batch_loss(run, enc, labels, is_encoder=is_encoder)
+                state.take_step(loss, parts)
+                if bar is not None:
+                    _show_progress(bar, state.history[-1]["loss"], config, loop_start)
+                if config.save_every and state.step % config.save_every == 0:
+                    run.save("checkpoint")
+    finally:
+        if bar is not None:
+            bar.close()
+    return reason
+
+
+def _stop_reason(config: FinetuneConfig, step: int, loop_start: float, stop: _StopFlag) -> str | None:
+    """Why training stops before the next step (``max_steps``, ``max_minutes``, ``interrupted``), or ``None``."""
+    if config.max_steps is not None and step >= config.max_steps:
+        return "max_steps"
+    if config.max_minutes is not None and time.perf_counter() - loop_start >= 60 * config.max_minutes:
+        return "max_minutes"
+    if stop.requested:
+        return "interrupted"
+    return None
+
+
+def _batch_loss(run: _Run, enc, labels: torch.Tensor | None, *, is_encoder: bool):
+    """Teacher and student on one tokenized batch, and the distillation loss between them."""
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    with torch.no_grad():
+        t_out = run.teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    s_out = run.student.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    return distillation_loss(s_out, t_out, mask, run.state.config, run.student.pooling, labels=labels,
+                             is_encoder=is_encoder)
+
+
+class _StopFlag:
+    """The first Ctrl-C asks the loop to stop after the current step; the second stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
     def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
     def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
         return False
 
 
 def _progress(config: FinetuneConfig, start_step: int):
+    """A tqdm bar over the step budget, starting at the resumed step."""
     from tqdm.auto import tqdm
 
     total = config.max_steps
@@ -367,3 +309,12 @@ def _progress(config: FinetuneConfig, start_step: int):
         bar.set_description(f"finetune (<= {config.max_minutes:g} min)")
     return bar
 
+
+def _show_progress(bar, loss: float, config: FinetuneConfig, loop_start: float) -> None:
+    """Advance the bar by one step and show the step's loss (and the time left of a time budget)."""
+    bar.update(1)
+    postfix = {"loss": f"{loss:.4f}"}
+    if config.max_minutes is not None:  # tqdm's own ETA only knows the step budget
+        left = max(0.0, 60 * config.max_minutes - (time.perf_counter() - loop_start))
+        postfix["time left"] = f"{int(left // 60)}:{int(left % 60):02d}"
+    bar.set_postfix(postfix)

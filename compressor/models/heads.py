@@ -14,6 +14,34 @@ def is_causal_lm(loaded) -> bool:
     return loaded.adapter.is_decoder and loaded.model.get_output_embeddings() is not None
 
 
+#: The task names of optimum's exporters, by what the model's head computes.
+OPTIMUM_TASKS = {"classifier": "text-classification", "lm": "text-generation", "encoder": "feature-extraction"}
+
+
+def pick_task(loaded, task: str, names: dict[str, str] = OPTIMUM_TASKS) -> str:
+    """``task``, or for ``auto`` the one the model's head computes, in a stage's own names.
+
+    Args:
+        loaded: The model.
+        task: ``auto`` or one of ``names``' values.
+        names: The stage's name for a ``classifier``, ``lm`` and ``encoder`` model.
+
+    Raises:
+        ConfigError: a forced task the model has no head for.
+    """
+    from ..errors import ConfigError
+
+    is_classifier = is_sequence_classifier(loaded.model)
+    is_lm = is_causal_lm(loaded)
+    if task == names["classifier"] and not is_classifier:
+        raise ConfigError(f"--task {task} needs a classifier head; {loaded.name} has none")
+    if task == names["lm"] and not is_lm:
+        raise ConfigError(f"--task {task} needs a causal language model; {loaded.name} is not one")
+    if task != "auto":
+        return task
+    return names["classifier"] if is_classifier else names["lm"] if is_lm else names["encoder"]
+
+
 def class_indices(model, labels: list[str]):
     """Labels as the head's class indices, matched by ``id2label`` name (any case) or given as an
     index in range; ``None`` if any label fits neither."""

@@ -207,6 +207,12 @@ def _model_class(config):
     return transformers.AutoModel
 
 
+def as_loaded(model: LoadedModel | str | os.PathLike | None, **kwargs: Any) -> LoadedModel:
+    """``model`` itself when it is already loaded, else `load_model` of it (with ``kwargs``):
+    a stage's runner takes a model or where to find one."""
+    return model if isinstance(model, LoadedModel) else load_model(model, **kwargs)
+
+
 def load_model(
     spec: str | os.PathLike | None = None,
     *,

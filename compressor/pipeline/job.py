@@ -37,11 +37,15 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CompressError
 from ..record import StageRecord
 from .events import EventLog
+
+if TYPE_CHECKING:
+    from .recipe import StageSpec
+    from .stages import Stage, StageRun
 
 #: Version of the job folder layout and of the hash; a change reruns every job.
 FORMAT = 1
@@ -113,6 +117,11 @@ class JobResult:
     def from_dict(cls, data: dict[str, Any]) -> JobResult:
         names = cls.__dataclass_fields__
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def for_job(cls, job: Job, status: str, **values: Any) -> JobResult:
+        """A result of ``job`` (its name, model, recipe and folder) with ``status`` and ``values``."""
+        return cls(job.name, job.shown_model, job.recipe, status, folder=str(job.folder), **values)
 
 
 @dataclass
@@ -304,8 +313,7 @@ def run_job(job: Job, keys: list[str], *, log: EventLog, reason: str = "", progr
             if fatal:
                 raise CompressError(error) from None
             raise
-        return JobResult(job.name, job.shown_model, job.recipe, "failed", time.perf_counter() - start,
-                         error=error, folder=str(job.folder), fatal=fatal)
+        return JobResult.for_job(job, "failed", seconds=time.perf_counter() - start, error=error, fatal=fatal)
     log.emit("job_end", job=job.name, seconds=round(result.seconds, 3), metrics=result.metrics)
     return result
 
@@ -319,19 +327,34 @@ def record_failure(job: Job, error: str) -> None:
 
 def _run(job: Job, keys: list[str], log: EventLog, progress: bool, start: float) -> JobResult:
     from .recipe import rebuild
-    from .stages import StageRun, get_stage, key_metrics
 
     specs = rebuild(job.stages)  # checks the options (and devices) on the machine that runs them
+    started = read_json(job.folder / JOB_FILE)  # the run before this one, if any
+    places = _begin(job, keys)
+    records = _run_stages(job, specs, keys, places, started, log, progress)
+    return _finish(job, keys, records, places, start)
+
+
+def _begin(job: Job, keys: list[str]) -> dict[int, str]:
+    """Start a run in the job's folder: markers of earlier runs removed, ``job.json`` written,
+    folders that are no stage of this recipe removed; returns ``recipe index -> stage folder``."""
     folder = job.folder
-    started = read_json(folder / JOB_FILE)
     for stale in (DONE_FILE, ERROR_FILE):  # a done marker of other inputs must not outlive this run
         with contextlib.suppress(FileNotFoundError):
             (folder / stale).unlink()
     _write_json(folder / JOB_FILE, {"format": FORMAT, "job": job.name, "model": job.shown_model, "model_spec": job.model,
                                     "recipe": job.recipe, "stages": job.stages, "keys": keys,
                                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    places = dict((index, name) for name, index in layout(job.stages))
+    places = {index: name for name, index in layout(job.stages)}
     _remove_strays(folder, set(places.values()))
+    return places
+
+
+def _run_stages(job: Job, specs: list[StageSpec], keys: list[str], places: dict[int, str], started: dict | None,
+                log: EventLog, progress: bool) -> list[StageRecord]:
+    """Every stage in order, each on the model the last one wrote: the leading stages done with
+    the same inputs are kept, the others run. Returns their records."""
+    from .stages import StageRun, get_stage
 
     model, records, fresh, fed = job.model, [], False, {}
     for i, spec in enumerate(specs):
@@ -340,39 +363,60 @@ def _run(job: Job, keys: list[str], log: EventLog, progress: bool, start: float)
             fed[spec.name] = spec.config
             continue
         name = places[i]
-        place = folder / name
-        marker = read_json(place / STAGE_FILE)
-        if not fresh and marker is not None and marker.get("key") == keys[i]:
-            record = StageRecord(**marker["record"])
-            log.emit("stage_skip", job=job.name, stage=name, reason="done in an earlier run with the same inputs")
-        else:
+        place = job.folder / name
+        record = None if fresh else _kept_record(job, name, keys[i], log)
+        if record is None:
             resume = not fresh and _resumable(job, place, i, keys, started)
             fresh = True  # every stage after one that runs runs too: its input is new
-            if place.exists() and not resume:
-                shutil.rmtree(place)
-            log.emit("stage_start", job=job.name, stage=name)
-            t = time.perf_counter()
-            record = stage.run(StageRun(config=spec.config, model=model, output=place, job_folder=folder, resume=resume,
-                                        fed=fed, records=list(records), progress=progress))
-            place.mkdir(parents=True, exist_ok=True)  # a stage may write nothing but its record
-            _write_json(place / STAGE_FILE, {"key": keys[i], "record": record.to_dict()})
-            log.emit("stage_end", job=job.name, stage=name, seconds=round(time.perf_counter() - t, 3),
-                     metrics=key_metrics(record))
+            run = StageRun(config=spec.config, model=model, output=place, job_folder=job.folder, resume=resume,
+                           fed=fed, records=list(records), progress=progress)
+            record = _run_stage(job, stage, run, name, keys[i], log)
         records.append(record)
         if stage.writes_model:
             model = str(place)
         fed = {}
+    return records
+
+
+def _kept_record(job: Job, name: str, key: str, log: EventLog) -> StageRecord | None:
+    """The record of stage folder ``name`` when an earlier run finished it with hash ``key``."""
+    marker = read_json(job.folder / name / STAGE_FILE)
+    if marker is None or marker.get("key") != key:
+        return None
+    record = StageRecord(**marker["record"])
+    log.emit("stage_skip", job=job.name, stage=name, reason="done in an earlier run with the same inputs")
+    return record
+
+
+def _run_stage(job: Job, stage: Stage, run: StageRun, name: str, key: str, log: EventLog) -> StageRecord:
+    """Run one stage into ``run.output`` and mark it finished with hash ``key``."""
+    from .stages import key_metrics
+
+    if run.output.exists() and not run.resume:
+        shutil.rmtree(run.output)
+    log.emit("stage_start", job=job.name, stage=name)
+    t = time.perf_counter()
+    record = stage.run(run)
+    run.output.mkdir(parents=True, exist_ok=True)  # a stage may write nothing but its record
+    _write_json(run.output / STAGE_FILE, {"key": key, "record": record.to_dict()})
+    log.emit("stage_end", job=job.name, stage=name, seconds=round(time.perf_counter() - t, 3),
+             metrics=key_metrics(record))
+    return record
+
+
+def _finish(job: Job, keys: list[str], records: list[StageRecord], places: dict[int, str], start: float) -> JobResult:
+    """The job's result, its reports, and last ``DONE.json``: from then on the job is done."""
+    from ..io import write_text_atomic
+    from .stages import key_metrics
 
     metrics: dict[str, Any] = {}
     for record in records:
         metrics.update(key_metrics(record))
-    result = JobResult(job.name, job.shown_model, job.recipe, "done", time.perf_counter() - start, metrics,
-                       params_before=records[0].params_before, params_after=records[-1].params_after,
-                       folder=str(folder))
+    result = JobResult.for_job(job, "done", seconds=time.perf_counter() - start, metrics=metrics,
+                               params_before=records[0].params_before, params_after=records[-1].params_after)
+    folder = job.folder
     _write_json(folder / REPORT_JSON, {"job": job.name, "model": job.shown_model, "recipe": job.recipe,
                                         "result": result.to_dict(), "stages": [r.to_dict() for r in records]})
-    from ..io import write_text_atomic
-
     write_text_atomic(folder / REPORT_MD, report_markdown(job, records, [places[i] for i in sorted(places)]))
     _write_json(folder / DONE_FILE, {"key": keys[-1], "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                      "result": result.to_dict()})  # last: from here on the job is done

@@ -16,7 +16,6 @@ and that stage's runner finds the options in ``run.fed["quantize"]``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 from ..analysis.config import AnalyzeConfig
 from ..config import StageConfig
-from ..errors import CompressError, ConfigError
+from ..errors import ConfigError
 from ..evaluation.evaluate import EvaluateConfig
 from ..export.config import ExportConfig
 from ..finetune.config import FinetuneConfig
@@ -131,50 +130,32 @@ def uses_cuda(config: StageConfig) -> bool:
     return str(getattr(config, "device", "")).startswith("cuda")
 
 
-def write_record(folder: Path, filename: str, record: StageRecord) -> None:
-    from ..io import write_text_atomic
-
-    write_text_atomic(folder / filename, json.dumps(record.to_dict(), indent=2))
-
-
-# ---- runners ----------------------------------------------------------------------------------
+# ---- runners: each calls its stage's own, as the command does -----------------------------
 
 
 def run_analyze(run: StageRun) -> StageRecord:
     """``analysis.json`` and ``analysis.md``, as ``compress analyze -o`` writes them (no heatmaps)."""
-    from ..analysis import analyze
-    from ..analysis.render import markdown_report
-    from ..io import staged_folder, write_text_atomic
-    from ..models import load_model
+    from ..analysis.runner import run_analyze as analyze
 
-    _, record = analyze(load_model(run.model), run.config)
-    with staged_folder(run.output, overwrite=True) as tmp:
-        write_record(tmp, "analysis.json", record)
-        write_text_atomic(tmp / "analysis.md", markdown_report(record.metrics))
+    record, _ = analyze(run.model, run.config, run.output, plots=False, overwrite=True)
     return record
 
 
 def run_share(run: StageRun) -> StageRecord:
     """A compressed checkpoint with ``share_report.json``/``.md``, as ``compress share`` writes it."""
-    from ..models import load_model
-    from ..sharing import save_checkpoint, share
-    from ..sharing.render import share_reports
+    from ..sharing.runner import run_share as share
 
-    loaded, record = share(load_model(run.model), run.config)
-    save_checkpoint(loaded, run.output, overwrite=True, extra_files=share_reports(record, loaded.name))
-    return record
+    return share(run.model, run.config, run.output, overwrite=True)
 
 
 def run_finetune(run: StageRun) -> StageRecord:
     """A compressed checkpoint, as ``compress finetune`` writes it; an unfinished run continues
     from its last saved step (``--resume``). The teacher is the original the student records."""
-    from ..finetune import finetune
+    from ..finetune.runner import run_finetune as finetune
     from ..finetune.trainer import STATE
-    from ..models import load_model
 
     resume = run.resume and (run.output / STATE).is_file()
-    student = load_model(run.output if resume else run.model)
-    _, record = finetune(student, run.config, output=run.output, resume=resume, overwrite=True, progress=run.progress)
+    record = finetune(run.model, run.config, run.output, resume=resume, overwrite=True, progress=run.progress)
     if record.metrics["stopped_by"] == "interrupted":
         # Ctrl-C: the checkpoint is saved and resumable, but the stage is not done.
         raise KeyboardInterrupt
@@ -183,42 +164,16 @@ def run_finetune(run: StageRun) -> StageRecord:
 
 def run_evaluate(run: StageRun) -> StageRecord:
     """``evaluate.json``; with fidelity to the original the model records, if it is not the original."""
-    from ..evaluation import evaluate
-    from ..io import staged_folder
-    from ..models import load_model
+    from ..evaluation.runner import run_evaluate as evaluate
 
-    loaded = load_model(run.model)
-    teacher, unreachable = None, None
-    if loaded.origin and loaded.origin != loaded.source:
-        try:
-            teacher = load_model(loaded.origin)
-        except CompressError as e:  # the original is not reachable from here; the task metric still counts
-            unreachable = str(e)
-    _, record = evaluate(loaded, run.config, teacher=teacher)
-    record.metrics["model"] = loaded.name
-    if unreachable:
-        record.metrics["fidelity_skipped"] = unreachable
-    with staged_folder(run.output, overwrite=True) as tmp:
-        write_record(tmp, "evaluate.json", record)
-    return record
+    return evaluate(run.model, run.config, run.output, overwrite=True)
 
 
 def run_prune(run: StageRun) -> StageRecord:
     """A pruned checkpoint with ``prune_report.json``/``.md``, as ``compress prune`` writes it."""
-    from ..io import write_text_atomic
-    from ..models import load_model
-    from ..pruning import prune
-    from ..pruning.render import prune_markdown
-    from ..sharing import save_checkpoint
+    from ..pruning.runner import run_prune as prune
 
-    loaded, record = prune(load_model(run.model), run.config)
-
-    def reports(staged: Path) -> None:
-        write_record(staged, "prune_report.json", record)
-        write_text_atomic(staged / "prune_report.md", prune_markdown(record, loaded.name))
-
-    save_checkpoint(loaded, run.output, overwrite=True, extra_files=reports)
-    return record
+    return prune(run.model, run.config, run.output, overwrite=True)
 
 
 def run_export(run: StageRun) -> StageRecord:
@@ -234,30 +189,17 @@ def run_report(run: StageRun) -> StageRecord:
     """``report.md``/``.json``/``.png`` as ``compress report`` writes them: the job's exports
     (every earlier stage folder holding a model.onnx) or, with none, the job's last model,
     against the original the model records and optimum's baselines."""
-    from ..io import staged_folder, write_text_atomic
-    from ..models import load_model, unique_parameters
-    from ..report import report
-    from ..report.render import chart, markdown
+    from ..models import load_model
+    from ..report.runner import report_record
+    from ..report.runner import run_report as report
 
     exports = sorted(p for p in run.job_folder.iterdir() if p.is_dir() and (p / "model.onnx").is_file()
                      and p.name < run.output.name)
     last = load_model(run.model)
     original = load_model(last.origin) if last.origin and last.origin != last.source else last
     variants = [(p.name, str(p)) for p in exports] or ([] if original is last else [(Path(run.model).name, run.model)])
-    title = f"{original.name}: size, speed and accuracy"
-    with staged_folder(run.output, overwrite=True) as tmp:
-        result = report(original, variants, run.config, work=tmp)
-        write_text_atomic(tmp / "report.json", json.dumps(result, indent=2))
-        write_text_atomic(tmp / "report.md", markdown(result, title=title))
-        chart(result, tmp / "report.png", title=title)
-    params, nbytes = unique_parameters(original.model)
-    final = result["rows"][-1]
-    summary = {k: final.get(k) for k in ("label", "size_bytes", "value", "of_original", "fidelity",
-                                         "speedup_vs_optimum_int8", "size_vs_optimum_int8")}
-    return StageRecord(stage="report", config=run.config.to_dict(), params_before=params, params_after=final["parameters"],
-                       bytes_before=nbytes, bytes_after=final["size_bytes"],
-                       metrics={"metric": result["metric"], "last_row": summary, "rows": len(result["rows"])},
-                       seconds=result["seconds"])
+    result, _ = report(original, variants, run.config, run.output, overwrite=True)
+    return report_record(original, run.config, result)
 
 
 register(Stage("analyze", AnalyzeConfig, run_analyze, key_metrics=("metrics.grouping.plan",)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import StageConfig, check_choice, check_device, check_int, check_positive
+from ..config import StageConfig, TextOptions, check_choice, choice, check_device, check_int, check_positive
 from ..errors import ConfigError
 
 #: How units are ranked.
@@ -12,7 +12,7 @@ SCORES = ("taylor", "magnitude")
 
 
 @dataclass
-class PruneConfig(StageConfig):
+class PruneConfig(TextOptions, StageConfig):
     """What to prune and how to rank what is kept.
 
     Attributes:
@@ -33,8 +33,6 @@ class PruneConfig(StageConfig):
             pieces that are kept (smaller embeddings, slightly different tokens).
         data: Calibration text for ``taylor``, ``drop_layers`` and the fidelity check (default: the
             first ``max_samples`` texts of ``vocab_from`` when given, else built-in sentences).
-        text_column: Column or key of the text in ``data`` / ``vocab_from``.
-        encoding: Text encoding of ``data`` / ``vocab_from``.
         max_samples: Calibration texts to use.
         max_length: Truncate calibration texts to this many tokens.
         batch_size: Calibration texts per forward pass.
@@ -45,12 +43,9 @@ class PruneConfig(StageConfig):
     heads: float = 0.0
     ffn: float = 0.0
     drop_layers: int = 0
-    score: str = "taylor"
+    score: str = choice("taylor", SCORES)
     vocab_from: str | None = None
     vocab_min_count: int = 1
-    data: str | None = None
-    text_column: str | None = None
-    encoding: str = "utf-8"
     max_samples: int = 64
     max_length: int = 128
     batch_size: int = 16

@@ -8,7 +8,7 @@ import time
 import torch
 
 from ..data import calibration_texts
-from ..errors import CompressError, ConfigError
+from ..errors import CompressError, ConfigError, first_line
 from ..models import LoadedModel, unique_parameters
 from ..record import StageRecord
 from . import importance, structured
@@ -39,13 +39,56 @@ def prune(loaded: LoadedModel, config: PruneConfig) -> tuple[LoadedModel, StageR
         PruneError: the pruned model no longer runs.
     """
     start = time.perf_counter()
-    model = loaded.model
-    n = len(loaded.adapter.blocks(model))
+    _check_request(loaded, config)
+    texts, vocab_texts = _read_texts(loaded, config)  # all data first, so that a bad file fails before any work
+
+    original = copy.deepcopy(loaded) if config.fidelity else None
+    params_before, bytes_before = unique_parameters(loaded.model)
+    geometry_before = loaded.geometry
+    metrics: dict = {}
+    if config.drop_layers:
+        metrics.update(_drop_layers(loaded, config, texts))
+    if config.heads or config.ffn:
+        metrics.update(_prune_units(loaded, config, texts))
+    if vocab_texts is not None:
+        from .vocab import prune_vocabulary
+
+        metrics["vocabulary"] = prune_vocabulary(loaded, vocab_texts, min_count=config.vocab_min_count)
+
+    _check_runs(loaded, texts)
+    metrics["geometry_before"] = _geometry(geometry_before)
+    metrics["geometry_after"] = _geometry(loaded.geometry)
+    params_after, bytes_after = unique_parameters(loaded.model)
+    if original is not None:
+        metrics["fidelity"] = _fidelity(loaded, original, texts, config)
+        del original
+    record = StageRecord(
+        stage="prune",
+        config=config.to_dict(),
+        params_before=params_before,
+        params_after=params_after,
+        bytes_before=bytes_before,
+        bytes_after=bytes_after,
+        metrics=metrics,
+        seconds=time.perf_counter() - start,
+    )
+    return loaded, record
+
+
+def _check_request(loaded: LoadedModel, config: PruneConfig) -> None:
+    """Refuse what this model cannot have done to it, before any work."""
+    n = len(loaded.adapter.blocks(loaded.model))
     if config.drop_layers >= n:
         raise ConfigError(f"--drop-layers {config.drop_layers} would leave no layer of the model's {n}")
     require_pruning(loaded, heads=bool(config.heads), ffn=bool(config.ffn), layers=bool(config.drop_layers))
-    adapter = loaded.adapter
-    # Read all data first, so that a bad file fails before any work.
+
+
+def _read_texts(loaded: LoadedModel, config: PruneConfig) -> tuple[list[str], list[str] | None]:
+    """``(calibration texts, the vocabulary's domain texts or None)``.
+
+    Raises:
+        ConfigError: calibration needs text and the model has no tokenizer (or bad data).
+    """
     vocab_texts = None
     if config.vocab_from:
         from ..data.datasets import load_texts
@@ -61,68 +104,50 @@ def prune(loaded: LoadedModel, config: PruneConfig) -> tuple[LoadedModel, StageR
     needs_text = config.fidelity or config.drop_layers or ((config.heads or config.ffn) and config.score == "taylor")
     if needs_text and loaded.tokenizer is None:
         raise ConfigError(f"{loaded.name} has no tokenizer; calibration needs one (use --score magnitude --no-fidelity)")
+    return texts, vocab_texts
 
-    original = copy.deepcopy(loaded) if config.fidelity else None
-    params_before, bytes_before = unique_parameters(model)
-    geometry_before = loaded.geometry
+
+def _drop_layers(loaded: LoadedModel, config: PruneConfig, texts: list[str]) -> dict:
+    """Drop the ``config.drop_layers`` blocks of lowest Block Influence on ``texts``."""
+    from ..analysis.activations import collect_block_outputs
+
+    _, influence, _ = collect_block_outputs(loaded, texts, max_length=config.max_length, batch_size=config.batch_size,
+                                            max_tokens=16, device=config.device)
+    drop = sorted(torch.argsort(influence)[: config.drop_layers].tolist())
+    structured.drop_layers(loaded, drop)
+    return {"dropped_layers": drop, "block_influence": [round(float(v), 6) for v in influence]}
+
+
+def _prune_units(loaded: LoadedModel, config: PruneConfig, texts: list[str]) -> dict:
+    """Rank heads and FFN neurons and remove the same count in every layer (a group keeps the same ones)."""
+    if config.score == "taylor":
+        head_scores, neuron_scores = importance.taylor_scores(
+            loaded, texts, batch_size=config.batch_size, max_length=config.max_length, device=config.device)
+    else:
+        head_scores, neuron_scores = importance.magnitude_scores(loaded)
+    loaded.model.cpu()
     metrics: dict = {}
+    done: set[int] = set()  # shared bases already cut
+    if config.heads:
+        keep = importance.select(head_scores, _groups(loaded, ("query", "key", "value", "attn_out")), config.heads)
+        structured.prune_heads(loaded, keep, done)
+        metrics["kept_heads"] = {str(k): v for k, v in keep.items()}
+    if config.ffn:
+        keep = importance.select(neuron_scores, _groups(loaded, ("ffn_gate", "ffn_in", "ffn_out")), config.ffn)
+        structured.prune_ffn(loaded, keep, done)
+        metrics["ffn_width"] = len(next(iter(keep.values())))
+    structured.recap_all(loaded)
+    return metrics
 
-    if config.drop_layers:
-        from ..analysis.activations import collect_block_outputs
 
-        _, influence, _ = collect_block_outputs(loaded, texts, max_length=config.max_length, batch_size=config.batch_size,
-                                                max_tokens=16, device=config.device)
-        drop = sorted(torch.argsort(influence)[: config.drop_layers].tolist())
-        structured.drop_layers(loaded, drop)
-        metrics["dropped_layers"] = drop
-        metrics["block_influence"] = [round(float(v), 6) for v in influence]
+def _fidelity(loaded: LoadedModel, original: LoadedModel, texts: list[str], config: PruneConfig) -> dict:
+    """Fidelity of the pruned model to ``original`` (the model as it came in) on ``texts``."""
+    from ..evaluation.fidelity import fidelity
 
-    if config.heads or config.ffn:
-        if config.score == "taylor":
-            head_scores, neuron_scores = importance.taylor_scores(
-                loaded, texts, batch_size=config.batch_size, max_length=config.max_length, device=config.device)
-        else:
-            head_scores, neuron_scores = importance.magnitude_scores(loaded)
-        model.cpu()
-        done: set[int] = set()  # shared bases already cut
-        if config.heads:
-            keep = importance.select(head_scores, _groups(loaded, ("query", "key", "value", "attn_out")), config.heads)
-            structured.prune_heads(loaded, keep, done)
-            metrics["kept_heads"] = {str(k): v for k, v in keep.items()}
-        if config.ffn:
-            keep = importance.select(neuron_scores, _groups(loaded, ("ffn_gate", "ffn_in", "ffn_out")), config.ffn)
-            structured.prune_ffn(loaded, keep, done)
-            metrics["ffn_width"] = len(next(iter(keep.values())))
-        structured.recap_all(loaded)
-
-    if vocab_texts is not None:
-        from .vocab import prune_vocabulary
-
-        metrics["vocabulary"] = prune_vocabulary(loaded, vocab_texts, min_count=config.vocab_min_count)
-
-    _check_runs(loaded, texts)
-    g = loaded.geometry
-    metrics["geometry_before"] = _geometry(geometry_before)
-    metrics["geometry_after"] = _geometry(g)
-    params_after, bytes_after = unique_parameters(model)
-    if original is not None:
-        from ..evaluation.fidelity import fidelity
-
-        metrics["fidelity"] = fidelity(loaded, original, texts, batch_size=config.batch_size,
-                                       max_length=config.max_length, device=config.device)
-        model.cpu()
-        del original
-    record = StageRecord(
-        stage="prune",
-        config=config.to_dict(),
-        params_before=params_before,
-        params_after=params_after,
-        bytes_before=bytes_before,
-        bytes_after=bytes_after,
-        metrics=metrics,
-        seconds=time.perf_counter() - start,
-    )
-    return loaded, record
+    result = fidelity(loaded, original, texts, batch_size=config.batch_size, max_length=config.max_length,
+                      device=config.device)
+    loaded.model.cpu()
+    return result
 
 
 def require_pruning(loaded: LoadedModel, *, heads: bool, ffn: bool, layers: bool) -> None:
@@ -132,10 +157,10 @@ def require_pruning(loaded: LoadedModel, *, heads: bool, ffn: bool, layers: bool
     which must rebuild from its config and run) are run here once, and what they rule out is
     refused as the family's declared limits are.
     """
-    from ..adapters.checks import prove
+    from .checks import prove_pruning
 
     if heads or ffn:
-        loaded.adapter, loaded.checks = prove(loaded.model, loaded.adapter, pruning=True, checks=loaded.checks)
+        prove_pruning(loaded)
     for wanted, capability in ((heads, "prune_heads"), (ffn, "prune_ffn"), (layers, "drop_layers")):
         if wanted:
             loaded.adapter.require(capability)
@@ -164,5 +189,4 @@ def _check_runs(loaded: LoadedModel, texts: list[str]) -> None:
         enc = loaded.tokenizer(texts[:2], padding=True, truncation=True, max_length=32, return_tensors="pt")
         loaded.model.cpu().eval()(**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")})
     except Exception as e:  # noqa: BLE001 - any failure here means the surgery broke the model
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise PruneError(f"the pruned model no longer runs: {type(e).__name__}: {first}") from None
+        raise PruneError(f"the pruned model no longer runs: {type(e).__name__}: {first_line(e)}") from None

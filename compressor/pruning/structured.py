@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapters import dense_like, module_weight, set_module_weight
+from ..adapters import dense_like, head_rows, module_weight, set_module_weight
 from ..models import LoadedModel
 from ..sharing.layer import SharedLinear
 
@@ -72,12 +72,6 @@ def recap_lora(module: SharedLinear, lora_alpha: float | None) -> None:
 
 
 # --- heads and neurons ---------------------------------------------------------------------
-def head_rows(units: list[int], heads_per_unit: int, head_dim: int) -> torch.Tensor:
-    """Rows (in a query-sized projection) of the heads that make up ``units``."""
-    heads = [u * heads_per_unit + i for u in units for i in range(heads_per_unit)]
-    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
-
-
 def prune_heads(loaded: LoadedModel, keep: dict[int, list[int]], done: set[int]) -> None:
     """Keep the attention units ``keep[layer]`` (sorted, as many in every layer).
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import StageConfig, check_choice, check_positive
+from ..config import StageConfig, TextFormat, check_choice, choice, check_positive
 from ..errors import ConfigError
 
 #: ``int8``: dynamic (weights int8, activations quantized on the fly); ``int8-static``:
@@ -18,15 +18,13 @@ MIN_COSINE = {"int8": 0.90, "int8-static": 0.90, "fp16": 0.999}
 
 
 @dataclass
-class QuantizeConfig(StageConfig):
+class QuantizeConfig(TextFormat, StageConfig):
     """How to quantize an ONNX export.
 
     Attributes:
         mode: ``int8``, ``int8-static`` or ``fp16``.
         calibration: Text whose activation ranges ``int8-static`` uses (a file or a packaged
             data set such as ``movie-snippets``); required for it, refused otherwise.
-        text_column: Column or key of the text in ``calibration``.
-        encoding: Text encoding of ``calibration``.
         calibration_samples: Calibration texts to run.
         max_length: Truncate calibration texts to this many tokens.
         per_channel: One scale per output channel of a weight instead of one per tensor.
@@ -38,14 +36,12 @@ class QuantizeConfig(StageConfig):
             (default per mode: `MIN_COSINE`).
     """
 
-    mode: str = "int8"
+    mode: str = choice("int8", MODES)
     calibration: str | None = None
-    text_column: str | None = None
-    encoding: str = "utf-8"
     calibration_samples: int = 128
     max_length: int = 128
     per_channel: bool | None = None
-    isa: str = "auto"
+    isa: str = choice("auto", ISAS)
     min_cosine: float | None = None
 
     def __post_init__(self):

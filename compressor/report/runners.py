@@ -47,7 +47,7 @@ class TorchRunner(Runner):
     """A `LoadedModel` in PyTorch fp32 on the CPU."""
 
     def __init__(self, loaded, label: str):
-        from ..export.stage import pick_task
+        from ..models.heads import pick_task
         from ..models import unique_parameters
 
         self.loaded, self.label, self.kind, self.path = loaded, label, "PyTorch fp32", loaded.source

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..adapters import ROLES
-from ..config import StageConfig, check_choice, check_device, check_int, check_positive
+from ..analysis.config import METRICS
+from ..config import StageConfig, TextOptions, check_choice, choice, check_device, check_int, check_positive
 from ..errors import ConfigError
 
 INITS = ("aligned-mean", "mean", "first")
@@ -17,7 +18,7 @@ SHARE_GROUPS = {"attention": ("query", "key", "value", "attn_out"), "ffn": ("ffn
 
 
 @dataclass
-class ShareConfig(StageConfig):
+class ShareConfig(TextOptions, StageConfig):
     """How to merge layers into shared groups.
 
     Attributes:
@@ -37,9 +38,6 @@ class ShareConfig(StageConfig):
         lora_alpha: Delta scaling numerator (scaling = alpha / rank); ``None`` means ``rank``.
         plan_metric: Similarity that chooses the plan when only ``groups`` is given.
         fidelity: Measure how far the shared model is from the original on calibration text.
-        data: Calibration text (txt, csv/tsv, jsonl); ``None`` uses the built-in sentences.
-        text_column: Column or key of the text in ``data``.
-        encoding: Text encoding of ``data``.
         max_samples: Texts used for the plan and the fidelity.
         max_length: Tokens per text.
         batch_size: Texts per forward pass.
@@ -49,23 +47,18 @@ class ShareConfig(StageConfig):
     groups: int | None = None
     plan: str | list[list[int]] | None = None
     share: list[str] = field(default_factory=lambda: ["attention", "ffn"])
-    init: str = "aligned-mean"
+    init: str = choice("aligned-mean", INITS)
     lora_rank: int = 0
-    lora_init: str = "svd"
+    lora_init: str = choice("svd", LORA_INITS)
     lora_alpha: float | None = None
-    plan_metric: str = "cka"
+    plan_metric: str = choice("cka", METRICS)
     fidelity: bool = True
-    data: str | None = None
-    text_column: str | None = None
-    encoding: str = "utf-8"
     max_samples: int = 64
     max_length: int = 128
     batch_size: int = 16
     device: str = "cpu"
 
     def __post_init__(self):
-        from ..analysis.config import METRICS
-
         if (self.groups is None) == (self.plan is None):
             raise ConfigError("give either --groups K or --plan, not both" if self.groups is not None
                               else "give --groups K or --plan \"0-1,2-3,...\"")

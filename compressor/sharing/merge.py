@@ -8,10 +8,14 @@ import time
 import torch
 from torch import nn
 
-from ..adapters import ArchitectureAdapter
+from ..adapters import ArchitectureAdapter, module_weight
 from ..adapters.base import ATTENTION_ROLES, FFN_ROLES
-from ..adapters import module_weight
-from ..analysis.alignment import find_permutation, permute_weights, restrict, unit_features
+from ..analysis.alignment import (
+    find_permutation,
+    permute_weights,
+    restrict,
+    unit_features,
+)
 from ..data import calibration_texts
 from ..errors import ConfigError
 from ..models import LoadedModel, unique_parameters
@@ -106,88 +110,32 @@ def share(loaded: LoadedModel, config: ShareConfig) -> tuple[LoadedModel, StageR
             selection that splits a fused module. Nothing is changed then.
     """
     start = time.perf_counter()
-    if loaded.sharing is not None:
-        raise ConfigError(f"{loaded.name} is already shared; share the original dense model")
-    adapter, model = loaded.adapter, loaded.model
-    geometry = loaded.geometry
-    blocks = adapter.blocks(model)
-    n = len(blocks)
-    roles = tuple(r for r in config.shared_roles if r in adapter.roles)
-    modules = shared_modules(adapter, roles)
-    _check_rank(adapter, blocks, modules, config.lora_rank)
-    if config.groups is not None and config.groups > n:
-        raise ConfigError(f"--groups {config.groups} is more than the model's {n} layers")
-
+    roles, modules = _check_selection(loaded, config)
     texts = (calibration_texts(config.data, text_column=config.text_column, encoding=config.encoding,
                                limit=config.max_samples) if config.fidelity else None)  # read first: a bad file fails at once
-    if config.plan is not None:
-        plan = parse_plan(config.plan, n)
-        plan_source = "given"
-    else:
-        plan = _plan_from_analysis(loaded, config)
-        model.cpu()  # the analysis ran on config.device; the surgery below works on the CPU
-        plan_source = f"best contiguous {config.groups} groups by {config.plan_metric}"
-
+    plan, plan_source = _resolve_plan(loaded, config)
     original = copy.deepcopy(loaded) if config.fidelity else None
-    params_before, bytes_before = unique_parameters(model)
+    params_before, bytes_before = unique_parameters(loaded.model)
 
-    energy: dict[str, dict[str, float]] = {}
-    with torch.no_grad():
-        for group in plan:
-            if len(group) < 2:
-                continue
-            if config.init == "aligned-mean":
-                _align_group(adapter, blocks, group, geometry, roles)
-            for path in modules:
-                # whole modules, rows as stored: a fused module is shared whole
-                weights = {layer: module_weight(blocks[layer].get_submodule(path)).clone() for layer in group}
-                biases = {layer: _bias(blocks[layer].get_submodule(path)) for layer in group}
-                if config.init == "first":
-                    shared_w = weights[group[0]]
-                else:
-                    shared_w = torch.stack(list(weights.values())).mean(0)
-                out_f, in_f = shared_w.shape
-                ref = blocks[group[0]].get_submodule(path).weight
-                base = nn.Linear(in_f, out_f, bias=False, dtype=ref.dtype, device=ref.device)
-                base.weight.copy_(shared_w)
-                installed = install_shared(blocks, group, path, base, biases, config.lora_rank, config.lora_alpha)
-                for layer, module in installed.items():
-                    if config.lora_rank and config.lora_init == "svd":
-                        kept = module.init_lora_from_residual(weights[layer] - shared_w)
-                    else:
-                        kept = 0.0
-                    energy.setdefault(str(layer), {})[path] = kept
-
-    loaded.sharing = {
-        "plan": plan,
-        "modules": list(modules),
-        "roles": list(roles),
-        "init": config.init,
-        "lora_rank": config.lora_rank,
-        "lora_alpha": config.lora_alpha,
-        "lora_init": config.lora_init,
-    }
-    params_after, bytes_after = unique_parameters(model)
+    energy = _share_groups(loaded, plan, roles, modules, config)
+    loaded.sharing = _manifest(plan, roles, modules, config)
+    params_after, bytes_after = unique_parameters(loaded.model)
     metrics: dict = {
         "plan": plan,
         "plan_source": plan_source,
         "shared_modules": list(modules),
         "unique_params_before": params_before,
         "unique_params_after": params_after,
-        "lora_params": sum(p.numel() for n_, p in model.named_parameters() if "lora_" in n_),
+        "lora_params": sum(p.numel() for name, p in loaded.model.named_parameters() if "lora_" in name),
+        **_energy_metrics(energy, config),
     }
-    if config.lora_rank and config.lora_init == "svd" and energy:
-        values = [v for per_layer in energy.values() for v in per_layer.values()]
-        metrics["lora_energy_kept"] = energy
-        metrics["lora_energy_kept_mean"] = sum(values) / len(values)
     if original is not None:
         from ..evaluation.fidelity import fidelity
 
         metrics["fidelity"] = fidelity(loaded, original, texts, batch_size=config.batch_size,
                                        max_length=config.max_length, device=config.device)
         del original
-    shared_any = any(len(g) > 1 for g in plan)
-    if shared_any:
+    if any(len(g) > 1 for g in plan):
         metrics["note"] = NO_RECOVERY_NOTE
     record = StageRecord(
         stage="share",
@@ -202,8 +150,34 @@ def share(loaded: LoadedModel, config: ShareConfig) -> tuple[LoadedModel, StageR
     return loaded, record
 
 
+def _check_selection(loaded: LoadedModel, config: ShareConfig) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """The roles and module paths to share, after every check that needs no data; changes nothing."""
+    if loaded.sharing is not None:
+        raise ConfigError(f"{loaded.name} is already shared; share the original dense model")
+    adapter = loaded.adapter
+    blocks = adapter.blocks(loaded.model)
+    n = len(blocks)
+    roles = tuple(r for r in config.shared_roles if r in adapter.roles)
+    modules = shared_modules(adapter, roles)
+    _check_rank(adapter, blocks, modules, config.lora_rank)
+    if config.groups is not None and config.groups > n:
+        raise ConfigError(f"--groups {config.groups} is more than the model's {n} layers")
+    return roles, modules
+
+
+def _resolve_plan(loaded: LoadedModel, config: ShareConfig) -> tuple[list[list[int]], str]:
+    """``(plan, plan_source)``: the plan given, or the best contiguous groups by an analysis."""
+    if config.plan is not None:
+        return parse_plan(config.plan, len(loaded.adapter.blocks(loaded.model))), "given"
+    plan = _plan_from_analysis(loaded, config)
+    loaded.model.cpu()  # the analysis ran on config.device; the surgery works on the CPU
+    return plan, f"best contiguous {config.groups} groups by {config.plan_metric}"
+
+
 def _plan_from_analysis(loaded: LoadedModel, config: ShareConfig) -> list[list[int]]:
+    """The groups `analyze` recommends for ``config.groups`` by ``config.plan_metric``."""
     from ..analysis import AnalyzeConfig, analyze
+    from ..analysis.grouping import Grouping
 
     weight_metric = config.plan_metric.endswith("weight")
     analysis_config = AnalyzeConfig(
@@ -213,4 +187,64 @@ def _plan_from_analysis(loaded: LoadedModel, config: ShareConfig) -> list[list[i
         device=config.device,
     )
     _, record = analyze(loaded, analysis_config)
-    return record.metrics["grouping"]["recommended"]["groups"]
+    return Grouping.from_dict(record.metrics["grouping"]).recommended.groups
+
+
+@torch.no_grad()
+def _share_groups(loaded: LoadedModel, plan: list[list[int]], roles: tuple[str, ...],
+                  modules: dict[str, tuple[str, ...]], config: ShareConfig) -> dict[str, dict[str, float]]:
+    """Put every group of two or more layers on shared weights, in place.
+
+    Returns:
+        ``{layer: {module path: residual energy its LoRA delta keeps}}`` (0 without an SVD init).
+    """
+    adapter, geometry = loaded.adapter, loaded.geometry
+    blocks = adapter.blocks(loaded.model)
+    energy: dict[str, dict[str, float]] = {}
+    for group in plan:
+        if len(group) < 2:
+            continue
+        if config.init == "aligned-mean":
+            _align_group(adapter, blocks, group, geometry, roles)
+        for path in modules:
+            for layer, kept in _share_module(blocks, group, path, config).items():
+                energy.setdefault(str(layer), {})[path] = kept
+    return energy
+
+
+def _share_module(blocks, group: list[int], path: str, config: ShareConfig) -> dict[int, float]:
+    """Share the module at ``path`` across ``group``; ``{layer: residual energy its delta keeps}``."""
+    # whole modules, rows as stored: a fused module is shared whole
+    weights = {layer: module_weight(blocks[layer].get_submodule(path)).clone() for layer in group}
+    biases = {layer: _bias(blocks[layer].get_submodule(path)) for layer in group}
+    shared_w = weights[group[0]] if config.init == "first" else torch.stack(list(weights.values())).mean(0)
+    out_f, in_f = shared_w.shape
+    ref = blocks[group[0]].get_submodule(path).weight
+    base = nn.Linear(in_f, out_f, bias=False, dtype=ref.dtype, device=ref.device)
+    base.weight.copy_(shared_w)
+    installed = install_shared(blocks, group, path, base, biases, config.lora_rank, config.lora_alpha)
+    svd_init = bool(config.lora_rank) and config.lora_init == "svd"
+    return {layer: module.init_lora_from_residual(weights[layer] - shared_w) if svd_init else 0.0
+            for layer, module in installed.items()}
+
+
+def _manifest(plan: list[list[int]], roles: tuple[str, ...], modules: dict[str, tuple[str, ...]],
+              config: ShareConfig) -> dict:
+    """``loaded.sharing``: what a checkpoint needs to rebuild the shared model (see `install_shared`)."""
+    return {
+        "plan": plan,
+        "modules": list(modules),
+        "roles": list(roles),
+        "init": config.init,
+        "lora_rank": config.lora_rank,
+        "lora_alpha": config.lora_alpha,
+        "lora_init": config.lora_init,
+    }
+
+
+def _energy_metrics(energy: dict[str, dict[str, float]], config: ShareConfig) -> dict:
+    """The residual energy the SVD-initialised deltas keep, per layer and module and on average."""
+    if not (config.lora_rank and config.lora_init == "svd" and energy):
+        return {}
+    values = [v for per_layer in energy.values() for v in per_layer.values()]
+    return {"lora_energy_kept": energy, "lora_energy_kept_mean": sum(values) / len(values)}

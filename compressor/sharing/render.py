@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..analysis.analyze import plan_string
+from ..analysis.grouping import plan_string
 
 MIB = 1024 * 1024
 
@@ -15,8 +15,8 @@ def share_summary_rows(record) -> list[tuple[str, str]]:
         ("shared sublayers", ", ".join(m["shared_modules"])),
         ("init", f"{record.config['init']}, LoRA rank {record.config['lora_rank']}"
                  + (f" ({record.config['lora_init']})" if record.config["lora_rank"] else "")),
-        ("unique parameters", f"{record.params_before:,} -> {record.params_after:,} "
-                              f"({record.params_after / record.params_before:.1%}; LoRA {m['lora_params']:,})"),
+        ("unique parameters", (f"{record.params_before:,} -> {record.params_after:,} "
+                               f"({record.params_after / record.params_before:.1%}; LoRA {m['lora_params']:,})")),
         ("weights in memory", f"{record.bytes_before / MIB:.1f} MiB -> {record.bytes_after / MIB:.1f} MiB"),
     ]
     if "checkpoint_bytes" in m:

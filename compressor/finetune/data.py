@@ -1,0 +1,87 @@
+"""The training texts of a fine-tuning run, with class labels for classifiers, and its batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data.text import fit_length
+from ..errors import ConfigError, DataError
+from ..models import LoadedModel
+from ..models.heads import class_indices, is_sequence_classifier
+from .config import FinetuneConfig
+
+
+@dataclass
+class TrainingData:
+    """The texts a run trains on.
+
+    Attributes:
+        texts: The training texts, at most ``config.max_samples``.
+        label_ids: Class index per text (``(n,)``), when a classifier learns from labels its head knows.
+    """
+
+    texts: list[str]
+    label_ids: torch.Tensor | None = None
+
+    def batch(self, step: int, config: FinetuneConfig, tokenizer, device: str):
+        """The tokenized texts of ``step`` on ``device`` and their class indices (or ``None``)."""
+        idx = batch_indices(len(self.texts), config.batch_size, step, config.seed)
+        enc = tokenizer([self.texts[i] for i in idx], padding=True, truncation=True,
+                        max_length=fit_length(tokenizer, config.max_length), return_tensors="pt").to(device)
+        labels = self.label_ids[idx].to(device) if self.label_ids is not None else None
+        return enc, labels
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The texts of a step: a fresh seeded shuffle every epoch, so any step can be recomputed."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order[k * batch_size : (k + 1) * batch_size].tolist()
+
+
+def load_training_data(student: LoadedModel, config: FinetuneConfig) -> TrainingData:
+    """Read ``config.data``, with labels when the student is a classifier that can use them.
+
+    Raises:
+        DataError: unreadable data, or a named ``label_column`` that is missing.
+        ConfigError: labels for a student without a classifier head, labels the head does not know
+            (when asked for by name), or no text at all.
+    """
+    is_classifier = is_sequence_classifier(student.model)
+    texts, labels = _read_texts(config, want_labels=config.label_column is not None or (is_classifier and config.label_weight))
+    if config.label_column is not None and not is_classifier:
+        raise ConfigError("--label-column trains a classifier head, and the student has none; drop --label-column")
+    label_ids = None
+    if labels is not None and is_classifier:
+        label_ids = class_indices(student.model, labels)
+        if label_ids is None and config.label_column is not None:
+            raise ConfigError(f"labels {sorted(set(labels))[:5]} do not match the classifier's classes "
+                              f"{sorted(str(v) for v in student.model.config.id2label.values())}")
+        # labels the head does not know (and were not asked for by name): distil with KL only
+    if len(texts) < 1:
+        raise ConfigError("the training data is empty")
+    return TrainingData(texts, label_ids)
+
+
+def _read_texts(config: FinetuneConfig, *, want_labels: bool) -> tuple[list[str], list | None]:
+    """The first ``max_samples`` texts of ``config.data``, and their labels when wanted and present."""
+    from ..data.datasets import load_labelled, load_texts
+
+    texts = labels = None
+    if want_labels:
+        try:
+            texts, labels = load_labelled(config.data, text_column=config.text_column, label_column=config.label_column,
+                                          encoding=config.encoding)
+        except DataError:
+            if config.label_column is not None:
+                raise  # labels were asked for by name
+            # otherwise a classifier distils from unlabelled text too (KL on its logits)
+    if texts is None:
+        texts = load_texts(config.data, text_column=config.text_column, encoding=config.encoding)
+    if config.max_samples:
+        texts = texts[: config.max_samples]
+        labels = labels[: config.max_samples] if labels is not None else None
+    return texts, labels

@@ -1,0 +1,127 @@
+"""The resumable part of a fine-tuning run: what trains, the optimizer, the step, the random state.
+
+``TrainingState.save(folder)`` writes ``trainer_state.pt``; ``load(folder)`` restores it, so a
+resumed run takes the same steps, on the same batches, as one that never stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import CompressError, ConfigError
+from ..models import LoadedModel
+from .config import FinetuneConfig
+
+STATE = "trainer_state.pt"
+#: Options a resumed run must share with the run it continues (the rest, budgets included, may change).
+RESUME_KEYS = ("data", "text_column", "label_column", "train", "lr", "weight_decay", "warmup_steps", "batch_size",
+               "max_length", "max_samples", "seed")
+
+
+def check_resumable(output: str | Path) -> None:
+    """``--resume`` needs the trainer state an earlier run left in ``output``."""
+    if not (Path(output) / STATE).is_file():
+        raise ConfigError(f"nothing to resume: {Path(output) / STATE} does not exist")
+
+
+def select_trainable(loaded, mode: str) -> list[torch.nn.Parameter]:
+    """Set ``requires_grad`` for the chosen mode and return the trainable parameters.
+
+    ``lora+norms`` trains the norms the adapter names (in the blocks, in the heads, outside).
+    """
+    chosen = []
+    model = loaded.model
+    norm_params = {id(p) for m in loaded.adapter.norm_modules(model) for p in m.parameters(recurse=False)}
+    for name, p in model.named_parameters():
+        is_lora = ".lora_A." in name or ".lora_B." in name
+        train = mode == "all" or is_lora or (mode == "lora+norms" and id(p) in norm_params)
+        p.requires_grad_(train)
+        if train:
+            chosen.append(p)
+    if mode != "all" and not any(".lora_" in n for n, _ in model.named_parameters()):
+        raise ConfigError(f"--train {mode}: the student has no LoRA deltas (share it with --lora-rank R, or use --train all)")
+    return chosen
+
+
+@dataclass
+class TrainingState:
+    """The parameters being trained and everything a resumed run needs to continue them.
+
+    Attributes:
+        config: The run's options; saved so a resume can refuse changed ones (`RESUME_KEYS`).
+        trainable: The parameters the optimizer updates (`select_trainable`).
+        optimizer: AdamW over ``trainable``.
+        scheduler: Linear warm-up of the learning rate over ``config.warmup_steps``.
+        step: Optimizer steps taken, over all runs.
+        history: One entry per step: ``step``, ``loss`` and each loss term.
+        start_step: The step this run started from (not saved: a loaded state starts at its step).
+    """
+
+    config: FinetuneConfig
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    start_step: int = 0
+
+    @classmethod
+    def start(cls, student: LoadedModel, config: FinetuneConfig) -> TrainingState:
+        """A state at step 0: choose what trains (``config.train``) and build its optimizer.
+
+        Raises:
+            ConfigError: ``--train lora`` or ``lora+norms`` on a student without LoRA deltas.
+        """
+        trainable = select_trainable(student, config.train)
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        warmup = max(1, config.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        return cls(config, trainable, optimizer, scheduler)
+
+    def seed(self) -> None:
+        """Seed the global random state for a fresh run (a loaded state restores it instead)."""
+        torch.manual_seed(self.config.seed)
+
+    def take_step(self, loss: torch.Tensor, parts: dict[str, float]) -> None:
+        """One optimizer step down ``loss``, recorded in the history with each term in ``parts``.
+
+        Raises:
+            CompressError: the loss is not finite (the learning rate is too high).
+        """
+        if not torch.isfinite(loss):
+            raise CompressError(f"the loss became {float(loss)} at step {self.step + 1}; lower --lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.history.append({"step": self.step, "loss": float(loss.detach()), **parts})
+
+    def save(self, folder: Path) -> None:
+        """Write ``folder/trainer_state.pt``: step, optimizer, scheduler, random state, history, options."""
+        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "rng": torch.get_rng_state(), "history": self.history, "config": self.config.to_dict()},
+                   Path(folder) / STATE)
+
+    def load(self, folder: Path) -> None:
+        """Continue from ``folder/trainer_state.pt``, restoring the global random state too.
+
+        Raises:
+            ConfigError: an option in `RESUME_KEYS` differs from the saved run's.
+        """
+        saved = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=False)
+        changed = [k for k in RESUME_KEYS if saved["config"].get(k) != getattr(self.config, k)]
+        if changed:
+            raise ConfigError(
+                "--resume continues the same run; these options differ from it: "
+                + ", ".join(f"--{k.replace('_', '-')} (was {saved['config'].get(k)!r})" for k in changed)
+            )
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.step = self.start_step = saved["step"]
+        self.history = saved["history"]
+        torch.set_rng_state(saved["rng"])
