@@ -68,7 +68,7 @@ def bert_base_sizes(work: Path) -> dict:
     import onnx
     from optimum.onnxruntime import ORTQuantizer
 
-    from compressor.export.graph import weight_matmuls
+    from compressor.onnx_graph import weight_matmuls
     from compressor.export.stage import _export_onnx
     from compressor.quantization.onnx import optimum_preset
 

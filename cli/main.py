@@ -4,8 +4,10 @@ Commands parse options, build a stage config, call one library function, print a
 write the outputs. Heavy imports (torch, transformers) happen inside command bodies so that
 ``compress --help`` is instant. A `CompressError` becomes one line on stderr and exit code 2.
 
-Exit codes: 0 success; 1 a batch job failed (or an abort); 2 bad input (a bad option, manifest
-or recipe, a missing model or file, an output that cannot be written); 130 Ctrl-C; 143 SIGTERM.
+Exit codes, the same for every command: 0 success; 1 the work ran but its result failed its
+check (an export past tolerance) or a job of a batch failed; 2 bad input (a bad option,
+manifest or recipe, a missing model or file, an output that cannot be written), always before
+any work where it can be known; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from compressor.errors import CompressError, Terminated
 from compressor.io import stop_requested
 from compressor.pipeline.events import LOG_FORMATS
 
-#: Exit codes, documented in the README.
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+#: Exit codes, documented in the README and in ``compress --help``.
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process SIGTERM ended
 
 
@@ -40,13 +42,14 @@ class CompressGroup(click.Group):
             signal.signal(signal.SIGTERM, _terminate)
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
-        except click.exceptions.Abort:
-            click.echo("compress: aborted", err=True)
-            sys.exit(EXIT_FAILED)
+        except click.exceptions.Abort:  # Ctrl-C or end of input at a prompt
+            click.echo("compress: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except click.ClickException as e:
-            # click prints usage plus the error over several lines; one line is enough
+            # click prints usage plus the error over several lines; one line is enough. Every
+            # click error (a bad option, a file option that cannot be opened) is bad input.
             click.echo(f"compress: error: {e.format_message()}", err=True)
-            sys.exit(EXIT_BAD_INPUT if isinstance(e, click.UsageError) else e.exit_code)
+            sys.exit(EXIT_BAD_INPUT)
         if stop_requested.is_set():  # the command finished, but a SIGTERM came that was swallowed
             click.echo("compress: terminated", err=True)
             sys.exit(EXIT_TERMINATED)
@@ -68,7 +71,7 @@ class CompressGroup(click.Group):
             sys.exit(EXIT_TERMINATED)
         except KeyboardInterrupt:
             click.echo("compress: interrupted", err=True)
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
 
 
 @click.group(cls=CompressGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,7 +86,8 @@ def cli(log_format):
     MODEL is a local Hugging Face folder, a hub id, or a short alias (bert-base, gpt2, ...);
     leave it out to use the bundled all-MiniLM-L6-v2.
 
-    Exit codes: 0 success, 1 a batch job failed, 2 bad input, 130 interrupted, 143 terminated.
+    Exit codes: 0 success; 1 a result failed its check (an export past tolerance) or a batch
+    job failed; 2 bad input; 130 interrupted; 143 terminated.
     """
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from compressor.adapters import get_adapter
-from compressor.analysis.alignment import BlockPermutation, find_permutation, permute_weights, restrict, unit_features
+from compressor.adapters.alignment import BlockPermutation, find_permutation, permute_weights, restrict, unit_features
 from compressor.analysis.weights import weight_similarity
 from tiny_models import FAMILIES, make_model
 

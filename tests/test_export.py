@@ -99,7 +99,7 @@ def read_graph(folder: Path) -> onnx.ModelProto:
 
 
 def weight_ops(graph: onnx.ModelProto) -> dict[str, int]:
-    """Projections counted from the graph itself (independently of compressor.export.graph).
+    """Projections counted from the graph itself (independently of compressor.onnx_graph).
 
     ``float``: MatMul/Gemm with a floating-point weight matrix (a >= 2-d initializer reached
     directly or through Identity nodes); ``int8``: int8 ops whose weight is an 8-bit initializer,

@@ -1,4 +1,4 @@
-"""The analysis on the real bundled all-MiniLM-L6-v2 shows what FACTS.md measured."""
+"""The analysis on the real bundled all-MiniLM-L6-v2 shows what was measured on it before (README, reports/)."""
 
 import pytest
 
@@ -18,7 +18,7 @@ def test_raw_weight_cosine_is_near_zero_and_alignment_raises_it(minilm_analysis)
     for i in range(5):
         for role in w["sublayers"]:
             assert abs(w["raw"][role][i][i + 1]) < 0.05, (role, i)
-        # FFN neurons matched by the Hungarian algorithm: about 0.2-0.3 (FACTS.md)
+        # FFN neurons matched by the Hungarian algorithm: about 0.2-0.3, as measured
         assert 0.12 < w["aligned"]["ffn_in"][i][i + 1] < 0.4
         assert 0.12 < w["aligned"]["ffn_out"][i][i + 1] < 0.4
         assert w["aligned_mean"][i][i + 1] > w["raw_mean"][i][i + 1] + 0.03
@@ -47,7 +47,7 @@ def test_share_minilm_three_groups_checkpoint(tmp_path):
     # 3 of 6 copies of every attention and FFN matrix are gone, the LoRA factors are added
     per_layer = 4 * 384 * 384 + 2 * 384 * 1536
     assert record.params_after == record.params_before - 3 * per_layer + record.metrics["lora_params"]
-    # without recovery training the quality drop is large (FACTS.md), and the record says so
+    # without recovery training the quality drop is large (README: recovery), and the record says so
     assert record.metrics["fidelity"]["embedding_cosine"] < 0.8
     assert "compress finetune" in record.metrics["note"]
     folder = save_checkpoint(loaded, tmp_path / "minilm-shared")

@@ -73,7 +73,7 @@ def test_aligned_mean_of_a_permuted_copy_is_exact(tiny_dirs, family):
     """Layer 1 := permuted layer 0. Aligned mean recovers layer 0 exactly; plain mean does not."""
     from test_alignment import random_permutation
 
-    from compressor.analysis.alignment import permute_weights
+    from compressor.adapters.alignment import permute_weights
 
     results = {}
     for init in ("aligned-mean", "mean"):

@@ -195,7 +195,7 @@ def check_permutation(model: nn.Module, adapter: ArchitectureAdapter, geometry: 
     """A random permutation of ``unit`` (``neurons`` or ``heads``) in a few blocks leaves the output unchanged."""
     import torch
 
-    from ..analysis.alignment import permute_weights, random_permutation, restrict
+    from .alignment import permute_weights, random_permutation, restrict
 
     name = f"permute {unit}"
     blocks = adapter.blocks(model)

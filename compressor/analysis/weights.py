@@ -8,7 +8,7 @@ from itertools import combinations
 import torch
 
 from ..adapters import ArchitectureAdapter
-from .alignment import find_permutation, permute_weights, restrict, unit_features
+from ..adapters.alignment import find_permutation, permute_weights, restrict, unit_features
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor, norm_a: float, norm_b: float) -> float:

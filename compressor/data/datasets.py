@@ -23,9 +23,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, first_line
 from ..io import write_text_atomic
-from .text import SUFFIXES, read_labelled, read_texts
+from .text import SUFFIXES, default_calibration_texts, read_labelled, read_texts
 
 
 @dataclass(frozen=True)
@@ -149,14 +149,14 @@ def _load_hub_dataset(name: str, text_column: str | None, label_column: str | No
     except ImportError:
         raise DataError(f"{name!r} is not a file or a known data set; for a Hugging Face dataset install "
                         "the 'datasets' package (pip install 'compress[hub]')") from None
-    from ..models.loading import _hub_reachable
+    from ..hub import hub_reachable
 
-    if not _hub_reachable():
+    if not hub_reachable():
         raise DataError(f"cannot download dataset {name!r}: the Hugging Face Hub is not reachable; pass a local file")
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # the datasets library raises many kinds; all mean "not loadable"
-        raise DataError(f"could not load dataset {name!r}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+        raise DataError(f"could not load dataset {name!r}: {first_line(e)}") from None
     text_column = text_column or next((c for c in ("text", "sentence", "review", "content") if c in ds.column_names), None)
     label_column = label_column or next((c for c in ("label", "labels", "sentiment", "class") if c in ds.column_names), None)
     if text_column not in ds.column_names or (need_labels and label_column not in ds.column_names):
@@ -179,3 +179,12 @@ def train_test_split(texts: list[str], labels: list[str], train_size: int, test_
     random.Random(seed).shuffle(order)
     train, test = order[:train_size], order[train_size : train_size + test_size]
     return [texts[i] for i in train], [labels[i] for i in train], [texts[i] for i in test], [labels[i] for i in test]
+
+
+def calibration_texts(data: str | Path | None, *, text_column: str | None = None, encoding: str = "utf-8",
+                      limit: int | None = None) -> list[str]:
+    """Calibration text: the texts of ``data`` (a file, a packaged data set such as
+    ``movie-snippets``, or a hub dataset id), or the built-in sentences when ``data`` is ``None``."""
+    if data is not None:
+        return load_texts(str(data), text_column=text_column, encoding=encoding, limit=limit)
+    return default_calibration_texts()[:limit]

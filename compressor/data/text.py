@@ -35,17 +35,6 @@ def default_calibration_texts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def calibration_texts(data: str | Path | None, *, text_column: str | None = None, encoding: str = "utf-8",
-                      limit: int | None = None) -> list[str]:
-    """Calibration text: the texts of ``data`` (a file, a packaged data set such as
-    ``movie-snippets``, or a hub dataset id), or the built-in sentences when ``data`` is ``None``."""
-    if data is not None:
-        from .datasets import load_texts  # datasets.py builds on this module
-
-        return load_texts(str(data), text_column=text_column, encoding=encoding, limit=limit)
-    return default_calibration_texts()[:limit]
-
-
 def read_texts(
     path: str | Path,
     *,
@@ -195,3 +184,11 @@ def _as_text(path: Path, value, column: str) -> str:
     if not isinstance(value, str):
         raise DataError(f"{path}: column {column!r} holds {type(value).__name__} values, not text")
     return value.strip()
+
+
+def batches(tokenizer, texts: list[str], batch_size: int, max_length: int, device: str):
+    """``texts`` tokenized ``batch_size`` at a time, padded, truncated to what the model takes,
+    on ``device``."""
+    for start in range(0, len(texts), batch_size):
+        yield tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
+                        max_length=fit_length(tokenizer, max_length), return_tensors="pt").to(device)

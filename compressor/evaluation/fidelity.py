@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..data.text import fit_length
+from ..data.text import batches
 from ..errors import ConfigError
+from ..models.pooling import pool
 
 
 def check_teacher(student, teacher) -> None:
@@ -37,31 +38,6 @@ def check_teacher(student, teacher) -> None:
     if student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
         raise ConfigError("the teacher's tokenizer differs from the student's (a pruned vocabulary?); fine-tune "
                           "before `compress prune --vocab-from`, or distil from the model the student was made from")
-
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Sentence embeddings from token states.
-
-    Args:
-        hidden: ``(batch, seq, hidden)``.
-        mask: ``(batch, seq)`` attention mask.
-        mode: ``mean`` (over real tokens), ``cls`` (first token) or ``last`` (last real token).
-    """
-    if mode == "cls":
-        return hidden[:, 0]
-    if mode == "last":
-        last = mask.sum(1) - 1  # right padding: index of the last real token
-        if bool((mask[:, -1] == 1).all()):
-            last = torch.full_like(last, mask.shape[1] - 1)  # left padding or none
-        return hidden[torch.arange(hidden.shape[0]), last]
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-
-def batches(tokenizer, texts: list[str], batch_size: int, max_length: int, device: str):
-    for start in range(0, len(texts), batch_size):
-        yield tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
-                        max_length=fit_length(tokenizer, max_length), return_tensors="pt").to(device)
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .fidelity import batches, pool
+from ..data.text import batches
+from ..models.pooling import pool
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CompressError, ConfigError
+from ..errors import ConfigError, TrainingError
 from ..models import LoadedModel
 from .config import FinetuneConfig
 
@@ -89,10 +89,10 @@ class TrainingState:
         """One optimizer step down ``loss``, recorded in the history with each term in ``parts``.
 
         Raises:
-            CompressError: the loss is not finite (the learning rate is too high).
+            TrainingError: the loss is not finite (the learning rate is too high).
         """
         if not torch.isfinite(loss):
-            raise CompressError(f"the loss became {float(loss)} at step {self.step + 1}; lower --lr")
+            raise TrainingError(f"the loss became {float(loss)} at step {self.step + 1}; lower --lr")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)

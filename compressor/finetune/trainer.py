@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..evaluation.fidelity import pool
+from ..evaluation.fidelity import check_teacher
+from ..models.pooling import pool
 from ..models import LoadedModel, unique_parameters
 from ..models.heads import is_sequence_classifier
 from ..record import StageRecord
@@ -43,23 +44,6 @@ from .state import STATE, TrainingState, check_resumable, select_trainable
 __all__ = ["STATE", "check_resumable", "check_teacher", "distillation_loss", "finetune", "layer_pairs", "select_trainable"]
 
 REPORT = "finetune_report.json"
-
-
-def check_teacher(student: LoadedModel, teacher: LoadedModel) -> None:
-    """The teacher must be the student's original: same architecture, shape and tokenizer."""
-    s, t = student.geometry, teacher.geometry
-    if student.config.model_type != teacher.config.model_type:
-        raise ConfigError(f"the teacher is a {teacher.config.model_type} model, the student a {student.config.model_type}")
-    if s.hidden_size != t.hidden_size or s.num_layers > t.num_layers:
-        raise ConfigError(
-            f"the teacher ({t.num_layers} layers, hidden {t.hidden_size}) does not match the student "
-            f"({s.num_layers} layers, hidden {s.hidden_size})"
-        )
-    if student.tokenizer is None or teacher.tokenizer is None:
-        raise ConfigError("both student and teacher need a tokenizer")
-    if student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
-        raise ConfigError("the teacher's tokenizer differs from the student's (a pruned vocabulary?); fine-tune "
-                          "before `compress prune --vocab-from`, or distil from the model the student was made from")
 
 
 def layer_pairs(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
@@ -196,7 +180,6 @@ class _Run:
     def record(self, reason: str) -> StageRecord:
         """The stage record as it stands: steps, losses, seconds per step, why it stopped."""
         state = self.state
-        params, nbytes = unique_parameters(self.student.model)
         history = state.history
         done = history[state.start_step :]
         window = max(1, min(10, len(history) // 4 or 1))
@@ -212,7 +195,8 @@ class _Run:
             "seconds_per_step": seconds / len(done) if done else None,
             "history": history,
         }
-        return StageRecord("finetune", state.config.to_dict(), params, params, nbytes, nbytes, metrics, seconds)
+        return StageRecord.build("finetune", state.config, before=unique_parameters(self.student.model), metrics=metrics,
+                                 started=self.start_time)
 
     def save(self, reason: str) -> None:
         """Rewrite ``output`` as a checkpoint, with the trainer state and the report beside it."""

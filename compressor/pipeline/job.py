@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CompressError
+from ..errors import CompressError, first_line
 from ..record import StageRecord
 from .events import EventLog
 
@@ -448,8 +448,7 @@ def one_line(e: BaseException) -> str:
     """A user error's message; for anything else its type and the first line of its message."""
     if isinstance(e, KeyboardInterrupt):
         return "interrupted"
-    text = (str(e).strip().splitlines() or [""])[0]
-    return text if isinstance(e, CompressError) else f"{type(e).__name__}: {text}".rstrip(": ")
+    return first_line(e, with_type=True)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

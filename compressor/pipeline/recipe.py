@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import StageConfig, flag
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 
 TOP_LEVEL_KEYS = ("name", "description", "model", "stages")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -90,7 +90,7 @@ def compose_yaml(text: str, source: str):
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
         if context and context_mark is not None:  # where the unclosed thing began
             problem += f" ({context} that starts on line {context_mark.line + 1})"

@@ -43,7 +43,7 @@ def magnitude_scores(loaded) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 def taylor_scores(loaded, texts: list[str], *, batch_size: int = 16, max_length: int = 128,
                   device: str = "cpu") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """``(unit scores, neuron scores)`` from the calibration ``texts``: one tensor per layer."""
-    from ..evaluation.fidelity import batches
+    from ..data.text import batches
 
     adapter, model = loaded.adapter, loaded.model
     g = loaded.geometry

@@ -245,12 +245,6 @@ def _reload(tok, backend, vocab: dict[str, int], old_to_new: dict[int, int]):
     return new_tok
 
 
-def retokenized(texts: list[str], before: list[list[int]], new_tok, old_to_new: dict[int, int]) -> list[int]:
-    """Indices of the ``texts`` that ``new_tok`` tokenizes other than ``before`` (old ids), renumbered."""
-    after = new_tok(texts, add_special_tokens=True, verbose=False)["input_ids"]
-    return [n for n, (a, b) in enumerate(zip(before, after)) if [old_to_new.get(i, -1) for i in a] != b]
-
-
 def _remap_post_processor(pp: dict | None, old_to_new: dict[int, int] | None) -> tuple[dict | None, list[int]]:
     """``(post-processor with its token ids remapped, the old ids it holds)``.
 
@@ -286,3 +280,10 @@ def _remap_post_processor(pp: dict | None, old_to_new: dict[int, int] | None) ->
     if kind == "ByteLevel":
         return pp, []
     raise UnsupportedModelError(f"cannot prune a tokenizer with a {kind} post-processor")
+
+
+# --- the check --------------------------------------------------------------------------------
+def retokenized(texts: list[str], before: list[list[int]], new_tok, old_to_new: dict[int, int]) -> list[int]:
+    """Indices of the ``texts`` that ``new_tok`` tokenizes other than ``before`` (old ids), renumbered."""
+    after = new_tok(texts, add_special_tokens=True, verbose=False)["input_ids"]
+    return [n for n, (a, b) in enumerate(zip(before, after)) if [old_to_new.get(i, -1) for i in a] != b]

@@ -153,7 +153,8 @@ def _plan(tok, model, texts: list[str], min_count: int) -> VocabularyPlan:
         raise ConfigError(f"--vocab-min-count {min_count} keeps none of the data's tokens (the most used one "
                           f"appears {max(counts.values(), default=0)} times)", option="vocab_min_count")
     special = special_ids(tok, state, vocab)
-    special |= {i for i in model_token_ids(model) if i in set(vocab.values())}
+    token_ids = set(vocab.values())
+    special |= {i for i in model_token_ids(model) if i in token_ids}
     for_tokenizer = tokenizer_needs(state["model"], state.get("pre_tokenizer"), from_data | special)
     return VocabularyPlan(state, counts, encoded, min_count, from_data, special, for_tokenizer)
 

@@ -1,7 +1,7 @@
 """Quantization of ONNX exports: int8 (dynamic or static) through onnxruntime, fp16 for GPUs.
 
 Weights that layers share stay stored once: the exporter's Identity nodes are inlined first
-(`compressor.export.graph`), so every MatMul on a shared weight is quantized.
+(`compressor.onnx_graph`), so every MatMul on a shared weight is quantized.
 """
 
 from .config import MODES, QuantizeConfig

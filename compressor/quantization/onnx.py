@@ -4,7 +4,7 @@ int8 goes through the tools a user of this field already trusts: optimum's ``ORT
 with its ``AutoQuantizationConfig`` preset for this CPU (dynamic), and onnxruntime's
 ``quantize_static`` with the same preset's settings and a calibration reader over real text
 (static; optimum's own calibration needs the ``datasets`` package). What we add is the graph
-preparation that keeps shared weights quantized and stored once (`compressor.export.graph`).
+preparation that keeps shared weights quantized and stored once (`compressor.onnx_graph`).
 fp16 uses onnxruntime's float16 converter with float32 inputs and outputs kept.
 
 Static ranges fail on one projection per layer: the FFN down-projection, whose input (the
@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..data.text import calibration_texts, fit_length
-from ..export.graph import gemm_to_matmul, inline_identity_weights
+from ..data import calibration_texts
+from ..data.text import fit_length
+from ..onnx_graph import gemm_to_matmul, inline_identity_weights
 from .config import QuantizeConfig
 
 MODEL_FILE = "model.onnx"

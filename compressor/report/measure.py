@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CompressError
-from ..evaluation.fidelity import batches, pool
+from ..data.text import batches
+from ..models.pooling import pool
 from ..models import LoadedModel
 from .config import ReportConfig
 from .runners import OnnxRunner, Runner, TorchRunner

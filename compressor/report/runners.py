@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CompressError
+from ..errors import CompressError, first_line
 
 
 class Runner:
@@ -77,7 +77,7 @@ class OnnxRunner(Runner):
         import onnxruntime as ort
         from transformers import AutoConfig
 
-        from ..export.graph import stored_elements
+        from ..onnx_graph import stored_elements
         from ..models.loading import load_tokenizer
 
         folder = Path(folder)
@@ -93,7 +93,7 @@ class OnnxRunner(Runner):
             graph = onnx.load(str(file), load_external_data=False)
             self.session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # protobuf's DecodeError, onnxruntime's Fail / InvalidGraph, ...
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise CompressError(f"{file} is not an ONNX model onnxruntime can load: {first}") from None
         self.parameters = stored_elements(graph)
         self.kind = "ONNX " + _precision(graph)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..adapters import ArchitectureAdapter, module_weight
 from ..adapters.base import ATTENTION_ROLES, FFN_ROLES
-from ..analysis.alignment import (
+from ..adapters.alignment import (
     find_permutation,
     permute_weights,
     restrict,

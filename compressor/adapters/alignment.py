@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from ..adapters import Geometry
+from .base import Geometry
 
 Weights = dict[str, torch.Tensor]
 Biases = dict[str, "torch.Tensor | None"]

@@ -1,0 +1,131 @@
+"""The package's layout: stages stand on a small core, and nothing imports in a circle.
+
+Every import counts, function-level ones included (they exist only to keep `compress --help`
+free of torch, not to hide a cycle). A new cycle, a core module reaching up into a stage, or a
+module importing another's private name fails here with the offending imports named.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import compressor
+
+ROOT = Path(compressor.__file__).parent
+
+#: The core every stage may use; it imports no stage.
+CORE = {"errors", "io", "config", "record", "hub", "onnx_graph", "adapters", "models", "data"}
+#: The stages (one subpackage each); they import the core and, without cycles, each other.
+STAGES = {"analysis", "evaluation", "sharing", "pruning", "finetune", "quantization", "export"}
+#: What runs stages: the report (every stage side by side) and recipes / batches.
+TOP = {"report", "pipeline"}
+
+
+def module_name(path: Path) -> str:
+    parts = ["compressor", *path.relative_to(ROOT).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, modules: set[str]) -> list[tuple[str, str, int]]:
+    """``(imported module, imported name or "", line)`` for every import in ``path``."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                found.append((sub, "", node.lineno) if sub in modules else (target, alias.name, node.lineno))
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, "", node.lineno) for alias in node.names]
+    return [(m, n, line) for m, n, line in found if m in modules]
+
+
+def graph():
+    files = {module_name(p): p for p in ROOT.rglob("*.py")}
+    modules = set(files)
+    edges = {m: imports(p, modules) for m, p in files.items()}
+    return files, edges
+
+
+def subpackage(module: str) -> str:
+    return module.split(".")[1] if "." in module else "compressor"
+
+
+def find_cycle(nodes, successors) -> list[str] | None:
+    """One cycle of the directed graph, as a path that returns to its start; ``None`` if none."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n):
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(successors(n)):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (cycle := visit(m)):
+                return cycle
+        state[n] = 2
+        stack.pop()
+        return None
+
+    for n in sorted(nodes):
+        if n not in state and (cycle := visit(n)):
+            return cycle
+    return None
+
+
+def test_every_subpackage_has_a_layer():
+    files, _ = graph()
+    assert {subpackage(m) for m in files} - {"compressor"} == CORE | STAGES | TOP
+
+
+def test_no_import_cycle_between_subpackages():
+    _, edges = graph()
+    arrows = defaultdict(set)
+    for m, targets in edges.items():
+        for t, _, _ in targets:
+            if subpackage(m) != subpackage(t):
+                arrows[subpackage(m)].add(subpackage(t))
+    cycle = find_cycle(set(arrows), lambda n: arrows.get(n, ()))
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_no_import_cycle_between_modules():
+    _, edges = graph()
+    cycle = find_cycle(set(edges), lambda n: {t for t, _, _ in edges[n] if t != n})
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_core_imports_no_stage():
+    _, edges = graph()
+    upward = [f"{m}:{line} imports {t}" for m, targets in edges.items() if subpackage(m) in CORE
+              for t, _, line in targets if subpackage(t) not in CORE]
+    assert not upward, upward
+
+
+def test_stages_do_not_import_what_runs_them():
+    _, edges = graph()
+    upward = [f"{m}:{line} imports {t}" for m, targets in edges.items() if subpackage(m) in STAGES
+              for t, _, line in targets if subpackage(t) in TOP]
+    assert not upward, upward
+
+
+def test_no_module_imports_a_private_name_of_another():
+    _, edges = graph()
+    private = [f"{m}:{line} imports {t}.{name}" for m, targets in edges.items()
+               for t, name, line in targets if name.startswith("_") and not name.startswith("__") and t != m]
+    assert not private, private
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    arrows = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycle(arrows, lambda n: arrows.get(n, ())) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}, lambda n: {"a": {"b"}}.get(n, ())) is None
