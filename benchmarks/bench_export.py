@@ -68,8 +68,8 @@ def bert_base_sizes(work: Path) -> dict:
     import onnx
     from optimum.onnxruntime import ORTQuantizer
 
-    from compressor.onnx_graph import weight_matmuls
     from compressor.export.stage import _export_onnx
+    from compressor.onnx_graph import weight_matmuls
     from compressor.quantization.onnx import optimum_preset
 
     raw = work / "shared-optimum-quantizer"

@@ -42,9 +42,9 @@ def main() -> None:
     import transformers
 
     from compressor.adapters.checks import prove
-    from compressor.pruning.checks import prove_pruning, prove_units
     from compressor.adapters.describe import describe
     from compressor.models import bundled_model_dir, load_model, unique_parameters
+    from compressor.pruning.checks import prove_pruning, prove_units
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -130,8 +130,8 @@ from cli import export as _export  # noqa: E402,F401
 from cli import finetune as _finetune  # noqa: E402,F401
 from cli import inspect as _inspect  # noqa: E402,F401
 from cli import pipeline as _pipeline  # noqa: E402,F401
-from cli import report as _report  # noqa: E402,F401
 from cli import prune as _prune  # noqa: E402,F401
+from cli import report as _report  # noqa: E402,F401
 from cli import share as _share  # noqa: E402,F401
 
 if __name__ == "__main__":

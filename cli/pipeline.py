@@ -13,8 +13,19 @@ from cli.options import json_option, output_option
 _WOULD = {"run": "would run", "continue": "would continue", "skip": "would skip", "fail": "would fail"}
 
 
+def print_schema(ctx, param, value):
+    """``--schema``: every recipe stage's options as JSON, then exit."""
+    if value:
+        from compressor.pipeline.stages import recipe_schema
+
+        click.echo(json.dumps(recipe_schema(), indent=2, default=str))
+        ctx.exit(EXIT_OK)
+
+
 @cli.command("run")
 @click.argument("recipe", type=click.Path())
+@click.option("--schema", is_flag=True, expose_value=False, is_eager=True, callback=print_schema,
+              help="Print every stage a recipe can name, with its options, as JSON, and exit.")
 @click.option("--model", default=None, help="The model (default: the recipe's 'model', else the bundled MiniLM).")
 @output_option("The job's folder: one subfolder per stage, report.json, DONE.json.")
 @click.option("--dry-run", is_flag=True, help="Say whether the job would run, continue or be skipped, and why; run nothing.")

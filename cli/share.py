@@ -7,8 +7,15 @@ import json
 import click
 
 from cli.main import cli, echo_rows, emit_result
-from cli.options import (build_config, check_json, config_options, json_option, output_option, overwrite_option,
-                         trust_remote_code_option)
+from cli.options import (
+    build_config,
+    check_json,
+    config_options,
+    json_option,
+    output_option,
+    overwrite_option,
+    trust_remote_code_option,
+)
 from compressor.sharing.config import ShareConfig
 
 

@@ -101,8 +101,10 @@ def option_specs(cls: type) -> list[OptionSpec]:
     hints = typing.get_type_hints(cls)
     helps = field_help(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    order = list(dict.fromkeys(n for klass in cls.__mro__ for n in vars(klass).get("__annotations__", {})
-                               if n in fields))
+    # a field's home is the most basic class declaring it (FinetuneConfig's own default for
+    # ``data`` keeps it among the text options)
+    home = {n: klass for klass in cls.__mro__ for n in vars(klass).get("__annotations__", {}) if n in fields}
+    order = [n for klass in cls.__mro__ for n in vars(klass).get("__annotations__", {}) if home.get(n) is klass]
     specs = []
     for f in (fields[n] for n in order):
         if f.default is not dataclasses.MISSING:

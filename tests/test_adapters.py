@@ -4,12 +4,12 @@ self-checks, and inference for families nobody declared."""
 import pytest
 import torch
 import transformers
-
-from compressor.adapters import FusedLayout, Geometry, SUPPORTED_MODEL_TYPES, adapter_for, get_adapter
-from compressor.adapters.checks import check_mapping, prove
-from compressor.pruning.checks import check_pruning, prove_units
-from compressor.errors import UnsupportedModelError
 from tiny_models import FAMILIES, make_model
+
+from compressor.adapters import SUPPORTED_MODEL_TYPES, FusedLayout, Geometry, adapter_for, get_adapter
+from compressor.adapters.checks import check_mapping, prove
+from compressor.errors import UnsupportedModelError
+from compressor.pruning.checks import check_pruning, prove_units
 
 EXPECTED_FAMILY = {
     "bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta", "distilbert": "distilbert",
@@ -312,9 +312,10 @@ def test_pruning_check_compares_with_the_unit_zeroed():
 def test_an_all_shared_checkpoint_keeps_what_the_dense_checks_found(tmp_path):
     """Every block shared: the reload cannot re-run the permutation checks, so the checkpoint
     carries what they found on the dense model (MPNet-like inferred: heads stay in place)."""
+    from tiny_models import save_model
+
     from compressor.models import load_model
     from compressor.sharing import ShareConfig, save_checkpoint, share
-    from tiny_models import save_model
 
     folder = save_model("mpnet", tmp_path / "mpnet")
     loaded = load_model(folder, infer_adapter=True)

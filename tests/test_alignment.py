@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny_models import FAMILIES, make_model
 
 from compressor.adapters import get_adapter
 from compressor.adapters.alignment import BlockPermutation, find_permutation, permute_weights, restrict, unit_features
 from compressor.analysis.weights import weight_similarity
-from tiny_models import FAMILIES, make_model
 
 
 def random_permutation(geometry, seed=0) -> BlockPermutation:

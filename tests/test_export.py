@@ -21,15 +21,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
+from tiny_models import FAMILIES
 
 from cli.main import cli
 from compressor.export import ExportConfig, export
 from compressor.models import load_model, unique_parameters
+from compressor.models.shared import SharedLinear
 from compressor.pruning import PruneConfig, prune
 from compressor.quantization import QuantizeConfig
 from compressor.sharing import ShareConfig, share
-from tiny_models import FAMILIES
-from compressor.sharing.layer import SharedLinear
 
 #: Every declared family (each tiny model exports in about a second).
 EXPORTED = sorted(FAMILIES)

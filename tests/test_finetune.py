@@ -170,9 +170,9 @@ def test_config_always_has_a_budget():
 
 def test_classifier_distils_with_labels_and_evaluates_with_its_head(tmp_path):
     import transformers
+    from tiny_models import make_tokenizer
 
     from compressor.evaluation import EvaluateConfig, evaluate
-    from tiny_models import make_tokenizer
 
     torch.manual_seed(0)
     config_ = transformers.BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,

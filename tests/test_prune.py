@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_models import FAMILIES
 
 import compressor
 from cli.main import cli
 from compressor.errors import ConfigError, UnsupportedModelError
+from compressor.models.shared import SharedLinear
 from compressor.pruning import PruneConfig, prune
 from compressor.sharing import ShareConfig, save_checkpoint, share
-from compressor.sharing.layer import SharedLinear
-from tiny_models import FAMILIES
 
 TEXTS = ["the quick brown fox jumps over the lazy dog.", "pruning keeps what matters; 42 is the answer!"] * 4
 
@@ -116,7 +116,7 @@ def test_drop_layers_removes_lowest_block_influence_and_renumbers_sharing(tiny_d
     influence = record.metrics["block_influence"]
     dropped = record.metrics["dropped_layers"]
     assert dropped == [min(range(4), key=influence.__getitem__)]
-    plan = loaded.sharing["plan"]
+    plan = loaded.sharing.plan
     assert sorted(i for g in plan for i in g) == [0, 1, 2]
     lone = [g for g in plan if len(g) == 1][0][0]
     # the member left alone has dense weights again (shared weight + its delta)

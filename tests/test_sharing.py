@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from tiny_models import FAMILIES
 
 from compressor.errors import ConfigError
 from compressor.models import load_model, unique_parameters
+from compressor.models.shared import SharedLinear
 from compressor.sharing import ShareConfig, load_checkpoint, parse_plan, save_checkpoint, share
-from compressor.sharing.layer import SharedLinear
-from tiny_models import FAMILIES
 
 IDS = torch.randint(5, 60, (3, 13), generator=torch.Generator().manual_seed(0))
 

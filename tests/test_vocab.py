@@ -261,10 +261,10 @@ def test_min_count_drops_rare_tokens(tiny_dirs):
 def test_sharing_survives_vocabulary_pruning(tiny_dirs, tmp_path):
     loaded = compressor.load(tiny_dirs["bert"])
     loaded, _ = share(loaded, ShareConfig(plan="0-1,2-3", lora_rank=2, fidelity=False))
-    manifest = json.dumps(loaded.sharing)
+    manifest = json.dumps(loaded.sharing.to_dict())
     before = _snapshot(loaded)
     metrics = prune_vocabulary(loaded, DOMAIN)
-    assert json.dumps(loaded.sharing) == manifest
+    assert json.dumps(loaded.sharing.to_dict()) == manifest
     blocks = loaded.adapter.blocks(loaded.model)
     query = loaded.adapter.linears["query"]
     assert blocks[0].get_submodule(query).base_layer.weight is blocks[1].get_submodule(query).base_layer.weight

@@ -81,7 +81,7 @@ def _settle_attention(model, adapter: ArchitectureAdapter) -> ArchitectureAdapte
     query, key and value (CodeGen's is query, value, key); separate projections with the value
     where the names or order put it, or elsewhere. A reading must survive a head permutation
     and its value rows must silence their heads."""
-    from .checks import guarded, check_mapping, check_permutation, check_value_rows, probe_inputs
+    from .checks import check_mapping, check_permutation, check_value_rows, guarded, probe_inputs
 
     g = adapter.geometry(model.config)
     inputs = probe_inputs(model)

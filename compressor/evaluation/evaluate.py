@@ -17,10 +17,9 @@ import random
 import time
 from dataclasses import dataclass
 
-from ..config import StageConfig, TextOptions, check_choice, choice, check_device, check_positive
+from ..config import StageConfig, TextOptions, check_choice, check_device, check_positive, choice
 from ..errors import ConfigError
-from ..models import LoadedModel, unique_parameters
-from ..models import heads
+from ..models import LoadedModel, heads, unique_parameters
 from ..record import StageRecord
 
 TASKS = ("auto", "embedding", "classification", "lm")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import StageConfig, TextFormat, check_choice, choice, check_int, check_positive
+from ..config import StageConfig, TextFormat, check_choice, check_int, check_positive, choice
 from ..errors import ConfigError
 
 #: Tasks an export can target, each with the optimum class that loads it (`ORT_CLASSES`).

@@ -30,10 +30,10 @@ from ..errors import ExportError, UnsupportedModelError
 from ..io import check_writable, quiet, staged_folder, write_text_atomic
 from ..models import LoadedModel, unique_parameters
 from ..models.heads import pick_task
+from ..onnx_graph import inline_identity_weights, stored_elements, weight_matmuls
 from ..quantization.config import QuantizeConfig
 from ..record import StageRecord
 from .config import ORT_CLASSES, ExportConfig
-from ..onnx_graph import inline_identity_weights, stored_elements, weight_matmuls
 
 MODEL_FILE = "model.onnx"
 #: Slack on "a shared weight is stored once": the odd folded constant is stored too

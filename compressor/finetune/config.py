@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import StageConfig, TextOptions, check_choice, choice, check_int, check_positive
+from ..config import StageConfig, TextOptions, check_choice, check_int, check_positive, choice
 from ..errors import ConfigError
 
 #: What trains: the LoRA deltas; the deltas and every norm; or every parameter.

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import ConfigError, TrainingError
 from ..models import LoadedModel
+from ..models.shared import is_lora_parameter
 from .config import FinetuneConfig
 
 STATE = "trainer_state.pt"
@@ -36,12 +37,11 @@ def select_trainable(loaded, mode: str) -> list[torch.nn.Parameter]:
     model = loaded.model
     norm_params = {id(p) for m in loaded.adapter.norm_modules(model) for p in m.parameters(recurse=False)}
     for name, p in model.named_parameters():
-        is_lora = ".lora_A." in name or ".lora_B." in name
-        train = mode == "all" or is_lora or (mode == "lora+norms" and id(p) in norm_params)
+        train = mode == "all" or is_lora_parameter(name) or (mode == "lora+norms" and id(p) in norm_params)
         p.requires_grad_(train)
         if train:
             chosen.append(p)
-    if mode != "all" and not any(".lora_" in n for n, _ in model.named_parameters()):
+    if mode != "all" and not any(is_lora_parameter(n) for n, _ in model.named_parameters()):
         raise ConfigError(f"--train {mode}: the student has no LoRA deltas (share it with --lora-rank R, or use --train all)")
     return chosen
 

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..evaluation.fidelity import check_teacher
-from ..models.pooling import pool
 from ..models import LoadedModel, unique_parameters
 from ..models.heads import is_sequence_classifier
+from ..models.pooling import pool
 from ..record import StageRecord
 from .config import FinetuneConfig
 from .data import TrainingData, load_training_data
@@ -200,7 +200,7 @@ class _Run:
 
     def save(self, reason: str) -> None:
         """Rewrite ``output`` as a checkpoint, with the trainer state and the report beside it."""
-        from ..sharing.checkpoint import save_checkpoint
+        from ..models.checkpoint import save_checkpoint
 
         report = json.dumps(self.record(reason).to_dict(), indent=2)
 

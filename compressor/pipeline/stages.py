@@ -125,6 +125,16 @@ def key_metrics(record: StageRecord) -> dict[str, Any]:
     return found
 
 
+def recipe_schema() -> dict[str, Any]:
+    """Every stage a recipe can name with its options (name, kind, default, help, choices):
+    read from the same config dataclasses the commands build their flags from."""
+    from ..config import option_specs
+
+    return {name: {"writes_model": stage.writes_model, "feeds": stage.feeds,
+                   "options": [spec.to_dict() for spec in option_specs(stage.config_class)]}
+            for name, stage in STAGES.items()}
+
+
 def uses_cuda(config: StageConfig) -> bool:
     """The stage runs on a CUDA device (a Ray job then asks for a GPU)."""
     return str(getattr(config, "device", "")).startswith("cuda")

@@ -14,8 +14,18 @@ import torch
 from torch import nn
 
 from ..adapters import ArchitectureAdapter, Geometry, module_weight
-from ..adapters.checks import (MAPPING_RTOL, AdapterChecks, Check, final_hidden, probe_inputs, prove, relative_error,
-                               tolerance, weights_dtype, within)
+from ..adapters.checks import (
+    MAPPING_RTOL,
+    AdapterChecks,
+    Check,
+    final_hidden,
+    probe_inputs,
+    prove,
+    relative_error,
+    tolerance,
+    weights_dtype,
+    within,
+)
 from ..errors import first_line
 from ..models import LoadedModel
 from .structured import head_rows, prune_ffn, prune_heads

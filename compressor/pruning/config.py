@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import StageConfig, TextOptions, check_choice, choice, check_device, check_int, check_positive
+from ..config import StageConfig, TextOptions, check_choice, check_device, check_int, check_positive, choice
 from ..errors import ConfigError
 
 #: How units are ranked.

@@ -21,7 +21,7 @@ def run_prune(model, config: PruneConfig, output: str | Path, *, overwrite: bool
         OutputExistsError: ``output`` exists and ``overwrite`` is not set (before any work).
     """
     from ..models import as_loaded
-    from ..sharing.checkpoint import save_checkpoint
+    from ..models.checkpoint import save_checkpoint
     from .render import prune_markdown
     from .stage import prune
 

@@ -170,8 +170,8 @@ def _groups(loaded: LoadedModel, roles: tuple[str, ...]) -> list[list[int]]:
     """Layers that must keep the same units: the sharing groups, if any of ``roles`` is shared."""
     n = len(loaded.adapter.blocks(loaded.model))
     sharing = loaded.sharing
-    if sharing and set(sharing.get("roles", ())) & set(roles):
-        return [list(g) for g in sharing["plan"]]
+    if sharing and set(sharing.roles) & set(roles):
+        return [list(g) for g in sharing.plan]
     return [[i] for i in range(n)]
 
 

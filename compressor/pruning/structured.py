@@ -14,7 +14,7 @@ from torch import nn
 
 from ..adapters import dense_like, head_rows, module_weight, set_module_weight
 from ..models import LoadedModel
-from ..sharing.layer import SharedLinear
+from ..models.shared import SharedLinear
 
 
 def slice_linear(module: nn.Module, *, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
@@ -147,7 +147,7 @@ def recap_all(loaded: LoadedModel) -> None:
         return
     for module in loaded.model.modules():
         if isinstance(module, SharedLinear):
-            recap_lora(module, loaded.sharing.get("lora_alpha"))
+            recap_lora(module, loaded.sharing.lora_alpha)
 
 
 # --- layers ----------------------------------------------------------------------------------
@@ -165,14 +165,14 @@ def drop_layers(loaded: LoadedModel, drop: list[int]) -> None:
 
     if loaded.sharing:
         plan = []
-        for group in loaded.sharing["plan"]:
+        for group in loaded.sharing.plan:
             members = [i for i in group if i in new_index]
             if len(members) == 1 and len(group) > 1:
-                for path in loaded.sharing["modules"]:
+                for path in loaded.sharing.modules:
                     _densify(blocks[members[0]], path, conv1d=adapter.conv1d)
             if members:
                 plan.append([new_index[i] for i in members])
-        loaded.sharing = {**loaded.sharing, "plan": plan}
+        loaded.sharing = loaded.sharing.with_plan(plan)
 
     parent_path, _, attr = adapter.blocks_path.rpartition(".")
     parent = adapter.base(model).get_submodule(parent_path) if parent_path else adapter.base(model)

@@ -57,7 +57,7 @@ def prune_vocabulary(loaded: LoadedModel, texts: list[str], *, min_count: int = 
     class that encodes ``texts`` to the same tokens under the new ids (see
     `compressor.pruning.tokenizer_surgery` for what each tokenizer model keeps beyond the
     tokens used). Layers, and any sharing between them, are untouched. The result saves with
-    `compressor.sharing.save_checkpoint`.
+    `compressor.models.checkpoint.save_checkpoint`.
 
     Args:
         loaded: A model with a fast (``tokenizers``-backed) tokenizer.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import StageConfig, TextFormat, check_choice, choice, check_positive
+from ..config import StageConfig, TextFormat, check_choice, check_positive, choice
 from ..errors import ConfigError
 
 #: ``int8``: dynamic (weights int8, activations quantized on the fly); ``int8-static``:

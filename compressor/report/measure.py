@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import CompressError
 from ..data.text import batches
-from ..models.pooling import pool
+from ..errors import CompressError
 from ..models import LoadedModel
+from ..models.pooling import pool
 from .config import ReportConfig
 from .runners import OnnxRunner, Runner, TorchRunner
 

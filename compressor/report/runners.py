@@ -47,8 +47,8 @@ class TorchRunner(Runner):
     """A `LoadedModel` in PyTorch fp32 on the CPU."""
 
     def __init__(self, loaded, label: str):
-        from ..models.heads import pick_task
         from ..models import unique_parameters
+        from ..models.heads import pick_task
 
         self.loaded, self.label, self.kind, self.path = loaded, label, "PyTorch fp32", loaded.source
         self.model = loaded.model.float().eval()
@@ -77,8 +77,8 @@ class OnnxRunner(Runner):
         import onnxruntime as ort
         from transformers import AutoConfig
 
-        from ..onnx_graph import stored_elements
         from ..models.loading import load_tokenizer
+        from ..onnx_graph import stored_elements
 
         folder = Path(folder)
         file = folder / "model.onnx"

@@ -1,6 +1,6 @@
 """Layer sharing: groups of layers on one set of weights, with per-layer LoRA deltas."""
 
-from .checkpoint import MANIFEST, is_checkpoint, load_checkpoint, save_checkpoint
+from ..models.checkpoint import MANIFEST, is_checkpoint, load_checkpoint, save_checkpoint
 from .config import INITS, LORA_INITS, SHARE_GROUPS, ShareConfig, parse_plan
 
 

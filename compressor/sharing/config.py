@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..adapters import ROLES
 from ..analysis.config import METRICS
-from ..config import StageConfig, TextOptions, check_choice, choice, check_device, check_int, check_positive
+from ..config import StageConfig, TextOptions, check_choice, check_device, check_int, check_positive, choice
 from ..errors import ConfigError
 
 INITS = ("aligned-mean", "mean", "first")

@@ -9,19 +9,19 @@ import torch
 from torch import nn
 
 from ..adapters import ArchitectureAdapter, module_weight
-from ..adapters.base import ATTENTION_ROLES, FFN_ROLES
 from ..adapters.alignment import (
     find_permutation,
     permute_weights,
     restrict,
     unit_features,
 )
+from ..adapters.base import ATTENTION_ROLES, FFN_ROLES
 from ..data import calibration_texts
 from ..errors import ConfigError
 from ..models import LoadedModel, unique_parameters
+from ..models.shared import SharingManifest, install_shared, is_lora_parameter
 from ..record import StageRecord
 from .config import ShareConfig, parse_plan
-from .layer import SharedLinear
 
 #: Printed with every share that has no recovery training behind it.
 NO_RECOVERY_NOTE = (
@@ -46,23 +46,6 @@ def shared_modules(adapter: ArchitectureAdapter, roles: tuple[str, ...]) -> dict
 def _bias(module: nn.Module) -> torch.Tensor | None:
     b = getattr(module, "bias", None)
     return None if b is None else b.detach().clone()
-
-
-def install_shared(blocks, group: list[int], path: str, base: nn.Linear, biases: dict[int, torch.Tensor | None],
-                   lora_rank: int, lora_alpha: float | None) -> dict[int, SharedLinear]:
-    """Replace the module at ``path`` in every layer of ``group`` by a `SharedLinear` on ``base``.
-
-    The rank is capped at the matrix's smaller side. Used both to share and to rebuild a saved
-    checkpoint, so the two always agree.
-    """
-    installed = {}
-    # A matrix smaller than the rank (grouped-query K/V) gets a full-rank delta.
-    rank = min(lora_rank, base.in_features, base.out_features)
-    for layer in group:
-        module = SharedLinear(base, biases[layer], rank, lora_alpha)
-        blocks[layer].set_submodule(path, module)
-        installed[layer] = module
-    return installed
 
 
 def _check_rank(adapter, blocks, modules, rank):
@@ -126,7 +109,7 @@ def share(loaded: LoadedModel, config: ShareConfig) -> tuple[LoadedModel, StageR
         "shared_modules": list(modules),
         "unique_params_before": params_before,
         "unique_params_after": params_after,
-        "lora_params": sum(p.numel() for name, p in loaded.model.named_parameters() if "lora_" in name),
+        "lora_params": sum(p.numel() for name, p in loaded.model.named_parameters() if is_lora_parameter(name)),
         **_energy_metrics(energy, config),
     }
     if original is not None:
@@ -229,17 +212,10 @@ def _share_module(blocks, group: list[int], path: str, config: ShareConfig) -> d
 
 
 def _manifest(plan: list[list[int]], roles: tuple[str, ...], modules: dict[str, tuple[str, ...]],
-              config: ShareConfig) -> dict:
+              config: ShareConfig) -> SharingManifest:
     """``loaded.sharing``: what a checkpoint needs to rebuild the shared model (see `install_shared`)."""
-    return {
-        "plan": plan,
-        "modules": list(modules),
-        "roles": list(roles),
-        "init": config.init,
-        "lora_rank": config.lora_rank,
-        "lora_alpha": config.lora_alpha,
-        "lora_init": config.lora_init,
-    }
+    return SharingManifest(plan=plan, modules=list(modules), roles=list(roles), init=config.init,
+                           lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, lora_init=config.lora_init)
 
 
 def _energy_metrics(energy: dict[str, dict[str, float]], config: ShareConfig) -> dict:

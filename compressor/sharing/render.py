@@ -53,7 +53,7 @@ def share_reports(record, model_name: str):
     import json
 
     from ..io import write_text_atomic
-    from .checkpoint import WEIGHTS
+    from ..models.checkpoint import WEIGHTS
 
     def write(staged) -> None:
         record.metrics["checkpoint_bytes"] = (staged / WEIGHTS).stat().st_size

@@ -21,7 +21,7 @@ def run_share(model, config: ShareConfig, output: str | Path, *, overwrite: bool
         OutputExistsError: ``output`` exists and ``overwrite`` is not set (before any work).
     """
     from ..models import as_loaded
-    from .checkpoint import save_checkpoint
+    from ..models.checkpoint import save_checkpoint
     from .merge import share
     from .render import share_reports
 
