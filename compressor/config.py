@@ -43,7 +43,7 @@ class StageConfig:
         return cls(**data)
 
 
-@dataclass
+@dataclass(kw_only=True)  # keyword-only: a config's own fields keep their positions
 class TextFormat:
     """How a text file is read (shared by every config that reads one).
 
@@ -56,7 +56,7 @@ class TextFormat:
     encoding: str = "utf-8"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TextOptions(TextFormat):
     """Text a stage reads, and how.
 

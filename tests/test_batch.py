@@ -88,6 +88,7 @@ def test_a_failed_job_is_reported_and_a_rerun_does_only_it(manifest, first_run):
         ("bert-quick", "skip"), ("gpt2-quick", "skip"), ("no-such-model-quick", "fail")]
 
 
+@pytest.mark.slow  # a process pool: ~7 s
 def test_two_processes_give_the_same_results(manifest, first_run, tmp_path):
     out = tmp_path / "parallel"
     result = batch(manifest, "-o", out, "--jobs", "2")
@@ -182,6 +183,7 @@ def test_a_job_that_could_not_start_runs_once_its_model_exists(tiny_dirs, tmp_pa
     assert not (out / "later-quick" / "error.json").exists()
 
 
+@pytest.mark.slow  # kills and reruns a batch process: ~11 s
 def test_a_killed_run_continues_and_never_looked_done(tiny_dirs, tmp_path):
     data = QUICK.parent / "data" / "sample.csv"
     (tmp_path / "long.yaml").write_text(

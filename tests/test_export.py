@@ -346,6 +346,7 @@ def test_int8_static_calibrated_on_a_text_file(family, tiny_dirs, exported, tmp_
     assert cos >= 0.9 and m["check"]["mean_cosine"] >= 0.9
 
 
+@pytest.mark.slow  # the real MiniLM calibrated on real text: ~10 s
 def test_int8_static_on_minilm_keeps_the_outputs(tmp_path):
     # All-static MinMax ranges gave MiniLM a mean cosine of 0.85-0.88 to PyTorch (under the 0.90
     # the check asks); with dynamic FFN down-projections and per-channel weights, 0.98
@@ -413,6 +414,7 @@ def test_cli_overwrite_replaces_the_folder(tiny_dirs, tmp_path):
     assert "wrote" in res.stdout and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow  # a fresh process of the installed program: ~7 s
 def test_installed_compress_export_prints_json(tiny_dirs, tmp_path):
     """A real process: --json - puts only the record on stdout (no exporter chatter)."""
     exe = shutil.which("compress", path=str(Path(sys.executable).parent)) or shutil.which("compress")

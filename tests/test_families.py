@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from compressor.adapters import get_adapter
-from tiny_models import FAMILIES, make_model
+from tiny_models import FAMILIES, by_family, make_model
 
 SAMPLE = Path(__file__).parent.parent / "recipes" / "data" / "sample.csv"
 
@@ -36,7 +36,7 @@ def recipe(family: str) -> str:
 """
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", by_family(FAMILIES))
 def test_every_stage_runs_on_every_family(family, tiny_dirs, tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(recipe(family))

@@ -36,6 +36,7 @@ def test_activations_are_similar_and_last_layer_stands_out(minilm_analysis):
     assert 0.8 < grouping["recommended"]["score"] < 1.0
 
 
+@pytest.mark.slow  # shares and reloads the real MiniLM
 def test_share_minilm_three_groups_checkpoint(tmp_path):
     import torch
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import csv
 import json
 import random
@@ -105,6 +107,7 @@ def test_report_refuses_bad_input_and_writes_nothing(tiny_dirs, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow  # a full report with optimum's baselines: ~8 s
 def test_report_on_a_decoder_whose_tokenizer_has_no_pad_token(tmp_path):
     """Real decoders (Llama, SmolLM2) ship no pad token; optimum's baseline export keeps the
     tokenizer as it is, and the report pads every row's inputs all the same."""

@@ -103,3 +103,16 @@ def save_model(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
     make_model(family, seed, **overrides).save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder
+
+
+#: Families every default test run covers: a BERT encoder, GPT-2's Conv1D, Llama's grouped-query
+#: attention and DeBERTa-v2's refusals. Tests over every family run the others with ``-m slow``
+#: (``make test-all``).
+CORE_FAMILIES = ("bert", "gpt2", "llama", "deberta-v2")
+
+
+def by_family(families) -> list:
+    """``families`` as test parameters, those outside `CORE_FAMILIES` marked slow."""
+    import pytest
+
+    return [f if f in CORE_FAMILIES else pytest.param(f, marks=pytest.mark.slow) for f in families]
