@@ -78,17 +78,8 @@ def analyze(loaded: LoadedModel, config: AnalyzeConfig) -> tuple[LoadedModel, St
     similarity = similarity_for_grouping(metrics, config.metric)
     metrics["grouping"] = recommend_grouping(similarity, config.metric, config.groups).to_dict()
     metrics["seconds"] = timings
-    params, nbytes = unique_parameters(loaded.model)
-    record = StageRecord(
-        stage="analyze",
-        config=config.to_dict(),
-        params_before=params,
-        params_after=params,
-        bytes_before=nbytes,
-        bytes_after=nbytes,
-        metrics=metrics,
-        seconds=time.perf_counter() - start,
-    )
+    record = StageRecord.build("analyze", config, before=unique_parameters(loaded.model), metrics=metrics,
+                               started=start)
     return loaded, record
 
 

@@ -62,16 +62,8 @@ def prune(loaded: LoadedModel, config: PruneConfig) -> tuple[LoadedModel, StageR
     if original is not None:
         metrics["fidelity"] = _fidelity(loaded, original, texts, config)
         del original
-    record = StageRecord(
-        stage="prune",
-        config=config.to_dict(),
-        params_before=params_before,
-        params_after=params_after,
-        bytes_before=bytes_before,
-        bytes_after=bytes_after,
-        metrics=metrics,
-        seconds=time.perf_counter() - start,
-    )
+    record = StageRecord.build("prune", config, before=(params_before, bytes_before), after=(params_after, bytes_after),
+                               metrics=metrics, started=start)
     return loaded, record
 
 

@@ -120,16 +120,8 @@ def share(loaded: LoadedModel, config: ShareConfig) -> tuple[LoadedModel, StageR
         del original
     if any(len(g) > 1 for g in plan):
         metrics["note"] = NO_RECOVERY_NOTE
-    record = StageRecord(
-        stage="share",
-        config=config.to_dict(),
-        params_before=params_before,
-        params_after=params_after,
-        bytes_before=bytes_before,
-        bytes_after=bytes_after,
-        metrics=metrics,
-        seconds=time.perf_counter() - start,
-    )
+    record = StageRecord.build("share", config, before=(params_before, bytes_before), after=(params_after, bytes_after),
+                               metrics=metrics, started=start)
     return loaded, record
 
 
