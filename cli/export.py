@@ -7,15 +7,7 @@ import json
 import click
 
 from cli.main import cli, echo_rows, emit_result
-from cli.options import (
-    build_config,
-    check_json,
-    config_options,
-    json_option,
-    output_option,
-    overwrite_option,
-    trust_remote_code_option,
-)
+from cli.options import build_config, check_json, checkpoint_outputs, config_options
 from compressor.export.config import ExportConfig
 from compressor.quantization.config import QuantizeConfig
 
@@ -32,12 +24,9 @@ _OVERRIDES = {
 
 @cli.command()
 @click.argument("model", required=False)
-@output_option("Folder for model.onnx, config.json and the tokenizer.")
 @config_options(ExportConfig, QuantizeConfig, names=_FLAGS, overrides=_OVERRIDES)
 @click.option("--fp16", is_flag=True, help="Half-precision weights and compute, for GPU targets (as --quantize fp16).")
-@json_option
-@overwrite_option
-@trust_remote_code_option
+@checkpoint_outputs("Folder for model.onnx, config.json and the tokenizer.")
 def export(model, output, fp16, json_path, overwrite, trust_remote_code, **options):
     """Export MODEL to ONNX in OUTPUT, in the layout optimum's ORTModelFor* classes load.
 

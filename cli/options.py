@@ -119,6 +119,18 @@ trust_remote_code_option = click.option("--trust-remote-code", is_flag=True,
                                         help="Allow the checkpoint's own Python code to run.")
 
 
+def checkpoint_outputs(help: str) -> Callable:
+    """``-o``, ``--json``, ``--overwrite`` and ``--trust-remote-code``: what every command that
+    writes a model folder takes."""
+
+    def decorate(fn: Callable) -> Callable:
+        for option in (trust_remote_code_option, overwrite_option, json_option, output_option(help)):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
 def check_json(json_path: str | None, *outputs: str | None, overwrite: bool) -> None:
     """Before any work: ``--json`` is not another output of the command and may be written."""
     from compressor.io import check_distinct, check_writable

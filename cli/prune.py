@@ -7,25 +7,14 @@ import json
 import click
 
 from cli.main import cli, echo_rows, emit_result
-from cli.options import (
-    build_config,
-    check_json,
-    config_options,
-    json_option,
-    output_option,
-    overwrite_option,
-    trust_remote_code_option,
-)
+from cli.options import build_config, check_json, checkpoint_outputs, config_options
 from compressor.pruning.config import PruneConfig
 
 
 @cli.command()
 @click.argument("model", required=False)
 @config_options(PruneConfig)
-@output_option("Folder for the pruned checkpoint.")
-@json_option
-@overwrite_option
-@trust_remote_code_option
+@checkpoint_outputs("Folder for the pruned checkpoint.")
 def prune(model, output, json_path, overwrite, trust_remote_code, **options):
     """Prune MODEL structurally and write the smaller checkpoint to OUTPUT.
 

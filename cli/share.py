@@ -7,25 +7,14 @@ import json
 import click
 
 from cli.main import cli, echo_rows, emit_result
-from cli.options import (
-    build_config,
-    check_json,
-    config_options,
-    json_option,
-    output_option,
-    overwrite_option,
-    trust_remote_code_option,
-)
+from cli.options import build_config, check_json, checkpoint_outputs, config_options
 from compressor.sharing.config import ShareConfig
 
 
 @cli.command()
 @click.argument("model", required=False)
 @config_options(ShareConfig, overrides={"plan_metric": {"help": "Similarity that picks the plan with --groups."}})
-@output_option("Folder for the compressed checkpoint.")
-@json_option
-@overwrite_option
-@trust_remote_code_option
+@checkpoint_outputs("Folder for the compressed checkpoint.")
 def share(model, output, json_path, overwrite, trust_remote_code, **options):
     """Merge MODEL's layers into shared groups and write a compressed checkpoint to OUTPUT.
 

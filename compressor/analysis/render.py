@@ -182,12 +182,7 @@ def save_heatmaps(metrics: dict, folder: str | Path) -> list[Path]:
             _heatmap(ax, matrix, title, "viridis", vmin=0.0, vmax=weight_top)
         else:
             _heatmap(ax, matrix, title, "viridis_r" if "distance" in title else "viridis")
-    fig.suptitle(f"Layer similarity: {short}")
-    fig.tight_layout()
-    path = folder / "similarity.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, f"Layer similarity: {short}", folder / "similarity.png"))
 
     if "weights" in metrics:
         roles = metrics["weights"]["sublayers"]
@@ -196,13 +191,20 @@ def save_heatmaps(metrics: dict, folder: str | Path) -> list[Path]:
         for col, role in enumerate(roles):
             for row, kind in enumerate(("raw", "aligned")):
                 _heatmap(axes[row][col], metrics["weights"][kind][role], f"{ROLE_LABELS[role]} {kind}", "viridis", vmin=0.0, vmax=top)
-        fig.suptitle(f"Weight cosine per sublayer, raw (top) and aligned (bottom): {short}")
-        fig.tight_layout()
-        path = folder / "weights_by_sublayer.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, f"Weight cosine per sublayer, raw (top) and aligned (bottom): {short}",
+                             folder / "weights_by_sublayer.png"))
     return written
+
+
+def _save(fig, title: str, path: Path) -> Path:
+    """Title, lay out, write and close a figure."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _off_diagonal_max(matrix) -> float:

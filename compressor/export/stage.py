@@ -88,15 +88,7 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
             # own quantizer (optimum's ORTQuantizer) reach every MatMul on a shared weight
             quantized = {"identity_inlined": _inline_identities(tmp / MODEL_FILE)}
 
-        graph = onnx.load(str(tmp / MODEL_FILE), load_external_data=False)
-        stored, matmuls = stored_elements(graph), weight_matmuls(graph)
-        del graph
-        allowed = params + sum(b.numel() for b in model.buffers()) + _tied_output_embeddings(model)
-        if stored > allowed * (1 + _STORAGE_SLACK) + 1024:
-            raise ExportError(f"the ONNX file stores {stored:,} numbers for {params:,} unique parameters: "
-                              "a shared weight was stored more than once")
-        if quantize is not None and quantize.mode != "fp16" and matmuls["float_on_weights"]:
-            raise ExportError(f"{matmuls['float_on_weights']} of {matmuls['on_weights']} projections kept a float weight after int8 quantization")
+        stored, matmuls = check_storage(tmp / MODEL_FILE, model, params, quantize)
 
         check = check_export(tmp, model, loaded.tokenizer, task, input_names, config, quantize, texts, loaded.adapter)
         metrics: dict[str, Any] = {
@@ -111,6 +103,26 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
         record.seconds = round(record.seconds, 2)
         write_text_atomic(tmp / "export_report.json", json.dumps(record.to_dict(), indent=2))
     return record
+
+
+def check_storage(path: Path, model, params: int, quantize: QuantizeConfig | None) -> tuple[int, dict[str, int]]:
+    """The numbers the file stores and its projections, counted from the graph; an export that
+    stores a shared weight twice, or leaves a projection float after int8, fails here.
+
+    Raises:
+        ExportError: either of those.
+    """
+    graph = onnx.load(str(path), load_external_data=False)
+    stored, matmuls = stored_elements(graph), weight_matmuls(graph)
+    del graph
+    allowed = params + sum(b.numel() for b in model.buffers()) + _tied_output_embeddings(model)
+    if stored > allowed * (1 + _STORAGE_SLACK) + 1024:
+        raise ExportError(f"the ONNX file stores {stored:,} numbers for {params:,} unique parameters: "
+                          "a shared weight was stored more than once")
+    if quantize is not None and quantize.mode != "fp16" and matmuls["float_on_weights"]:
+        raise ExportError(f"{matmuls['float_on_weights']} of {matmuls['on_weights']} projections kept a float weight "
+                          "after int8 quantization")
+    return stored, matmuls
 
 
 def _tied_output_embeddings(model) -> int:

@@ -99,6 +99,22 @@ def load_model(
     config = load_config(location, shown, trust_remote_code)
     _check_architecture(config, shown)  # fail before reading weights
 
+    model = _load_weights(location, config, shown, trust_remote_code=trust_remote_code, dtype=dtype)
+    model.eval()
+    adapter, checks = prove_adapter(model, infer=infer_adapter)
+
+    tokenizer = fit_tokenizer(load_tokenizer(location, trust_remote_code), adapter, model.config)
+    declared = _pooling(Path(location)) if local else None
+    # without a sentence-transformers pooling config: mean for encoders, last token for decoders
+    pooling = declared or ("last" if adapter.is_decoder else "mean")
+    name = BUNDLED_NAME if spec is None else (location if not local else str(spec).rstrip("/"))
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=location, name=name, pooling=pooling,
+                       checks=checks)
+
+
+def _load_weights(location: str, config, shown: str, *, trust_remote_code: bool, dtype):
+    """The model with its weights; a weight the config needs and the folder lacks is an error,
+    not a random tensor."""
     cls = _model_class(config)
     try:
         # transformers' own "newly initialized" warnings would come before our one line: the
@@ -122,16 +138,7 @@ def load_model(
             f"the weights of {shown} do not match its config: {len(missing)} tensors missing "
             f"(e.g. {missing[0]}); is config.json from another model?"
         )
-    model.eval()
-    adapter, checks = prove_adapter(model, infer=infer_adapter)
-
-    tokenizer = fit_tokenizer(load_tokenizer(location, trust_remote_code), adapter, model.config)
-    declared = _pooling(Path(location)) if local else None
-    # without a sentence-transformers pooling config: mean for encoders, last token for decoders
-    pooling = declared or ("last" if adapter.is_decoder else "mean")
-    name = BUNDLED_NAME if spec is None else (location if not local else str(spec).rstrip("/"))
-    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=location, name=name, pooling=pooling,
-                       checks=checks)
+    return model
 
 
 def _check_architecture(config, shown: str) -> None:

@@ -201,9 +201,17 @@ def report(original: LoadedModel, variants: list[tuple[str, str]], config: Repor
         metric = task_metric(runner, split, config)
         rows.append({"label": runner.label, "kind": runner.kind, "path": runner.path, "size_bytes": runner.size_bytes,
                      "parameters": runner.parameters, "latency": timings[runner.label], **metric})
+    compare(rows, task, largest=str(max(config.batch_sizes)))
+    return {"task": task, "metric": rows[0]["metric"], "rows": rows, "config": config.to_dict(),
+            "provenance": provenance(config), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def compare(rows: list[dict[str, Any]], task: str, *, largest: str) -> None:
+    """Each row against the first (the original): fidelity and its share of the task metric;
+    and against optimum's int8, where there is one: speed at the ``largest`` batch, and size.
+    The rows' raw outputs are dropped once compared."""
     base = rows[0]
     int8 = next((r for r in rows if r["label"] == BASELINE_INT8), None)
-    largest = str(max(config.batch_sizes))
     for row in rows:
         row["fidelity"] = None if row is base else fidelity_to(base, row, task)
         higher_is_better = row["metric"] != "perplexity"
@@ -213,5 +221,3 @@ def report(original: LoadedModel, variants: list[tuple[str, str]], config: Repor
             row["size_vs_optimum_int8"] = row["size_bytes"] / int8["size_bytes"]
     for row in rows:
         row.pop("outputs", None)
-    return {"task": task, "metric": base["metric"], "rows": rows, "config": config.to_dict(),
-            "provenance": provenance(config), "seconds": round(time.perf_counter() - start, 1)}
