@@ -1,8 +1,11 @@
 """compress: compression and conversion of pretrained dense Transformers.
 
 Stages are functions ``model, record = stage(model, config)`` in the subpackages
-(`compressor.analysis`, `compressor.sharing`, ...). Importing this package is cheap: torch
-and transformers load only when a model does.
+(`compressor.analysis`, `compressor.sharing`, ...), each with a runner on folders
+(``runner.py``) that the CLI and recipes share. They stand on a small core (errors, io,
+config, record, hub, onnx_graph, adapters, models, data) that imports no stage; `report` and
+`pipeline` run the stages. `tests/test_layout.py` keeps it so. Importing this package is cheap:
+torch and transformers load only when a model does.
 """
 
 __version__ = "0.1.0"

@@ -2,9 +2,11 @@
 through many recipes, locally or on Ray (`compress batch`).
 
 * `recipe`: a recipe's YAML, validated into the stages' own configs, with line numbers;
-* `stages`: the registry, stage name -> (config class, runner on folders);
+* `stages`: the registry, stage name -> (config class, runner on folders), and the recipe schema;
 * `job`: one model through one recipe in its folder; hashes, markers, resume;
-* `batch`: manifests, executors (in process, process pool, Ray) and the summary;
+* `manifest`: a batch manifest, validated into jobs (models x recipes, or a list);
+* `executors`: running jobs in process, in a process pool or as Ray tasks;
+* `batch`: planning and running a manifest's jobs, and the summary;
 * `events`: progress events, text or JSON lines.
 """
 
