@@ -53,7 +53,8 @@ def test_block_influence_of_a_skipped_layer_is_zero():
         adapter.linear(block, "ffn_out").weight.zero_()
     loaded = LoadedModel(model, make_tokenizer(), adapter, "tiny-llama")
     texts = ["the cat sat on the mat", "a longer sentence, padded less", "short"]
-    outputs, bi, tokens = collect_block_outputs(loaded, texts, max_tokens=10_000)
+    captured = collect_block_outputs(loaded, texts, max_tokens=10_000)
+    outputs, bi, tokens = captured.outputs, captured.block_influence, captured.num_tokens
     assert bi[2] == pytest.approx(0.0, abs=1e-6)
     assert all(bi[i] > 1e-3 for i in (0, 1, 3))
     # only real tokens are kept: [CLS] + characters + [SEP] per text
@@ -61,3 +62,40 @@ def test_block_influence_of_a_skipped_layer_is_zero():
     assert all(o.shape == (tokens, 32) for o in outputs)
     # layer 2 passes layer 1's output on unchanged
     assert torch.allclose(outputs[1], outputs[2], atol=1e-6)
+
+
+def _sink(module, args, kwargs, output):
+    """Give the first token a massive hidden state, as attention sinks in real decoders have."""
+    hidden = output[0] if isinstance(output, tuple) else output
+    hidden = hidden.clone()
+    hidden[:, 0] *= 1000.0
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def test_a_massive_first_token_is_left_out_and_no_longer_makes_every_layer_alike(monkeypatch):
+    from compressor.analysis import activations
+
+    model = make_model("llama")
+    adapter = get_adapter(model)
+    for block in adapter.blocks(model):
+        block.register_forward_hook(_sink, with_kwargs=True)
+    loaded = LoadedModel(model, make_tokenizer(), adapter, "tiny-llama")
+    texts = ["the cat sat on the mat", "a longer sentence, padded less", "short one here", "and a fourth"]
+    captured = collect_block_outputs(loaded, texts, max_tokens=10_000)
+    assert captured.left_out["tokens"] == len(texts) and captured.left_out["first_position"] == len(texts)
+    assert captured.left_out["max_norm_ratio"] > 100 and captured.left_out["layers"] == [0, 1, 2, 3]
+    assert all(o.shape[0] == captured.num_tokens - len(texts) for o in captured.outputs)
+    robust = linear_cka(captured.outputs)
+
+    monkeypatch.setattr(activations, "MASSIVE_FACTOR", float("inf"))  # the sinks left in
+    naive = linear_cka(collect_block_outputs(loaded, texts, max_tokens=10_000).outputs)
+    off = ~torch.eye(4, dtype=torch.bool)
+    assert float(naive[off].min()) > 0.9999  # with the sink in, every pair looks the same
+    assert float(robust[off].min()) < 0.99  # without it, layers far apart differ
+
+
+def test_nothing_is_left_out_of_an_encoder_without_massive_activations():
+    model = make_model("bert")
+    loaded = LoadedModel(model, make_tokenizer(), get_adapter(model), "tiny-bert")
+    captured = collect_block_outputs(loaded, ["the cat sat on the mat", "another text"], max_tokens=10_000)
+    assert captured.left_out["tokens"] == 0 and captured.left_out["layers"] == []

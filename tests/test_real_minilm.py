@@ -25,6 +25,7 @@ def test_raw_weight_cosine_is_near_zero_and_alignment_raises_it(minilm_analysis)
 
 
 def test_activations_are_similar_and_last_layer_stands_out(minilm_analysis):
+    assert minilm_analysis["activations"]["left_out"]["tokens"] == 0  # no massive activations: nothing changes
     a = minilm_analysis["activations"]
     cka_adjacent = [a["cka"][i][i + 1] for i in range(5)]
     assert all(c > 0.85 for c in cka_adjacent[:4])

@@ -9,6 +9,13 @@ Only real tokens count: padding is dropped with the attention mask.
   token by token (Gromov et al., 2024).
 * Block Influence of layer i: ``1 - mean cos(input_i, output_i)`` (ShortGPT, Men et al., 2024);
   low means the layer barely changes its input, so it is a candidate for removal.
+
+Massive activations (Sun et al., 2024): in many decoders the first token (an attention sink)
+carries a hidden state whose norm is hundreds of times the median (about 25,000 against 150 in
+SmolLM2-135M). One such token dominates every centred Gram matrix, so linear CKA between any two
+layers that carry it reads 1.0000 whatever else they compute. Tokens whose norm exceeds
+`MASSIVE_FACTOR` times the layer's median, at any layer, are left out of all three measures and
+counted in `BlockOutputs.left_out`; where there are none (encoders such as MiniLM), nothing changes.
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ from ..errors import ConfigError
 
 #: Fewer tokens than this say nothing about how alike two layers are.
 MIN_TOKENS = 16
+#: A token whose hidden-state norm at some layer exceeds this multiple of that layer's median
+#: norm is a massive activation and is left out. Sinks sit at 100x-1000x; ordinary tokens,
+#: [CLS] and [SEP] of encoders included, within a few times the median.
+MASSIVE_FACTOR = 20.0
 
 
 def _hidden_from_args(args, kwargs) -> torch.Tensor:
@@ -71,8 +82,8 @@ def _sample_tokens(tokenizer, texts: list[str], max_length: int, max_tokens: int
 
 
 class _BlockCapture:
-    """Forward hooks on every block: the cosine of its input to its output, summed over real
-    tokens, and its output at the kept tokens.
+    """Forward hooks on every block: per real token, the cosine of the block's input to its
+    output and the norm of its output; and its output at the kept tokens.
 
     Set `mask` and `keep` before each batch goes through the model.
     """
@@ -80,7 +91,8 @@ class _BlockCapture:
     def __init__(self, num_layers: int):
         self.mask: torch.Tensor | None = None  # (batch, seq): the batch's real tokens
         self.keep: torch.Tensor | None = None  # (real tokens of the batch,): those kept
-        self.cos_sum = torch.zeros(num_layers, dtype=torch.float64)
+        self.cos: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.norms: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.outputs: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self._inputs: dict[int, torch.Tensor] = {}
 
@@ -93,7 +105,8 @@ class _BlockCapture:
     def _post_hook(self, i: int):
         def hook(module, args, kwargs, output):
             out = _hidden_from_output(output)[self.mask].float()  # (real tokens, hidden)
-            self.cos_sum[i] += F.cosine_similarity(self._inputs.pop(i), out, dim=-1).double().sum()
+            self.cos[i].append(F.cosine_similarity(self._inputs.pop(i), out, dim=-1).double().cpu())
+            self.norms[i].append(out.norm(dim=-1).cpu())
             self.outputs[i].append(out[self.keep].cpu())
 
         return hook
@@ -112,6 +125,37 @@ class _BlockCapture:
                 h.remove()
 
 
+@dataclass
+class BlockOutputs:
+    """What `collect_block_outputs` captured.
+
+    Attributes:
+        outputs: One ``(tokens compared, hidden)`` float32 tensor per layer: its output at the
+            sampled tokens, massive activations left out.
+        block_influence: ``(layers,)``: Block Influence of each layer over every real token
+            that is not a massive activation.
+        num_tokens: Real tokens seen.
+        left_out: What was left out and why: ``tokens`` (how many), ``first_position`` (how many
+            of them are the first token of their text), ``factor`` (the rule: norm above this
+            multiple of the layer's median), ``max_norm_ratio`` (the largest norm over the median
+            at any layer), ``layers`` (the layers where a token crossed it).
+    """
+
+    outputs: list[torch.Tensor]
+    block_influence: torch.Tensor
+    num_tokens: int
+    left_out: dict
+
+
+def massive_tokens(norms: torch.Tensor, factor: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(massive, ratio)`` for a ``(layers, tokens)`` matrix of hidden-state norms: a token is
+    massive when its norm at some layer exceeds ``factor`` (default `MASSIVE_FACTOR`) x that
+    layer's median; ``ratio`` is each layer's norms over its median."""
+    factor = MASSIVE_FACTOR if factor is None else factor
+    ratio = norms / norms.median(dim=1, keepdim=True).values.clamp(min=1e-12)
+    return (ratio > factor).any(dim=0), ratio
+
+
 @torch.no_grad()
 def collect_block_outputs(
     loaded,
@@ -122,16 +166,13 @@ def collect_block_outputs(
     max_tokens: int = 4096,
     device: str = "cpu",
     seed: int = 0,
-) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+) -> BlockOutputs:
     """Run the model on ``texts`` and capture every block's output at real tokens.
 
     The token positions kept for CKA and angular distance (at most ``max_tokens``, the same
     for every layer) are drawn before the forward passes, so memory stays at
-    ``layers x max_tokens x hidden`` however much text there is.
-
-    Returns:
-        ``(outputs, block_influence, num_tokens)``: one ``(kept tokens, hidden)`` float32 tensor
-        per layer, the Block Influence of each layer over all tokens, and the number of tokens seen.
+    ``layers x max_tokens x hidden`` however much text there is. Massive activations are left
+    out of everything (see the module's docstring).
 
     Raises:
         ConfigError: no tokenizer, or too little text to compare layers on.
@@ -153,8 +194,24 @@ def collect_block_outputs(
             capture.keep = sample.of_texts(start, stop).to(device)
             base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
 
-    block_influence = 1.0 - capture.cos_sum / sample.total
-    return [torch.cat(o) for o in capture.outputs], block_influence.float(), sample.total
+    return _without_massive(capture, sample)
+
+
+def _without_massive(capture: _BlockCapture, sample: _TokenSample) -> BlockOutputs:
+    """The captured outputs and Block Influence with massive-activation tokens left out."""
+    norms = torch.stack([torch.cat(n) for n in capture.norms])  # (layers, tokens)
+    massive, ratio = massive_tokens(norms)
+    cos = torch.stack([torch.cat(c) for c in capture.cos])
+    kept = ~massive
+    block_influence = 1.0 - cos[:, kept].sum(dim=1) / max(int(kept.sum()), 1)
+    compared = kept[sample.keep]  # of the sampled tokens, those not massive
+    first = torch.zeros_like(massive)
+    first[torch.tensor(sample.offsets[:-1], dtype=torch.long)] = True
+    left_out = {"tokens": int(massive.sum()), "first_position": int((massive & first).sum()), "factor": MASSIVE_FACTOR,
+                "max_norm_ratio": round(float(ratio.max()), 1),
+                "layers": [i for i in range(len(ratio)) if bool((ratio[i] > MASSIVE_FACTOR).any())]}
+    return BlockOutputs([torch.cat(o)[compared] for o in capture.outputs], block_influence.float(), sample.total,
+                        left_out)
 
 
 def linear_cka(outputs: list[torch.Tensor]) -> torch.Tensor:

@@ -103,7 +103,7 @@ def activation_similarity(loaded: LoadedModel, texts: list[str], config: Analyze
     """The ``activations`` entry of an analysis: CKA, angular distance and Block Influence on ``texts``."""
     from .activations import angular_distance, collect_block_outputs, linear_cka
 
-    outputs, influence, num_tokens = collect_block_outputs(
+    captured = collect_block_outputs(
         loaded,
         texts,
         max_length=config.max_length,
@@ -114,11 +114,12 @@ def activation_similarity(loaded: LoadedModel, texts: list[str], config: Analyze
     )
     return {
         "num_texts": len(texts),
-        "num_tokens": num_tokens,
-        "tokens_compared": int(outputs[0].shape[0]),
-        "cka": linear_cka(outputs).tolist(),
-        "angular_distance": angular_distance(outputs).tolist(),
-        "block_influence": influence.tolist(),
+        "num_tokens": captured.num_tokens,
+        "tokens_compared": int(captured.outputs[0].shape[0]),
+        "left_out": captured.left_out,
+        "cka": linear_cka(captured.outputs).tolist(),
+        "angular_distance": angular_distance(captured.outputs).tolist(),
+        "block_influence": captured.block_influence.tolist(),
     }
 
 

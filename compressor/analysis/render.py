@@ -115,6 +115,8 @@ def print_report(metrics: dict, console=None) -> None:
                 t.add_row(str(i), *[_f2(v) for v in row])
             console.print(t)
 
+    if left_out_line(metrics):
+        console.print(left_out_line(metrics))
     if "activations" in metrics:
         t = Table(title="Block Influence (1 - cos(input, output)); low = layer changes little")
         for h in ("layer", "block influence", ""):
@@ -130,6 +132,20 @@ def print_report(metrics: dict, console=None) -> None:
         t.add_row(*row)
     console.print(t)
     console.print(_summary_line(metrics))
+
+
+def left_out_line(metrics: dict) -> str | None:
+    """What the activation measures left out (massive-activation tokens), as one sentence;
+    ``None`` when nothing was (or there were no activations)."""
+    left = metrics.get("activations", {}).get("left_out")
+    if not left or not left["tokens"]:
+        return None
+    layers = left["layers"]
+    span = f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else ", ".join(map(str, layers))
+    return (f"Left out of CKA, angular distance and Block Influence: {left['tokens']} massive-activation token(s) "
+            f"({left['first_position']} of them the first token of their text), whose hidden-state norm exceeds "
+            f"{left['factor']:g}x the layer's median (up to {left['max_norm_ratio']:g}x, in layers {span}); "
+            "attention sinks would otherwise make every layer that carries them look alike.")
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -150,6 +166,8 @@ def markdown_report(metrics: dict) -> str:
     if "activations" in metrics:
         a = metrics["activations"]
         parts += ["## Block Influence", "", f"On {a['num_texts']} texts, {a['num_tokens']} tokens.", ""]
+        if left_out_line(metrics):
+            parts += [left_out_line(metrics), ""]
         parts += [_md_table(["layer", "block influence", ""], _block_influence_rows(metrics)), ""]
     parts += [f"## Best contiguous groups by {metrics['grouping']['metric']}", ""]
     parts += [_md_table(["groups", "score", "layers"], _grouping_rows(metrics)), ""]

@@ -103,8 +103,8 @@ def _drop_layers(loaded: LoadedModel, config: PruneConfig, texts: list[str]) -> 
     """Drop the ``config.drop_layers`` blocks of lowest Block Influence on ``texts``."""
     from ..analysis.activations import collect_block_outputs
 
-    _, influence, _ = collect_block_outputs(loaded, texts, max_length=config.max_length, batch_size=config.batch_size,
-                                            max_tokens=16, device=config.device)
+    influence = collect_block_outputs(loaded, texts, max_length=config.max_length, batch_size=config.batch_size,
+                                      max_tokens=16, device=config.device).block_influence
     drop = sorted(torch.argsort(influence)[: config.drop_layers].tolist())
     structured.drop_layers(loaded, drop)
     return {"dropped_layers": drop, "block_influence": [round(float(v), 6) for v in influence]}
