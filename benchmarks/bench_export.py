@@ -68,12 +68,12 @@ def bert_base_sizes(work: Path) -> dict:
     import onnx
     from optimum.onnxruntime import ORTQuantizer
 
-    from compressor.export.stage import _export_onnx
+    from compressor.export.stage import export_onnx
     from compressor.onnx_graph import weight_matmuls
     from compressor.quantization.onnx import optimum_preset
 
     raw = work / "shared-optimum-quantizer"
-    _export_onnx(shared.model, "feature-extraction", 17, raw / "model.onnx")
+    export_onnx(shared.model, "feature-extraction", 17, raw / "model.onnx")
     shared.model.config.save_pretrained(raw)
     ORTQuantizer.from_pretrained(raw).quantize(optimum_preset("auto", is_static=False), save_dir=raw / "q")
     result["shared 3 groups, optimum's ORTQuantizer alone"] = (raw / "q" / "model_quantized.onnx").stat().st_size

@@ -11,14 +11,17 @@ from cli.options import build_config, check_json, checkpoint_outputs, config_opt
 from compressor.export.config import ExportConfig
 from compressor.quantization.config import QuantizeConfig
 
-#: The quantization mode is --quantize and off by default: an export is fp32 unless asked.
-_FLAGS = {"mode": "--quantize", "per_channel": "--per-channel/--per-tensor"}
+#: The quantization mode is --quantize and off by default: an export is fp32 unless asked; the
+#: text options read both the check's and the calibration's text.
+_FLAGS = {"mode": "--quantize", "per_channel": "--per-channel/--per-tensor", "max_length": "--calibration-max-length"}
 _OVERRIDES = {
     "mode": {"default": None, "show_default": False,
              "help": "int8: dynamic; int8-static: activation ranges calibrated on --calibration; fp16: half "
                      "precision, for GPU targets."},
     "per_channel": {"default": None, "show_default": False},
     "min_cosine": {"help": "int8/fp16: lowest allowed mean cosine to PyTorch's outputs (default 0.90 int8, 0.999 fp16)."},
+    "text_column": {"help": "Column (csv/tsv) or key (jsonl) holding the text of --check-data and --calibration."},
+    "encoding": {"help": "Text encoding of --check-data and --calibration.", "show_default": True},
 }
 
 
@@ -35,21 +38,16 @@ def export(model, output, fp16, json_path, overwrite, trust_remote_code, **optio
     Weights that layers share are stored once, also after int8 quantization.
     """
     from compressor.errors import ConfigError
-    from compressor.export import export as run_export
     from compressor.export.render import export_summary_rows
-    from compressor.models import load_model
+    from compressor.export.runner import quantize_config, run_export
 
     mode = options.pop("mode")
     if fp16 and mode not in (None, "fp16"):
         raise ConfigError("give --quantize or --fp16, not both")
-    mode = "fp16" if fp16 else mode
-    if mode is None and any(options[k] is not None for k in ("calibration", "per_channel", "min_cosine")):
-        raise ConfigError("--calibration, --per-channel/--per-tensor and --min-cosine apply to --quantize or --fp16")
     config = build_config(ExportConfig, options)
-    qconfig = build_config(QuantizeConfig, options, mode=mode) if mode else None
+    qconfig = quantize_config("fp16" if fp16 else mode, options)
     check_json(json_path, output, overwrite=overwrite)
-    loaded = load_model(model, trust_remote_code=trust_remote_code)
-    record = run_export(loaded, config, output, quantize=qconfig, overwrite=overwrite)
+    record = run_export(model, config, output, quantize=qconfig, overwrite=overwrite, trust_remote_code=trust_remote_code)
     if emit_result(json.dumps(record.to_dict(), indent=2), json_path):
         return
     echo_rows(export_summary_rows(record), output)

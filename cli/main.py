@@ -2,7 +2,8 @@
 
 Commands parse options, build a stage config, call one library function, print a summary and
 write the outputs. Heavy imports (torch, transformers) happen inside command bodies so that
-``compress --help`` is instant. A `CompressError` becomes one line on stderr and exit code 2.
+``compress --help`` is instant. A `CompressError` becomes one line on stderr and its exit code
+(2 for bad input, 1 for a `ResultError`).
 
 Exit codes, the same for every command: 0 success; 1 the work ran but its result failed its
 check (an export past tolerance) or a job of a batch failed; 2 bad input (a bad option,

@@ -9,21 +9,20 @@ command, the recipe schema and the docs at once.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from compressor.config import OptionSpec, flag, option_specs
+from compressor.config import OptionSpec, TextFormat, flag, option_specs, plain_help
 
 
 class CommaList(click.ParamType):
     """``1,32`` -> ``[1, 32]``: a list option given as comma-separated items."""
 
-    def __init__(self, item: type):
-        self.item = item
-        self.name = f"{item.__name__},..."
+    def __init__(self, item: type, items: str, metavar: str):
+        self.item, self.items = item, items
+        self.name = f"{metavar},..."
 
     def convert(self, value, param, ctx):
         if isinstance(value, list):
@@ -31,17 +30,17 @@ class CommaList(click.ParamType):
         try:
             return [self.item(x.strip()) for x in str(value).split(",") if x.strip()]
         except ValueError:
-            self.fail(f"expected comma-separated {self.item.__name__}s, got {value!r}", param, ctx)
+            self.fail(f"expected comma-separated {self.items}, got {value!r}", param, ctx)
 
 
-_TYPES = {"int": int, "float": float, "str": str, "list[int]": CommaList(int), "list[str]": CommaList(str),
-          "list[float]": CommaList(float)}
+_TYPES = {"int": int, "float": float, "str": str, "list[int]": CommaList(int, "integers", "INT"),
+          "list[str]": CommaList(str, "names", "NAME"), "list[float]": CommaList(float, "numbers", "FLOAT")}
 
 
 def plain(text: str, fields: set[str] = frozenset()) -> str:
     """Docstring markup as terminal text: ````x```` -> ``x``, and ````max_steps```` -> ``--max-steps``
     where it names another option."""
-    return re.sub(r"``([^`]*)``", lambda m: flag(m.group(1)) if m.group(1) in fields else m.group(1), text)
+    return plain_help(text, fields, flag)
 
 
 def shown(value: Any) -> Any:
@@ -71,17 +70,23 @@ def config_options(*classes: type, exclude: tuple[str, ...] = (), names: dict[st
     share, such as ``text_column``, once).
 
     Args:
-        classes: The config classes, in the order their options are listed.
+        classes: The config classes, in the order their options are listed. Two of them may share
+            only the text format (`TextFormat`: one ``--text-column`` and ``--encoding`` feed both).
         exclude: Fields that are not options of this command (it sets them itself).
         names: Flags that differ from the field name (``{"mode": "--quantize"}``).
         overrides: Click settings to replace per field (``{"mode": {"default": None}}``).
     """
     names, overrides = names or {}, overrides or {}
     specs: dict[str, OptionSpec] = {}
+    shared_text = {s.name for s in option_specs(TextFormat)}
     for cls in classes:
         for spec in option_specs(cls):
-            if spec.name not in exclude:
-                specs.setdefault(spec.name, spec)
+            if spec.name in exclude:
+                continue
+            if spec.name in specs and spec.name not in shared_text:
+                # one flag would feed both configs: say so here, not with a surprise at run time
+                raise TypeError(f"{cls.__name__}.{spec.name} is also an option of an earlier config; exclude or rename one")
+            specs.setdefault(spec.name, spec)
 
     def decorate(fn: Callable) -> Callable:
         # click lists options in the order the decorators are applied, innermost last

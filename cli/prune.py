@@ -13,7 +13,10 @@ from compressor.pruning.config import PruneConfig
 
 @cli.command()
 @click.argument("model", required=False)
-@config_options(PruneConfig)
+@config_options(PruneConfig, overrides={
+    "text_column": {"help": "Column (csv/tsv) or key (jsonl) holding the text of --data and --vocab-from."},
+    "encoding": {"help": "Text encoding of --data and --vocab-from.", "show_default": True},
+})
 @checkpoint_outputs("Folder for the pruned checkpoint.")
 def prune(model, output, json_path, overwrite, trust_remote_code, **options):
     """Prune MODEL structurally and write the smaller checkpoint to OUTPUT.

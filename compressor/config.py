@@ -79,7 +79,7 @@ class OptionSpec:
 
     Attributes:
         name: The field name (a recipe's key; the CLI flag is `flag(name)`).
-        kind: ``bool``, ``int``, ``float``, ``str``, ``list[int]`` or ``list[str]``.
+        kind: ``bool``, ``int``, ``float``, ``str``, ``list[int]``, ``list[float]`` or ``list[str]``.
         default: The default value (``None``: not set).
         help: The field's entry in its class docstring, on one line.
         choices: The allowed values, where the field is a `choice`.
@@ -132,6 +132,12 @@ def _kind(hint) -> str:
     if hint in (bool, int, float, str):
         return hint.__name__
     return "str"
+
+
+def plain_help(text: str, fields=frozenset(), spell=lambda name: name) -> str:
+    """Docstring markup as plain text: ````x```` -> ``x``, and a field it names spelled by
+    ``spell`` (the CLI spells ``max_steps`` as ``--max-steps``)."""
+    return re.sub(r"``([^`]*)``", lambda m: spell(m.group(1)) if m.group(1) in fields else m.group(1), text)
 
 
 _ATTRIBUTE = re.compile(r"^(\w+):\s*(.*)$")

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from cli.main import cli
-from compressor.data.datasets import _movie_snippets_tsv, fetch, load_labelled, train_test_split
+from compressor.data.datasets import movie_snippets_tsv, fetch, load_labelled, train_test_split
 from compressor.errors import DataError
 from compressor.evaluation import EvaluateConfig, evaluate
 from compressor.evaluation.probe import perplexity, probe_accuracy
@@ -83,7 +83,7 @@ def test_split_is_fixed_and_checked():
 def test_movie_snippet_conversion(tmp_path):
     raw = ('id\tsentiment\ttext\r\n1\t2.5\tA fine film.\r\n2\t0\tNeutral.\r\n3\t-1.2\tDull, \xe9trange.\r\n'
            '4\t1.0\t"Great," he said.\r\n')
-    converted = _movie_snippets_tsv(raw)
+    converted = movie_snippets_tsv(raw)
     assert converted.splitlines()[:3] == ["text\tlabel\trating", "A fine film.\tpos\t2.5", "Dull, \xe9trange.\tneg\t-1.2"]
     f = tmp_path / "m.tsv"
     f.write_text(converted)

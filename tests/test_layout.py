@@ -48,6 +48,17 @@ def imports(path: Path, modules: set[str]) -> list[tuple[str, str, int]]:
     return [(m, n, line) for m, n, line in found if m in modules]
 
 
+def imports_of_file(path: Path, modules: set[str]) -> list[tuple[str, str, int]]:
+    """The absolute imports of ``compressor`` in a file outside the package."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("compressor"):
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.append((sub, "", node.lineno) if sub in modules else (node.module, alias.name, node.lineno))
+    return [(m, n, line) for m, n, line in found if m in modules]
+
+
 def graph():
     files = {module_name(p): p for p in ROOT.rglob("*.py")}
     modules = set(files)
@@ -119,7 +130,12 @@ def test_stages_do_not_import_what_runs_them():
 
 
 def test_no_module_imports_a_private_name_of_another():
-    _, edges = graph()
+    files, edges = graph()
+    modules = set(files)
+    # the CLI, the tests and the benchmarks use the library's public names too
+    for folder in ("cli", "tests", "benchmarks"):
+        for path in (ROOT.parent / folder).rglob("*.py"):
+            edges[f"{folder}/{path.name}"] = imports_of_file(path, modules)
     private = [f"{m}:{line} imports {t}.{name}" for m, targets in edges.items()
                for t, name, line in targets if name.startswith("_") and not name.startswith("__") and t != m]
     assert not private, private
@@ -129,3 +145,15 @@ def test_the_cycle_finder_finds_a_cycle():
     arrows = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert find_cycle(arrows, lambda n: arrows.get(n, ())) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}, lambda n: {"a": {"b"}}.get(n, ())) is None
+
+
+def test_help_imports_no_torch():
+    """`compress --help` and every command's help stay instant: torch loads only when a model does."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from cli.main import cli; "
+            "[CliRunner().invoke(cli, [c, '--help']) for c in [None, *cli.commands] if c] ; "
+            "CliRunner().invoke(cli, ['--help']); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

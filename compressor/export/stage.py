@@ -26,7 +26,7 @@ import onnx
 import torch
 
 from ..data import calibration_texts
-from ..errors import ExportError, UnsupportedModelError
+from ..errors import ExportError, ModelLoadError, UnsupportedModelError
 from ..io import check_writable, quiet, staged_folder, write_text_atomic
 from ..models import LoadedModel, unique_parameters
 from ..models.heads import pick_task
@@ -61,7 +61,7 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
     start = time.perf_counter()
     output = check_writable(output, overwrite=overwrite, folder=True)
     if loaded.tokenizer is None:
-        raise ExportError(f"{loaded.name} ships no tokenizer; an export needs one to be checked and used")
+        raise ModelLoadError(f"{loaded.name} ships no tokenizer; an export needs one to be checked and used")
     task = pick_task(loaded, config.task)
     # feature-extraction from a model with a head exports its bare Transformer (token states)
     model = (loaded.adapter.base(loaded.model) if task == "feature-extraction" else loaded.model).eval()
@@ -73,7 +73,7 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
     precision = quantize.mode if quantize else "fp32"
 
     with staged_folder(output, overwrite=overwrite) as tmp:
-        onnx_config = _export_onnx(model, task, config.opset, tmp / MODEL_FILE)
+        onnx_config = export_onnx(model, task, config.opset, tmp / MODEL_FILE)
         input_names = list(onnx_config.inputs)
         model.config.save_pretrained(tmp)  # before quantizing: optimum's quantizer reads it
         loaded.tokenizer.save_pretrained(tmp)
@@ -143,7 +143,7 @@ def _inline_identities(path: Path) -> int:
     return removed
 
 
-def _export_onnx(model, task: str, opset: int, path: Path):
+def export_onnx(model, task: str, opset: int, path: Path):
     """optimum's exporter on ``model`` itself (not a reloaded copy: shared modules stay shared)."""
     from optimum.exporters.onnx import export as onnx_export
     from optimum.exporters.tasks import TasksManager

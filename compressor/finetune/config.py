@@ -16,7 +16,7 @@ class FinetuneConfig(TextOptions, StageConfig):
     """How to recover a compressed model's quality by distilling from the original.
 
     Attributes:
-        teacher: The original model (folder, hub id or alias); ``None`` takes the source
+        teacher: The original model (folder, hub id or alias); default: the source
             recorded in the student's checkpoint.
         data: Training text: a file (txt, csv/tsv, jsonl), a packaged data set name
             (``movie-snippets``) or a Hugging Face dataset id.

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ConfigError, TrainingError
 from ..models import LoadedModel
-from ..models.shared import is_lora_parameter
+from ..models.manifest import is_lora_parameter
 from .config import FinetuneConfig
 
 STATE = "trainer_state.pt"

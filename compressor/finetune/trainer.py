@@ -40,7 +40,7 @@ from .config import FinetuneConfig
 from .data import TrainingData, load_training_data
 from .state import STATE, TrainingState, check_resumable, select_trainable
 
-# STATE, check_resumable and select_trainable live in state.py; the CLI and the pipeline import them from here.
+# STATE, check_resumable and select_trainable live in state.py; older callers import them from here.
 __all__ = ["STATE", "check_resumable", "check_teacher", "distillation_loss", "finetune", "layer_pairs", "select_trainable"]
 
 REPORT = "finetune_report.json"

@@ -25,7 +25,7 @@ from ..adapters.checks import prove
 from ..errors import ModelLoadError, first_line
 from ..io import staged_folder, write_text_atomic
 from .loaded import LoadedModel, fit_tokenizer, load_config, load_tokenizer
-from .shared import SharingManifest, install_shared
+from .manifest import SharingManifest
 
 MANIFEST = "compress.json"
 FORMAT = "compress-checkpoint"
@@ -164,6 +164,8 @@ def _install_sharing(model, adapter: ArchitectureAdapter, sharing: SharingManife
     weights file to fill."""
     import torch
     from torch import nn
+
+    from .shared import install_shared
 
     blocks = adapter.blocks(model)
     for group in sharing.plan:

@@ -15,7 +15,7 @@ Events and their fields (besides ``event`` and ``time``, Unix seconds):
 * ``job_skip``: ``job``, ``reason``;
 * ``job_fail``: ``job``, ``error`` (one line);
 * ``batch_end``: ``done``, ``skipped``, ``failed``, ``seconds``, ``exit_code``;
-* ``error``: ``message``, ``exit_code`` (bad input; the command stops).
+* ``error``: ``message``, ``exit_code`` (the command stops: 2 bad input, 1 a failed result).
 
 The default ``text`` format writes the same events as short readable lines.
 """

@@ -128,10 +128,14 @@ def key_metrics(record: StageRecord) -> dict[str, Any]:
 def recipe_schema() -> dict[str, Any]:
     """Every stage a recipe can name with its options (name, kind, default, help, choices):
     read from the same config dataclasses the commands build their flags from."""
-    from ..config import option_specs
+    from ..config import option_specs, plain_help
 
-    return {name: {"writes_model": stage.writes_model, "feeds": stage.feeds,
-                   "options": [spec.to_dict() for spec in option_specs(stage.config_class)]}
+    def options(stage: Stage) -> list[dict[str, Any]]:
+        specs = option_specs(stage.config_class)
+        names = {spec.name for spec in specs}
+        return [{**spec.to_dict(), "help": plain_help(spec.help, names)} for spec in specs]
+
+    return {name: {"writes_model": stage.writes_model, "feeds": stage.feeds, "options": options(stage)}
             for name, stage in STAGES.items()}
 
 
@@ -189,10 +193,9 @@ def run_prune(run: StageRun) -> StageRecord:
 def run_export(run: StageRun) -> StageRecord:
     """An ONNX folder as ``compress export`` writes it, quantized as a ``quantize`` stage before
     it says."""
-    from ..export import export
-    from ..models import load_model
+    from ..export.runner import run_export as export
 
-    return export(load_model(run.model), run.config, run.output, quantize=run.fed.get("quantize"), overwrite=True)
+    return export(run.model, run.config, run.output, quantize=run.fed.get("quantize"), overwrite=True)
 
 
 def run_report(run: StageRun) -> StageRecord:

@@ -8,15 +8,15 @@ import time
 import torch
 
 from ..data import calibration_texts
-from ..errors import CompressError, ConfigError, first_line
+from ..errors import ConfigError, ResultError, first_line
 from ..models import LoadedModel, unique_parameters
 from ..record import StageRecord
 from . import importance, structured
 from .config import PruneConfig
 
 
-class PruneError(CompressError):
-    """The pruned model does not run."""
+class PruneError(ResultError):
+    """The pruned model does not run (the work's result failed its check: exit 1)."""
 
 
 def prune(loaded: LoadedModel, config: PruneConfig) -> tuple[LoadedModel, StageRecord]:
@@ -181,4 +181,4 @@ def _check_runs(loaded: LoadedModel, texts: list[str]) -> None:
         enc = loaded.tokenizer(texts[:2], padding=True, truncation=True, max_length=32, return_tensors="pt")
         loaded.model.cpu().eval()(**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")})
     except Exception as e:  # noqa: BLE001 - any failure here means the surgery broke the model
-        raise PruneError(f"the pruned model no longer runs: {type(e).__name__}: {first_line(e)}") from None
+        raise PruneError(f"the pruned model no longer runs: {first_line(e, with_type=True)}") from None

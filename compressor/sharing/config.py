@@ -35,7 +35,7 @@ class ShareConfig(TextOptions, StageConfig):
         lora_rank: Rank of each layer's delta on every shared linear; 0 for none.
         lora_init: ``svd``: the delta starts as the truncated SVD of (the layer's aligned
             weight - the shared weight); ``zero``: plain LoRA, the delta starts at zero.
-        lora_alpha: Delta scaling numerator (scaling = alpha / rank); ``None`` means ``rank``.
+        lora_alpha: Delta scaling numerator (scaling = alpha / rank); default: the rank.
         plan_metric: Similarity that chooses the plan when only ``groups`` is given.
         fidelity: Measure how far the shared model is from the original on calibration text.
         max_samples: Texts used for the plan and the fidelity.
@@ -97,7 +97,12 @@ def parse_plan(plan: str | list, num_layers: int) -> list[list[int]]:
     """
     if isinstance(plan, str):
         path = Path(plan)
-        if plan.endswith(".json") or path.is_file():
+        if plan.lstrip().startswith("["):  # the groups as JSON: [[0, 1], [2, 3]]
+            try:
+                groups = json.loads(plan)
+            except ValueError as e:
+                raise ConfigError(f"plan: {plan!r} is not a JSON list of groups: {e}") from None
+        elif plan.endswith(".json") or path.is_file():
             groups = _plan_from_file(path)
         else:
             groups = _plan_from_string(plan)

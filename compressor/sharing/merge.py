@@ -19,7 +19,8 @@ from ..adapters.base import ATTENTION_ROLES, FFN_ROLES
 from ..data import calibration_texts
 from ..errors import ConfigError
 from ..models import LoadedModel, unique_parameters
-from ..models.shared import SharingManifest, install_shared, is_lora_parameter
+from ..models.manifest import SharingManifest, is_lora_parameter
+from ..models.shared import install_shared
 from ..record import StageRecord
 from .config import ShareConfig, parse_plan
 
