@@ -117,3 +117,27 @@ def test_mpnet_heads_really_are_not_permutable():
     assert adapter.refusal("permute_heads")
     assert check_permutation(model, adapter, g, "heads").passed is False
     assert check_permutation(model, adapter, g, "neurons").passed is True
+
+
+def test_far_pairs_of_a_deep_model_align_a_sample_and_still_find_a_permuted_copy():
+    """Past 12 layers, pairs more than 3 apart align a sample of FFN neurons: a permuted copy
+    14 layers away still scores 1, unrelated layers stay low, and the result says which is which."""
+    from compressor.analysis import weights as W
+
+    model = make_model("llama", num_hidden_layers=16, intermediate_size=W.SAMPLED_NEURONS * 2)
+    adapter = get_adapter(model)
+    geometry = adapter.geometry(model.config)
+    blocks = adapter.blocks(model)
+    w, b = adapter.block_weights(blocks[0], geometry)
+    adapter.load_block_weights(blocks[14], *permute_weights(w, b, random_permutation(geometry, 5), geometry), geometry)
+
+    sim = weight_similarity(model, adapter)
+    assert sim["alignment"] == {"exact_within": 3, "exact_pairs": 15 + 14 + 13, "sampled_pairs": 120 - 42,
+                                "sampled_neurons": W.SAMPLED_NEURONS}
+    for role in adapter.roles:
+        assert sim["aligned"][role][0][14] == pytest.approx(1.0, abs=1e-5), role
+    assert sim["aligned_mean"][0][10] < 0.5 and sim["aligned_mean"][1][2] < 0.5
+    exact = weight_similarity(model, adapter, exact_within=15)
+    assert exact["alignment"]["sampled_pairs"] == 0
+    # the estimate is close to the exact solve on unrelated layers too
+    assert abs(sim["aligned_mean"][2][12] - exact["aligned_mean"][2][12]) < 0.05

@@ -59,22 +59,6 @@ class BlockPermutation:
         return (self.kv_groups[:, None] * r + inner).reshape(-1)
 
 
-def compose(first: BlockPermutation, second: BlockPermutation) -> BlockPermutation:
-    """The permutation that aligns layer C onto layer A, from ``first`` (B onto A) and ``second``
-    (C onto B): unit ``k`` of the result is the unit of C that ``second`` lines up with the unit
-    of B that ``first`` lines up with A's unit ``k``."""
-    kv = second.kv_groups[first.kv_groups]
-    if first.query_within is None and second.query_within is None:
-        within = None
-    else:
-        groups = len(first.kv_groups)
-        r = (first.query_within if first.query_within is not None else second.query_within).shape[1]
-        a = first.query_within if first.query_within is not None else torch.arange(r).expand(groups, r)
-        b = second.query_within if second.query_within is not None else torch.arange(r).expand(groups, r)
-        within = b[first.kv_groups[:, None], a]  # old group first.kv_groups[g] of B, its query a[g, k]
-    return BlockPermutation(second.neurons[first.neurons], kv, within)
-
-
 def _rows(perm_units: torch.Tensor, unit_size: int) -> torch.Tensor:
     """Expand a permutation of units (heads) into one of rows."""
     return (perm_units[:, None] * unit_size + torch.arange(unit_size)[None, :]).reshape(-1)
@@ -147,14 +131,34 @@ def match_units(similarity: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(cols, dtype=torch.long)
 
 
-def find_permutation(reference: UnitFeatures, other: UnitFeatures) -> BlockPermutation:
+def _match_sample(similarity: torch.Tensor, sample: torch.Tensor, n: int) -> torch.Tensor:
+    """A permutation of ``n`` neurons whose ``sample`` entries are their best distinct partners
+    (``similarity``: sampled rows x all columns) and whose others take the unused ones in order."""
+    _, cols = linear_sum_assignment(similarity.detach().float().cpu().numpy(), maximize=True)
+    perm = torch.full((n,), -1, dtype=torch.long)
+    perm[sample] = torch.as_tensor(cols, dtype=torch.long)
+    unused = torch.ones(n, dtype=torch.bool)
+    unused[perm[sample]] = False
+    perm[perm < 0] = torch.arange(n)[unused]
+    return perm
+
+
+def find_permutation(reference: UnitFeatures, other: UnitFeatures, *,
+                     sample: torch.Tensor | None = None) -> BlockPermutation:
     """The permutation that best lines up ``other``'s neurons and heads with ``reference``'s.
+
+    ``sample`` (reference neuron indices) matches only those neurons, each among all of
+    ``other``'s (a far cheaper, rectangular solve); the rest get the unused neurons in order, so
+    the result is still a permutation, but only the sampled neurons are aligned.
 
     Heads are matched as whole heads. Under grouped-query attention a key/value group is
     scored by its K and V plus the best matching of its query heads (mean over them), groups
     are matched on that score, and the query heads inside matched groups follow their matching.
     """
-    neurons = match_units(reference.neurons @ other.neurons.t())
+    if sample is None:
+        neurons = match_units(reference.neurons @ other.neurons.t())
+    else:
+        neurons = _match_sample(reference.neurons[sample] @ other.neurons.t(), sample, reference.neurons.shape[0])
     kv_sim = reference.kv @ other.kv.t()  # (groups, groups)
     q_sim = (reference.query_heads @ other.query_heads.t()).cpu()  # (heads, heads); tiny, so on the CPU
     kv_sim = kv_sim.cpu()

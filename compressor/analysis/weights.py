@@ -8,12 +8,32 @@ from itertools import combinations
 import torch
 
 from ..adapters import ArchitectureAdapter
-from ..adapters.alignment import compose, find_permutation, permute_weights, restrict, unit_features
+from ..adapters.alignment import find_permutation, permute_weights, restrict, unit_features
 
 #: Up to this many layers every pair is aligned exactly (MiniLM, BERT-base: at most 66 solves).
 ALL_EXACT_LAYERS = 12
-#: Deeper models: pairs at most this far apart are solved exactly, farther ones composed.
+#: Deeper models: pairs at most this far apart are aligned exactly, farther ones on a sample.
 EXACT_WITHIN = 3
+#: Matching features (as large as the layers) are kept for models whose blocks hold at most this
+#: many weights (about 1 GB in float32), rebuilt per pair for larger ones.
+FEATURE_CACHE_NUMBERS = 250_000_000
+#: Farther pairs align this many sampled FFN neurons (each among all of the other layer's) and
+#: compare those; heads are always aligned in full.
+SAMPLED_NEURONS = 256
+FFN_ROLES = ("ffn_gate", "ffn_in", "ffn_out")
+
+
+def neuron_sample(intermediate_size: int, seed: int = 0) -> torch.Tensor:
+    """The FFN neurons far pairs are aligned on: a fixed random subset, sorted."""
+    if intermediate_size <= SAMPLED_NEURONS:
+        return torch.arange(intermediate_size)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(intermediate_size, generator=generator)[:SAMPLED_NEURONS].sort().values
+
+
+def _neuron_slice(weight: torch.Tensor, role: str, sample: torch.Tensor) -> torch.Tensor:
+    """The sampled neurons' part of an FFN weight: rows of the input projections, columns of the output one."""
+    return weight[:, sample] if role == "ffn_out" else weight[sample]
 
 
 def exact_window(num_layers: int, within: int | None) -> int:
@@ -36,11 +56,11 @@ def weight_similarity(model, adapter: ArchitectureAdapter, *, workers: int | Non
     matching; see `alignment`) and then compares: it is 1 for a layer and any permuted copy.
 
     The Hungarian solve is most of the time (a 30-layer model has 435 pairs). Pairs at most
-    `exact_window` apart are solved exactly; a farther pair composes the exact permutations
-    along the chain between them (``i -> i+1 -> ... -> j``), which costs no solve and gives a
-    valid permutation, so its aligned cosine is a lower bound of the exact one. Sharing only
-    groups contiguous layers and the plan rarely spans more than a few, so the pairs a plan
-    rests on are exact; the far corners of the heatmap are estimates, and the result says which.
+    `exact_window` apart, the ones sharing plans are made of, get the exact solve over every
+    neuron. A farther pair aligns a fixed sample of `SAMPLED_NEURONS` FFN neurons, each among
+    all of the other layer's, and compares the FFN weights on those (heads in full): an
+    estimate of the same number at a small fraction of the cost. The result says which pairs
+    are which (``alignment``).
 
     Args:
         model: A ``transformers`` model.
@@ -51,7 +71,7 @@ def weight_similarity(model, adapter: ArchitectureAdapter, *, workers: int | Non
     Returns:
         ``{"sublayers": [...], "raw": {role: LxL}, "aligned": {role: LxL},
         "raw_mean": LxL, "aligned_mean": LxL, "alignment": {"exact_within", "exact_pairs",
-        "composed_pairs"}}`` as nested lists (diagonal 1).
+        "sampled_pairs", "sampled_neurons"}}`` as nested lists (diagonal 1).
     """
     geometry = adapter.geometry(model.config)
     roles = adapter.roles
@@ -63,38 +83,45 @@ def weight_similarity(model, adapter: ArchitectureAdapter, *, workers: int | Non
         # Views of the stored weights, in float32 for stable cosines; no copies for fp32 models.
         weights = [{r: adapter.weight(b, r, geometry).float() for r in roles} for b in blocks]
         norms = [{r: float(w[r].norm()) for r in roles} for w in weights]
-    # Matching features are built per pair rather than kept for every layer: they are as large
-    # as the layer itself, and rebuilding them costs a few percent of the time.
 
     raw = {r: torch.eye(n) for r in roles}
     aligned = {r: torch.eye(n) for r in roles}
 
     window = exact_window(n, exact_within)
-    perms = {}
+    cached: dict[int, object] = {}
 
-    def score(i: int, j: int) -> None:
+    def features(i: int):
+        # kept while the model is small (its weights are in memory anyway); rebuilt per pair
+        # for a large one, where they would double what the analysis holds
+        if small:
+            if i not in cached:
+                cached[i] = unit_features(weights[i], geometry)
+            return cached[i]
+        return unit_features(weights[i], geometry)
+
+    small = sum(w.numel() for layer in weights for w in layer.values()) <= FEATURE_CACHE_NUMBERS
+
+    sample = neuron_sample(geometry.intermediate_size) if n - 1 > window else None
+
+    def pair(ij: tuple[int, int]) -> None:
+        i, j = ij
+        near = j - i <= window  # the pairs plans are made of: every neuron, the dense exact solve
         with torch.no_grad():
-            permuted, _ = permute_weights(weights[j], {}, perms[i, j], geometry)
+            perm = find_permutation(features(i), features(j), sample=None if near else sample)
+            # units that may not move (see the adapter's self-checks) stay where they are
+            perm = restrict(perm, geometry, heads=movable_heads, neurons=movable_neurons)
+            permuted, _ = permute_weights(weights[j], {}, perm, geometry)
             for r in roles:
                 raw[r][i, j] = raw[r][j, i] = _cosine(weights[i][r], weights[j][r], norms[i][r], norms[j][r])
-                aligned[r][i, j] = aligned[r][j, i] = _cosine(weights[i][r], permuted[r], norms[i][r], norms[j][r])
-
-    def solve(ij: tuple[int, int]) -> None:
-        i, j = ij
-        with torch.no_grad():
-            perm = find_permutation(unit_features(weights[i], geometry), unit_features(weights[j], geometry))
-        # units that may not move (see the adapter's self-checks) stay where they are
-        perms[i, j] = restrict(perm, geometry, heads=movable_heads, neurons=movable_neurons)
-        score(i, j)
+                if near or r not in FFN_ROLES:
+                    aligned[r][i, j] = aligned[r][j, i] = _cosine(weights[i][r], permuted[r], norms[i][r], norms[j][r])
+                else:  # the sampled neurons' rows (columns of ffn_out), aligned
+                    a, b = _neuron_slice(weights[i][r], r, sample), _neuron_slice(permuted[r], r, sample)
+                    aligned[r][i, j] = aligned[r][j, i] = _cosine(a, b, float(a.norm()), float(b.norm()))
 
     pairs = list(combinations(range(n), 2))
     with ThreadPoolExecutor(max_workers=workers or torch.get_num_threads()) as pool:
-        list(pool.map(solve, [(i, j) for i, j in pairs if j - i <= window]))
-        for distance in range(window + 1, n):  # each distance builds on the one below it
-            far = [(i, i + distance) for i in range(n - distance)]
-            for i, j in far:
-                perms[i, j] = compose(perms[i, j - 1], perms[j - 1, j])
-            list(pool.map(lambda ij: score(*ij), far))
+        list(pool.map(pair, pairs))
 
     def as_lists(mats: dict[str, torch.Tensor]) -> dict[str, list[list[float]]]:
         return {r: m.tolist() for r, m in mats.items()}
@@ -106,5 +133,6 @@ def weight_similarity(model, adapter: ArchitectureAdapter, *, workers: int | Non
         "raw_mean": torch.stack(list(raw.values())).mean(0).tolist(),
         "aligned_mean": torch.stack(list(aligned.values())).mean(0).tolist(),
         "alignment": {"exact_within": min(window, n - 1), "exact_pairs": sum(j - i <= window for i, j in pairs),
-                      "composed_pairs": sum(j - i > window for i, j in pairs)},
+                      "sampled_pairs": sum(j - i > window for i, j in pairs),
+                      "sampled_neurons": 0 if sample is None else len(sample)},
     }
