@@ -8,11 +8,12 @@ from ..config import StageConfig, TextFormat, check_choice, check_int, check_pos
 from ..errors import ConfigError
 
 #: Tasks an export can target, each with the optimum class that loads it (`ORT_CLASSES`).
-TASKS = ("auto", "feature-extraction", "text-classification", "text-generation")
+TASKS = ("auto", "feature-extraction", "text-classification", "text-generation", "text-generation-with-past")
 ORT_CLASSES = {
     "feature-extraction": "ORTModelForFeatureExtraction",
     "text-classification": "ORTModelForSequenceClassification",
     "text-generation": "ORTModelForCausalLM",
+    "text-generation-with-past": "ORTModelForCausalLM",
 }
 
 
@@ -21,10 +22,15 @@ class ExportConfig(TextFormat, StageConfig):
     """How to export to ONNX and how hard to check the result.
 
     Attributes:
-        task: What the ONNX model computes; ``auto``: ``text-generation`` for causal LMs,
+        task: What the ONNX model computes; ``auto``: ``text-generation-with-past`` for causal LMs,
             ``text-classification`` for models with a classification head, else
             ``feature-extraction`` (token states; pooling is left to the caller, as optimum does).
-            Decoders are exported without a KV cache (``use_cache=False`` when loading).
+            A decoder ``text-generation-with-past`` has its KV cache as inputs and outputs, in
+            optimum's layout, so ``ORTModelForCausalLM.from_pretrained(folder).generate()``
+            works as it is; ``text-generation`` exports it without one (each new token then
+            re-reads the whole prefix; load with ``use_cache=False``).
+        generation_check: New tokens of the greedy decoding the export is checked on, against
+            PyTorch's (decoders with a KV cache: the prefill and the cached decode steps).
         opset: ONNX opset.
         atol: An fp32 export fails if any output differs from PyTorch's by more than
             ``atol + rtol * |PyTorch's|``.
@@ -40,10 +46,12 @@ class ExportConfig(TextFormat, StageConfig):
     rtol: float = 1e-3
     check_data: str | None = None
     check_lengths: list[int] = field(default_factory=lambda: [8, 32, 128])
+    generation_check: int = 16
 
     def __post_init__(self):
         check_choice("task", self.task, TASKS)
         check_int("opset", self.opset, 14)
+        check_int("generation_check", self.generation_check, 0)
         for name in ("atol", "rtol"):
             check_positive(name, getattr(self, name))
         if isinstance(self.check_lengths, (str, bytes)) or not self.check_lengths:

@@ -20,5 +20,10 @@ def export_summary_rows(record) -> list[tuple[str, str]]:
     else:
         rows.append(("check vs PyTorch", f"lengths {lengths}: mean cosine {check['mean_cosine']:.4f}, lowest "
                                          f"{check['min_cosine']:.4f} (needs >= {check['tolerance']['min_mean_cosine']})"))
+    generation = check.get("generation")
+    if generation:
+        rows.append(("generation check", f"greedy, {generation['new_tokens']} new tokens with the KV cache, "
+                                         f"{generation['prompts']} prompts: {generation['token_agreement']:.0%} of "
+                                         f"tokens as PyTorch's ({'passed' if generation['passed'] else 'failed'})"))
     rows.append(("time", f"{record.seconds:.1f} s"))
     return rows

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import io
 import json
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -26,7 +27,7 @@ import onnx
 import torch
 
 from ..data import calibration_texts
-from ..errors import ExportError, ModelLoadError, UnsupportedModelError
+from ..errors import ExportError, ModelLoadError, UnsupportedModelError, first_line
 from ..io import check_writable, quiet, staged_folder, write_text_atomic
 from ..models import LoadedModel, unique_parameters
 from ..models.heads import pick_task
@@ -63,6 +64,8 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
     if loaded.tokenizer is None:
         raise ModelLoadError(f"{loaded.name} ships no tokenizer; an export needs one to be checked and used")
     task = pick_task(loaded, config.task)
+    if config.task == "auto" and task == "text-generation":
+        task = "text-generation-with-past"  # what a user generating with optimum expects
     # feature-extraction from a model with a head exports its bare Transformer (token states)
     model = (loaded.adapter.base(loaded.model) if task == "feature-extraction" else loaded.model).eval()
     ffn_down = ffn_down_scopes(loaded, model)
@@ -73,36 +76,73 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
     precision = quantize.mode if quantize else "fp32"
 
     with staged_folder(output, overwrite=overwrite) as tmp:
-        onnx_config = export_onnx(model, task, config.opset, tmp / MODEL_FILE)
-        input_names = list(onnx_config.inputs)
-        model.config.save_pretrained(tmp)  # before quantizing: optimum's quantizer reads it
-        loaded.tokenizer.save_pretrained(tmp)
-        if quantize is not None:
-            from ..quantization import quantize_onnx
-
-            with quiet("", "optimum"):  # onnxruntime's advice to pre-process goes to the root logger
-                quantized = quantize_onnx(tmp, quantize, tokenizer=loaded.tokenizer, input_names=input_names,
-                                          dynamic_scopes=ffn_down)
-        else:
-            # only the Identity inlining: it leaves the graph's numbers alone and lets a user's
-            # own quantizer (optimum's ORTQuantizer) reach every MatMul on a shared weight
-            quantized = {"identity_inlined": _inline_identities(tmp / MODEL_FILE)}
-
-        stored, matmuls = check_storage(tmp / MODEL_FILE, model, params, quantize)
-
-        check = check_export(tmp, model, loaded.tokenizer, task, input_names, config, quantize, texts, loaded.adapter)
+        try:
+            input_names, quantized, stored, matmuls, check = _write(tmp, loaded, model, task, config, quantize, texts,
+                                                                   params, ffn_down)
+            kv_cache = None
+        except OptimumCacheError as e:
+            if config.task != "auto":
+                raise ExportError(f"--task {task}: {e}") from None
+            # optimum cannot run this family's cache: the export it can run, and the record says why
+            task, kv_cache = "text-generation", {"exported": False, "reason": str(e)}
+            for f in tmp.iterdir():
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+            input_names, quantized, stored, matmuls, check = _write(tmp, loaded, model, task, config, quantize, texts,
+                                                                   params, ffn_down)
         metrics: dict[str, Any] = {
             "model": loaded.name, "task": task, "ort_class": ORT_CLASSES[task], "precision": precision,
             "opset": config.opset, "inputs": input_names, "file_bytes": (tmp / MODEL_FILE).stat().st_size,
             "stored_numbers": stored, "projections": matmuls, "graph": quantized, "check": check,
             "sharing": bool(loaded.sharing),
         }
+        if task.startswith("text-generation"):
+            metrics["kv_cache"] = kv_cache or {"exported": task == "text-generation-with-past"}
         record = StageRecord.build("export", {**config.to_dict(), "quantize": quantize.to_dict() if quantize else None},
                                    before=(params, nbytes), after=(stored, metrics["file_bytes"]), metrics=metrics,
                                    started=start)
         record.seconds = round(record.seconds, 2)
         write_text_atomic(tmp / "export_report.json", json.dumps(record.to_dict(), indent=2))
     return record
+
+
+class OptimumCacheError(ExportError):
+    """optimum's ORTModelForCausalLM cannot run this family's KV cache (it sizes the cache by
+    the query heads for families it does not list as grouped-query: Phi-3, Gemma 2 in
+    optimum-onnx 0.1)."""
+
+
+def _write(tmp: Path, loaded: LoadedModel, model, task: str, config: ExportConfig, quantize: QuantizeConfig | None,
+           texts: list[str], params: int, ffn_down: tuple[str, ...]):
+    """Export, quantize and check into ``tmp``: ``(input names, what quantization did, stored
+    numbers, projections, the check)``."""
+    try:
+        onnx_config = export_onnx(model, task, config.opset, tmp / MODEL_FILE)
+    except UnsupportedModelError:
+        raise
+    except Exception as e:
+        if task != "text-generation-with-past":
+            raise
+        # optimum traces the cache with dummy tensors sized from the config: a pruned head_dim breaks them
+        raise OptimumCacheError(f"optimum's exporter cannot trace the KV cache of this {model.config.model_type} "
+                                f"model: {first_line(e)}") from None
+    input_names = list(onnx_config.inputs)
+    model.config.save_pretrained(tmp)  # before quantizing: optimum's quantizer reads it
+    loaded.tokenizer.save_pretrained(tmp)
+    if quantize is not None:
+        from ..quantization import quantize_onnx
+
+        with quiet("", "optimum"):  # onnxruntime's advice to pre-process goes to the root logger
+            quantized = quantize_onnx(tmp, quantize, tokenizer=loaded.tokenizer, input_names=input_names,
+                                      dynamic_scopes=ffn_down)
+    else:
+        # only the Identity inlining: it leaves the graph's numbers alone and lets a user's
+        # own quantizer (optimum's ORTQuantizer) reach every MatMul on a shared weight
+        quantized = {"identity_inlined": _inline_identities(tmp / MODEL_FILE)}
+
+    stored, matmuls = check_storage(tmp / MODEL_FILE, model, params, quantize)
+
+    check = check_export(tmp, model, loaded.tokenizer, task, input_names, config, quantize, texts, loaded.adapter)
+    return input_names, quantized, stored, matmuls, check
 
 
 def check_storage(path: Path, model, params: int, quantize: QuantizeConfig | None) -> tuple[int, dict[str, int]]:
@@ -154,7 +194,11 @@ def export_onnx(model, task: str, opset: int, path: Path):
         # optimum's message lists every architecture it knows (thousands of characters)
         raise UnsupportedModelError(f"optimum's ONNX exporter has no configuration for {model.config.model_type} "
                                     f"({task}); export is not possible for this family") from None
-    onnx_config = constructor(model.config, task=task)
+    if task.endswith("-with-past"):  # the decoder with its KV cache, in optimum's merged layout
+        onnx_config = constructor(model.config, task=task.removesuffix("-with-past"), use_past=True,
+                                  use_past_in_inputs=True)
+    else:
+        onnx_config = constructor(model.config, task=task)
     # the exporter's tracer warnings and optimum's progress lines say nothing a user can act on
     with warnings.catch_warnings(), quiet("optimum", "transformers"), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -169,6 +213,8 @@ def load_ort(folder: str | Path, task: str, **kwargs):
     cls = getattr(ort, ORT_CLASSES[task])
     if task == "text-generation":
         kwargs.setdefault("use_cache", False)
+        kwargs.setdefault("use_io_binding", False)
+    elif task == "text-generation-with-past":
         kwargs.setdefault("use_io_binding", False)
     with warnings.catch_warnings(), quiet("optimum"):
         warnings.simplefilter("ignore")
@@ -214,8 +260,11 @@ def check_export(folder: Path, model, tokenizer, task: str, input_names: list[st
         ExportError: a batch past the tolerance; the message names the length and the numbers.
     """
     ort_model = load_ort(folder, task)
+    if task == "text-generation-with-past":
+        probe_cache(ort_model, tokenizer, texts, model.config.model_type)
     # ORTModelForCausalLM computes position ids itself; the other classes take them from the caller
-    forward_names = [n for n in input_names if n != "position_ids" or task != "text-generation"]
+    forward_names = [n for n in input_names if n != "position_ids" or not task.startswith("text-generation")]
+    forward_names = [n for n in forward_names if not n.startswith("past_key_values.")]
     results = []
     for length, batch in check_batches(tokenizer, texts, config.check_lengths, max_positions(adapter, model, tokenizer)):
         inputs = {k: v for k, v in batch.items() if k in forward_names}
@@ -245,12 +294,62 @@ def check_export(folder: Path, model, tokenizer, task: str, input_names: list[st
             raise ExportError(f"the {quantize.mode} export strays from PyTorch at length {length}: mean cosine "
                               f"{cos.mean():.4f} < {quantize.min_cosine} (--min-cosine)")
         results.append(row)
-    return {"loaded_with": f"optimum.onnxruntime.{ORT_CLASSES[task]}", "batches": results,
+    generation = None
+    if task == "text-generation-with-past" and config.generation_check:
+        generation = check_generation(ort_model, model, tokenizer, texts, config.generation_check, exact=quantize is None)
+    return {"loaded_with": f"optimum.onnxruntime.{ORT_CLASSES[task]}", "batches": results, "generation": generation,
             "max_abs_diff": max(r["max_abs_diff"] for r in results),
             "mean_cosine": float(np.mean([r["mean_cosine"] for r in results])),
             "min_cosine": min(r["min_cosine"] for r in results),
             "tolerance": ({"atol": config.atol, "rtol": config.rtol} if quantize is None
                           else {"min_mean_cosine": quantize.min_cosine})}
+
+
+def probe_cache(ort_model, tokenizer, texts: list[str], model_type: str) -> None:
+    """One prefill and one cached step through optimum's class, as ``generate`` runs them.
+
+    Raises:
+        OptimumCacheError: optimum cannot feed this graph's cache (it sizes the cache from the
+            config: by the query heads for grouped-query families it does not list, by
+            ``hidden_size / heads`` after heads were pruned).
+    """
+    enc = tokenizer(texts[:1], return_tensors="pt")
+    ids, mask = enc["input_ids"][:, :4], enc["attention_mask"][:, :4]
+    try:
+        with torch.no_grad():
+            out = ort_model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1])
+            ort_model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=out.past_key_values)
+    except Exception as e:  # noqa: BLE001  (onnxruntime's InvalidArgument, torch's shape errors: optimum's sizing)
+        raise OptimumCacheError(f"optimum's ORTModelForCausalLM cannot run the KV cache of this {model_type} "
+                                f"export: {first_line(e)}") from None
+
+
+def check_generation(ort_model, model, tokenizer, texts: list[str], new_tokens: int, *, exact: bool) -> dict[str, Any]:
+    """Greedy decoding through optimum's ``generate`` (the prefill, then one cached step per
+    token) against PyTorch's, on two left-padded prompts of different lengths.
+
+    Raises:
+        ExportError: an fp32 export (``exact``) whose tokens differ from PyTorch's.
+    """
+    import copy as copy_module
+
+    tok = copy_module.copy(tokenizer)
+    tok.padding_side = "left"
+    prompts = sorted(texts[:8], key=len)
+    enc = tok([prompts[0], prompts[-1]], padding=True, truncation=True, max_length=32, return_tensors="pt")
+    enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+              "pad_token_id": tok.pad_token_id}
+    with torch.no_grad(), warnings.catch_warnings(), quiet("transformers", "optimum"):
+        warnings.simplefilter("ignore")
+        ref = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1]:]
+        got = ort_model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1]:]
+    agree = float((ref == got).float().mean())
+    if exact and not torch.equal(ref, got):
+        step = int((ref != got).any(0).nonzero()[0])
+        raise ExportError(f"the ONNX export's greedy decoding with its KV cache leaves PyTorch's at new token {step + 1} "
+                          f"of {new_tokens}: the cached decode steps do not compute what the model does")
+    return {"new_tokens": new_tokens, "prompts": 2, "token_agreement": agree, "passed": agree == 1.0 or not exact}
 
 
 def ffn_down_scopes(loaded: LoadedModel, root: torch.nn.Module) -> tuple[str, ...]:

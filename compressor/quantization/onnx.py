@@ -111,7 +111,8 @@ def _quantize_static(path: Path, tmp: Path, preset, config: QuantizeConfig, toke
 
     texts = calibration_texts(config.calibration, text_column=config.text_column, encoding=config.encoding,
                               limit=config.calibration_samples)
-    feeds = [model_inputs(tokenizer, [t], config.max_length, input_names) for t in texts]
+    inputs = graph_inputs(onnx.load(str(path), load_external_data=False))  # a KV cache needs its shapes
+    feeds = [model_inputs(tokenizer, [t], config.max_length, inputs) for t in texts]
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -161,14 +162,40 @@ def model_inputs(tokenizer, texts: list[str], max_length: int, input_names, *, p
     return onnx_feed(enc, input_names)
 
 
-def onnx_feed(arrays, input_names) -> dict[str, np.ndarray]:
+def graph_inputs(graph) -> dict[str, tuple[list[int | None], np.dtype]]:
+    """A graph's inputs: name -> (dims, a named or unknown dim as ``None``; numpy dtype)."""
+    from onnx import helper
+
+    inputs = {}
+    for value in graph.graph.input:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        inputs[value.name] = (dims, helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+    return inputs
+
+
+def onnx_feed(arrays, inputs) -> dict[str, np.ndarray]:
     """The model's named inputs as int64 arrays from a tokenizer's output: token types filled
     with zeros where the tokenizer gives none, position ids as optimum's ORTModelForCausalLM
-    computes them (counting real tokens only)."""
-    feed = {k: np.asarray(v, dtype=np.int64) for k, v in arrays.items() if k in input_names}
-    if "token_type_ids" in input_names and "token_type_ids" not in feed:
+    computes them (counting real tokens only), and an empty KV cache for a decoder exported with
+    one (``past_key_values.*``: the prefill step).
+
+    Args:
+        arrays: The tokenizer's output.
+        inputs: The graph's input names, or `graph_inputs` (needed for a KV cache's shapes).
+    """
+    feed = {k: np.asarray(v, dtype=np.int64) for k, v in arrays.items() if k in inputs}
+    if "token_type_ids" in inputs and "token_type_ids" not in feed:
         feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
-    if "position_ids" in input_names:
+    if "position_ids" in inputs:
         mask = feed.get("attention_mask", np.ones_like(feed["input_ids"]))
         feed["position_ids"] = np.where(mask == 0, 1, np.cumsum(mask, axis=-1) - 1).astype(np.int64)
+    for name in inputs:
+        if name.startswith("past_key_values."):
+            if not isinstance(inputs, dict):
+                raise ValueError(f"{name}: give graph_inputs(graph) to feed a KV cache")
+            dims, dtype = inputs[name]
+            # (batch, key/value heads, past length 0, head dim)
+            shape = [feed["input_ids"].shape[0], dims[1] or 1, 0, dims[3] or 1]
+            feed[name] = np.zeros(shape, dtype=dtype)
     return feed

@@ -97,7 +97,9 @@ class OnnxRunner(Runner):
             raise CompressError(f"{file} is not an ONNX model onnxruntime can load: {first}") from None
         self.parameters = stored_elements(graph)
         self.kind = "ONNX " + _precision(graph)
-        self.inputs = [i.name for i in self.session.get_inputs()]
+        from ..quantization.onnx import graph_inputs
+
+        self.inputs = graph_inputs(graph)
         self.output = self.session.get_outputs()[0].name
         self.task = {"last_hidden_state": "feature-extraction"}.get(self.output, "text-generation")
         config = AutoConfig.from_pretrained(folder)
