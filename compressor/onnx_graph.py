@@ -19,7 +19,8 @@ from onnx import helper, numpy_helper
 #: Nodes that multiply by a weight matrix.
 WEIGHT_OPS = ("MatMul", "Gemm")
 #: What those become after int8 quantization (dynamic QOperator, static QOperator or QDQ).
-QUANTIZED_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm")
+QUANTIZED_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm",
+                 "MatMulNBits")  # the last: int4 weight-only, two 4-bit numbers a byte
 
 
 def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -96,7 +97,7 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
 
 #: Inputs of quantization ops that hold scales and zero points rather than the model's numbers.
 _QUANT_PARAM_INPUTS = {"QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "MatMulInteger": (2, 3),
-                       "DynamicQuantizeMatMul": (2, 3), "QLinearMatMul": (1, 2, 4, 5, 6, 7)}
+                       "DynamicQuantizeMatMul": (2, 3), "QLinearMatMul": (1, 2, 4, 5, 6, 7), "MatMulNBits": (2, 3)}
 
 
 def stored_elements(model: onnx.ModelProto) -> int:
@@ -108,8 +109,15 @@ def stored_elements(model: onnx.ModelProto) -> int:
     """
     params = {name for node in model.graph.node for i, name in enumerate(node.input)
               if i in _QUANT_PARAM_INPUTS.get(node.op_type, ())}
-    return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer
+    # int4 blocks: the weight's own N x K numbers (the packed tensor pads K to whole blocks)
+    packed = {node.input[1]: _attribute(node, "N") * _attribute(node, "K")
+              for node in model.graph.node if node.op_type == "MatMulNBits"}
+    return int(sum(packed.get(t.name, np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer
                    if t.name not in params and not t.name.endswith(("_scale", "_zero_point"))))
+
+
+def _attribute(node: onnx.NodeProto, name: str):
+    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
 
 
 def weight_matmuls(model: onnx.ModelProto) -> dict[str, int]:
@@ -140,7 +148,9 @@ def weight_matmuls(model: onnx.ModelProto) -> dict[str, int]:
     for node in model.graph.node:
         if node.op_type not in WEIGHT_OPS + QUANTIZED_OPS:
             continue
-        weights = [w for w in map(stored, node.input) if w is not None]
+        # MatMulNBits: its weight is input 1 (the scales and zero points after it are not weights)
+        inputs = node.input[1:2] if node.op_type == "MatMulNBits" else node.input
+        weights = [w for w in map(stored, inputs) if w is not None]
         if not weights:
             continue
         on_weights += 1

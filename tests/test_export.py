@@ -24,6 +24,7 @@ from onnx import numpy_helper
 from tiny_models import FAMILIES
 
 from cli.main import cli
+from compressor.errors import ConfigError
 from compressor.export import ExportConfig, export
 from compressor.models import load_model, unique_parameters
 from compressor.models.shared import SharedLinear
@@ -443,6 +444,7 @@ def test_installed_compress_export_prints_json(tiny_dirs, tmp_path):
     assert record == json.loads((out / "export_report.json").read_text())
 
 
+@pytest.mark.slow  # a fresh process, signalled mid-export: ~5 s
 def test_sigterm_mid_export_leaves_nothing(tmp_path):
     """`timeout`, `kill` and job schedulers stop with SIGTERM: the half-built folder goes too."""
     import signal
@@ -505,3 +507,33 @@ def test_a_decoder_export_generates_with_its_kv_cache_as_pytorch_does(family, ti
     got = ort_model.generate(**enc, **kwargs)
     assert got.shape == ref.shape == (2, enc["input_ids"].shape[1] + 32)
     assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_int4_stores_each_shared_weight_once_in_blocks_and_checks_itself(family, tiny_dirs, tmp_path):
+    """--quantize int4: every projection MatMulNBits (int4 blocks) or int8 (the head, LoRA
+    factors narrower than a block), the embeddings int8; a weight layers share is one
+    initializer for all its MatMuls; the export's own check passes."""
+    import collections
+
+    loaded, _ = share(load_model(str(tiny_dirs[family])), ShareConfig(plan="0-1,2-3", lora_rank=2, fidelity=False))
+    unique, _ = unique_parameters(loaded.model)
+    record = export(loaded, ExportConfig(), tmp_path / "int4", quantize=QuantizeConfig("int4", block_size=16))
+    m = record.metrics
+    assert m["precision"] == "int4" and m["graph"]["block_size"] == 16 and m["graph"]["int4_matmuls"] > 0
+    assert m["projections"]["float_on_weights"] == 0 and m["check"]["mean_cosine"] >= 0.8
+    graph = read_graph(tmp_path / "int4")
+    weights = collections.Counter(n.input[1] for n in graph.graph.node if n.op_type == "MatMulNBits")
+    assert max(weights.values()) >= 2  # a shared weight: one quantized initializer, several MatMuls
+    assert {t.name for t in graph.graph.initializer} >= set(weights)
+    assert not any(n.op_type == "Gather" and n.input[0] in {t.name for t in graph.graph.initializer
+                                                           if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2}
+                   for n in graph.graph.node)  # the embedding tables are int8
+    assert m["stored_numbers"] <= unique * 1.01 + 1024  # (file sizes: SmolLM2-135M, README; tiny ones are overhead)
+
+
+def test_int4_options_are_checked():
+    with pytest.raises(ConfigError, match="power of two"):
+        QuantizeConfig("int4", block_size=24)
+    with pytest.raises(ConfigError, match="accuracy_level|accuracy-level"):
+        QuantizeConfig("int4", accuracy_level=5)

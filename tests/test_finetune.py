@@ -140,6 +140,7 @@ def test_cli_bad_input(student_dir, data_file, tiny_dirs, tmp_path):
         assert not out.exists()
 
 
+@pytest.mark.slow  # a fresh process, interrupted mid-training: ~5 s
 def test_ctrl_c_leaves_a_usable_checkpoint(student_dir, data_file, tiny_dirs, tmp_path):
     exe = Path(sys.executable).parent / "compress"
     out = tmp_path / "out"

@@ -11,7 +11,7 @@ def export_summary_rows(record) -> list[tuple[str, str]]:
         ("precision", m["precision"]),
         ("file", f"{m['file_bytes'] / 2**20:.1f} MiB ({m['file_bytes']:,} bytes)"),
         ("stored numbers", f"{record.params_after:,} for {record.params_before:,} unique parameters"),
-        ("projections", f"{proj['on_weights']} on weights, {proj['on_weights'] - proj['float_on_weights']} of them int8"),
+        ("projections", f"{proj['on_weights']} on weights, {proj['on_weights'] - proj['float_on_weights']} of them quantized"),
     ]
     lengths = ", ".join(str(b["length"]) for b in check["batches"])
     if m["precision"] == "fp32":

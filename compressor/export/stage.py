@@ -159,7 +159,7 @@ def check_storage(path: Path, model, params: int, quantize: QuantizeConfig | Non
     if stored > allowed * (1 + _STORAGE_SLACK) + 1024:
         raise ExportError(f"the ONNX file stores {stored:,} numbers for {params:,} unique parameters: "
                           "a shared weight was stored more than once")
-    if quantize is not None and quantize.mode != "fp16" and matmuls["float_on_weights"]:
+    if quantize is not None and quantize.mode.startswith("int8") and matmuls["float_on_weights"]:
         raise ExportError(f"{matmuls['float_on_weights']} of {matmuls['on_weights']} projections kept a float weight "
                           "after int8 quantization")
     return stored, matmuls

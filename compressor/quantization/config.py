@@ -9,12 +9,15 @@ from ..errors import ConfigError
 
 #: ``int8``: dynamic (weights int8, activations quantized on the fly); ``int8-static``:
 #: activation ranges calibrated on text; ``fp16``: half-precision weights and compute, for GPUs.
-MODES = ("int8", "int8-static", "fp16")
+MODES = ("int8", "int8-static", "int4", "fp16")
 #: Instruction sets optimum has a quantization preset for; ``auto`` picks this machine's best.
 ISAS = ("auto", "avx512_vnni", "avx512", "avx2", "arm64")
 #: Default agreement with PyTorch a quantized export must reach: the mean cosine between its
 #: outputs and the fp32 PyTorch outputs, per token (plain int8 of the bundled MiniLM reaches about 0.94).
-MIN_COSINE = {"int8": 0.90, "int8-static": 0.90, "fp16": 0.999}
+MIN_COSINE = {"int8": 0.90, "int8-static": 0.90, "int4": 0.80, "fp16": 0.999}
+#: ``accuracy_level`` of onnxruntime's MatMulNBits: the type the int4 products are computed in
+#: (1 fp32, 2 fp16, 3 bf16, 4 int8: the fastest on CPUs).
+ACCURACY_LEVELS = (1, 2, 3, 4)
 
 
 @dataclass
@@ -22,7 +25,9 @@ class QuantizeConfig(TextFormat, StageConfig):
     """How to quantize an ONNX export.
 
     Attributes:
-        mode: ``int8``, ``int8-static`` or ``fp16``.
+        mode: ``int8``, ``int8-static``, ``int4`` (weight-only: the projections in blocks of
+            ``block_size`` 4-bit numbers with one scale each, onnxruntime's MatMulNBits; the
+            embeddings int8) or ``fp16``.
         calibration: Text whose activation ranges ``int8-static`` uses (a file or a packaged
             data set such as ``movie-snippets``); required for it, refused otherwise.
         calibration_samples: Calibration texts to run.
@@ -32,6 +37,10 @@ class QuantizeConfig(TextFormat, StageConfig):
             (its static ranges leave no room for a coarse weight scale as well).
         isa: The optimum preset (``AutoQuantizationConfig.<isa>``) whose settings to use;
             ``auto`` picks avx512_vnni, avx512, avx2 or arm64 from this CPU.
+        block_size: ``int4``: weights per scale, along each projection's input dimension (a
+            power of two, at least 16).
+        accuracy_level: ``int4``: the type MatMulNBits computes in (4: int8, fastest on CPUs;
+            1: fp32).
         min_cosine: The export fails if its outputs' mean cosine to PyTorch's is below this
             (default per mode: `MIN_COSINE`).
     """
@@ -42,11 +51,18 @@ class QuantizeConfig(TextFormat, StageConfig):
     max_length: int = 128
     per_channel: bool | None = None
     isa: str = choice("auto", ISAS)
+    block_size: int = 32
+    accuracy_level: int = choice(4, ACCURACY_LEVELS)
     min_cosine: float | None = None
 
     def __post_init__(self):
         check_choice("mode", self.mode, MODES)
         check_choice("isa", self.isa, ISAS)
+        check_choice("accuracy_level", self.accuracy_level, ACCURACY_LEVELS)
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 16 \
+                or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"--block-size must be a power of two, at least 16, got {self.block_size!r}",
+                              option="block_size")
         for name in ("calibration_samples", "max_length"):
             check_positive(name, getattr(self, name))
         if self.mode == "int8-static" and not self.calibration:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import platform
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import onnx
 
 from ..data import calibration_texts
 from ..data.text import fit_length
+from ..errors import ExportError, first_line
 from ..onnx_graph import gemm_to_matmul, inline_identity_weights
 from .config import QuantizeConfig
 
@@ -66,6 +68,59 @@ def prepare_graph(path: Path) -> dict[str, int]:
     return done
 
 
+def quantize_int4(path: Path, config: QuantizeConfig) -> dict[str, Any]:
+    """Weight-only int4 of the projections (onnxruntime's ``MatMulNBitsQuantizer``: symmetric
+    blocks of ``config.block_size`` along the input dimension, ``MatMulNBits`` nodes that compute at
+    ``config.accuracy_level``), then dynamic int8 of the embedding tables (onnxruntime's int4
+    Gather needs a newer opset than the export's), of the output head (int4 moves the logits most)
+    and of projections narrower than a block (LoRA factors). A weight that layers share is one
+    initializer, quantized once for all its MatMuls.
+
+    Raises:
+        ExportError: a graph the quantizer cannot take (one line, the export writes nothing).
+    """
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as e:  # onnxruntime's int4 quantizer needs onnx-ir
+        raise ExportError(f"--quantize int4 needs onnxruntime's MatMulNBits quantizer: {first_line(e)} "
+                          "(pip install onnx-ir)") from None
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    # int8 instead of int4: a projection narrower than one block (a LoRA factor's rank side),
+    # which would be mostly padding, and the output head, whose logits int4 moves most
+    outputs = {o.name for o in model.graph.output}
+    on_weights = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+                  and len(inits[n.input[1]].dims) == 2]
+    narrow = [n.name for n in on_weights if inits[n.input[1]].dims[0] < config.block_size or n.output[0] in outputs]
+    tables = [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+              and len(inits[n.input[0]].dims) == 2]
+    try:
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size, is_symmetric=True,
+                                         accuracy_level=config.accuracy_level, nodes_to_exclude=narrow)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantizer.process()
+        onnx.save(quantizer.model.model, str(path))
+        logging.disable(logging.WARNING)  # onnxruntime's advice to pre-process, on the root logger
+        try:
+            quantize_dynamic(str(path), str(path), op_types_to_quantize=["Gather", "MatMul"],
+                             nodes_to_quantize=narrow + tables, weight_type=QuantType.QInt8, per_channel=False,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        finally:
+            logging.disable(logging.NOTSET)
+    except Exception as e:  # noqa: BLE001  (whatever the quantizer meets in the graph)
+        raise ExportError(f"onnxruntime's int4 quantizer cannot quantize this graph: {first_line(e, with_type=True)}") from None
+    graph = onnx.load(str(path), load_external_data=False)
+    return {"int4_matmuls": sum(n.op_type == "MatMulNBits" for n in graph.graph.node), "int8_matmuls": len(narrow),
+            "block_size": config.block_size, "accuracy_level": config.accuracy_level,
+            "embeddings": "int8 (dynamic Gather)"}
+
+
 def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None, input_names=(),
                   dynamic_scopes: tuple[str, ...] = ()) -> dict[str, Any]:
     """Replace ``folder/model.onnx`` by its quantized version; returns what was done.
@@ -86,6 +141,9 @@ def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None,
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), str(path))
+        return done
+    if config.mode == "int4":
+        done.update(quantize_int4(path, config))
         return done
     preset = optimum_preset(config.isa, is_static=config.mode == "int8-static", per_channel=config.per_channel)
     done.update(preset=f"AutoQuantizationConfig.{host_isa() if config.isa == 'auto' else config.isa}"

@@ -121,6 +121,8 @@ class OnnxRunner(Runner):
 
 def _precision(graph) -> str:
     ops = {n.op_type for n in graph.graph.node}
+    if "MatMulNBits" in ops:
+        return "int4"
     if ops & {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "DequantizeLinear"}:
         return "int8"
     if any(t.data_type == 10 for t in graph.graph.initializer):  # FLOAT16
