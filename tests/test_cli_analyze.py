@@ -164,3 +164,46 @@ def test_installed_compress_program(tiny_dirs, tmp_path):
     bad = subprocess.run([exe, "analyze", str(tmp_path / "missing")], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr
+
+
+def test_validate_applies_the_plans_and_ranks_them_by_measured_damage(tiny_dirs, tmp_path):
+    """--validate K: K group counts, each shared and (as many blocks) dropped, measured on held-out text."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    out = tmp_path / "a"
+    result = CliRunner().invoke(cli, ["analyze", str(tiny_dirs["llama"]), "--validate", "3", "-o", str(out),
+                                      "--no-weights", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    v = json.loads(result.stdout)["metrics"]["validation"]
+    assert v["measure"] == "next_token_kl" and not v["higher_is_better"] and v["held_out_texts"] >= 8
+    assert [p["kind"] for p in v["plans"]] == ["share", "drop"] * 3
+    assert all(p["measured"] >= 0 for p in v["plans"]) and len(v["ranked"]) == 6
+    measured = sorted(p["measured"] for p in v["plans"])
+    assert [next(p for p in v["plans"] if (p.get("plan") or f"drop {p['dropped']}") == r)["measured"]
+            for r in v["ranked"]] == measured  # ranked by the measured number, least damage first
+    assert v["rank_correlation"] is None or -1 <= v["rank_correlation"] <= 1
+    assert "Plans applied and measured" in (out / "analysis.md").read_text()
+    bad = CliRunner().invoke(cli, ["analyze", str(tiny_dirs["llama"]), "--validate", "9", "-o", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "plans that share layers" in bad.output and not (tmp_path / "b").exists()
+
+
+def test_sharing_a_layer_with_its_permuted_copy_measures_no_damage(tiny_dirs):
+    import torch
+
+    from compressor.adapters.alignment import permute_weights
+    from compressor.analysis.validate import averaged_copy
+    from compressor.evaluation.fidelity import fidelity
+    from compressor.models import load_model
+    from test_alignment import random_permutation
+
+    loaded = load_model(str(tiny_dirs["bert"]))
+    adapter = loaded.adapter
+    g = adapter.geometry(loaded.model.config)
+    blocks = adapter.blocks(loaded.model)
+    w, b = adapter.block_weights(blocks[0], g)
+    with torch.no_grad():
+        adapter.load_block_weights(blocks[1], *permute_weights(w, b, random_permutation(g, 3), g), g)
+    shared = averaged_copy(loaded, [[0, 1], [2], [3]])
+    assert fidelity(shared, loaded, ["a text to compare on", "and another one"])["embedding_cosine"] > 0.99999

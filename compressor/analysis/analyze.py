@@ -55,11 +55,17 @@ def analyze(loaded: LoadedModel, config: AnalyzeConfig) -> tuple[LoadedModel, St
     n = len(loaded.adapter.blocks(loaded.model))
     if config.groups is not None and config.groups > n:
         raise ConfigError(f"--groups {config.groups} is more than the model's {n} layers")
+    if config.validate > n - 1:  # every group count below the layer count shares something
+        raise ConfigError(f"--validate {config.validate}: a {n}-layer model has {n - 1} plans that share layers",
+                          option="validate")
     # Read the data before the slow part, so that a bad file fails at once.
-    texts = None
-    if config.activations:
+    texts, held_out = None, None
+    if config.activations or config.validate:
         texts = calibration_texts(config.data, text_column=config.text_column, encoding=config.encoding,
-                                  limit=config.max_samples)
+                                  limit=config.max_samples + (HELD_OUT if config.validate else 0))
+        if config.validate:  # the plans are measured on text the similarities never saw
+            n = max(MIN_HELD_OUT, min(HELD_OUT, len(texts) // 4))
+            texts, held_out = texts[:-n][: config.max_samples], texts[-n:]
 
     metrics: dict = {"model": model_summary(loaded)}
     timings = {}
@@ -77,10 +83,22 @@ def analyze(loaded: LoadedModel, config: AnalyzeConfig) -> tuple[LoadedModel, St
 
     similarity = similarity_for_grouping(metrics, config.metric)
     metrics["grouping"] = recommend_grouping(similarity, config.metric, config.groups).to_dict()
+    if config.validate:
+        from .validate import validate_plans
+
+        t = time.perf_counter()
+        metrics["validation"] = validate_plans(loaded, metrics, config.validate, held_out, batch_size=config.batch_size,
+                                               max_length=config.max_length, device=config.device)
+        timings["validation"] = time.perf_counter() - t
     metrics["seconds"] = timings
     record = StageRecord.build("analyze", config, before=unique_parameters(loaded.model), metrics=metrics,
                                started=start)
     return loaded, record
+
+
+#: Texts held out for ``--validate`` (at most; a quarter of a smaller set, at least `MIN_HELD_OUT`).
+HELD_OUT = 64
+MIN_HELD_OUT = 8
 
 
 def model_summary(loaded: LoadedModel) -> dict:

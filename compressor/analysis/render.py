@@ -131,6 +131,14 @@ def print_report(metrics: dict, console=None) -> None:
     for row in _grouping_rows(metrics):
         t.add_row(*row)
     console.print(t)
+    if validation_rows(metrics):
+        t = Table(title="Plans applied and measured (--validate)")
+        for h in VALIDATION_HEADER:
+            t.add_column(h, justify="left" if h in ("kind", "plan") else "right")
+        for row in validation_rows(metrics):
+            t.add_row(*row)
+        console.print(t)
+        console.print(validation_line(metrics))
     console.print(_summary_line(metrics))
 
 
@@ -146,6 +154,27 @@ def left_out_line(metrics: dict) -> str | None:
             f"({left['first_position']} of them the first token of their text), whose hidden-state norm exceeds "
             f"{left['factor']:g}x the layer's median (up to {left['max_norm_ratio']:g}x, in layers {span}); "
             "attention sinks would otherwise make every layer that carries them look alike.")
+
+
+def validation_rows(metrics: dict) -> list[list[str]]:
+    """``--validate``: each plan tried, ranked by the damage measured on held-out text."""
+    v = metrics.get("validation")
+    if not v:
+        return []
+    order = sorted(v["plans"], key=lambda p: -p["measured"] if v["higher_is_better"] else p["measured"])
+    return [[str(rank), p["kind"], str(p["groups"]), p.get("plan") or "drop " + ",".join(map(str, p["dropped"])),
+             f"{p['predicted']:.4f}", f"{p['measured']:.4f}"] for rank, p in enumerate(order, 1)]
+
+
+def validation_line(metrics: dict) -> str:
+    v = metrics["validation"]
+    rho = "n/a (fewer than 3 plans)" if v["rank_correlation"] is None else f"{v['rank_correlation']:.2f}"
+    return (f"Validated on {v['held_out_texts']} held-out texts by {v['measure'].replace('_', ' ')} to the original "
+            f"({'higher' if v['higher_is_better'] else 'lower'} is better), before any training; rank correlation of "
+            f"predicted and measured over the sharing plans: {rho}.")
+
+
+VALIDATION_HEADER = ["rank", "kind", "blocks", "plan", "predicted", "measured"]
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -171,6 +200,9 @@ def markdown_report(metrics: dict) -> str:
         parts += [_md_table(["layer", "block influence", ""], _block_influence_rows(metrics)), ""]
     parts += [f"## Best contiguous groups by {metrics['grouping']['metric']}", ""]
     parts += [_md_table(["groups", "score", "layers"], _grouping_rows(metrics)), ""]
+    if validation_rows(metrics):
+        parts += ["## Plans applied and measured", "", validation_line(metrics), "",
+                  _md_table(VALIDATION_HEADER, validation_rows(metrics)), ""]
     return "\n".join(parts)
 
 
