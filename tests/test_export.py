@@ -230,7 +230,9 @@ def test_int8_export_quantizes_every_projection(family, tiny_dirs, exported):
 SHARED_LAYOUTS = ["bert", "gpt2", "llama", "phi3", "gpt_neox", "modernbert", "deberta-v2", "mpnet"]
 
 
-@pytest.mark.parametrize("family", SHARED_LAYOUTS)
+# Phi-3 (fused GQA qkv) exports twice here: optimum cannot run its cache, so the export falls
+# back to none (~15 s); its layout is proven in test_adapters, and it runs with -m slow
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f == "phi3" else f for f in SHARED_LAYOUTS])
 def test_shared_weights_stored_once_lora_unmerged_and_quantized(family, tiny_dirs, exported, tmp_path):
     dense_fp32, dense_int8 = (read_graph(exported(family, mode)[1]) for mode in ("fp32", "int8"))
     dense_stored = exported(family)[0].metrics["stored_numbers"]
@@ -245,7 +247,9 @@ def test_shared_weights_stored_once_lora_unmerged_and_quantized(family, tiny_dir
         lora = sum(p.numel() for m in shared if m.lora_rank for p in (m.lora_A.weight, m.lora_B.weight))
         for mode in ("fp32", "int8"):
             folder = tmp_path / f"r{rank}-{mode}"
-            record = export(loaded, ExportConfig(), folder, quantize=None if mode == "fp32" else QuantizeConfig(mode))
+            # (the generation check is another test's subject; here only what the file stores)
+            record = export(loaded, ExportConfig(generation_check=0), folder,
+                            quantize=None if mode == "fp32" else QuantizeConfig(mode))
             graph = read_graph(folder)
             # the model's numbers: every initializer but the quantizer's scales and zero points
             stored = sum(int(np.prod(t.dims)) for t in graph.graph.initializer
