@@ -313,8 +313,10 @@ def probe_cache(ort_model, tokenizer, texts: list[str], model_type: str) -> None
             config: by the query heads for grouped-query families it does not list, by
             ``hidden_size / heads`` after heads were pruned).
     """
-    enc = tokenizer(texts[:1], return_tensors="pt")
+    enc = tokenizer([" ".join(texts[:4]) or "a probe text"], return_tensors="pt")
     ids, mask = enc["input_ids"][:, :4], enc["attention_mask"][:, :4]
+    if ids.shape[1] < 2:  # a prefill and one step need two tokens
+        ids, mask = ids.repeat(1, 2), mask.repeat(1, 2)
     try:
         with torch.no_grad():
             out = ort_model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1])
