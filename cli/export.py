@@ -16,10 +16,11 @@ from compressor.quantization.config import QuantizeConfig
 _FLAGS = {"mode": "--quantize", "per_channel": "--per-channel/--per-tensor", "max_length": "--calibration-max-length"}
 _OVERRIDES = {
     "mode": {"default": None, "show_default": False,
-             "help": "int8: dynamic; int8-static: activation ranges calibrated on --calibration; fp16: half "
-                     "precision, for GPU targets."},
+             "help": "int8: dynamic; int8-static: activation ranges calibrated on --calibration; int4: weight-only "
+                     "blocks (MatMulNBits; --block-size, --accuracy-level); fp16: half precision, for GPU targets."},
     "per_channel": {"default": None, "show_default": False},
-    "min_cosine": {"help": "int8/fp16: lowest allowed mean cosine to PyTorch's outputs (default 0.90 int8, 0.999 fp16)."},
+    "min_cosine": {"help": "int8/int4/fp16: lowest allowed mean cosine to PyTorch's outputs (default 0.90 int8, "
+                           "0.80 int4, 0.999 fp16)."},
     "text_column": {"help": "Column (csv/tsv) or key (jsonl) holding the text of --check-data and --calibration."},
     "encoding": {"help": "Text encoding of --check-data and --calibration.", "show_default": True},
 }
