@@ -128,6 +128,9 @@ def _write(tmp: Path, loaded: LoadedModel, model, task: str, config: ExportConfi
     input_names = list(onnx_config.inputs)
     model.config.save_pretrained(tmp)  # before quantizing: optimum's quantizer reads it
     loaded.tokenizer.save_pretrained(tmp)
+    tied = None
+    if quantize is None or quantize.mode == "fp16":
+        tied = store_tied_once(tmp / MODEL_FILE, model)
     if quantize is not None:
         from ..quantization import quantize_onnx
 
@@ -139,6 +142,8 @@ def _write(tmp: Path, loaded: LoadedModel, model, task: str, config: ExportConfi
         # own quantizer (optimum's ORTQuantizer) reach every MatMul on a shared weight
         quantized = {"identity_inlined": _inline_identities(tmp / MODEL_FILE)}
 
+    if tied is not None:
+        quantized["tied_head_stored_once"] = tied
     stored, matmuls = check_storage(tmp / MODEL_FILE, model, params, quantize)
 
     check = check_export(tmp, model, loaded.tokenizer, task, input_names, config, quantize, texts, loaded.adapter)
@@ -163,6 +168,26 @@ def check_storage(path: Path, model, params: int, quantize: QuantizeConfig | Non
         raise ExportError(f"{matmuls['float_on_weights']} of {matmuls['on_weights']} projections kept a float weight "
                           "after int8 quantization")
     return stored, matmuls
+
+
+def store_tied_once(path: Path, model) -> bool | None:
+    """Store an LM head tied to the input embeddings once: the exporter writes the table twice
+    (once for the lookup, once transposed for the head); optimum's own post-processing points
+    the head's MatMul at a Transpose of the lookup's table. ``None``: nothing tied; else
+    whether it worked. Left out for int8 and int4, whose quantizers would keep a float copy
+    for the Transpose beside the quantized table."""
+    from optimum.onnx import remove_duplicate_weights_from_tied_info
+
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embeddings is None or head.weight.data_ptr() != embeddings.weight.data_ptr():
+        return None
+    names = [name for name, p in model.named_parameters(remove_duplicate=False)
+             if p.data_ptr() == embeddings.weight.data_ptr()]
+    graph = onnx.load(str(path))
+    before = stored_elements(graph)
+    with quiet("optimum"):
+        remove_duplicate_weights_from_tied_info(graph, model, [names], save_path=str(path))
+    return stored_elements(onnx.load(str(path), load_external_data=False)) < before
 
 
 def _tied_output_embeddings(model) -> int:
@@ -313,7 +338,7 @@ def probe_cache(ort_model, tokenizer, texts: list[str], model_type: str) -> None
             config: by the query heads for grouped-query families it does not list, by
             ``hidden_size / heads`` after heads were pruned).
     """
-    enc = tokenizer([" ".join(texts[:4]) or "a probe text"], return_tensors="pt")
+    enc = tokenizer([" ".join(texts[:4]) or "a probe text"], truncation=True, max_length=8, return_tensors="pt")
     ids, mask = enc["input_ids"][:, :4], enc["attention_mask"][:, :4]
     if ids.shape[1] < 2:  # a prefill and one step need two tokens
         ids, mask = ids.repeat(1, 2), mask.repeat(1, 2)
