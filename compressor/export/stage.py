@@ -171,23 +171,36 @@ def check_storage(path: Path, model, params: int, quantize: QuantizeConfig | Non
 
 
 def store_tied_once(path: Path, model) -> bool | None:
-    """Store an LM head tied to the input embeddings once: the exporter writes the table twice
-    (once for the lookup, once transposed for the head); optimum's own post-processing points
-    the head's MatMul at a Transpose of the lookup's table. ``None``: nothing tied; else
-    whether it worked. Left out for int8 and int4, whose quantizers would keep a float copy
-    for the Transpose beside the quantized table."""
-    from optimum.onnx import remove_duplicate_weights_from_tied_info
-
+    """Store an LM head tied to the input embeddings once. The exporter writes the table twice,
+    once for the lookup (``Gather``) and once transposed for the head (``MatMul``); as optimum's
+    own post-processing does, the head then reads a ``Transpose`` of the lookup's table (which
+    onnxruntime folds when it loads the file). ``None``: nothing tied; else whether it worked.
+    Left out for int8 and int4, whose quantizers would keep a float copy for the Transpose."""
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     if head is None or embeddings is None or head.weight.data_ptr() != embeddings.weight.data_ptr():
         return None
-    names = [name for name, p in model.named_parameters(remove_duplicate=False)
-             if p.data_ptr() == embeddings.weight.data_ptr()]
     graph = onnx.load(str(path))
-    before = stored_elements(graph)
-    with quiet("optimum"):
-        remove_duplicate_weights_from_tied_info(graph, model, [names], save_path=str(path))
-    return stored_elements(onnx.load(str(path), load_external_data=False)) < before
+    inits = {t.name: t for t in graph.graph.initializer}
+    table = embeddings.weight.detach().float().numpy()
+    lookup = next((n.input[0] for n in graph.graph.node if n.op_type == "Gather" and n.input[0] in inits
+                   and tuple(inits[n.input[0]].dims) == table.shape), None)
+    heads = [n for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+             and tuple(inits[n.input[1]].dims) == table.shape[::-1]]
+    heads = [n for n in heads if np.array_equal(onnx.numpy_helper.to_array(inits[n.input[1]]), table.T)]
+    if lookup is None or not heads:
+        return False
+    transposed = f"{lookup}_transposed"
+    graph.graph.node.insert(0, onnx.helper.make_node("Transpose", [lookup], [transposed], name="/tied_head/Transpose",
+                                                     perm=[1, 0]))
+    duplicates = {n.input[1] for n in heads}
+    for node in heads:
+        node.input[1] = transposed
+    if not any(i in duplicates for n in graph.graph.node for i in n.input):
+        keep = [t for t in graph.graph.initializer if t.name not in duplicates]
+        del graph.graph.initializer[:]
+        graph.graph.initializer.extend(keep)
+    onnx.save(graph, str(path))
+    return True
 
 
 def _tied_output_embeddings(model) -> int:
