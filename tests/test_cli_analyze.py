@@ -151,6 +151,7 @@ def test_existing_output_needs_overwrite(tiny_dirs, tmp_path):
     assert result.exit_code == 2 and existing.read_text() == "old"
 
 
+@pytest.mark.slow  # a fresh process of the installed program on the real MiniLM: ~7 s
 def test_installed_compress_program(tiny_dirs, tmp_path):
     exe = shutil.which("compress", path=str(Path(sys.executable).parent)) or shutil.which("compress")
     assert exe, "the `compress` console script is not installed"

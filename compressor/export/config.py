@@ -29,8 +29,9 @@ class ExportConfig(TextFormat, StageConfig):
             optimum's layout, so ``ORTModelForCausalLM.from_pretrained(folder).generate()``
             works as it is; ``text-generation`` exports it without one (each new token then
             re-reads the whole prefix; load with ``use_cache=False``).
-        generation_check: New tokens of the greedy decoding the export is checked on, against
-            PyTorch's (decoders with a KV cache: the prefill and the cached decode steps).
+        generation_check: New tokens of the greedy decoding an fp32 export is checked on, token
+            for token against PyTorch's (decoders with a KV cache: the prefill and the cached
+            decode steps; a quantized export gets one prefill and one cached step).
         opset: ONNX opset.
         atol: An fp32 export fails if any output differs from PyTorch's by more than
             ``atol + rtol * |PyTorch's|``.
