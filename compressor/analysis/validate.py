@@ -17,6 +17,7 @@ block pass its input through (in a residual stream the same function as removing
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 
@@ -47,8 +48,8 @@ def averaged_copy(loaded, groups: list[list[int]]):
     heads, neurons = adapter.refusal("permute_heads") is None, adapter.refusal("permute_neurons") is None
     with torch.no_grad():
         for group in (g for g in groups if len(g) > 1):
-            ref_w, _ = adapter.block_weights(blocks[group[0]], geometry)
             aligned = {group[0]: adapter.block_weights(blocks[group[0]], geometry)}
+            ref_w = aligned[group[0]][0]
             for layer in group[1:]:
                 w, b = adapter.block_weights(blocks[layer], geometry)
                 perm = restrict(find_permutation(unit_features(ref_w, geometry), unit_features(w, geometry)), geometry,
@@ -57,7 +58,7 @@ def averaged_copy(loaded, groups: list[list[int]]):
             mean = {r: torch.stack([aligned[i][0][r] for i in group]).mean(0) for r in ref_w}
             for layer in group:
                 adapter.load_block_weights(blocks[layer], dict(mean), aligned[layer][1], geometry)
-    return dataclass_replace(loaded, model)
+    return dataclasses.replace(loaded, model=model)
 
 
 def dropped_copy(loaded, drop: list[int]):
@@ -71,13 +72,6 @@ def dropped_copy(loaded, drop: list[int]):
 
     for i in drop:
         blocks[i].register_forward_hook(skip, with_kwargs=True)
-    return dataclass_replace(loaded, model)
-
-
-def dataclass_replace(loaded, model):
-    """``loaded`` with another model (the adapter, tokenizer and pooling alike)."""
-    import dataclasses
-
     return dataclasses.replace(loaded, model=model)
 
 
