@@ -227,3 +227,18 @@ def test_shared_linear_svd_delta_is_the_best_low_rank_fit():
     layer.reset_lora()  # plain LoRA: B = 0, the delta starts at zero
     assert torch.count_nonzero(layer.delta_weight()) == 0
     assert torch.count_nonzero(layer.lora_A.weight) > 0
+
+
+def test_a_checkpoint_whose_sharing_manifest_is_corrupt_fails_in_one_line(tiny_dirs, tmp_path):
+    import json as json_module
+
+    from compressor.errors import ModelLoadError
+
+    loaded, _ = share(load_model(str(tiny_dirs["bert"])), ShareConfig(plan="0-1,2-3", fidelity=False))
+    folder = save_checkpoint(loaded, tmp_path / "ck")
+    manifest = json_module.loads((folder / "compress.json").read_text())
+    for bad in ({"plan": "0-1"}, ["not", "an", "object"], {"modules": ["attention.self.query"]}):
+        manifest["sharing"] = bad
+        (folder / "compress.json").write_text(json_module.dumps(manifest))
+        with pytest.raises(ModelLoadError, match="names no plan"):
+            load_model(str(folder))

@@ -89,6 +89,7 @@ def weight_similarity(model, adapter: ArchitectureAdapter, *, workers: int | Non
 
     window = exact_window(n, exact_within)
     cached: dict[int, object] = {}
+    small = sum(w.numel() for layer in weights for w in layer.values()) <= FEATURE_CACHE_NUMBERS
 
     def features(i: int):
         # kept while the model is small (its weights are in memory anyway); rebuilt per pair
@@ -98,8 +99,6 @@ def weight_similarity(model, adapter: ArchitectureAdapter, *, workers: int | Non
                 cached[i] = unit_features(weights[i], geometry)
             return cached[i]
         return unit_features(weights[i], geometry)
-
-    small = sum(w.numel() for layer in weights for w in layer.values()) <= FEATURE_CACHE_NUMBERS
 
     sample = neuron_sample(geometry.intermediate_size) if n - 1 > window else None
 
