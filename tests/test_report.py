@@ -107,7 +107,40 @@ def test_report_refuses_bad_input_and_writes_nothing(tiny_dirs, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.slow  # a full report with optimum's baselines: ~8 s
+def test_report_measures_generation_of_a_causal_lm(tiny_dirs, tmp_path):
+    """A causal LM's report has a generation table: time to first token, decode tokens/s and
+    greedy agreement, for PyTorch and a KV-cache export (which reproduces the original's tokens)."""
+    original = tiny_dirs["llama"]
+    ours = tmp_path / "ours"
+    export(load_model(original), ExportConfig(check_lengths=[8]), ours)
+    out = tmp_path / "report"
+    res = CliRunner().invoke(cli, [
+        "report", str(ours), "-o", str(out), "--original", str(original), "--no-baselines", "--no-peak-memory",
+        "--repeats", "1", "--warmup", "0", "--batch-sizes", "1", "--seq-len", "16", "--threads", "1",
+        "--prompt-tokens", "24", "--new-tokens", "8", "--generation-repeats", "2", "--test-size", "16", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    rows = {r["label"]: r for r in result["rows"]}
+    assert rows["ours"]["kind"] == "ONNX fp32 + KV cache" and rows["original"]["kind"] == "PyTorch fp32"
+    for row in rows.values():
+        g = row["generation"]
+        assert g["ttft_ms"] > 0 and g["decode_tokens_per_s"] > 0 and "peak_rss_mib" not in g
+    assert rows["ours"]["generation"]["greedy_agreement"] == 1.0 == rows["ours"]["fidelity"]
+    assert abs(rows["ours"]["value"] / rows["original"]["value"] - 1) < 1e-3  # perplexity: the same model
+    md = (out / "report.md").read_text()
+    assert "| time to first token (ms) | decode tokens/s |" in md and "24-token prompt, 8 new tokens" in md
+
+    # a prompt and its new tokens past the model's 128 positions: one line, nothing written
+    out2 = tmp_path / "report2"
+    res = CliRunner().invoke(cli, ["report", str(ours), "-o", str(out2), "--original", str(original),
+                                   "--no-baselines", "--prompt-tokens", "100", "--new-tokens", "64"])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--prompt-tokens 100 + --new-tokens 64 is longer than" in lines[0], res.stderr
+    assert not out2.exists()
+
+
+@pytest.mark.slow  # a full report with optimum's baselines and peak memory in fresh processes: ~30 s
 def test_report_on_a_decoder_whose_tokenizer_has_no_pad_token(tmp_path):
     """Real decoders (Llama, SmolLM2) ship no pad token; optimum's baseline export keeps the
     tokenizer as it is, and the report pads every row's inputs all the same."""
@@ -127,8 +160,16 @@ def test_report_on_a_decoder_whose_tokenizer_has_no_pad_token(tmp_path):
     out = tmp_path / "report"
     res = CliRunner().invoke(cli, [
         "report", str(int8), "-o", str(out), "--original", str(folder), "--repeats", "1", "--warmup", "1",
-        "--batch-sizes", "1,2", "--seq-len", "16", "--threads", "1", "--json", "-"])
+        "--batch-sizes", "1,2", "--seq-len", "16", "--threads", "1", "--prompt-tokens", "32", "--new-tokens", "8",
+        "--generation-repeats", "1", "--json", "-"])
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)["rows"]
     assert [r["label"] for r in rows][:3] == ["original", "optimum ONNX fp32", "optimum ONNX int8"]
     assert all(r["latency"] for r in rows) and rows[0]["metric"] == "perplexity"
+    # optimum's baselines are its with-past exports, and the generation figures are set against its fp32
+    assert [r["kind"] for r in rows[1:3]] == ["ONNX fp32 + KV cache", "ONNX int8 + KV cache"]
+    assert rows[1]["generation"]["decode_vs_optimum_fp32"] == 1.0 and rows[1]["generation"]["greedy_agreement"] == 1.0
+    for r in rows:
+        g = r["generation"]
+        assert g["peak_rss_mib"] > 100 and 0 <= g["model_rss_mib"] < g["peak_rss_mib"]
+        assert g["size_vs_optimum_fp32"] > 0 and g["decode_tokens_per_s"] > 0

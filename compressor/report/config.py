@@ -27,6 +27,12 @@ class ReportConfig(StageConfig):
         fidelity_size: Test texts fidelity to the original is measured on.
         max_length: Tokens per text for the task metric and fidelity.
         batch_size: Texts per forward pass for the task metric.
+        prompt_tokens: Causal LMs: prompt length of the generation runs (batch 1, greedy).
+        new_tokens: Causal LMs: tokens generated per run; decode tokens/s is measured on all
+            but the first.
+        generation_repeats: Causal LMs: timed generation runs per row, rows taking turns (medians).
+        peak_memory: Causal LMs: measure each row's peak memory in a fresh process (a few
+            seconds per row).
     """
 
     threads: int = 2
@@ -41,9 +47,14 @@ class ReportConfig(StageConfig):
     fidelity_size: int = 500
     max_length: int = 64
     batch_size: int = 64
+    prompt_tokens: int = 128
+    new_tokens: int = 64
+    generation_repeats: int = 3
+    peak_memory: bool = True
 
     def __post_init__(self):
-        for name in ("threads", "seq_len", "repeats", "train_size", "test_size", "fidelity_size", "max_length", "batch_size"):
+        for name in ("threads", "seq_len", "repeats", "train_size", "test_size", "fidelity_size", "max_length",
+                     "batch_size", "prompt_tokens", "new_tokens", "generation_repeats"):
             check_positive(name, getattr(self, name))
         check_int("warmup", self.warmup, 0)
         if isinstance(self.batch_sizes, (str, bytes)) or not self.batch_sizes:

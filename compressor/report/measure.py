@@ -27,6 +27,7 @@ from ..errors import CompressError
 from ..models import LoadedModel
 from ..models.pooling import pool
 from .config import ReportConfig
+from .generation import generation, peak_memory
 from .runners import OnnxRunner, Runner, TorchRunner
 
 #: Row labels of the baselines.
@@ -36,7 +37,9 @@ BASELINE_FP32, BASELINE_INT8 = "optimum ONNX fp32", "optimum ONNX int8"
 def optimum_baselines(original: LoadedModel, folder: Path, task: str) -> dict[str, Path]:
     """The original exported and quantized the way optimum's documentation does it:
     ``main_export`` (what ``optimum-cli export onnx`` runs), then ``ORTQuantizer`` with the
-    dynamic ``AutoQuantizationConfig`` preset for this CPU. Nothing of ours touches the graphs."""
+    dynamic ``AutoQuantizationConfig`` preset for this CPU. Nothing of ours touches the graphs.
+    A causal LM is exported with its KV cache (``text-generation-with-past``, what a user who
+    generates picks), or without it for a family optimum exports no cache for."""
     from optimum.exporters.onnx import main_export
     from optimum.onnxruntime import ORTQuantizer
 
@@ -47,7 +50,14 @@ def optimum_baselines(original: LoadedModel, folder: Path, task: str) -> dict[st
 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet("optimum", "transformers"):
         warnings.simplefilter("ignore")
-        main_export(original.source, output=fp32, task=task, library_name="transformers", do_validation=False)
+        if task == "text-generation":
+            try:
+                main_export(original.source, output=fp32, task="text-generation-with-past",
+                            library_name="transformers", do_validation=False)
+            except Exception:  # noqa: BLE001 - optimum's own refusal; its route without a cache remains
+                main_export(original.source, output=fp32, task=task, library_name="transformers", do_validation=False)
+        else:
+            main_export(original.source, output=fp32, task=task, library_name="transformers", do_validation=False)
         ORTQuantizer.from_pretrained(fp32).quantize(optimum_preset("auto", is_static=False), save_dir=int8)
     (int8 / "model_quantized.onnx").replace(int8 / "model.onnx")  # one model file, as every row has
     return {BASELINE_FP32: fp32, BASELINE_INT8: int8}
@@ -163,11 +173,16 @@ def report(original: LoadedModel, variants: list[tuple[str, str]], config: Repor
     from ..evaluation.evaluate import EvaluateConfig, load_split
     from ..export.stage import max_positions
     from ..models import load_model
+    from ..models.heads import pick_task
 
     start = time.perf_counter()
     limit = max_positions(original.adapter, original.model, original.tokenizer)
     if limit and config.seq_len > limit:
         raise CompressError(f"--seq-len {config.seq_len} is longer than {original.name} reads ({limit} tokens)")
+    generates = pick_task(original, "auto") == "text-generation"
+    if generates and limit and config.prompt_tokens + config.new_tokens > limit:
+        raise CompressError(f"--prompt-tokens {config.prompt_tokens} + --new-tokens {config.new_tokens} is longer "
+                            f"than {original.name} reads ({limit} positions); shorten the prompt")
 
     def step(text: str) -> None:
         if log is not None:
@@ -201,6 +216,15 @@ def report(original: LoadedModel, variants: list[tuple[str, str]], config: Repor
         metric = task_metric(runner, split, config)
         rows.append({"label": runner.label, "kind": runner.kind, "path": runner.path, "size_bytes": runner.size_bytes,
                      "parameters": runner.parameters, "latency": timings[runner.label], **metric})
+    if generates:
+        step(f"generation of {len(runners)} rows, taking turns: batch 1, {config.prompt_tokens}-token prompt, "
+             f"{config.new_tokens} new tokens, greedy, {config.generation_repeats} timed runs each")
+        speeds = generation(runners, config)
+        for runner, row in zip(runners, rows):
+            row["generation"] = speeds[runner.label]
+            if config.peak_memory:
+                step(f"{runner.label}: peak memory in a fresh process")
+                row["generation"].update(peak_memory(runner, config))
     compare(rows, task, largest=str(max(config.batch_sizes)))
     return {"task": task, "metric": rows[0]["metric"], "rows": rows, "config": config.to_dict(),
             "provenance": provenance(config), "seconds": round(time.perf_counter() - start, 1)}
@@ -208,16 +232,23 @@ def report(original: LoadedModel, variants: list[tuple[str, str]], config: Repor
 
 def compare(rows: list[dict[str, Any]], task: str, *, largest: str) -> None:
     """Each row against the first (the original): fidelity and its share of the task metric;
-    and against optimum's int8, where there is one: speed at the ``largest`` batch, and size.
+    and against optimum's int8, where there is one: speed at the ``largest`` batch, and size;
+    a causal LM's decode speed and size also against optimum's fp32 (with its KV cache).
     The rows' raw outputs are dropped once compared."""
     base = rows[0]
     int8 = next((r for r in rows if r["label"] == BASELINE_INT8), None)
+    fp32 = next((r for r in rows if r["label"] == BASELINE_FP32), None)
     for row in rows:
-        row["fidelity"] = None if row is base else fidelity_to(base, row, task)
+        row["fidelity"] = (None if row is base else row["generation"]["greedy_agreement"] if "generation" in row
+                           else fidelity_to(base, row, task))
         higher_is_better = row["metric"] != "perplexity"
         row["of_original"] = (row["value"] / base["value"]) if higher_is_better else (base["value"] / row["value"])
         if int8 is not None:
             row["speedup_vs_optimum_int8"] = int8["latency"][largest]["p50_ms"] / row["latency"][largest]["p50_ms"]
             row["size_vs_optimum_int8"] = row["size_bytes"] / int8["size_bytes"]
+        if fp32 is not None and "generation" in row:  # a causal LM's targets are set against optimum's fp32 with past
+            row["generation"]["decode_vs_optimum_fp32"] = (row["generation"]["decode_tokens_per_s"]
+                                                           / fp32["generation"]["decode_tokens_per_s"])
+            row["generation"]["size_vs_optimum_fp32"] = row["size_bytes"] / fp32["size_bytes"]
     for row in rows:
         row.pop("outputs", None)

@@ -34,7 +34,7 @@ def markdown(result: dict[str, Any], *, title: str, command: str | None = None) 
         f"{cfg['max_length']} tokens), as `compress evaluate` computes it; fidelity: "
         + ("cosine of the pooled sentence embeddings to the original's" if result["task"] == "feature-extraction"
            else "agreement of predictions with the original's" if result["task"] == "text-classification"
-           else "not measured for text generation")
+           else f"greedy agreement with the original's {cfg['new_tokens']} new tokens (below)")
         + ("." if result["task"] == "text-generation" else f" on {min(cfg['fidelity_size'], cfg['test_size']):,} test texts."),
         "",
         "| " + " | ".join(head) + " |",
@@ -51,7 +51,38 @@ def markdown(result: dict[str, Any], *, title: str, command: str | None = None) 
             cells += [f"{r['speedup_vs_optimum_int8']:.2f}x", f"{r['size_vs_optimum_int8']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if any("generation" in r for r in result["rows"]):
+        lines += generation_table(result)
     return "\n".join(lines)
+
+
+def generation_table(result: dict[str, Any]) -> list[str]:
+    """A causal LM's generation figures, one row per model."""
+    cfg = result["config"]
+    rows = [r for r in result["rows"] if "generation" in r]
+    memory = any("peak_rss_mib" in r["generation"] for r in rows)
+    against = any("decode_vs_optimum_fp32" in r["generation"] for r in rows)
+    head = ["model", "format", "time to first token (ms)", "decode tokens/s", "greedy agreement"]
+    head += ["peak memory (MiB)", "of it the model's (MiB)"] if memory else []
+    head += ["decode vs optimum fp32", "size vs optimum fp32"] if against else []
+    lines = [f"Generation: batch 1, a {cfg['prompt_tokens']}-token prompt, {cfg['new_tokens']} new tokens, greedy, "
+             f"{cfg['generation_repeats']} timed runs per row, rows taking turns (medians). Time to first token is "
+             f"the prefill and first token; decode tokens/s counts the other {cfg['new_tokens'] - 1}. Greedy "
+             "agreement: share of the new tokens equal, position by position, to the original's."
+             + (" Peak memory: the resident set of a fresh process that loads the row and generates once; the "
+                "model's part is what it adds to one with torch, transformers and onnxruntime imported." if memory else ""),
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        g = r["generation"]
+        cells = [r["label"], r["kind"], f"{g['ttft_ms']:.1f}", f"{g['decode_tokens_per_s']:.1f}",
+                 f"{g['greedy_agreement']:.1%}"]
+        if memory:
+            cells += [f"{g['peak_rss_mib']:.0f}", f"{g['model_rss_mib']:.0f}"]
+        if against:
+            cells += [f"{g['decode_vs_optimum_fp32']:.2f}x", f"{g['size_vs_optimum_fp32']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
 
 
 def chart(result: dict[str, Any], path: Path, *, title: str) -> None:

@@ -42,6 +42,10 @@ class Runner:
     def __call__(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def generator(self):  # pragma: no cover - interface
+        """An object with transformers' ``generate`` (causal LMs only)."""
+        raise NotImplementedError
+
 
 class TorchRunner(Runner):
     """A `LoadedModel` in PyTorch fp32 on the CPU."""
@@ -67,6 +71,9 @@ class TorchRunner(Runner):
             kw["token_type_ids"] = enc["token_type_ids"]
         out = self.model(**kw)
         return out.last_hidden_state if self.task == "feature-extraction" else out.logits
+
+    def generator(self):
+        return self.model
 
 
 class OnnxRunner(Runner):
@@ -100,6 +107,8 @@ class OnnxRunner(Runner):
         from ..quantization.onnx import graph_inputs
 
         self.inputs = graph_inputs(graph)
+        self.with_past = any(name.startswith("past_key_values.") for name in self.inputs)
+        self._threads, self._generator = threads, None
         self.output = self.session.get_outputs()[0].name
         self.task = {"last_hidden_state": "feature-extraction"}.get(self.output, "text-generation")
         config = AutoConfig.from_pretrained(folder)
@@ -111,12 +120,38 @@ class OnnxRunner(Runner):
         report = folder / "export_report.json"
         if report.is_file():  # our own exports say what they are
             self.kind = "ONNX " + json.loads(report.read_text())["metrics"]["precision"]
+        if self.with_past:
+            self.kind += " + KV cache"
 
     def __call__(self, enc):
         from ..quantization.onnx import onnx_feed
 
         feed = onnx_feed({k: v.numpy() for k, v in enc.items()}, self.inputs)
         return torch.from_numpy(self.session.run([self.output], feed)[0])
+
+    def generator(self):
+        """optimum's ``ORTModelForCausalLM`` on the folder, as a user generates with it (a second
+        session: optimum binds its own)."""
+        if self._generator is None:
+            import onnxruntime as ort
+
+            from ..export.stage import load_ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = self._threads, 1
+            task = "text-generation-with-past" if self.with_past else "text-generation"
+            self._generator = load_ort(self.path, task, session_options=options)
+        return self._generator
+
+
+def has_past(file: str | Path) -> bool:
+    """Whether an ONNX decoder takes past key values (optimum's with-past layout)."""
+    import onnx
+
+    from ..quantization.onnx import graph_inputs
+
+    graph = onnx.load(str(file), load_external_data=False)
+    return any(name.startswith("past_key_values.") for name in graph_inputs(graph))
 
 
 def _precision(graph) -> str:

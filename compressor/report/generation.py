@@ -1,0 +1,140 @@
+"""Generation figures of a causal LM: time to first token, decode tokens/s, peak memory and
+greedy agreement with the original, for every row of a report.
+
+Batch 1, greedy, a prompt of ``config.prompt_tokens`` real tokens and ``config.new_tokens`` new
+ones. Time to first token is a ``generate`` of one token (the prefill); decode tokens/s is the
+other ``new_tokens - 1`` over the time a full ``generate`` takes beyond the prefill. Rows take
+turns run by run, as the latency table's do, so that a noisy machine slows them all alike.
+
+Peak memory is measured in a fresh process per row (``python -m compressor.report.generation``):
+one process's high-water mark cannot be split between rows that share it. The figure is the
+process's peak resident set while it loads the row and generates once, and the part of it
+above the interpreter with torch, transformers and onnxruntime imported (the row's own cost).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CompressError
+from .config import ReportConfig
+
+
+def prompt(tokenizer, tokens: int) -> dict[str, torch.Tensor]:
+    """``tokens`` tokens of real English text (the calibration text, repeated if it is short)."""
+    from ..data import calibration_texts
+
+    text = " ".join(calibration_texts(None))
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    while ids.numel() < tokens:
+        ids = torch.cat([ids, ids])
+    ids = ids[:tokens].unsqueeze(0)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def greedy(model, enc: dict[str, torch.Tensor], new: int, pad_token_id) -> torch.Tensor:
+    """The ``new`` greedy tokens after the prompt (exactly ``new``: no early stop at EOS)."""
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             pad_token_id=pad_token_id)
+    return out[0, enc["input_ids"].shape[1]:]
+
+
+def generation(runners: list, config: ReportConfig) -> dict[str, dict[str, Any]]:
+    """``label -> {ttft_ms, decode_tokens_per_s, greedy_agreement}`` for each runner (in turns).
+
+    ``greedy_agreement`` is the share of the new tokens equal, position by position, to the first
+    runner's (the original's): 1.0 for an export that reproduces it.
+    """
+    torch.set_num_threads(config.threads)
+    models = [r.generator() for r in runners]
+    inputs = [prompt(r.tokenizer, config.prompt_tokens) for r in runners]
+    pads = [r.tokenizer.pad_token_id for r in runners]
+    tokens = [greedy(m, enc, config.new_tokens, pad) for m, enc, pad in zip(models, inputs, pads)]  # also a warm-up
+    first: dict[str, list[float]] = {r.label: [] for r in runners}
+    full: dict[str, list[float]] = {r.label: [] for r in runners}
+    for _ in range(config.generation_repeats):
+        for runner, model, enc, pad in zip(runners, models, inputs, pads):
+            for new, times in ((1, first), (config.new_tokens, full)):
+                start = time.perf_counter()
+                greedy(model, enc, new, pad)
+                times[runner.label].append(time.perf_counter() - start)
+    result = {}
+    for runner, out in zip(runners, tokens):
+        ttft, total = statistics.median(first[runner.label]), statistics.median(full[runner.label])
+        same = float((out == tokens[0]).float().mean()) if out.shape == tokens[0].shape else 0.0
+        result[runner.label] = {"ttft_ms": ttft * 1e3, "greedy_agreement": same,
+                                "decode_tokens_per_s": (config.new_tokens - 1) / max(total - ttft, 1e-9)}
+    return result
+
+
+def peak_memory(runner, config: ReportConfig) -> dict[str, float]:
+    """``{peak_rss_mib, model_rss_mib}`` of a fresh process that loads ``runner`` and generates once.
+
+    Raises:
+        CompressError: the process failed (its last line says why).
+    """
+    kind = "onnx" if runner.kind.startswith("ONNX") else "torch"
+    args = [sys.executable, "-m", "compressor.report.generation", kind, runner.path, str(config.threads),
+            str(config.prompt_tokens), str(config.new_tokens)]
+    done = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CompressError(f"measuring the peak memory of {runner.label} failed: {last}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _max_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _measure(kind: str, path: str, threads: int, prompt_tokens: int, new_tokens: int) -> dict[str, float]:
+    """The child's side of `peak_memory`."""
+    import onnxruntime as ort
+    import optimum.onnxruntime  # noqa: F401  (imported before the baseline, as the report has it)
+    import transformers  # noqa: F401
+
+    torch.set_num_threads(threads)
+    before = _max_rss_mib()
+    if kind == "torch":
+        from ..models import load_model
+
+        loaded = load_model(path)
+        model, tokenizer = loaded.model.float().eval(), loaded.tokenizer
+    else:
+        from ..export.stage import load_ort
+        from ..models.loading import load_tokenizer
+        from .runners import has_past
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        with_past = has_past(Path(path) / "model.onnx")
+        model = load_ort(path, "text-generation-with-past" if with_past else "text-generation",
+                         session_options=options)
+        tokenizer = load_tokenizer(path)
+    greedy(model, prompt(tokenizer, prompt_tokens), new_tokens, tokenizer.pad_token_id)
+    peak = _max_rss_mib()
+    return {"peak_rss_mib": peak, "model_rss_mib": peak - before}
+
+
+if __name__ == "__main__":  # python -m compressor.report.generation KIND PATH THREADS PROMPT NEW
+    _kind, _path, *_numbers = sys.argv[1:]
+    try:
+        print(json.dumps(_measure(_kind, _path, *map(int, _numbers))))
+    except Exception as e:  # the parent reports the last line
+        from ..errors import first_line
+
+        print(first_line(e, with_type=True), file=sys.stderr)
+        sys.exit(1)
