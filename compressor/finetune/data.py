@@ -46,7 +46,7 @@ def load_training_data(student: LoadedModel, config: FinetuneConfig) -> Training
     """Read ``config.data``, with labels when the student is a classifier that can use them.
 
     Raises:
-        DataError: unreadable data, or a named ``label_column`` that is missing.
+        DataError: unreadable data, or a named ``label_column`` that is missing or not classes.
         ConfigError: labels for a student without a classifier head, labels the head does not know
             (when asked for by name), or no text at all.
     """
@@ -74,11 +74,12 @@ def _read_texts(config: FinetuneConfig, *, want_labels: bool) -> tuple[list[str]
     if want_labels:
         try:
             texts, labels = load_labelled(config.data, text_column=config.text_column, label_column=config.label_column,
-                                          encoding=config.encoding)
+                                          encoding=config.encoding, classes=True)
         except DataError:
             if config.label_column is not None:
-                raise  # labels were asked for by name
-            # otherwise a classifier distils from unlabelled text too (KL on its logits)
+                raise  # labels were asked for by name (and must be classes)
+            # otherwise a classifier distils from unlabelled text too (KL on its logits), as it
+            # does when a guessed label column holds ratings or ids rather than classes
     if texts is None:
         texts = load_texts(config.data, text_column=config.text_column, encoding=config.encoding)
     if config.max_samples:

@@ -61,6 +61,7 @@ def save_checkpoint(loaded: LoadedModel, folder: str | Path, *, overwrite: bool 
             "model_class": type(model).__name__,
             "family": loaded.adapter.family,
             "pooling": loaded.pooling,
+            "normalize": loaded.normalize,
             "source": loaded.origin,  # the original dense model, the teacher for recovery
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "sharing": loaded.sharing.to_dict() if loaded.sharing else None,
@@ -102,7 +103,7 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None) -> LoadedMod
     adapter, checks = prove(model, adapter)
     return LoadedModel(model=model, tokenizer=fit_tokenizer(load_tokenizer(str(folder)), adapter, model.config),
                        adapter=adapter, source=str(folder), name=name or str(folder),
-                       pooling=manifest.get("pooling", "mean"), sharing=sharing, origin=manifest.get("source"),
+                       pooling=manifest.get("pooling", "mean"), normalize=bool(manifest.get("normalize", False)), sharing=sharing, origin=manifest.get("source"),
                        checks=checks)
 
 

@@ -30,6 +30,9 @@ class LoadedModel:
         name: A short name for reports (what the user typed, or the bundled model's name).
         pooling: How a sentence embedding is made from token states: ``"mean"``, ``"cls"`` or
             ``"last"`` (from a sentence-transformers pooling config where present).
+        normalize: Whether its sentence embeddings are L2-normalized (a sentence-transformers
+            pipeline ending in ``Normalize``); exports write it into their sentence-transformers
+            layout, so that dot products stay cosines.
         sharing: The sharing manifest (plan, shared modules, LoRA rank...) of a shared model,
             ``None`` for a dense one.
         checks: What the adapter's self-checks found (`compressor.adapters.checks.AdapterChecks`).
@@ -44,6 +47,7 @@ class LoadedModel:
     source: str
     name: str = ""
     pooling: str = "mean"
+    normalize: bool = False
     sharing: SharingManifest | None = None
     origin: str | None = None
     checks: AdapterChecks | None = None

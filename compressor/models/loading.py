@@ -17,28 +17,36 @@ from .loaded import LoadedModel, fit_tokenizer, load_config, load_tokenizer
 #: Top-level modules that may be missing from a checkpoint (task heads, BERT's pooler).
 _HEAD_PREFIXES = {"pooler", "classifier", "score", "lm_head", "pre_classifier", "qa_outputs"}
 
-def _pooling(folder: Path) -> str | None:
-    """The pooling a sentence-transformers folder declares, else ``None``."""
+def _sentence_head(folder: Path) -> tuple[str | None, bool]:
+    """The pooling a sentence-transformers folder declares (else ``None``) and whether its
+    pipeline ends in a Normalize module."""
     for root in (folder, folder.parent):
         modules = root / "modules.json"
         if not modules.is_file():
             continue
-        for entry in st_modules(modules):
+        entries = st_modules(modules)
+        normalize = any(str(e.get("type", "")).endswith("Normalize") for e in entries)
+        for entry in entries:
             if str(entry.get("type", "")).endswith("Pooling"):
-                cfg_file = root / entry.get("path", "") / "config.json"
-                if cfg_file.is_file():
-                    try:
-                        cfg = json.loads(cfg_file.read_text())
-                    except (OSError, ValueError) as e:
-                        raise ModelLoadError(f"{cfg_file} is not valid JSON: {e}") from None
-                    if not isinstance(cfg, dict):
-                        raise ModelLoadError(f"{cfg_file} is not a pooling config")
-                    if cfg.get("pooling_mode_cls_token"):
-                        return "cls"
-                    if cfg.get("pooling_mode_lasttoken"):
-                        return "last"
-                return "mean"
-    return None
+                return _pooling_mode(root / entry.get("path", "") / "config.json"), normalize
+        return None, normalize
+    return None, False
+
+
+def _pooling_mode(cfg_file: Path) -> str:
+    if not cfg_file.is_file():
+        return "mean"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{cfg_file} is not a pooling config")
+    if cfg.get("pooling_mode_cls_token"):
+        return "cls"
+    if cfg.get("pooling_mode_lasttoken"):
+        return "last"
+    return "mean"
 
 
 def _model_class(config):
@@ -104,12 +112,12 @@ def load_model(
     adapter, checks = prove_adapter(model, infer=infer_adapter)
 
     tokenizer = fit_tokenizer(load_tokenizer(location, trust_remote_code), adapter, model.config)
-    declared = _pooling(Path(location)) if local else None
+    declared, normalize = _sentence_head(Path(location)) if local else (None, False)
     # without a sentence-transformers pooling config: mean for encoders, last token for decoders
     pooling = declared or ("last" if adapter.is_decoder else "mean")
     name = BUNDLED_NAME if spec is None else (location if not local else str(spec).rstrip("/"))
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=location, name=name, pooling=pooling,
-                       checks=checks)
+                       normalize=normalize, checks=checks)
 
 
 def _load_weights(location: str, config, shown: str, *, trust_remote_code: bool, dtype):

@@ -15,7 +15,9 @@ Events and their fields (besides ``event`` and ``time``, Unix seconds):
 * ``job_skip``: ``job``, ``reason``;
 * ``job_fail``: ``job``, ``error`` (one line);
 * ``batch_end``: ``done``, ``skipped``, ``failed``, ``seconds``, ``exit_code``;
-* ``error``: ``message``, ``exit_code`` (the command stops: 2 bad input, 1 a failed result).
+* ``error``: ``message``, ``exit_code`` (the command stops: 2 bad input, 1 a failed result);
+* ``report_step``: ``step`` (`compress report`, as each long step starts);
+* ``evaluate_step``: ``model``, ``step`` (`compress evaluate`, as each model's long step starts).
 
 The default ``text`` format writes the same events as short readable lines.
 """
@@ -94,5 +96,7 @@ def render_text(e: dict[str, Any]) -> str:
         return f"compress: error: {e['message']}"
     if kind == "report_step":
         return f"report: {e['step']}"
+    if kind == "evaluate_step":
+        return f"evaluate: {e['model']}: {e['step']}"
     rest = ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("event", "time"))
     return f"{kind}: {rest}"
