@@ -9,7 +9,13 @@ from pathlib import Path
 import click
 
 from cli.main import cli, emit_result, log_format
-from cli.options import build_config, check_json, config_options, json_option, overwrite_option
+from cli.options import (
+    build_config,
+    check_json,
+    config_options,
+    json_option,
+    overwrite_option,
+)
 from compressor.config import flag, option_specs
 from compressor.evaluation.evaluate import EvaluateConfig
 from compressor.evaluation.suite import SuiteConfig

@@ -16,11 +16,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-#: Nodes that multiply by a weight matrix.
-WEIGHT_OPS = ("MatMul", "Gemm")
+#: Nodes that multiply by a weight matrix (``Attention``: onnxruntime's fused attention, which
+#: holds the query, key and value projections as one weight).
+WEIGHT_OPS = ("MatMul", "Gemm", "Attention")
 #: What those become after int8 quantization (dynamic QOperator, static QOperator or QDQ).
 QUANTIZED_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm",
-                 "MatMulNBits")  # the last: int4 weight-only, two 4-bit numbers a byte
+                 "QAttention", "MatMulNBits")  # the last: int4 weight-only, two 4-bit numbers a byte
 
 
 def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -47,6 +48,33 @@ def inline_identity_weights(model: onnx.ModelProto) -> int:
     for node in dropped:
         model.graph.node.remove(node)
     return len(dropped)
+
+
+def merge_identical_initializers(model: onnx.ModelProto) -> int:
+    """Store initializers with identical contents (type, shape and bytes) once, every node reading
+    the first. onnxruntime's attention fusion concatenates each layer's query, key and value
+    weights into one new initializer per layer, so the layers of a shared group get copies of the
+    same concatenation; this gives them back one. Returns the number of copies removed."""
+    import hashlib
+
+    first: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    for init in model.graph.initializer:
+        key = (init.data_type, tuple(init.dims), hashlib.sha256(numpy_helper.to_array(init).tobytes()).hexdigest())
+        if key in first:
+            rename[init.name] = first[key]
+        else:
+            first[key] = init.name
+    if not rename:
+        return 0
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    keep = [t for t in model.graph.initializer if t.name not in rename]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return len(rename)
 
 
 def gemm_to_matmul(model: onnx.ModelProto) -> int:
@@ -97,7 +125,8 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
 
 #: Inputs of quantization ops that hold scales and zero points rather than the model's numbers.
 _QUANT_PARAM_INPUTS = {"QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "MatMulInteger": (2, 3),
-                       "DynamicQuantizeMatMul": (2, 3), "QLinearMatMul": (1, 2, 4, 5, 6, 7), "MatMulNBits": (2, 3)}
+                       "DynamicQuantizeMatMul": (2, 3), "QLinearMatMul": (1, 2, 4, 5, 6, 7), "MatMulNBits": (2, 3),
+                       "QAttention": (3, 4, 6, 7)}
 
 
 def stored_elements(model: onnx.ModelProto) -> int:

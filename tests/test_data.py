@@ -76,3 +76,44 @@ def test_default_calibration_texts():
     assert len(texts) >= 60
     assert not any(t.startswith("#") for t in texts)
     assert len(set(texts)) == len(texts)
+
+
+# ---- labels that are not classes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("labels", [
+    ["0", "1"] * 50,                                  # class ids
+    [str(i % 6) for i in range(120)],                 # 0..5
+    [f"{i % 20}.0" for i in range(200)],              # 20 numeric classes, written as floats
+    ["pos", "neg", "x", "y"],                         # a tiny file: each row its own class is fine
+    [f"HUM:{i % 50}" for i in range(5000)],           # 50 fine TREC-like labels
+])
+def test_class_labels_are_accepted(labels):
+    from compressor.data.text import check_classes
+
+    check_classes(labels, "label", "data.csv")
+
+
+def test_ratings_and_ids_are_not_classes():
+    from compressor.data.text import check_classes
+
+    ratings = [f"{(i % 1041) / 130 - 4:.3f}" for i in range(10_605)]
+    with pytest.raises(DataError) as e:
+        check_classes(ratings, "rating", "snippets.tsv")
+    assert str(e.value) == ("snippets.tsv: column 'rating' looks like numbers, not classes (1,041 distinct values "
+                            "in 10,605 rows); pass --label-column with a class column, or bin the values first")
+    with pytest.raises(DataError, match="looks like numbers"):
+        check_classes([str(i % 21) for i in range(1000)], "stars", "x.csv")  # 21 integer values: a score
+    with pytest.raises(DataError, match=r"column 'id' looks like ids or free text, not classes \(100 distinct values in 120"):
+        check_classes([f"doc{i % 100}" for i in range(120)], "id", "x.csv")
+    check_classes([f"doc{i % 30}" for i in range(120)], "topic", "x.csv")  # 30 classes of 4: still classes
+
+
+def test_read_labelled_checks_classes_only_when_asked(tmp_path):
+    from compressor.data import read_labelled
+
+    f = tmp_path / "raw.tsv"
+    f.write_text("id\tsentiment\ttext\n" + "".join(f"{i}\t{i / 7 - 3:.4f}\tsnippet {i}\n" for i in range(50)))
+    assert len(read_labelled(f)[1]) == 50
+    with pytest.raises(DataError, match="column 'sentiment' looks like numbers, not classes"):
+        read_labelled(f, classes=True)

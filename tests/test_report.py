@@ -54,8 +54,10 @@ def test_report_compares_variants_with_the_original_and_optimums_baselines(tiny_
     assert (out / "report.png").stat().st_size > 1000
 
     rows = {r["label"]: r for r in result["rows"]}
-    assert [r["label"] for r in result["rows"]] == ["original", "optimum ONNX fp32", "optimum ONNX int8", "ours int8", "shared"]
-    assert [r["kind"] for r in result["rows"]] == ["PyTorch fp32", "ONNX fp32", "ONNX int8", "ONNX int8", "PyTorch fp32"]
+    assert [r["label"] for r in result["rows"]] == ["original", "optimum ONNX fp32", "optimum ONNX int8",
+                                                   "optimum O2 fp32", "optimum O2 int8", "ours int8", "shared"]
+    assert [r["kind"] for r in result["rows"]] == ["PyTorch fp32", "ONNX fp32", "ONNX int8", "ONNX fp32", "ONNX int8",
+                                                  "ONNX int8", "PyTorch fp32"]
     assert result["task"] == "feature-extraction" and result["metric"] == "probe accuracy"
     base, fp32, q8 = rows["original"], rows["optimum ONNX fp32"], rows["optimum ONNX int8"]
     # optimum's plain export is the same model: same metric, embeddings the same up to rounding
@@ -73,6 +75,12 @@ def test_report_compares_variants_with_the_original_and_optimums_baselines(tiny_
             assert 0 < lat["p50_ms"] <= lat["p90_ms"] and lat["throughput"] > 0
         assert row["size_vs_optimum_int8"] > 0 and row["speedup_vs_optimum_int8"] > 0
     assert q8["size_vs_optimum_int8"] == 1.0
+    # optimum's O2 route: the fused graph computes the same embeddings; its int8 is smaller
+    o2, o2q = rows["optimum O2 fp32"], rows["optimum O2 int8"]
+    assert o2["fidelity"] > 0.999 and 0.9 < o2q["fidelity"] <= 1.0 + 1e-6
+    assert o2q["size_vs_optimum_o2_int8"] == 1.0 and o2q["size_bytes"] < o2["size_bytes"] / 2
+    assert all(r["speedup_vs_optimum_o2_int8"] > 0 for r in result["rows"])
+    assert "size vs optimum O2 int8" in (out / "report.md").read_text()
     prov = result["provenance"]
     assert prov["threads"] == 1 and prov["packages"]["onnxruntime"] and prov["packages"]["torch"]
     assert result["config"]["batch_sizes"] == [1, 4] and result["config"]["repeats"] == 2

@@ -135,3 +135,37 @@ def test_minilm_export_matches_its_own_sentence_transformers_pipeline(tmp_path):
     theirs = SentenceTransformer(str(bundled_model_dir()), device="cpu").encode(TEXTS, convert_to_tensor=True)
     assert torch.nn.functional.cosine_similarity(ours, theirs).min() >= 0.9999
     assert torch.allclose(ours.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-3)
+
+
+def test_optimized_export_fuses_attention_and_keeps_shared_weights_once(tiny_dirs, tmp_path):
+    """onnxruntime's O2 fusions on a shared model: every layer's attention fused, the fused
+    query/key/value weights of a group stored once, fp32 still equal to PyTorch, int8 fused too."""
+    import onnx
+
+    shared, _ = share(load_model(tiny_dirs["bert"]), ShareConfig(plan="0-1,2-3", lora_rank=0, fidelity=False))
+    save_checkpoint(shared, tmp_path / "shared")
+    compressed = load_model(tmp_path / "shared")
+    fp32 = export(compressed, ExportConfig(check_lengths=[8, 32], optimize=2), tmp_path / "fp32")
+    layers = compressed.geometry.num_layers
+    optimized = fp32.metrics["graph"]["optimized"]
+    assert optimized["fused"]["Attention"] == layers and optimized["copies_merged"] >= 2
+    assert fp32.params_after <= fp32.params_before  # the per-layer copies of a group's weights merged
+    assert fp32.metrics["check"]["max_abs_diff"] < 1e-4
+    plain = export(compressed, ExportConfig(check_lengths=[8]), tmp_path / "plain")
+    assert abs(fp32.params_after - plain.params_after) <= 2 * 1024  # the optimizer's odd constant aside
+
+    int8 = export(compressed, ExportConfig(check_lengths=[8, 32], optimize=2), tmp_path / "int8",
+                  quantize=QuantizeConfig("int8"))
+    graph = onnx.load(str(tmp_path / "int8" / "model.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    assert "QAttention" in ops and "Attention" not in ops
+    proj = int8.metrics["projections"]
+    assert proj["on_weights"] > 0 and proj["float_on_weights"] == 0
+    assert int8.params_after <= int8.params_before
+
+    for args, words in ((["--optimize", "2", str(tiny_dirs["llama"])], "--optimize runs onnxruntime's encoder fusions"),
+                        (["--optimize", "2", "--quantize", "int4", str(tiny_dirs["bert"])], "is not supported"),
+                        (["--optimize", "3", str(tiny_dirs["bert"])], "the levels are 0, 1 and 2")):
+        res = CliRunner().invoke(cli, ["export", *args, "-o", str(tmp_path / "refused")])
+        assert res.exit_code == 2 and not (tmp_path / "refused").exists(), res.output
+        assert len(res.stderr.strip().splitlines()) == 1 and words in res.stderr, res.stderr

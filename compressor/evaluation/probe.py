@@ -14,14 +14,23 @@ from ..models.pooling import pool
 @torch.no_grad()
 def embed(loaded, texts: list[str], *, batch_size: int = 64, max_length: int = 128, device: str = "cpu",
           normalize: bool = True) -> torch.Tensor:
-    """Sentence embeddings ``(len(texts), hidden)`` with the model's own pooling."""
+    """Sentence embeddings ``(len(texts), hidden)`` with the model's own pooling, in the order of ``texts``.
+
+    Texts are batched shortest first: a batch is padded to its longest text, so batches of
+    similar lengths compute far fewer padding tokens (the padding is masked out either way).
+    """
     base = loaded.adapter.base(loaded.model).to(device).eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = []
-    for enc in batches(loaded.tokenizer, texts, batch_size, max_length, device):
+    for enc in batches(loaded.tokenizer, [texts[i] for i in order], batch_size, max_length, device):
         hidden = base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
         e = pool(hidden, enc["attention_mask"], loaded.pooling).float()
         out.append(F.normalize(e, dim=-1) if normalize else e)
-    return torch.cat(out).cpu()
+    if not out:
+        return torch.zeros(0, 0)
+    result = torch.empty_like(torch.cat(out))
+    result[torch.tensor(order)] = torch.cat(out)  # back to the order of ``texts``
+    return result.cpu()
 
 
 def probe_accuracy(train_x: torch.Tensor, train_y: list[str], test_x: torch.Tensor, test_y: list[str],

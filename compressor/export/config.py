@@ -43,6 +43,11 @@ class ExportConfig(TextFormat, StageConfig):
             pooling, then its normalization, inside the graph), for onnxruntime in C#, Java or
             JavaScript with no pooling code of their own; checked with a plain
             ``onnxruntime.InferenceSession``.
+        optimize: Encoders: onnxruntime's transformer graph optimizations, as optimum's
+            ``ORTOptimizer`` applies them: 0 none, 1 basic, 2 also attention, LayerNorm and GELU
+            fusion (optimum's O2). Shared weights stay stored once (the fusions' per-layer copies
+            are merged); the export is checked on the optimized graph. int8 quantizes the fused
+            graph; not with int4 or int8-static.
     """
 
     task: str = choice("auto", TASKS)
@@ -53,11 +58,15 @@ class ExportConfig(TextFormat, StageConfig):
     check_lengths: list[int] = field(default_factory=lambda: [8, 32, 128])
     generation_check: int = 16
     pooling_in_graph: bool = False
+    optimize: int = 0
 
     def __post_init__(self):
         check_choice("task", self.task, TASKS)
         check_int("opset", self.opset, 14)
         check_int("generation_check", self.generation_check, 0)
+        check_int("optimize", self.optimize, 0)
+        if self.optimize > 2:
+            raise ConfigError(f"--optimize {self.optimize}: the levels are 0, 1 and 2", option="optimize")
         for name in ("atol", "rtol"):
             check_positive(name, getattr(self, name))
         if isinstance(self.check_lengths, (str, bytes)) or not self.check_lengths:

@@ -13,6 +13,12 @@ def export_summary_rows(record) -> list[tuple[str, str]]:
         ("stored numbers", f"{record.params_after:,} for {record.params_before:,} unique parameters"),
         ("projections", f"{proj['on_weights']} on weights, {proj['on_weights'] - proj['float_on_weights']} of them quantized"),
     ]
+    optimized = m["graph"].get("optimized")
+    if optimized:
+        fused = ", ".join(f"{n} {op}" for op, n in optimized["fused"].items()) or "nothing fused"
+        rows.append(("optimized", f"onnxruntime level {optimized['level']}: {fused}; "
+                                  f"{optimized['copies_merged']} identical initializers stored once "
+                                  f"({optimized['numbers_merged']:,} numbers saved)"))
     lengths = ", ".join(str(b["length"]) for b in check["batches"])
     # a record only exists for an export that passed (a failing one raises), but the line says
     # so in words, with each threshold beside the number it applies to

@@ -67,6 +67,10 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
     task = pick_task(loaded, config.task)
     if config.task == "auto" and task == "text-generation":
         task = "text-generation-with-past"  # what a user generating with optimum expects
+    if config.optimize and task != "feature-extraction":
+        raise ConfigError(f"--optimize runs onnxruntime's encoder fusions; {loaded.name} is exported as {task}")
+    if config.optimize and quantize is not None and quantize.mode in ("int4", "int8-static"):
+        raise ConfigError(f"--optimize with --quantize {quantize.mode} is not supported; use int8 or fp16")
     if config.pooling_in_graph and task != "feature-extraction":
         raise ConfigError(f"--pooling-in-graph puts sentence pooling into an encoder's graph; {loaded.name} is "
                           f"exported as {task}")
@@ -137,6 +141,13 @@ def _write(tmp: Path, loaded: LoadedModel, model, task: str, config: ExportConfi
     tied = None
     if quantize is None or quantize.mode == "fp16":
         tied = store_tied_once(tmp / MODEL_FILE, model)
+    optimized = None
+    if config.optimize:
+        from ..quantization.onnx import prepare_graph
+        from .optimize import optimize_graph
+
+        prepare_graph(tmp / MODEL_FILE)  # weights behind Identity nodes would not match the fusions' patterns
+        optimized = optimize_graph(tmp, config.optimize)
     if quantize is not None:
         from ..quantization import quantize_onnx
 
@@ -150,6 +161,8 @@ def _write(tmp: Path, loaded: LoadedModel, model, task: str, config: ExportConfi
 
     if tied is not None:
         quantized["tied_head_stored_once"] = tied
+    if optimized is not None:
+        quantized["optimized"] = optimized
     stored, matmuls = check_storage(tmp / MODEL_FILE, model, params, quantize)
 
     check = check_export(tmp, model, loaded.tokenizer, task, input_names, config, quantize, texts, loaded.adapter)

@@ -150,7 +150,9 @@ def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None,
                        f"(is_static={preset.is_static}, per_channel={preset.per_channel})",
                 format=preset.format.name, weights=preset.weights_dtype.name, activations=preset.activations_dtype.name)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        if config.mode == "int8":
+        if config.mode == "int8" and fused(path):
+            done.update(_quantize_fused(path, Path(tmp), preset))
+        elif config.mode == "int8":
             from optimum.onnxruntime import ORTQuantizer
 
             quantizer = ORTQuantizer.from_pretrained(folder, file_name=MODEL_FILE)
@@ -160,6 +162,30 @@ def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None,
         else:
             done.update(_quantize_static(path, Path(tmp), preset, config, tokenizer, input_names, dynamic_scopes))
     return done
+
+
+def fused(path: Path) -> bool:
+    """Whether the graph at ``path`` holds onnxruntime's fused (``com.microsoft``) operators."""
+    return any(n.domain == "com.microsoft" for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def _quantize_fused(path: Path, tmp: Path, preset) -> dict[str, Any]:
+    """Dynamic int8 of a graph onnxruntime's optimizer fused, with the preset's settings.
+
+    optimum's ``ORTQuantizer`` fails on such graphs in its shape inference; onnxruntime's own
+    ``quantize_dynamic`` quantizes them (fused ``Attention`` becomes ``QAttention``) once told the
+    type of tensors its inference cannot type.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = tmp / "model_quantized.onnx"
+    quantize_dynamic(str(path), str(out), per_channel=preset.per_channel, reduce_range=preset.reduce_range,
+                     weight_type=QuantType.QInt8 if preset.weights_dtype.name == "QInt8" else QuantType.QUInt8,
+                     op_types_to_quantize=list(preset.operators_to_quantize),
+                     extra_options={"WeightSymmetric": preset.weights_symmetric,
+                                    "DefaultTensorType": onnx.TensorProto.FLOAT})
+    shutil.move(out, path)
+    return {"quantizer": "onnxruntime.quantization.quantize_dynamic (on the fused graph)"}
 
 
 def _quantize_static(path: Path, tmp: Path, preset, config: QuantizeConfig, tokenizer, input_names,

@@ -20,7 +20,9 @@ class ReportConfig(StageConfig):
         repeats: Timed runs per row and batch size; rows take turns run by run, so that a
             noisy neighbour slows them all alike. Latencies are medians (p50) and p90s.
         baselines: Add the original as plain ONNX fp32 and int8, made the way optimum makes them
-            (``main_export``, then ``ORTQuantizer`` with ``AutoQuantizationConfig.<cpu>(is_static=False)``).
+            (``main_export``, then ``ORTQuantizer`` with ``AutoQuantizationConfig.<cpu>(is_static=False)``),
+            and for encoders optimum's strongest route as well: ``ORTOptimizer`` level 2 (O2), in
+            fp32 and then dynamic int8.
         data: Labelled data for the task metric (as ``compress evaluate --data``).
         train_size: Probe training examples.
         test_size: Test examples for the task metric.

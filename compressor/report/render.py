@@ -21,6 +21,9 @@ def markdown(result: dict[str, Any], *, title: str, command: str | None = None) 
     head += [f"throughput b{largest} (seq/s)", result["metric"], "of original", "fidelity"]
     if has_int8:
         head += [f"speed vs optimum int8 (b{largest})", "size vs optimum int8"]
+    has_o2 = any("speedup_vs_optimum_o2_int8" in r for r in result["rows"])
+    if has_o2:
+        head += [f"speed vs optimum O2 int8 (b{largest})", "size vs optimum O2 int8"]
     lines = [f"# {title}", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
@@ -49,6 +52,8 @@ def markdown(result: dict[str, Any], *, title: str, command: str | None = None) 
                   "-" if r["fidelity"] is None else f"{r['fidelity']:.3f}"]
         if has_int8:
             cells += [f"{r['speedup_vs_optimum_int8']:.2f}x", f"{r['size_vs_optimum_int8']:.2f}x"]
+        if has_o2:
+            cells += [f"{r['speedup_vs_optimum_o2_int8']:.2f}x", f"{r['size_vs_optimum_o2_int8']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if any("generation" in r for r in result["rows"]):
