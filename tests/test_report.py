@@ -115,6 +115,32 @@ def test_report_refuses_bad_input_and_writes_nothing(tiny_dirs, tmp_path):
     assert not out.exists()
 
 
+def test_report_scores_every_row_on_the_quality_suite(tiny_dirs, tmp_path):
+    original = str(tiny_dirs["bert"])
+    int8 = tmp_path / "int8"
+    export(load_model(original), ExportConfig(check_lengths=[8]), int8, quantize=QuantizeConfig("int8"))
+    tasks = f"{labelled_csv(tmp_path / 'a.csv')},{labelled_csv(tmp_path / 'b.csv', rows=80)}"
+    out = tmp_path / "report"
+    res = CliRunner().invoke(cli, [
+        "report", str(int8), "-o", str(out), "--original", original, "--no-baselines", "--repeats", "1",
+        "--warmup", "0", "--batch-sizes", "2", "--seq-len", "16", "--threads", "1", "--data", str(tmp_path / "a.csv"),
+        "--train-size", "30", "--test-size", "20", "--suite", "--suite-tasks", tasks, "--suite-train-size", "30",
+        "--suite-test-size", "20", "--pool-size", "30", "--neighbours", "5", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    base, ours = json.loads(res.stdout)["rows"]
+    assert base["suite"]["neighbour_agreement"] == 1.0 and base["suite"]["retained"] == 1.0
+    assert set(base["suite"]["tasks"]) == {str(tmp_path / "a.csv"), str(tmp_path / "b.csv")}
+    assert 0.0 < ours["suite"]["neighbour_agreement"] <= 1.0 and ours["suite"]["retained"] > 0
+    for task in ours["suite"]["tasks"].values():
+        p, n = task["accuracy"], task["n_test"]
+        assert n == 20 and abs(task["stderr"] - (p * (1 - p) / n) ** 0.5) < 1e-9
+    assert "neighbour agreement @5" in (out / "report.md").read_text()
+
+    res = CliRunner().invoke(cli, ["report", "-o", str(tmp_path / "r2"), "--original", str(tiny_dirs["llama"]),
+                                   "--no-baselines", "--suite"])
+    assert res.exit_code == 2 and "--suite scores sentence embeddings" in res.stderr and not (tmp_path / "r2").exists()
+
+
 def test_report_measures_generation_of_a_causal_lm(tiny_dirs, tmp_path):
     """A causal LM's report has a generation table: time to first token, decode tokens/s and
     greedy agreement, for PyTorch and a KV-cache export (which reproduces the original's tokens)."""

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import StageConfig, check_int, check_positive
+from ..config import check_int, check_positive
 from ..errors import ConfigError
+from ..evaluation.suite import SuiteConfig
 
 
 @dataclass
-class ReportConfig(StageConfig):
-    """How the report measures.
+class ReportConfig(SuiteConfig):
+    """How the report measures. With ``suite``, every row of an encoder's report is also scored
+    on the quality suite of ``compress evaluate --suite`` (its options are the suite's).
 
     Attributes:
         threads: Intra-op threads for every row (PyTorch and onnxruntime alike).
@@ -35,6 +37,8 @@ class ReportConfig(StageConfig):
         generation_repeats: Causal LMs: timed generation runs per row, rows taking turns (medians).
         peak_memory: Causal LMs: measure each row's peak memory in a fresh process (a few
             seconds per row).
+        suite: Encoders: score every row on the quality suite (several real tasks and neighbour
+            agreement with the original; a few minutes per row at the default sizes).
     """
 
     threads: int = 2
@@ -53,8 +57,10 @@ class ReportConfig(StageConfig):
     new_tokens: int = 64
     generation_repeats: int = 3
     peak_memory: bool = True
+    suite: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("threads", "seq_len", "repeats", "train_size", "test_size", "fidelity_size", "max_length",
                      "batch_size", "prompt_tokens", "new_tokens", "generation_repeats"):
             check_positive(name, getattr(self, name))

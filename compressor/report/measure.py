@@ -151,6 +151,21 @@ def task_metric(runner: Runner, split, config: ReportConfig) -> dict[str, Any]:
     return {"metric": "perplexity", "value": float(torch.tensor(nll / max(count, 1)).exp()), "outputs": None}
 
 
+def step_suite(runners: list[Runner], rows: list[dict[str, Any]], config: ReportConfig, step) -> None:
+    """Score every row on the quality suite (the same texts for all) into ``row["suite"]``; the
+    first row, the original, is the reference of neighbour agreement and retained (against
+    itself: 1.0, computed, not assumed)."""
+    from ..evaluation.suite import compare, load_suite, suite_scores
+
+    data = load_suite(config)
+    reference = None
+    for runner, row in zip(runners, rows):
+        step(f"{runner.label}: quality suite ({len(data.tasks)} tasks, {len(data.pool)} texts for neighbours)")
+        scores = suite_scores(lambda texts, r=runner: sentence_embeddings(r, texts, config), data, config)
+        reference = reference or scores
+        row["suite"] = compare(scores, reference).to_dict()
+
+
 def fidelity_to(original: dict, row: dict, task: str) -> float | None:
     """Embedding cosine to the original (encoders) or agreement of predictions (classifiers)."""
     a, b = original.get("outputs"), row.get("outputs")
@@ -208,6 +223,9 @@ def report(original: LoadedModel, variants: list[tuple[str, str]], config: Repor
     if limit and config.seq_len > limit:
         raise CompressError(f"--seq-len {config.seq_len} is longer than {original.name} reads ({limit} tokens)")
     generates = pick_task(original, "auto") == "text-generation"
+    if config.suite and pick_task(original, "auto") != "feature-extraction":
+        raise CompressError(f"--suite scores sentence embeddings; {original.name} is a "
+                            f"{pick_task(original, 'auto')} model")
     if generates and limit and config.prompt_tokens + config.new_tokens > limit:
         raise CompressError(f"--prompt-tokens {config.prompt_tokens} + --new-tokens {config.new_tokens} is longer "
                             f"than {original.name} reads ({limit} positions); shorten the prompt")
@@ -244,6 +262,8 @@ def report(original: LoadedModel, variants: list[tuple[str, str]], config: Repor
         metric = task_metric(runner, split, config)
         rows.append({"label": runner.label, "kind": runner.kind, "path": runner.path, "size_bytes": runner.size_bytes,
                      "parameters": runner.parameters, "latency": timings[runner.label], **metric})
+    if config.suite:
+        step_suite(runners, rows, config, step)
     if generates:
         step(f"generation of {len(runners)} rows, taking turns: batch 1, {config.prompt_tokens}-token prompt, "
              f"{config.new_tokens} new tokens, greedy, {config.generation_repeats} timed runs each")

@@ -56,6 +56,8 @@ def markdown(result: dict[str, Any], *, title: str, command: str | None = None) 
             cells += [f"{r['speedup_vs_optimum_o2_int8']:.2f}x", f"{r['size_vs_optimum_o2_int8']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if any("suite" in r for r in result["rows"]):
+        lines += suite_table(result)
     if any("generation" in r for r in result["rows"]):
         lines += generation_table(result)
     return "\n".join(lines)
@@ -120,3 +122,26 @@ def chart(result: dict[str, Any], path: Path, *, title: str) -> None:
     ax.grid(True, alpha=0.3)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def suite_table(result: dict[str, Any]) -> list[str]:
+    """The quality suite per row: each task's probe accuracy with its standard error, neighbour
+    agreement with the original, and the retained mean."""
+    cfg = result["config"]
+    rows = [r for r in result["rows"] if "suite" in r]
+    tasks = list(rows[0]["suite"]["tasks"])
+    k = rows[0]["suite"]["neighbours"]
+    head = ["model", "format", *tasks, f"neighbour agreement @{k}", "retained"]
+    lines = [f"Quality suite (`compress evaluate --suite`): probe accuracy per task +- its standard error "
+             f"({cfg['suite_train_size']:,} train / {cfg['suite_test_size']:,} test at most per task); neighbour "
+             f"agreement: overlap of each text's {k} nearest neighbours with the original's, on "
+             f"{rows[0]['suite']['pool_size']:,} texts; retained: mean over tasks of accuracy over the original's.",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        s = r["suite"]
+        cells = [r["label"], r["kind"]]
+        cells += [f"{s['tasks'][t]['accuracy']:.3f} +- {s['tasks'][t]['stderr']:.3f}" for t in tasks]
+        cells += [f"{s['neighbour_agreement']:.3f} +- {s['neighbour_stderr']:.3f}", f"{s['retained']:.1%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
