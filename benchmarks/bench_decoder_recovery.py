@@ -156,7 +156,7 @@ def main() -> None:
     for key, label in names.items():
         wall = f"{seconds[key[:-3]] / 60:.1f} min" if key.endswith("-ft") else "-"
         lines.append(f"| {label} | {params[key] / 1e6:.1f} M | {perplexity[key]:.1f} | {perplexity[key] / base:.2f}x | {wall} |")
-    lines += ["", f"Generation and size (`compress report`, reports/real_smollm2/report_generation.md):", "",
+    lines += ["", "Generation and size (`compress report`, reports/real_smollm2/report_generation.md):", "",
               "| row | perplexity x original (target) | decode x optimum fp32 (target) | file x optimum fp32 (target) | met |",
               "|---|---|---|---|---|"]
     for t in targets:

@@ -345,3 +345,20 @@ def test_a_min_count_that_keeps_no_data_token_is_refused(tiny_dirs):
     with pytest.raises(ConfigError, match="keeps none of the data's tokens"):
         prune_vocabulary(loaded, DOMAIN, min_count=10**9)
     assert loaded.model.config.vocab_size == 128  # left as it was
+
+
+def test_vocabulary_from_several_sources_keeps_the_tokens_of_each(tiny_dirs, tmp_path):
+    from compressor.pruning import PruneConfig, prune
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n".join(DOMAIN[:12]), encoding="utf-8")
+    b.write_text("\n".join(DOMAIN[12:]), encoding="utf-8")
+    one = tmp_path / "one.txt"
+    one.write_text("\n".join(DOMAIN), encoding="utf-8")
+    both, record = prune(compressor.load(tiny_dirs["bert"]), PruneConfig(vocab_from=f"{a},{b}"))
+    single, _ = prune(compressor.load(tiny_dirs["bert"]), PruneConfig(vocab_from=str(one)))
+    assert both.tokenizer.get_vocab() == single.tokenizer.get_vocab()  # the union, not the first file's
+    only_a, _ = prune(compressor.load(tiny_dirs["bert"]), PruneConfig(vocab_from=str(a)))
+    assert len(only_a.tokenizer.get_vocab()) < len(both.tokenizer.get_vocab())
+    # calibration takes texts from both sources in turn
+    assert record.metrics["fidelity"]["num_texts"] == len(DOMAIN)

@@ -230,4 +230,6 @@ register(Stage("export", ExportConfig, run_export,
                key_metrics=("metrics.precision", "metrics.file_bytes", "metrics.check.mean_cosine")))
 register(Stage("report", ReportConfig, run_report,
                key_metrics=("metrics.last_row.of_original", "metrics.last_row.speedup_vs_optimum_int8",
-                            "metrics.last_row.size_vs_optimum_int8")))
+                            "metrics.last_row.size_vs_optimum_int8", "metrics.last_row.speedup_vs_optimum_o2_int8",
+                            "metrics.last_row.size_vs_optimum_o2_int8", "metrics.last_row.suite_retained",
+                            "metrics.last_row.neighbour_agreement", "metrics.last_row.decode_tokens_per_s")))

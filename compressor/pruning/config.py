@@ -27,7 +27,8 @@ class PruneConfig(TextOptions, StageConfig):
             unit's contribution, averaged over calibration tokens. ``magnitude``: weight norms
             only, no data.
         vocab_from: Keep only the tokens this data uses (a file, a packaged data set name or a
-            hub dataset id), plus the special tokens; the tokenizer is rewritten to match.
+            hub dataset id; several, comma-separated), plus the special tokens; the tokenizer is
+            rewritten to match.
         vocab_min_count: Keep a token only if ``vocab_from`` uses it at least this often. 1 keeps
             the data's outputs unchanged to the bit; above it, rare words are spelled with the
             pieces that are kept (smaller embeddings, slightly different tokens).

@@ -54,7 +54,13 @@ def report_record(original, config: ReportConfig, result: dict[str, Any]) -> Sta
 
     final = result["rows"][-1]
     summary = {k: final.get(k) for k in ("label", "size_bytes", "value", "of_original", "fidelity",
-                                         "speedup_vs_optimum_int8", "size_vs_optimum_int8")}
+                                         "speedup_vs_optimum_int8", "size_vs_optimum_int8",
+                                         "speedup_vs_optimum_o2_int8", "size_vs_optimum_o2_int8") if k in final}
+    if "suite" in final:
+        summary.update(suite_retained=final["suite"]["retained"],
+                       neighbour_agreement=final["suite"]["neighbour_agreement"])
+    if "generation" in final:
+        summary.update(decode_tokens_per_s=final["generation"]["decode_tokens_per_s"])
     record = StageRecord.build("report", config, before=unique_parameters(original.model),
                                after=(final["parameters"], final["size_bytes"]),
                                metrics={"metric": result["metric"], "last_row": summary, "rows": len(result["rows"])})
