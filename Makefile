@@ -9,7 +9,6 @@ BIN := $(VENV)/bin
 # e.g. `make TORCH=torch==2.13.0+cu128 test` on a GPU machine.
 TORCH ?= torch==2.13.0
 DEMO_OUT ?= out/demo
-DEMO_MINUTES ?= 3
 
 .PHONY: setup demo data test test-all bench clean
 
@@ -21,16 +20,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
 
-# analyze -> share (3 groups, LoRA) -> finetune (short CPU budget) -> evaluate, side by side
-# -> int8 ONNX -> report against optimum's plain fp32 and int8 exports
+# recipes/demo.yaml on the bundled all-MiniLM-L6-v2: share -> prune -> distil (400 steps) ->
+# vocabulary cut -> int8 of the O2-fused graph -> report against optimum's routes, with the
+# quality suite. A second run skips the finished job (delete $(DEMO_OUT) to start over).
 demo: setup
-	$(BIN)/compress analyze --groups 3 -o $(DEMO_OUT)/analyze --overwrite
-	$(BIN)/compress share --groups 3 --lora-rank 32 -o $(DEMO_OUT)/shared --overwrite
-	$(BIN)/compress data fetch movie-snippets
-	$(BIN)/compress finetune $(DEMO_OUT)/shared --data movie-snippets --max-minutes $(DEMO_MINUTES) -o $(DEMO_OUT)/finetuned --overwrite
-	$(BIN)/compress evaluate bundled $(DEMO_OUT)/shared $(DEMO_OUT)/finetuned --data movie-snippets --json $(DEMO_OUT)/evaluate.json --overwrite
-	$(BIN)/compress export $(DEMO_OUT)/finetuned --quantize int8 -o $(DEMO_OUT)/onnx-int8 --overwrite
-	$(BIN)/compress report $(DEMO_OUT)/onnx-int8 --names shared-int8 --repeats 5 -o $(DEMO_OUT)/report --overwrite
+	$(BIN)/compress run recipes/demo.yaml -o $(DEMO_OUT)
+	@cat $(DEMO_OUT)/06-report/report.md
 
 data: setup
 	$(BIN)/compress data fetch movie-snippets

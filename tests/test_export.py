@@ -542,8 +542,26 @@ def test_int4_stores_each_shared_weight_once_in_blocks_and_checks_itself(family,
     assert m["stored_numbers"] <= unique * 1.01 + 1024  # (file sizes: SmolLM2-135M, README; tiny ones are overhead)
 
 
+def test_int4_methods_fit_the_blocks_their_own_way(tiny_dirs, tmp_path):
+    """rtn is symmetric (no zero points), rtn-asym and hqq store a zero point per block; each
+    checks itself, and hqq, fitted against the weights' own error, is no worse than rtn here."""
+    loaded = load_model(str(tiny_dirs["llama"]))
+    cosine = {}
+    for method in ("rtn", "rtn-asym", "hqq"):
+        record = export(loaded, ExportConfig(check_lengths=[8, 32]), tmp_path / method,
+                        quantize=QuantizeConfig("int4", block_size=16, int4_method=method))
+        assert record.metrics["graph"]["method"] == method and record.metrics["graph"]["int4_matmuls"] > 0
+        nbits = [n for n in read_graph(tmp_path / method).graph.node if n.op_type == "MatMulNBits"]
+        zero_points = [len(n.input) > 3 and n.input[3] != "" for n in nbits]
+        assert all(zero_points) if method != "rtn" else not any(zero_points), method
+        cosine[method] = record.metrics["check"]["mean_cosine"]
+    assert cosine["hqq"] >= cosine["rtn"] - 0.002, cosine
+
+
 def test_int4_options_are_checked():
     with pytest.raises(ConfigError, match="power of two"):
         QuantizeConfig("int4", block_size=24)
     with pytest.raises(ConfigError, match="accuracy_level|accuracy-level"):
         QuantizeConfig("int4", accuracy_level=5)
+    with pytest.raises(ConfigError, match="int4_method|int4-method"):
+        QuantizeConfig("int4", int4_method="gptq")

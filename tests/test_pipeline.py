@@ -67,8 +67,11 @@ def test_shipped_recipes_are_valid():
     names = {load_recipe(p).name for p in RECIPES.glob("*.yaml") if p.name != "manifest.yaml"}
     assert {"demo", "quick", "baseline", "deploy", "prune-int8"} <= names
     demo = load_recipe(RECIPES / "demo.yaml")
-    assert [s.name for s in demo.stages] == ["analyze", "share", "finetune", "evaluate"]
-    assert demo.stages[1].config.groups == 3 and demo.stages[1].config.lora_rank == 32
+    assert [s.name for s in demo.stages] == ["share", "prune", "finetune", "prune", "quantize", "export", "report"]
+    assert demo.stages[0].config.groups == 3 and demo.stages[0].config.lora_rank == 0
+    # a budget in steps, so that a busy machine trains the same model; the report scores the suite
+    assert demo.stages[2].config.max_steps == 400 and demo.stages[2].config.max_minutes is None
+    assert demo.stages[5].config.optimize == 2 and demo.stages[6].config.suite
 
 
 @dataclass

@@ -18,6 +18,11 @@ MIN_COSINE = {"int8": 0.90, "int8-static": 0.90, "int4": 0.80, "fp16": 0.999}
 #: ``accuracy_level`` of onnxruntime's MatMulNBits: the type the int4 products are computed in
 #: (1 fp32, 2 fp16, 3 bf16, 4 int8: the fastest on CPUs).
 ACCURACY_LEVELS = (1, 2, 3, 4)
+#: How int4 blocks are fitted: ``rtn`` round-to-nearest with a symmetric scale per block;
+#: ``rtn-asym`` with a zero point too; ``hqq`` half-quadratic quantization (Badri & Shaji, 2023:
+#: scales and zero points optimized against the weights' own error, no data). (onnxruntime's
+#: k-quant prints to stdout and fails on the exported graphs in 1.32; GPTQ needs calibration.)
+INT4_METHODS = ("rtn", "rtn-asym", "hqq")
 
 
 @dataclass
@@ -41,6 +46,8 @@ class QuantizeConfig(TextFormat, StageConfig):
             power of two, at least 16).
         accuracy_level: ``int4``: the type MatMulNBits computes in (4: int8, fastest on CPUs;
             1: fp32).
+        int4_method: ``int4``: how the blocks are fitted (`INT4_METHODS`): ``rtn``, ``rtn-asym`` or
+            ``hqq``.
         min_cosine: The export fails if its outputs' mean cosine to PyTorch's is below this
             (default per mode: `MIN_COSINE`).
     """
@@ -53,12 +60,14 @@ class QuantizeConfig(TextFormat, StageConfig):
     isa: str = choice("auto", ISAS)
     block_size: int = 32
     accuracy_level: int = choice(4, ACCURACY_LEVELS)
+    int4_method: str = choice("rtn", INT4_METHODS)
     min_cosine: float | None = None
 
     def __post_init__(self):
         check_choice("mode", self.mode, MODES)
         check_choice("isa", self.isa, ISAS)
         check_choice("accuracy_level", self.accuracy_level, ACCURACY_LEVELS)
+        check_choice("int4_method", self.int4_method, INT4_METHODS)
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 16 \
                 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"--block-size must be a power of two, at least 16, got {self.block_size!r}",

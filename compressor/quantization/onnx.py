@@ -100,8 +100,9 @@ def quantize_int4(path: Path, config: QuantizeConfig) -> dict[str, Any]:
     tables = [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
               and len(inits[n.input[0]].dims) == 2]
     try:
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size, is_symmetric=True,
-                                         accuracy_level=config.accuracy_level, nodes_to_exclude=narrow)
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size,
+                                         is_symmetric=config.int4_method == "rtn", accuracy_level=config.accuracy_level,
+                                         nodes_to_exclude=narrow, algo_config=_int4_algorithm(config))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantizer.process()
@@ -117,8 +118,17 @@ def quantize_int4(path: Path, config: QuantizeConfig) -> dict[str, Any]:
         raise ExportError(f"onnxruntime's int4 quantizer cannot quantize this graph: {first_line(e, with_type=True)}") from None
     graph = onnx.load(str(path), load_external_data=False)
     return {"int4_matmuls": sum(n.op_type == "MatMulNBits" for n in graph.graph.node), "int8_matmuls": len(narrow),
-            "block_size": config.block_size, "accuracy_level": config.accuracy_level,
+            "block_size": config.block_size, "accuracy_level": config.accuracy_level, "method": config.int4_method,
             "embeddings": "int8 (dynamic Gather)"}
+
+
+def _int4_algorithm(config: QuantizeConfig):
+    """onnxruntime's algorithm config for ``config.int4_method`` (``None``: its default, RTN)."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    if config.int4_method == "hqq":
+        return nbits.HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=4)
+    return None
 
 
 def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None, input_names=(),
