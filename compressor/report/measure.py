@@ -151,6 +151,41 @@ def task_metric(runner: Runner, split, config: ReportConfig) -> dict[str, Any]:
     return {"metric": "perplexity", "value": float(torch.tensor(nll / max(count, 1)).exp()), "outputs": None}
 
 
+def check_request(original: LoadedModel, config: ReportConfig) -> str:
+    """The original's task, once the options are known to fit it (before any work).
+
+    Raises:
+        CompressError: a sequence, or a prompt and its new tokens, past the model's positions;
+            the suite asked of a model that makes no sentence embeddings.
+    """
+    from ..export.stage import max_positions
+    from ..models.heads import pick_task
+
+    task = pick_task(original, "auto")
+    limit = max_positions(original.adapter, original.model, original.tokenizer)
+    if limit and config.seq_len > limit:
+        raise CompressError(f"--seq-len {config.seq_len} is longer than {original.name} reads ({limit} tokens)")
+    if config.suite and task != "feature-extraction":
+        raise CompressError(f"--suite scores sentence embeddings; {original.name} is a {task} model")
+    if task == "text-generation" and limit and config.prompt_tokens + config.new_tokens > limit:
+        raise CompressError(f"--prompt-tokens {config.prompt_tokens} + --new-tokens {config.new_tokens} is longer "
+                            f"than {original.name} reads ({limit} positions); shorten the prompt")
+    return task
+
+
+def step_generation(runners: list[Runner], rows: list[dict[str, Any]], config: ReportConfig, step) -> None:
+    """A causal LM's generation figures into ``row["generation"]``: speed in turns, then each
+    row's peak memory in a fresh process."""
+    step(f"generation of {len(runners)} rows, taking turns: batch 1, {config.prompt_tokens}-token prompt, "
+         f"{config.new_tokens} new tokens, greedy, {config.generation_repeats} timed runs each")
+    speeds = generation(runners, config)
+    for runner, row in zip(runners, rows):
+        row["generation"] = speeds[runner.label]
+        if config.peak_memory:
+            step(f"{runner.label}: peak memory in a fresh process")
+            row["generation"].update(peak_memory(runner, config))
+
+
 def step_suite(runners: list[Runner], rows: list[dict[str, Any]], config: ReportConfig, step) -> None:
     """Score every row on the quality suite (the same texts for all) into ``row["suite"]``; the
     first row, the original, is the reference of neighbour agreement and retained (against
@@ -211,24 +246,14 @@ def report(original: LoadedModel, variants: list[tuple[str, str]], config: Repor
     Returns:
         ``{"rows": [...], "config", "provenance", "task", "metric"}``; each row has label, kind,
         path, size_bytes, parameters, latency per batch size, the task metric, its share of the
-        original's (``of_original``), fidelity, and speed and size against optimum's int8.
+        original's (``of_original``), fidelity, and speed and size against optimum's int8 (and
+        O2 int8); with ``config.suite``, ``suite``; for a causal LM, ``generation``.
     """
     from ..evaluation.evaluate import EvaluateConfig, load_split
-    from ..export.stage import max_positions
     from ..models import load_model
-    from ..models.heads import pick_task
 
     start = time.perf_counter()
-    limit = max_positions(original.adapter, original.model, original.tokenizer)
-    if limit and config.seq_len > limit:
-        raise CompressError(f"--seq-len {config.seq_len} is longer than {original.name} reads ({limit} tokens)")
-    generates = pick_task(original, "auto") == "text-generation"
-    if config.suite and pick_task(original, "auto") != "feature-extraction":
-        raise CompressError(f"--suite scores sentence embeddings; {original.name} is a "
-                            f"{pick_task(original, 'auto')} model")
-    if generates and limit and config.prompt_tokens + config.new_tokens > limit:
-        raise CompressError(f"--prompt-tokens {config.prompt_tokens} + --new-tokens {config.new_tokens} is longer "
-                            f"than {original.name} reads ({limit} positions); shorten the prompt")
+    generates = check_request(original, config) == "text-generation"
 
     def step(text: str) -> None:
         if log is not None:
@@ -265,14 +290,7 @@ def report(original: LoadedModel, variants: list[tuple[str, str]], config: Repor
     if config.suite:
         step_suite(runners, rows, config, step)
     if generates:
-        step(f"generation of {len(runners)} rows, taking turns: batch 1, {config.prompt_tokens}-token prompt, "
-             f"{config.new_tokens} new tokens, greedy, {config.generation_repeats} timed runs each")
-        speeds = generation(runners, config)
-        for runner, row in zip(runners, rows):
-            row["generation"] = speeds[runner.label]
-            if config.peak_memory:
-                step(f"{runner.label}: peak memory in a fresh process")
-                row["generation"].update(peak_memory(runner, config))
+        step_generation(runners, rows, config, step)
     compare(rows, task, largest=str(max(config.batch_sizes)))
     return {"task": task, "metric": rows[0]["metric"], "rows": rows, "config": config.to_dict(),
             "provenance": provenance(config), "seconds": round(time.perf_counter() - start, 1)}
