@@ -32,7 +32,8 @@ def recipe(family: str) -> str:
   - prune: {{heads: {heads}, ffn: 0.25, drop_layers: {layers}, score: taylor, max_samples: 8}}
   - quantize: {{mode: int8}}
   - export: {{check_lengths: [8]}}
-  - report: {{data: {SAMPLE}, train_size: 40, test_size: 20, max_length: 16, batch_sizes: [1], seq_len: 16, warmup: 1, repeats: 1}}
+  - report: {{data: {SAMPLE}, train_size: 40, test_size: 20, max_length: 16, batch_sizes: [1], seq_len: 16, warmup: 1, repeats: 1,
+              prompt_tokens: 16, new_tokens: 4, generation_repeats: 1, peak_memory: false}}
 """
 
 
@@ -59,3 +60,7 @@ def test_every_stage_runs_on_every_family(family, tiny_dirs, tmp_path):
     assert job["params_after"] < job["params_before"]
     assert report["rows"][-1]["parameters"] < report["rows"][0]["parameters"]
     assert report["rows"][-1]["latency"] and report["rows"][-1]["value"] is not None
+    if get_adapter(make_model(family)).is_decoder:  # generation measured for every row, optimum's with-past ones too
+        assert all(r["generation"]["decode_tokens_per_s"] > 0 for r in report["rows"])
+    else:  # encoders get optimum's O2 route as well
+        assert labels[3:5] == ["optimum O2 fp32", "optimum O2 int8"]

@@ -211,7 +211,11 @@ def run_report(run: StageRun) -> StageRecord:
     last = load_model(run.model)
     original = load_model(last.origin) if last.origin and last.origin != last.source else last
     variants = [(p.name, str(p)) for p in exports] or ([] if original is last else [(Path(run.model).name, run.model)])
-    result, _ = report(original, variants, run.config, run.output, overwrite=True)
+    from .events import EventLog
+
+    # the report takes minutes: its steps go to stderr as `compress report`'s do, when progress is shown
+    result, _ = report(original, variants, run.config, run.output, overwrite=True,
+                       log=EventLog() if run.progress else None)
     return report_record(original, run.config, result)
 
 

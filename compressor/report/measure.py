@@ -72,7 +72,8 @@ def optimized_baselines(fp32: Path, folder: Path) -> dict[str, Path]:
     """optimum's strongest CPU route for an encoder: ``ORTOptimizer`` at level 2 (attention,
     LayerNorm and GELU fusion), then dynamic int8 of the optimized graph (onnxruntime's
     ``quantize_dynamic``: optimum's ``ORTQuantizer`` fails on optimized graphs in shape
-    inference, so a careful user calls onnxruntime's own quantizer on it)."""
+    inference, so a careful user calls onnxruntime's own quantizer on it). None for a model type
+    optimum's optimizer does not handle (that route does not exist for it)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from optimum.onnxruntime import ORTOptimizer
@@ -83,7 +84,11 @@ def optimized_baselines(fp32: Path, folder: Path) -> dict[str, Path]:
     o2, o2_int8 = folder / "optimum-o2-fp32", folder / "optimum-o2-int8"
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet("", "optimum", "onnxruntime"):
         warnings.simplefilter("ignore")
-        ORTOptimizer.from_pretrained(fp32).optimize(OptimizationConfig(optimization_level=2), save_dir=o2)
+        try:
+            ORTOptimizer.from_pretrained(fp32).optimize(OptimizationConfig(optimization_level=2), save_dir=o2)
+        except Exception:  # noqa: BLE001 - optimum's optimizer knows some model types only: no such route exists
+            shutil.rmtree(o2, ignore_errors=True)
+            return {}
         (o2 / "model_optimized.onnx").replace(o2 / "model.onnx")
         shutil.copytree(o2, o2_int8, ignore=shutil.ignore_patterns("model.onnx"))
         quantize_dynamic(o2 / "model.onnx", o2_int8 / "model.onnx", weight_type=QuantType.QInt8,
