@@ -173,7 +173,8 @@ def test_prune_quantize_export_report_in_a_recipe(tiny_dirs, tmp_path):
     assert metrics["export.precision"] == "int8" and metrics["export.check.mean_cosine"] > 0.9
     assert (out / "02-export" / "model.onnx").is_file() and (out / "02-export" / "ort_config.json").is_file()
     report = json.loads((out / "03-report" / "report.json").read_text())
-    assert [r["label"] for r in report["rows"]] == ["original", "optimum ONNX fp32", "optimum ONNX int8", "02-export"]
+    assert [r["label"] for r in report["rows"]] == ["original", "optimum ONNX fp32", "optimum ONNX int8",
+                                                   "optimum O2 fp32", "optimum O2 int8", "02-export"]
     pruned = report["rows"][-1]
     # half the heads and neurons gone and int8: far smaller than the original's int8 file
     assert pruned["size_bytes"] < report["rows"][2]["size_bytes"]
