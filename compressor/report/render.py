@@ -6,6 +6,11 @@ from pathlib import Path
 from typing import Any
 
 
+def _row(cells: list[str]) -> str:
+    """One Markdown table row."""
+    return "| " + " | ".join(cells) + " |"
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
@@ -40,7 +45,7 @@ def markdown(result: dict[str, Any], *, title: str, command: str | None = None) 
            else f"greedy agreement with the original's {cfg['new_tokens']} new tokens (below)")
         + ("." if result["task"] == "text-generation" else f" on {min(cfg['fidelity_size'], cfg['test_size']):,} test texts."),
         "",
-        "| " + " | ".join(head) + " |",
+        _row(head),
         "|" + "---|" * len(head),
     ]
     for r in result["rows"]:
@@ -54,7 +59,7 @@ def markdown(result: dict[str, Any], *, title: str, command: str | None = None) 
             cells += [f"{r['speedup_vs_optimum_int8']:.2f}x", f"{r['size_vs_optimum_int8']:.2f}x"]
         if has_o2:
             cells += [f"{r['speedup_vs_optimum_o2_int8']:.2f}x", f"{r['size_vs_optimum_o2_int8']:.2f}x"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     lines.append("")
     if any("suite" in r for r in result["rows"]):
         lines += suite_table(result)
@@ -78,7 +83,7 @@ def generation_table(result: dict[str, Any]) -> list[str]:
              "agreement: share of the new tokens equal, position by position, to the original's."
              + (" Peak memory: the resident set of a fresh process that loads the row and generates once; the "
                 "model's part is what it adds to one with torch, transformers and onnxruntime imported." if memory else ""),
-             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             "", _row(head), "|" + "---|" * len(head)]
     for r in rows:
         g = r["generation"]
         cells = [r["label"], r["kind"], f"{g['ttft_ms']:.1f}", f"{g['decode_tokens_per_s']:.1f}",
@@ -87,7 +92,7 @@ def generation_table(result: dict[str, Any]) -> list[str]:
             cells += [f"{g['peak_rss_mib']:.0f}", f"{g['model_rss_mib']:.0f}"]
         if against:
             cells += [f"{g['decode_vs_optimum_fp32']:.2f}x", f"{g['size_vs_optimum_fp32']:.2f}x"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     lines.append("")
     return lines
 
@@ -136,12 +141,12 @@ def suite_table(result: dict[str, Any]) -> list[str]:
              f"({cfg['suite_train_size']:,} train / {cfg['suite_test_size']:,} test at most per task); neighbour "
              f"agreement: overlap of each text's {k} nearest neighbours with the original's, on "
              f"{rows[0]['suite']['pool_size']:,} texts; retained: mean over tasks of accuracy over the original's.",
-             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             "", _row(head), "|" + "---|" * len(head)]
     for r in rows:
         s = r["suite"]
         cells = [r["label"], r["kind"]]
         cells += [f"{s['tasks'][t]['accuracy']:.3f} +- {s['tasks'][t]['stderr']:.3f}" for t in tasks]
         cells += [f"{s['neighbour_agreement']:.3f} +- {s['neighbour_stderr']:.3f}", f"{s['retained']:.1%}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     lines.append("")
     return lines
