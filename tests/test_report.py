@@ -207,3 +207,20 @@ def test_report_on_a_decoder_whose_tokenizer_has_no_pad_token(tmp_path):
         g = r["generation"]
         assert g["peak_rss_mib"] > 100 and 0 <= g["model_rss_mib"] < g["peak_rss_mib"]
         assert g["size_vs_optimum_fp32"] > 0 and g["decode_tokens_per_s"] > 0
+
+
+def test_peak_memory_of_a_fresh_process_is_its_own_not_its_parents():
+    """Linux carries getrusage's ru_maxrss across execve: a child of a big process would report
+    the parent's peak. The figure the report uses is the child's own."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(600 * 2**20)  # the parent holds 600 MiB while the child starts
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])  # touched, so it is resident
+    code = ("import numpy as np; from compressor.report.generation import peak_rss_mib as p; a = p(); "
+            "x = np.ones(300 * 2**20 // 8); b = p(); print(a, b)")
+    before, after = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                              check=True).stdout.split())
+    del ballast
+    assert before < 400, before  # not the parent's 600 MiB and more
+    assert after - before > 250, (before, after)  # the child's own 300 MiB array shows

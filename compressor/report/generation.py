@@ -94,10 +94,22 @@ def peak_memory(runner, config: ReportConfig) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _max_rss_mib() -> float:
-    import resource
+def peak_rss_mib() -> float:
+    """This process's peak resident set so far, in MiB.
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    ``VmHWM`` from ``/proc/self/status``, not ``getrusage``'s ``ru_maxrss``: Linux carries
+    ``ru_maxrss`` across ``execve``, so a child started from a big parent would report the
+    parent's peak (a 5 GB report process made every row's "peak" 4,977 MiB).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource  # not Linux: ru_maxrss (bytes on macOS)
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _measure(kind: str, path: str, threads: int, prompt_tokens: int, new_tokens: int) -> dict[str, float]:
@@ -107,7 +119,7 @@ def _measure(kind: str, path: str, threads: int, prompt_tokens: int, new_tokens:
     import transformers  # noqa: F401
 
     torch.set_num_threads(threads)
-    before = _max_rss_mib()
+    before = peak_rss_mib()
     if kind == "torch":
         from ..models import load_model
 
@@ -125,7 +137,7 @@ def _measure(kind: str, path: str, threads: int, prompt_tokens: int, new_tokens:
                          session_options=options)
         tokenizer = load_tokenizer(path)
     greedy(model, prompt(tokenizer, prompt_tokens), new_tokens, tokenizer.pad_token_id)
-    peak = _max_rss_mib()
+    peak = peak_rss_mib()
     return {"peak_rss_mib": peak, "model_rss_mib": peak - before}
 
 
