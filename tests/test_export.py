@@ -21,7 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
-from tiny_models import FAMILIES
+from tiny_models import FAMILIES, by_family
 
 from cli.main import cli
 from compressor.errors import ConfigError
@@ -235,7 +235,8 @@ SHARED_LAYOUTS = ["bert", "gpt2", "llama", "phi3", "gpt_neox", "modernbert", "de
 
 # Phi-3 (fused GQA qkv) exports twice here: optimum cannot run its cache, so the export falls
 # back to none (~15 s); its layout is proven in test_adapters, and it runs with -m slow
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f == "phi3" else f for f in SHARED_LAYOUTS])
+# (the layouts outside the core families run with -m slow, to keep the default suite in its time)
+@pytest.mark.parametrize("family", by_family(SHARED_LAYOUTS))
 def test_shared_weights_stored_once_lora_unmerged_and_quantized(family, tiny_dirs, exported, tmp_path):
     dense_fp32, dense_int8 = (read_graph(exported(family, mode)[1]) for mode in ("fp32", "int8"))
     dense_stored = exported(family)[0].metrics["stored_numbers"]
@@ -542,6 +543,7 @@ def test_int4_stores_each_shared_weight_once_in_blocks_and_checks_itself(family,
     assert m["stored_numbers"] <= unique * 1.01 + 1024  # (file sizes: SmolLM2-135M, README; tiny ones are overhead)
 
 
+@pytest.mark.slow  # three int4 exports: ~3 s
 def test_int4_methods_fit_the_blocks_their_own_way(tiny_dirs, tmp_path):
     """rtn is symmetric (no zero points), rtn-asym and hqq store a zero point per block; each
     checks itself, and hqq, fitted against the weights' own error, is no worse than rtn here."""

@@ -217,7 +217,7 @@ def test_peak_memory_of_a_fresh_process_is_its_own_not_its_parents():
 
     ballast = bytearray(600 * 2**20)  # the parent holds 600 MiB while the child starts
     ballast[:: 4096] = b"x" * len(ballast[:: 4096])  # touched, so it is resident
-    code = ("import numpy as np; from compressor.report.generation import peak_rss_mib as p; a = p(); "
+    code = ("import numpy as np; from compressor.io import peak_rss_mib as p; a = p(); "
             "x = np.ones(300 * 2**20 // 8); b = p(); print(a, b)")
     before, after = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                               check=True).stdout.split())

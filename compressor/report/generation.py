@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import CompressError
+from ..io import peak_rss_mib
 from .config import ReportConfig
 
 
@@ -92,24 +93,6 @@ def peak_memory(runner, config: ReportConfig) -> dict[str, float]:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise CompressError(f"measuring the peak memory of {runner.label} failed: {last}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set so far, in MiB.
-
-    ``VmHWM`` from ``/proc/self/status``, not ``getrusage``'s ``ru_maxrss``: Linux carries
-    ``ru_maxrss`` across ``execve``, so a child started from a big parent would report the
-    parent's peak (a 5 GB report process made every row's "peak" 4,977 MiB).
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    import resource  # not Linux: ru_maxrss (bytes on macOS)
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _measure(kind: str, path: str, threads: int, prompt_tokens: int, new_tokens: int) -> dict[str, float]:
