@@ -169,3 +169,27 @@ def test_optimized_export_fuses_attention_and_keeps_shared_weights_once(tiny_dir
         res = CliRunner().invoke(cli, ["export", *args, "-o", str(tmp_path / "refused")])
         assert res.exit_code == 2 and not (tmp_path / "refused").exists(), res.output
         assert len(res.stderr.strip().splitlines()) == 1 and words in res.stderr, res.stderr
+
+
+def test_the_sentence_checks_fail_on_a_layout_or_graph_that_strays(tiny_dirs, tmp_path):
+    """The sentence-transformers check fails when the folder's pooling is not the model's; the
+    comparison behind both checks fails on strayed embeddings and on norms that are not 1."""
+    from compressor.errors import ExportError
+    from compressor.export.sentence import check_sentence_transformers, compare_embeddings
+
+    loaded = load_model(st_folder(tiny_dirs, tmp_path))  # CLS pooling, normalized
+    out = tmp_path / "onnx"
+    export(loaded, ExportConfig(check_lengths=[8]), out)
+    pooling = out / "1_Pooling" / "config.json"
+    cfg = json.loads(pooling.read_text())
+    pooling.write_text(json.dumps({**cfg, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))
+    base = loaded.adapter.base(loaded.model)
+    with pytest.raises(ExportError, match="lowest cosine"):
+        check_sentence_transformers(out, base, loaded, TEXTS, None)
+
+    ref = torch.nn.functional.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    assert compare_embeddings(ref.clone(), ref, loaded, None, "x")["passed"]
+    with pytest.raises(ExportError, match="mean cosine"):
+        compare_embeddings(-ref, ref, loaded, 0.9, "x")
+    with pytest.raises(ExportError, match="norms"):
+        compare_embeddings(ref * 3, ref, loaded, None, "x")  # the right direction, not normalized

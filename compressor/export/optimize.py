@@ -66,8 +66,3 @@ def optimize_graph(folder: Path, level: int, file_name: str = "model.onnx") -> d
     counts = Counter(n.op_type for n in model.graph.node)
     return {"level": level, "fused": {op: counts[op] for op in FUSED_OPS if counts[op]}, "copies_merged": merged,
             "numbers_merged": before - stored_elements(model)}
-
-
-def is_optimized(model: onnx.ModelProto) -> bool:
-    """Whether a graph holds onnxruntime's own (``com.microsoft``) fused operators."""
-    return any(n.domain == "com.microsoft" for n in model.graph.node)

@@ -23,9 +23,6 @@ from ..io import write_text_atomic
 from ..models import LoadedModel
 from ..models.pooling import pool
 
-#: The sentence-transformers files an export writes (the check that a folder holds no other
-#: model reads this list too).
-SENTENCE_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 #: fp32 embeddings through sentence-transformers against PyTorch's.
 MIN_COSINE_FP32 = 0.9999
 NORM_TOLERANCE = 1e-3
@@ -99,9 +96,7 @@ def check_sentence_transformers(folder: Path, model, loaded: LoadedModel, texts:
     """Load ``folder`` with ``SentenceTransformer(folder, backend="onnx")`` and compare its
     ``encode`` with the PyTorch model's sentence embeddings on ``texts``.
 
-    fp32 (``min_cosine`` ``None``) must reach cosine `MIN_COSINE_FP32` on every text; a
-    quantized export the mean cosine it was quantized to; normalized embeddings must have norm
-    1 within `NORM_TOLERANCE`.
+    Thresholds: `compare_embeddings`.
 
     Raises:
         ExportError: sentence-transformers does not load the folder, or its embeddings stray.
@@ -120,34 +115,40 @@ def check_sentence_transformers(folder: Path, model, loaded: LoadedModel, texts:
             got = st.encode(texts, convert_to_tensor=True, batch_size=16).float()
     except Exception as e:  # noqa: BLE001 - whatever sentence-transformers raises, the export is unusable
         raise ExportError(f"sentence-transformers cannot run the export: {first_line(e, with_type=True)}") from None
-    tok = st.tokenizer
-    enc = tok(texts, padding=True, truncation=True, max_length=st.max_seq_length, return_tensors="pt")
-    ref = reference_embeddings(model, loaded, dict(enc))
+    enc = st.tokenizer(texts, padding=True, truncation=True, max_length=st.max_seq_length, return_tensors="pt")
+    return {"loaded_with": "sentence_transformers.SentenceTransformer(backend='onnx')", "texts": len(texts),
+            **compare_embeddings(got, reference_embeddings(model, loaded, dict(enc)), loaded, min_cosine,
+                                 "sentence-transformers' embeddings of the export")}
+
+
+def compare_embeddings(got: torch.Tensor, ref: torch.Tensor, loaded: LoadedModel, min_cosine: float | None,
+                       what: str) -> dict[str, Any]:
+    """Sentence embeddings ``got`` against PyTorch's ``ref``: fp32 (``min_cosine`` ``None``) needs
+    every cosine >= `MIN_COSINE_FP32`, a quantized export the mean cosine ``min_cosine``; a model
+    that normalizes needs norms 1 within `NORM_TOLERANCE`.
+
+    Raises:
+        ExportError: naming ``what`` strayed, and by how much.
+    """
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1).numpy()
     norms = got.norm(dim=-1).numpy()
-    result = {"loaded_with": "sentence_transformers.SentenceTransformer(backend='onnx')", "texts": len(texts),
-              "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
-              "norm_min": float(norms.min()), "norm_max": float(norms.max()), "normalize": loaded.normalize,
-              "needs": {"min_cosine": MIN_COSINE_FP32} if min_cosine is None else {"mean_cosine": min_cosine}}
-    if min_cosine is None and cos.min() < MIN_COSINE_FP32:
-        raise ExportError(f"sentence-transformers' embeddings of the export stray from PyTorch's: lowest cosine "
-                          f"{cos.min():.6f} < {MIN_COSINE_FP32}")
-    if min_cosine is not None and cos.mean() < min_cosine:
-        raise ExportError(f"sentence-transformers' embeddings of the export stray from PyTorch's: mean cosine "
-                          f"{cos.mean():.4f} < {min_cosine} (--min-cosine)")
+    which, low, need = ("lowest", cos.min(), MIN_COSINE_FP32) if min_cosine is None else ("mean", cos.mean(), min_cosine)
+    if low < need:
+        raise ExportError(f"{what} stray from PyTorch's: {which} cosine {low:.6f} < {need}"
+                          + (" (--min-cosine)" if min_cosine is not None else ""))
     if loaded.normalize and np.abs(norms - 1).max() > NORM_TOLERANCE:
-        raise ExportError(f"sentence-transformers' embeddings of the export have norms {norms.min():.4f}.."
-                          f"{norms.max():.4f}, not 1 as the model's Normalize makes them")
-    result["passed"] = True
-    return result
+        raise ExportError(f"{what} have norms {norms.min():.4f}..{norms.max():.4f}, not 1 as the model's Normalize "
+                          "makes them")
+    return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "norm_min": float(norms.min()),
+            "norm_max": float(norms.max()), "normalize": loaded.normalize,
+            "needs": {"min_cosine": need} if min_cosine is None else {"mean_cosine": need}, "passed": True}
 
 
 def check_pooled_graph(file: Path, model, loaded: LoadedModel, texts: list[str],
                        min_cosine: float | None) -> dict[str, Any]:
     """Run the graph's ``sentence_embedding`` output in a plain ``onnxruntime.InferenceSession``
     (no optimum, no Python pooling: what a C#, Java or JavaScript caller does) and compare it
-    with the PyTorch model's sentence embeddings, with the thresholds of
-    `check_sentence_transformers`.
+    with the PyTorch model's sentence embeddings (`compare_embeddings`).
 
     Raises:
         ExportError: the embeddings stray.
@@ -159,17 +160,6 @@ def check_pooled_graph(file: Path, model, loaded: LoadedModel, texts: list[str],
     enc = loaded.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
     feed = {k: v.numpy() for k, v in enc.items() if k in wanted}
     got = torch.from_numpy(session.run(["sentence_embedding"], feed)[0]).float()
-    ref = reference_embeddings(model, loaded, dict(enc))
-    cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1).numpy()
-    norms = got.norm(dim=-1).numpy()
-    low = cos.min() if min_cosine is None else cos.mean()
-    need = MIN_COSINE_FP32 if min_cosine is None else min_cosine
-    if low < need:
-        raise ExportError(f"the graph's sentence_embedding strays from PyTorch's: {'lowest' if min_cosine is None else 'mean'} "
-                          f"cosine {low:.6f} < {need}")
-    if loaded.normalize and np.abs(norms - 1).max() > NORM_TOLERANCE:
-        raise ExportError(f"the graph's sentence_embedding has norms {norms.min():.4f}..{norms.max():.4f}, not 1")
     return {"loaded_with": "onnxruntime.InferenceSession", "output": "sentence_embedding", "texts": len(texts),
-            "needs": {"min_cosine": need} if min_cosine is None else {"mean_cosine": need},
-            "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "norm_min": float(norms.min()),
-            "norm_max": float(norms.max()), "normalize": loaded.normalize, "passed": True}
+            **compare_embeddings(got, reference_embeddings(model, loaded, dict(enc)), loaded, min_cosine,
+                                 "the graph's sentence_embedding values")}

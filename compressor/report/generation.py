@@ -97,8 +97,8 @@ def peak_memory(runner, config: ReportConfig) -> dict[str, float]:
 
 def _measure(kind: str, path: str, threads: int, prompt_tokens: int, new_tokens: int) -> dict[str, float]:
     """The child's side of `peak_memory`."""
-    import onnxruntime as ort
-    import optimum.onnxruntime  # noqa: F401  (imported before the baseline, as the report has it)
+    import onnxruntime  # noqa: F401  (imported before the baseline, as the report has it)
+    import optimum.onnxruntime  # noqa: F401
     import transformers  # noqa: F401
 
     torch.set_num_threads(threads)
@@ -109,16 +109,10 @@ def _measure(kind: str, path: str, threads: int, prompt_tokens: int, new_tokens:
         loaded = load_model(path)
         model, tokenizer = loaded.model.float().eval(), loaded.tokenizer
     else:
-        from ..export.stage import load_ort
         from ..models.loading import load_tokenizer
-        from .runners import has_past
+        from .runners import load_generator
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        with_past = has_past(Path(path) / "model.onnx")
-        model = load_ort(path, "text-generation-with-past" if with_past else "text-generation",
-                         session_options=options)
-        tokenizer = load_tokenizer(path)
+        model, tokenizer = load_generator(path, threads), load_tokenizer(path)
     greedy(model, prompt(tokenizer, prompt_tokens), new_tokens, tokenizer.pad_token_id)
     peak = peak_rss_mib()
     return {"peak_rss_mib": peak, "model_rss_mib": peak - before}

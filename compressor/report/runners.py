@@ -93,8 +93,7 @@ class OnnxRunner(Runner):
             raise CompressError(f"{folder} holds no model.onnx; give an export folder (compress export) or a model folder")
         self.label, self.path, self.pooling = label, str(folder), pooling
         self.size_bytes = file.stat().st_size
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options = session_options(threads)
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         try:
             graph = onnx.load(str(file), load_external_data=False)
@@ -107,7 +106,7 @@ class OnnxRunner(Runner):
         from ..quantization.onnx import graph_inputs
 
         self.inputs = graph_inputs(graph)
-        self.with_past = any(name.startswith("past_key_values.") for name in self.inputs)
+        self.with_past = takes_past(self.inputs)
         self._threads, self._generator = threads, None
         self.output = self.session.get_outputs()[0].name
         self.task = {"last_hidden_state": "feature-extraction"}.get(self.output, "text-generation")
@@ -133,25 +132,37 @@ class OnnxRunner(Runner):
         """optimum's ``ORTModelForCausalLM`` on the folder, as a user generates with it (a second
         session: optimum binds its own)."""
         if self._generator is None:
-            import onnxruntime as ort
-
-            from ..export.stage import load_ort
-
-            options = ort.SessionOptions()
-            options.intra_op_num_threads, options.inter_op_num_threads = self._threads, 1
-            task = "text-generation-with-past" if self.with_past else "text-generation"
-            self._generator = load_ort(self.path, task, session_options=options)
+            self._generator = load_generator(self.path, self._threads, with_past=self.with_past)
         return self._generator
 
 
-def has_past(file: str | Path) -> bool:
-    """Whether an ONNX decoder takes past key values (optimum's with-past layout)."""
-    import onnx
+def session_options(threads: int):
+    """onnxruntime session options with ``threads`` intra-op threads, as every row runs."""
+    import onnxruntime as ort
 
-    from ..quantization.onnx import graph_inputs
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    return options
 
-    graph = onnx.load(str(file), load_external_data=False)
-    return any(name.startswith("past_key_values.") for name in graph_inputs(graph))
+
+def takes_past(inputs) -> bool:
+    """Whether a graph with these input names takes past key values (optimum's with-past layout)."""
+    return any(name.startswith("past_key_values.") for name in inputs)
+
+
+def load_generator(folder: str | Path, threads: int, *, with_past: bool | None = None):
+    """optimum's ``ORTModelForCausalLM`` on an export folder, with or without its KV cache as the
+    graph has it (read from the graph when ``with_past`` is not given)."""
+    from ..export.stage import load_ort
+
+    if with_past is None:
+        import onnx
+
+        from ..quantization.onnx import graph_inputs
+
+        with_past = takes_past(graph_inputs(onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False)))
+    return load_ort(folder, "text-generation-with-past" if with_past else "text-generation",
+                    session_options=session_options(threads))
 
 
 def _precision(graph) -> str:
