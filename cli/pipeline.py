@@ -75,9 +75,15 @@ def run(recipe, model, output, dry_run, json_path):
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this machine; ray: tasks on a Ray cluster, each asking for its CPUs (and a GPU when a stage runs on cuda).")
 @click.option("--address", default=None, help="Ray cluster: ray://host:10001, host:6379 or auto (default: start a local Ray instance).")
+@click.option("--retries", type=int, default=2, show_default=True,
+              help="Ray: times a job runs again on another node after its node or worker process died; it continues from "
+                   "its last finished stage and fine-tuning checkpoint (a job's own error is not retried).")
+@click.option("--placement-timeout", type=float, default=None, metavar="SECONDS",
+              help="Ray: how long a job waits for a node that has its resources when no node does. Unset, such a job "
+                   "stops the batch before it starts (exit 2), and a job whose only fitting node died waits 120 s.")
 @click.option("--dry-run", is_flag=True, help="List what would run, continue, be skipped or fail, and why; run nothing.")
 @json_option
-def batch(manifest, output, workers, executor, address, dry_run, json_path):
+def batch(manifest, output, workers, executor, address, retries, placement_timeout, dry_run, json_path):
     """Run every job of MANIFEST (models x recipes, or jobs one by one), each in OUTPUT/JOB.
 
     Every recipe is validated first. A job that fails records its error and the others go on;
@@ -87,10 +93,14 @@ def batch(manifest, output, workers, executor, address, dry_run, json_path):
     """
     from compressor.config import check_int, devices_elsewhere
     from compressor.pipeline import EventLog, load_manifest, plan_batch, run_batch
+    from compressor.pipeline.executors import RayOptions
 
     check_int("jobs", workers, 1)  # before the manifest is read
-    if address is not None and executor != "ray":
-        raise click.UsageError("--address is for --executor ray")
+    ray_options = RayOptions(retries=retries, placement_timeout=placement_timeout)
+    for flag, given in (("--address", address is not None), ("--placement-timeout", placement_timeout is not None),
+                        ("--retries", retries != 2)):
+        if given and executor != "ray":
+            raise click.UsageError(f"{flag} is for --executor ray")
     if workers > 1 and executor == "ray":
         raise click.UsageError("--jobs is for the local executor; on Ray, each job's num_cpus/num_gpus decide how many run at once")
     if executor == "ray":
@@ -108,7 +118,8 @@ def batch(manifest, output, workers, executor, address, dry_run, json_path):
         return EXIT_OK
     log = EventLog(log_format())
     summary = run_batch(jobs, output, executor=executor, workers=workers, address=address, log=log,
-                        progress=log.format == "text" and executor == "local" and workers == 1 and json_path != "-")
+                        progress=log.format == "text" and executor == "local" and workers == 1 and json_path != "-",
+                        ray_options=ray_options)
     if not emit_result(json.dumps(summary.to_dict(), indent=2), json_path):
         click.echo(summary.markdown(), nl=False)
         click.echo(f"wrote {output}/summary.md and summary.json")

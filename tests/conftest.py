@@ -24,3 +24,10 @@ def minilm_dir() -> Path:
     from compressor.models import bundled_model_dir
 
     return bundled_model_dir()
+
+
+def assert_same_metrics(a: dict, b: dict):
+    """Two jobs' metrics: the same names, floats equal to 1e-4, everything else exactly."""
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        assert b[k] == (pytest.approx(v, rel=1e-4, abs=1e-6) if isinstance(v, float) else v), k

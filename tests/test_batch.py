@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import assert_same_metrics
 
 from cli.main import cli
 from compressor.config import devices_elsewhere
@@ -30,12 +31,6 @@ def events(result) -> list[dict]:
 
 def summary(out: Path) -> dict[str, dict]:
     return {j["job"]: j for j in json.loads((out / "summary.json").read_text())["jobs"]}
-
-
-def assert_same_metrics(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k, v in a.items():
-        assert b[k] == (pytest.approx(v, rel=1e-4, abs=1e-6) if isinstance(v, float) else v), k
 
 
 @pytest.fixture(scope="module")

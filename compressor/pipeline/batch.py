@@ -18,7 +18,15 @@ from typing import Any
 from ..config import check_int
 from ..errors import CompressError, ConfigError, OutputExistsError
 from .events import EventLog
-from .executors import EXECUTORS, execute, executor_name, ray_connection
+from .executors import (
+    EXECUTORS,
+    RayOptions,
+    check_placement,
+    check_shared_output,
+    execute,
+    executor_name,
+    ray_connection,
+)
 from .job import (
     DISK_ERRNOS,
     Job,
@@ -78,13 +86,18 @@ class BatchSummary:
 
     def markdown(self) -> str:
         """The summary table."""
-        lines = ["| job | model | recipe | status | seconds | unique params | key metrics | error |",
-                 "|---|---|---|---|---:|---|---|---|"]
+        on_nodes = any(r.nodes for r in self.results)  # Ray: where each job ran, and its retries
+        node_head, node_rule = ("node | ", "---|") if on_nodes else ("", "")
+        lines = [f"| job | model | recipe | status | {node_head}seconds | unique params | key metrics | error |",
+                 f"|---|---|---|---|{node_rule}---:|---|---|---|"]
         for r in self.results:
             params = f"{r.params_before:,} -> {r.params_after:,}" if r.params_before is not None else ""
             shown = ", ".join(f"{k} {format_value(v)}" for k, v in r.metrics.items())
             error = (r.error or "").replace("|", "\\|")
-            lines.append(f"| {r.job} | {r.model} | {r.recipe} | {r.status} | {r.seconds:.1f} | {params} | {shown} | {error} |")
+            node = ""
+            if on_nodes:
+                node = " -> ".join(r.nodes) + (f" ({r.attempts} attempts)" if r.attempts > 1 else "") + " | "
+            lines.append(f"| {r.job} | {r.model} | {r.recipe} | {r.status} | {node}{r.seconds:.1f} | {params} | {shown} | {error} |")
         c = self.counts
         tail = f"{c['done']} done, {c['skipped']} skipped, {c['failed']} failed" + (f", {c['pending']} not run" if c["pending"] else "")
         return "\n".join(lines) + f"\n\n{tail} in {self.seconds:.1f} s ({self.executor}).\n"
@@ -96,7 +109,8 @@ def plan_batch(jobs: list[Job]) -> list[JobPlan]:
 
 
 def run_batch(jobs: list[Job], output: str | Path, *, executor: str = "local", workers: int = 1,
-              address: str | None = None, log: EventLog | None = None, progress: bool = False) -> BatchSummary:
+              address: str | None = None, log: EventLog | None = None, progress: bool = False,
+              ray_options: RayOptions | None = None) -> BatchSummary:
     """Run every job that is not done yet; a failed job is recorded and the others go on.
 
     Args:
@@ -109,14 +123,16 @@ def run_batch(jobs: list[Job], output: str | Path, *, executor: str = "local", w
             a process that has already called ``ray.init``, that connection is used.
         log: Where progress events go (stderr, text, by default).
         progress: Progress bars (only sensible for one local worker).
+        ray_options: Retries and the placement timeout on Ray.
 
     Returns:
         The summary, also written to ``output/summary.json`` and ``output/summary.md``.
 
     Raises:
         CompressError: an output folder that is not writable, is not a batch folder, or whose
-            disk fills up (the jobs still to run are left to a later run), or Ray that cannot
-            be reached.
+            disk fills up (the jobs still to run are left to a later run); on Ray, a cluster
+            that cannot be reached, that has no node for a job's resources, or whose nodes
+            cannot write the output folder (all before any job starts).
     """
     log = log or EventLog()
     output = Path(output)
@@ -130,14 +146,18 @@ def run_batch(jobs: list[Job], output: str | Path, *, executor: str = "local", w
     runnable = [p for p in plans if p.action in ("run", "continue")]
     # Reach the cluster before anything is written: an address nobody answers at is bad input
     # and leaves no batch folder behind.
-    connection = ray_connection(address, log) if executor == "ray" and runnable else contextlib.nullcontext()
-    with connection:
+    on_ray = executor == "ray" and bool(runnable)
+    ray_options = ray_options or RayOptions()
+    with ray_connection(address, log) if on_ray else contextlib.nullcontext():
+        if on_ray:
+            check_placement(runnable, ray_options)
+            check_shared_output(output, runnable)
         return _run_planned(jobs, plans, runnable, output, executor=executor, workers=workers, log=log,
-                            progress=progress, start=start)
+                            progress=progress, start=start, ray_options=ray_options)
 
 
 def _run_planned(jobs: list[Job], plans: list[JobPlan], runnable: list[JobPlan], output: Path, *, executor: str,
-                 workers: int, log: EventLog, progress: bool, start: float) -> BatchSummary:
+                 workers: int, log: EventLog, progress: bool, start: float, ray_options: RayOptions) -> BatchSummary:
     """The batch after planning: the folder marked, then the summary rewritten as each job ends."""
     shown_executor = executor_name(executor, workers)
     mark_batch(output, [j.name for j in jobs])
@@ -149,7 +169,7 @@ def _run_planned(jobs: list[Job], plans: list[JobPlan], runnable: list[JobPlan],
 
     write_summary(output, summary())
     fatal = None
-    finished = execute(runnable, executor=executor, workers=workers, log=log, progress=progress)
+    finished = execute(runnable, executor=executor, workers=workers, log=log, progress=progress, ray_options=ray_options)
     with contextlib.closing(finished):  # on a stop: cancel the jobs not started, wait for the running ones
         for result in finished:
             results[result.job] = result

@@ -67,7 +67,8 @@ class Job:
         stages: The recipe's stages as plain data (`Recipe.normalized`).
         folder: The job's folder.
         shown_model: The model as the user wrote it, for reports.
-        resources: What a job asks a Ray cluster for: ``num_cpus``, ``num_gpus``.
+        resources: What a job asks a Ray cluster for: ``num_cpus``, ``num_gpus`` and
+            ``custom`` (Ray's custom resources, ``name -> amount``).
     """
 
     name: str
@@ -76,7 +77,7 @@ class Job:
     stages: list[dict[str, Any]]
     folder: Path
     shown_model: str = ""
-    resources: dict[str, float] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -96,6 +97,8 @@ class JobResult:
         error: One line, for a failed job.
         folder: The job's folder.
         fatal: The failure was a full or read-only disk, which stops the batch.
+        nodes: The Ray node of every attempt of this run, in order (more than one: Ray ran
+            the job again after its node or worker process died); empty off Ray.
     """
 
     job: str
@@ -109,9 +112,15 @@ class JobResult:
     error: str | None = None
     folder: str = ""
     fatal: bool = False
+    nodes: list[str] = field(default_factory=list)
+
+    @property
+    def attempts(self) -> int:
+        """How many times the job was started in this run (1 unless Ray retried it)."""
+        return max(1, len(self.nodes))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "attempts": self.attempts}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobResult:
@@ -280,7 +289,8 @@ def _resumable(job: Job, place: Path, index: int, keys: list[str], started: dict
 
 
 def run_job(job: Job, keys: list[str], *, log: EventLog, reason: str = "", progress: bool = False,
-            reraise: bool = False) -> JobResult:
+            reraise: bool = False, run_id: str | None = None, node: str | None = None,
+            lock_wait: float = 0.0) -> JobResult:
     """Run (or continue) ``job``; a failure is recorded in its folder and returned, not raised.
 
     Args:
@@ -291,15 +301,22 @@ def run_job(job: Job, keys: list[str], *, log: EventLog, reason: str = "", progr
         progress: Show progress bars (fine-tuning).
         reraise: Raise the error after recording it (``compress run``) instead of returning a
             failed result (``compress batch``, where the other jobs go on).
+        run_id: The batch run this is part of: a second start of the job with the same id is
+            a retry (Ray ran it again after its node died), recorded as an attempt.
+        node: Where it runs (a Ray node), recorded with the attempt.
+        lock_wait: Seconds to wait for the job's lock (a retried task may start while the
+            killed process of the attempt before it is still being torn down).
 
     Returns:
         The result: ``done`` or ``failed``. Ctrl-C is recorded and raised.
     """
     start = time.perf_counter()
-    log.emit("job_start", job=job.name, model=job.shown_model, recipe=job.recipe, reason=reason)
+    nodes = _attempt_nodes(job, run_id, node)
+    log.emit("job_start", job=job.name, model=job.shown_model, recipe=job.recipe, reason=reason,
+             **({"node": node, "attempt": len(nodes)} if node else {}))
     try:
-        with _job_lock(job.folder):
-            result = _run(job, keys, log, progress, start)
+        with _job_lock(job.folder, wait=lock_wait):
+            result = _finished_meanwhile(job, keys) or _run(job, keys, log, progress, start, run_id, nodes)
     except BaseException as e:
         error = one_line(e)
         fatal = isinstance(e, OSError) and e.errno in DISK_ERRNOS
@@ -313,9 +330,29 @@ def run_job(job: Job, keys: list[str], *, log: EventLog, reason: str = "", progr
             if fatal:
                 raise CompressError(error) from None
             raise
-        return JobResult.for_job(job, "failed", seconds=time.perf_counter() - start, error=error, fatal=fatal)
+        return JobResult.for_job(job, "failed", seconds=time.perf_counter() - start, error=error, fatal=fatal, nodes=nodes)
+    result.nodes = nodes
     log.emit("job_end", job=job.name, seconds=round(result.seconds, 3), metrics=result.metrics)
     return result
+
+
+def _attempt_nodes(job: Job, run_id: str | None, node: str | None) -> list[str]:
+    """The nodes of this run's attempts, this one last: those ``job.json`` records for the
+    same ``run_id``, then ``node``. Empty off Ray."""
+    if node is None:
+        return []
+    started = read_json(job.folder / JOB_FILE) or {}
+    earlier = started.get("nodes", []) if run_id is not None and started.get("run") == run_id else []
+    return [*earlier, node]
+
+
+def _finished_meanwhile(job: Job, keys: list[str]) -> JobResult | None:
+    """The result of a job another process finished with the same inputs while this one waited
+    for the lock (an attempt that outlived its driver); ``None`` when it is not done."""
+    done = read_json(job.folder / DONE_FILE)
+    if done is None or done.get("key") != keys[-1]:
+        return None
+    return JobResult.from_dict(done.get("result", {}))
 
 
 def record_failure(job: Job, error: str) -> None:
@@ -325,17 +362,18 @@ def record_failure(job: Job, error: str) -> None:
             _write_json(job.folder / ERROR_FILE, {"job": job.name, "error": error, "type": "not started", "traceback": None})
 
 
-def _run(job: Job, keys: list[str], log: EventLog, progress: bool, start: float) -> JobResult:
+def _run(job: Job, keys: list[str], log: EventLog, progress: bool, start: float, run_id: str | None,
+         nodes: list[str]) -> JobResult:
     from .recipe import rebuild
 
     specs = rebuild(job.stages)  # checks the options (and devices) on the machine that runs them
     started = read_json(job.folder / JOB_FILE)  # the run before this one, if any
-    places = _begin(job, keys)
+    places = _begin(job, keys, run_id, nodes)
     records = _run_stages(job, specs, keys, places, started, log, progress)
     return _finish(job, keys, records, places, start)
 
 
-def _begin(job: Job, keys: list[str]) -> dict[int, str]:
+def _begin(job: Job, keys: list[str], run_id: str | None = None, nodes: list[str] | None = None) -> dict[int, str]:
     """Start a run in the job's folder: markers of earlier runs removed, ``job.json`` written,
     folders that are no stage of this recipe removed; returns ``recipe index -> stage folder``."""
     folder = job.folder
@@ -344,7 +382,7 @@ def _begin(job: Job, keys: list[str]) -> dict[int, str]:
             (folder / stale).unlink()
     _write_json(folder / JOB_FILE, {"format": FORMAT, "job": job.name, "model": job.shown_model, "model_spec": job.model,
                                     "recipe": job.recipe, "stages": job.stages, "keys": keys,
-                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": run_id, "nodes": nodes or []})
     places = {index: name for name, index in layout(job.stages)}
     _remove_strays(folder, set(places.values()))
     return places
@@ -471,8 +509,9 @@ def _remove_strays(folder: Path, expected: set[str]) -> None:
 
 
 @contextlib.contextmanager
-def _job_lock(folder: Path):
-    """Hold ``folder/.lock`` while the job runs: two processes never run one job at once."""
+def _job_lock(folder: Path, wait: float = 0.0):
+    """Hold ``folder/.lock`` while the job runs: two processes never run one job at once.
+    A lock held by another process is waited for up to ``wait`` seconds."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
@@ -481,10 +520,15 @@ def _job_lock(folder: Path):
         return
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CompressError(f"{folder} is being run by another compress process") from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise CompressError(f"{folder} is being run by another compress process") from None
+                time.sleep(0.5)
         yield
     finally:
         os.close(fd)

@@ -8,8 +8,11 @@ A manifest::
       - model: bundled
         recipe: recipes/demo.yaml
         name: minilm-demo                       # default: <model>-<recipe>
-        resources: {num_cpus: 2}                # what a Ray job asks for
+        resources: {num_cpus: 2, custom: {big_ram: 1}}  # what a Ray job asks for
     resources: {num_cpus: 1}                    # the default for every job
+
+``custom`` resources are Ray's: a node offers them (``ray start --resources '{"big_ram": 1}'``)
+and a job that asks for one runs only on a node that has it.
 
 Paths are relative to the manifest's folder. A recipe is a file or a mapping written in place.
 Every recipe is validated before any job runs; an error names the manifest's file and line.
@@ -38,7 +41,7 @@ from .recipe import (
 
 MANIFEST_KEYS = ("models", "recipes", "jobs", "resources")
 JOB_KEYS = ("name", "model", "recipe", "resources")
-RESOURCE_KEYS = ("num_cpus", "num_gpus")
+RESOURCE_KEYS = ("num_cpus", "num_gpus", "custom")
 #: The batch folder's own files; no job may take their names.
 BATCH_FILE, SUMMARY_JSON, SUMMARY_MD = "batch.json", "summary.json", "summary.md"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -144,7 +147,7 @@ def _listed_entries(items: dict[str, tuple[Any, Any]], source: str) -> list[_Ent
     return entries
 
 
-def _jobs(entries: list[_Entry], source: str, base: Path, defaults: dict[str, float], output: Path) -> list[Job]:
+def _jobs(entries: list[_Entry], source: str, base: Path, defaults: dict[str, Any], output: Path) -> list[Job]:
     """Every entry read: its recipe, model, name and resources."""
     recipes: dict[str, Recipe] = {}  # a recipe file is read once however many jobs use it
     seen: dict[str, int] = {}  # job name -> the line of its job
@@ -209,19 +212,32 @@ def _job_name(entry: _Entry, shown_model: str, recipe: Recipe, source: str, seen
     return name
 
 
-def _resources(node, source: str, base: dict[str, float]) -> dict[str, float]:
-    """``base`` updated with the ``num_cpus`` and ``num_gpus`` that ``node`` gives."""
+def _resources(node, source: str, base: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated with the ``num_cpus``, ``num_gpus`` and ``custom`` resources ``node`` gives."""
     items = mapping_items(node, source, "resources")
     check_keys(items, RESOURCE_KEYS, source, "resources")
     out = dict(base)
     for key, (_, value_node) in items.items():
-        value = plain(value_node)
-        low = 0 if key == "num_gpus" else 1e-9
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
-            raise ConfigError(f"{source}:{line_of(value_node)}: {key} must be a number "
-                              f"{'of 0 or more' if key == 'num_gpus' else 'above 0'}, got {value!r}")
-        out[key] = value
+        if key == "custom":
+            custom = {}
+            for name, (name_node, amount) in mapping_items(value_node, source, "custom resources").items():
+                if not isinstance(name, str) or name in ("CPU", "GPU", "memory") or name.startswith("node:"):
+                    raise ConfigError(f"{source}:{line_of(name_node)}: custom resource {name!r} is one of Ray's own; "
+                                      "ask for CPUs and GPUs with num_cpus and num_gpus")
+                custom[name] = _amount(f"custom resource {name!r}", amount, source, 1e-9)
+            out["custom"] = {**out.get("custom", {}), **custom}
+        else:
+            out[key] = _amount(key, value_node, source, 0 if key == "num_gpus" else 1e-9)
     return out
+
+
+def _amount(what: str, node, source: str, low: float) -> float:
+    """A resource amount: a number of at least ``low``."""
+    value = plain(node)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+        raise ConfigError(f"{source}:{line_of(node)}: {what} must be a number "
+                          f"{'of 0 or more' if low == 0 else 'above 0'}, got {value!r}")
+    return value
 
 
 def _slug(model: str) -> str:
