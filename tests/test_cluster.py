@@ -223,3 +223,24 @@ def test_a_killed_driver_rerun_completes_only_what_was_missing(cluster, tiny_dir
     assert jobs["quick"]["status"] == "skipped" and jobs["long"]["status"] == "done"
     finetuned = json.loads((out / "long" / "02-finetune" / "stage.json").read_text())["record"]["metrics"]
     assert finetuned["steps"] == 200 and 0 < finetuned["steps_this_run"] < 200
+
+
+@pytest.mark.slow  # kills the only node a job fits: ~30 s
+def test_a_job_whose_only_node_died_fails_after_the_placement_timeout(cluster, tiny_dirs, tmp_path):
+    (tmp_path / "long.yaml").write_text(LONG.format(data=DATA, steps=300))
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"jobs:\n  - {{model: {tiny_dirs['bert']}, recipe: long.yaml, name: pinned, "
+                        "resources: {custom: {node_b: 1}}}\n")
+    out = tmp_path / "out"
+    proc = start_batch(manifest, out, cluster.address, "--placement-timeout", "4")
+    try:
+        wait_for(out / "pinned" / "02-finetune" / "trainer_state.pt", proc)
+        cluster.remove_node(cluster.workers.pop("node_b"), allow_graceful=False)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        cluster.workers["node_b"] = cluster.add_node(num_cpus=1, resources={"node_b": 1})
+    [job] = summary(out).values()
+    assert proc.returncode == 1 and job["status"] == "failed", stderr[-3000:]
+    assert job["error"].startswith("no node of the Ray cluster can run it: it asks for CPU 1, node_b 1")
+    assert not (out / "pinned" / "DONE.json").exists() and not (out / "pinned" / "03-evaluate").exists()
