@@ -556,6 +556,8 @@ def test_int4_methods_fit_the_blocks_their_own_way(tiny_dirs, tmp_path):
         nbits = [n for n in read_graph(tmp_path / method).graph.node if n.op_type == "MatMulNBits"]
         zero_points = [len(n.input) > 3 and n.input[3] != "" for n in nbits]
         assert all(zero_points) if method != "rtn" else not any(zero_points), method
+        levels = {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"}
+        assert levels == {4} and all(any(a.name == "accuracy_level" for a in n.attribute) for n in nbits), method
         cosine[method] = record.metrics["check"]["mean_cosine"]
     assert cosine["hqq"] >= cosine["rtn"] - 0.002, cosine
 

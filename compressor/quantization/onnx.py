@@ -106,6 +106,7 @@ def quantize_int4(path: Path, config: QuantizeConfig) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantizer.process()
+        _set_accuracy_level(quantizer.model.model, config.accuracy_level)
         onnx.save(quantizer.model.model, str(path))
         logging.disable(logging.WARNING)  # onnxruntime's advice to pre-process, on the root logger
         try:
@@ -120,6 +121,14 @@ def quantize_int4(path: Path, config: QuantizeConfig) -> dict[str, Any]:
     return {"int4_matmuls": sum(n.op_type == "MatMulNBits" for n in graph.graph.node), "int8_matmuls": len(narrow),
             "block_size": config.block_size, "accuracy_level": config.accuracy_level, "method": config.int4_method,
             "embeddings": "int8 (dynamic Gather)"}
+
+
+def _set_accuracy_level(model, level: int) -> None:
+    """``accuracy_level`` on every MatMulNBits node that lacks it (onnxruntime's HQQ writes none,
+    whatever it is asked), so that the option means the same for every method."""
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
 
 
 def _int4_algorithm(config: QuantizeConfig):
