@@ -569,3 +569,41 @@ def test_int4_options_are_checked():
         QuantizeConfig("int4", accuracy_level=5)
     with pytest.raises(ConfigError, match="int4_method|int4-method"):
         QuantizeConfig("int4", int4_method="gptq")
+
+
+def test_a_decoder_export_fuses_norms_and_rotary_and_still_generates(tiny_dirs, tmp_path):
+    """--optimize 2 on a shared Llama: onnxruntime's RMSNorm and rotary fusions in every layer,
+    the rotary tables cut to the model's positions, shared weights still stored once, optimum's
+    generate() with the cache equal to PyTorch's; int4 quantizes the fused graph. A fusion that
+    does not fit a family (Gemma's rotary) fails the export in one line, nothing written."""
+    import warnings
+
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    shared, _ = share(load_model(str(tiny_dirs["llama"])), ShareConfig(plan="0-1,2-3", lora_rank=0, fidelity=False))
+    record = export(shared, ExportConfig(check_lengths=[8, 32], optimize=2), tmp_path / "fp32")
+    layers = shared.geometry.num_layers
+    fused = record.metrics["graph"]["optimized"]["fused"]
+    assert fused["RotaryEmbedding"] == fused["SkipSimplifiedLayerNormalization"] == 2 * layers  # q and k; two norms
+    assert record.metrics["check"]["max_abs_diff"] < 1e-4
+    graph = onnx.load(str(tmp_path / "fp32" / "model.onnx"))
+    tables = {i for n in graph.graph.node if n.op_type == "RotaryEmbedding" for i in n.input[2:4]}
+    assert {tuple(t.dims)[0] for t in graph.graph.initializer if t.name in tables} == {shared.model.config.max_position_embeddings}
+    assert record.params_after <= record.params_before + 2 * 128 * 4 + 1024  # + the two cut tables
+
+    tok = shared.tokenizer
+    enc = {k: v for k, v in tok(["a prompt to go on from"], return_tensors="pt").items() if k in ("input_ids", "attention_mask")}
+    kwargs = {"max_new_tokens": 16, "min_new_tokens": 16, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = ORTModelForCausalLM.from_pretrained(tmp_path / "fp32").generate(**enc, **kwargs)
+    with torch.no_grad():
+        assert torch.equal(got, shared.model.generate(**enc, **kwargs))
+
+    int4 = export(shared, ExportConfig(check_lengths=[8], optimize=2), tmp_path / "int4", quantize=QuantizeConfig("int4", block_size=16))
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "int4" / "model.onnx"), load_external_data=False).graph.node)
+    assert ops["MatMulNBits"] > 0 and ops["RotaryEmbedding"] == 2 * layers and int4.metrics["check"]["mean_cosine"] > 0.95
+
+    res = CliRunner().invoke(cli, ["export", str(tiny_dirs["gemma"]), "--optimize", "2", "-o", str(tmp_path / "gemma")])
+    assert res.exit_code == 1 and not (tmp_path / "gemma").exists(), res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and "export with --optimize 1" in res.stderr, res.stderr

@@ -43,11 +43,13 @@ class ExportConfig(TextFormat, StageConfig):
             pooling, then its normalization, inside the graph), for onnxruntime in C#, Java or
             JavaScript with no pooling code of their own; checked with a plain
             ``onnxruntime.InferenceSession``.
-        optimize: Encoders: onnxruntime's transformer graph optimizations, as optimum's
+        optimize: onnxruntime's transformer graph optimizations. Encoders, as optimum's
             ``ORTOptimizer`` applies them: 0 none, 1 basic, 2 also attention, LayerNorm and GELU
-            fusion (optimum's O2). Shared weights stay stored once (the fusions' per-layer copies
-            are merged); the export is checked on the optimized graph. int8 quantizes the fused
-            graph; not with int4 or int8-static.
+            fusion (optimum's O2); int8 quantizes the fused graph, not with int4 or int8-static.
+            Decoders (onnxruntime's own optimizer; optimum's takes no Llama-style model): 1 RMSNorm
+            (with the residual add) or LayerNorm fusion, 2 also rotary embeddings; attention is
+            left unfused, and int8 or int4 quantize the fused graph. Shared weights stay stored
+            once (the fusions' copies are merged); the export is checked on the optimized graph.
     """
 
     task: str = choice("auto", TASKS)

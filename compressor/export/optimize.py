@@ -7,6 +7,13 @@ concatenates each layer's query, key and value weights into a new initializer pe
 members of a shared group would each store a copy; `merge_identical_initializers` stores them
 once again. A layer with its own LoRA delta keeps it: its attention does not match the fusion's
 pattern and stays unfused (the record counts what was fused), the rest of the graph is fused.
+
+optimum's optimizer takes no Llama-style decoder, so `optimize_decoder_graph` calls
+onnxruntime's own (``onnxruntime.transformers.optimizer``) with its decoder fusions: RMSNorm
+(``SimplifiedLayerNormalization``, with the residual add: ``SkipSimplifiedLayerNormalization``) and,
+at level 2, rotary embeddings (``RotaryEmbedding``); GPT-2's LayerNorm and GELU. Attention is left
+unfused: onnxruntime's fused decoder attention takes the cache in another layout than optimum's
+with-past graphs. The graph's inputs and outputs do not change, so optimum still generates with it.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ from ..onnx_graph import merge_identical_initializers, stored_elements
 
 #: The fused operators an optimized graph is described by.
 FUSED_OPS = ("Attention", "SkipLayerNormalization", "LayerNormalization", "BiasGelu", "FastGelu", "Gelu",
-             "EmbedLayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization")
+             "EmbedLayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
+             "RotaryEmbedding")
 
 
 def optimize_graph(folder: Path, level: int, file_name: str = "model.onnx") -> dict[str, Any]:
@@ -63,6 +71,58 @@ def optimize_graph(folder: Path, level: int, file_name: str = "model.onnx") -> d
         onnx.save(model, str(path))
         if (Path(tmp) / "ort_config.json").is_file():
             shutil.move(Path(tmp) / "ort_config.json", folder / "ort_config.json")
+    return _described(model, level, merged, before)
+
+
+def optimize_decoder_graph(folder: Path, level: int, model_type: str, positions: int | None,
+                           file_name: str = "model.onnx") -> dict[str, Any]:
+    """Fuse a decoder's normalizations (and, at level 2, its rotary embeddings) in
+    ``folder/file_name`` in place with onnxruntime's optimizer, and merge the copies of shared
+    weights; what `optimize_graph` returns.
+
+    The rotary fusion stores cos/sin tables for 131,072 positions (34 MB at head size 64); they
+    are cut to the model's ``positions``, which is exact for every position the model takes.
+
+    Raises:
+        ExportError: onnxruntime's optimizer fails on the graph.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    kind = "gpt2" if model_type == "gpt2" else "qwen3"  # onnxruntime's RMSNorm + rotary decoder fusions
+    options = FusionOptions(kind)
+    options.enable_attention = False  # its fused attention takes the cache in another layout
+    options.enable_embed_layer_norm = False  # would change the graph's inputs
+    options.enable_rotary_embeddings = level >= 2
+    path = folder / file_name
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet("", "onnxruntime"):
+            warnings.simplefilter("ignore")
+            optimizer = optimize_model(str(path), model_type=kind, num_heads=0, hidden_size=0, opt_level=0,
+                                       optimization_options=options)
+    except Exception as e:  # noqa: BLE001 - onnxruntime's optimizer on a graph it does not know
+        raise ExportError(f"onnxruntime's graph optimizer (level {level}) cannot optimize this decoder: "
+                          f"{first_line(e)}") from None
+    model = optimizer.model
+    if positions:
+        _cut_rotary_tables(model, positions)
+    before = stored_elements(model)
+    merged = merge_identical_initializers(model)
+    onnx.save(model, str(path))
+    return _described(model, level, merged, before)
+
+
+def _cut_rotary_tables(model, positions: int) -> None:
+    """The rows past ``positions`` of the ``RotaryEmbedding`` nodes' cos and sin tables, dropped."""
+    from onnx import numpy_helper
+
+    tables = {name for n in model.graph.node if n.op_type == "RotaryEmbedding" for name in n.input[2:4]}
+    for init in model.graph.initializer:
+        if init.name in tables and init.dims and init.dims[0] > positions:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init)[:positions].copy(), init.name))
+
+
+def _described(model, level: int, merged: int, before: int) -> dict[str, Any]:
     counts = Counter(n.op_type for n in model.graph.node)
     return {"level": level, "fused": {op: counts[op] for op in FUSED_OPS if counts[op]}, "copies_merged": merged,
             "numbers_merged": before - stored_elements(model)}

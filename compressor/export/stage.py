@@ -27,7 +27,7 @@ import onnx
 import torch
 
 from ..data import calibration_texts
-from ..errors import ConfigError, ExportError, ModelLoadError, UnsupportedModelError, first_line
+from ..errors import CompressError, ConfigError, ExportError, ModelLoadError, UnsupportedModelError, first_line
 from ..io import check_writable, quiet, staged_folder, write_text_atomic
 from ..models import LoadedModel, unique_parameters
 from ..models.heads import pick_task
@@ -67,10 +67,15 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
     task = pick_task(loaded, config.task)
     if config.task == "auto" and task == "text-generation":
         task = "text-generation-with-past"  # what a user generating with optimum expects
-    if config.optimize and task != "feature-extraction":
-        raise ConfigError(f"--optimize runs onnxruntime's encoder fusions; {loaded.name} is exported as {task}")
-    if config.optimize and quantize is not None and quantize.mode in ("int4", "int8-static"):
-        raise ConfigError(f"--optimize with --quantize {quantize.mode} is not supported; use int8 or fp16")
+    decoder = task in ("text-generation", "text-generation-with-past")
+    if config.optimize and not (task == "feature-extraction" or decoder):
+        raise ConfigError(f"--optimize runs onnxruntime's encoder or decoder fusions; {loaded.name} is exported as {task}")
+    # an encoder's fused attention holds its projections, which int4 and static int8 do not reach;
+    # a decoder keeps its MatMuls (its attention is not fused), so int4 quantizes the fused graph
+    unsupported = ("int4", "int8-static") if task == "feature-extraction" else ("int8-static",)
+    if config.optimize and quantize is not None and quantize.mode in unsupported:
+        raise ConfigError(f"--optimize with --quantize {quantize.mode} is not supported for {task}; "
+                          f"use {'int8 or fp16' if task == 'feature-extraction' else 'int8, int4 or fp16'}")
     if config.pooling_in_graph and task != "feature-extraction":
         raise ConfigError(f"--pooling-in-graph puts sentence pooling into an encoder's graph; {loaded.name} is "
                           f"exported as {task}")
@@ -144,10 +149,14 @@ def _write(tmp: Path, loaded: LoadedModel, model, task: str, config: ExportConfi
     optimized = None
     if config.optimize:
         from ..quantization.onnx import prepare_graph
-        from .optimize import optimize_graph
+        from .optimize import optimize_decoder_graph, optimize_graph
 
         prepare_graph(tmp / MODEL_FILE)  # weights behind Identity nodes would not match the fusions' patterns
-        optimized = optimize_graph(tmp, config.optimize)
+        if task != "feature-extraction":
+            optimized = optimize_decoder_graph(tmp, config.optimize, model.config.model_type,
+                                               loaded.adapter.max_positions(model.config))
+        else:
+            optimized = optimize_graph(tmp, config.optimize)
     if quantize is not None:
         from ..quantization import quantize_onnx
 
@@ -165,7 +174,16 @@ def _write(tmp: Path, loaded: LoadedModel, model, task: str, config: ExportConfi
         quantized["optimized"] = optimized
     stored, matmuls = check_storage(tmp / MODEL_FILE, model, params, quantize)
 
-    check = check_export(tmp, model, loaded.tokenizer, task, input_names, config, quantize, texts, loaded.adapter)
+    try:
+        with _ort_errors_quiet(optimized is not None):  # a failing fused graph: our one line, not onnxruntime's too
+            check = check_export(tmp, model, loaded.tokenizer, task, input_names, config, quantize, texts, loaded.adapter)
+    except Exception as e:
+        if optimized is None or isinstance(e, CompressError):
+            raise
+        # a fusion whose pattern matched a graph it does not fit (Gemma's rotary at level 2)
+        raise ExportError(f"the graph onnxruntime's optimizer fused (--optimize {config.optimize}: "
+                          f"{', '.join(optimized['fused']) or 'nothing'}) does not run: {first_line(e)}; "
+                          f"export with {'--optimize 1' if config.optimize == 2 else 'no --optimize'}") from None
     if task == "feature-extraction":  # sentence-transformers loads the folder with the model's own pooling
         from .sentence import check_sentence_transformers, write_sentence_layout
 
@@ -179,6 +197,20 @@ def _write(tmp: Path, loaded: LoadedModel, model, task: str, config: ExportConfi
             check["sentence_embedding"] = check_pooled_graph(tmp / MODEL_FILE, model, loaded, texts,
                                                              quantize.min_cosine if quantize else None)
     return input_names, quantized, stored, matmuls, check
+
+
+@contextlib.contextmanager
+def _ort_errors_quiet(quiet_now: bool):
+    """onnxruntime's own log lines of a failing kernel kept off stderr for the block."""
+    import onnxruntime as ort
+
+    if quiet_now:
+        ort.set_default_logger_severity(4)
+    try:
+        yield
+    finally:
+        if quiet_now:
+            ort.set_default_logger_severity(2)  # onnxruntime's default, warnings
 
 
 def check_storage(path: Path, model, params: int, quantize: QuantizeConfig | None) -> tuple[int, dict[str, int]]:
