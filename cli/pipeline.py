@@ -76,8 +76,9 @@ def run(recipe, model, output, dry_run, json_path):
               help="local: this machine; ray: tasks on a Ray cluster, each asking for its CPUs (and a GPU when a stage runs on cuda).")
 @click.option("--address", default=None, help="Ray cluster: ray://host:10001, host:6379 or auto (default: start a local Ray instance).")
 @click.option("--retries", type=int, default=2, show_default=True,
-              help="Ray: times a job runs again on another node after its node or worker process died; it continues from "
-                   "its last finished stage and fine-tuning checkpoint (a job's own error is not retried).")
+              help="Ray: times a job runs again after its node or worker process died (on another node when its node "
+                   "died); it continues from its last finished stage and fine-tuning checkpoint (a job's own error is "
+                   "not retried).")
 @click.option("--placement-timeout", type=float, default=None, metavar="SECONDS",
               help="Ray: how long a job waits for a node that has its resources when no node does. Unset, such a job "
                    "stops the batch before it starts (exit 2), and a job whose only fitting node died waits 120 s.")

@@ -46,16 +46,18 @@ def cluster():
     c.shutdown()
 
 
-def start_batch(manifest: Path, out: Path, address: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
+def start_batch(manifest: Path, out: Path, address: str, *extra: str, env: dict | None = None,
+                cwd: Path | None = None) -> subprocess.Popen:
     """`compress batch` on the cluster, in a process of its own (JSON-lines events on stderr)."""
     command = [str(COMPRESS), "--log-format", "jsonl", "batch", str(manifest), "-o", str(out), "--executor", "ray",
                "--address", address, *extra]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
 
 
-def run_batch(manifest: Path, out: Path, address: str, *extra: str, env: dict | None = None, timeout: float = 300):
-    proc = start_batch(manifest, out, address, *extra, env=env)
+def run_batch(manifest: Path, out: Path, address: str, *extra: str, env: dict | None = None, timeout: float = 300,
+              cwd: Path | None = None):
+    proc = start_batch(manifest, out, address, *extra, env=env, cwd=cwd)
     stdout, stderr = proc.communicate(timeout=timeout)
     return proc.returncode, stdout, stderr
 
@@ -83,6 +85,7 @@ def test_jobs_spread_over_nodes_wait_for_their_resources_and_bad_clusters_stop_f
     assert ran_on == ids  # one job on each worker node, none on the CPU-less head
     table = (out / "summary.md").read_text()
     assert "| node |" in table and all(j["nodes"][0] in table for j in jobs.values())
+    assert not list(out.rglob(".compress-probe-*"))  # every node checked the folder, and left nothing
 
     # a job that asks for what no node has: exit 2 before anything is written ...
     picky = tmp_path / "picky.yaml"
@@ -94,14 +97,16 @@ def test_jobs_spread_over_nodes_wait_for_their_resources_and_bad_clusters_stop_f
     assert "--placement-timeout" in message and "node_a 1" in message
     assert not (tmp_path / "picky").exists()
     # ... unless the batch is told to wait for such a node: then that job alone fails, after the timeout
-    # (`--address auto` finds the cluster RAY_ADDRESS names, as on a node `ray start` set up)
-    start = time.perf_counter()
-    rc, _, stderr = run_batch(picky, tmp_path / "picky", "auto", "--placement-timeout", "3",
-                              env={"RAY_ADDRESS": cluster.address})
+    # (`--address auto` finds the cluster RAY_ADDRESS names, as on a node `ray start` set up; `-o` relative
+    # to the driver's folder, which the nodes' probe must read as the same absolute folder)
+    rc, _, stderr = run_batch(picky, Path("picky"), "auto", "--placement-timeout", "3",
+                              env={"RAY_ADDRESS": cluster.address}, cwd=tmp_path)
     jobs = summary(tmp_path / "picky")
     assert rc == 1 and jobs["a"]["status"] == "done" and jobs["tpu"]["status"] == "failed", stderr[-3000:]
     assert jobs["tpu"]["error"].startswith("no node of the Ray cluster can run it: it asks for CPU 1, tpu_v9 1")
-    assert "3 s (--placement-timeout)" in jobs["tpu"]["error"] and time.perf_counter() - start > 3
+    assert "3 s (--placement-timeout)" in jobs["tpu"]["error"]
+    times = {e["event"] + e.get("job", ""): e["time"] for e in map(json.loads, filter(None, stderr.splitlines()))}
+    assert times["job_failtpu"] - times["batch_start"] >= 3
     assert not (tmp_path / "picky" / "tpu" / "DONE.json").exists()
 
 
@@ -141,6 +146,8 @@ def test_resources_in_a_manifest(tmp_path):
 
     for bad, message in (("{custom: {CPU: 1}}", "custom resource 'CPU' is one of Ray's own"),
                          ("{custom: {fast: 0}}", "custom resource 'fast' must be a number above 0"),
+                         ("{num_cpus: 0.00001}", "num_cpus must be a number above 0 in steps of 0.0001"),
+                         ("{custom: {object_store_memory: 1}}", "is one of Ray's own"),
                          ("{custom: [fast]}", "custom resources must be a mapping")):
         manifest.write_text(f"resources: {bad}\njobs:\n  - {{model: bundled, recipe: {QUICK}}}\n")
         with pytest.raises(ConfigError, match=message):
@@ -149,6 +156,29 @@ def test_resources_in_a_manifest(tmp_path):
         RayOptions(retries=-1)
     with pytest.raises(ConfigError, match="--placement-timeout must be a positive number"):
         RayOptions(placement_timeout=0)
+    with pytest.raises(ConfigError, match="--placement-timeout must be a finite number"):
+        RayOptions(placement_timeout=float("nan"))
+
+
+def test_a_job_done_where_the_driver_cannot_see_it_is_not_done(tmp_path):
+    """A result that says done while the driver sees no DONE.json in the job's folder (a node that
+    joined after the storage check wrote it to a disk of its own) is failed, not trusted."""
+    from compressor.pipeline.batch import check_output
+    from compressor.pipeline.events import EventLog
+    from compressor.pipeline.executors import _seen_here
+    from compressor.pipeline.job import Job, JobResult
+
+    job = Job(name="j", model="m", recipe="r", stages=[], folder=tmp_path / "j")
+    done = JobResult.for_job(job, "done", seconds=2.0, nodes=["10.0.0.7/abcd1234"])
+    result = _seen_here(done, job, EventLog(keep=True))
+    assert result.status == "failed" and result.error.startswith("node 10.0.0.7/abcd1234 finished the job, but its folder")
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "DONE.json").write_text("{}")
+    assert _seen_here(done, job, EventLog(keep=True)).status == "done"
+    # a driver killed during the storage check leaves only its marker: the folder is still a new batch's
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / ".compress-probe-0123").write_text("x")
+    check_output(tmp_path / "new")
 
 
 LONG = ("stages:\n  - share: {{plan: \"0-1,2-3\", lora_rank: 4, fidelity: false}}\n"

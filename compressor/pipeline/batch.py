@@ -20,6 +20,7 @@ from ..errors import CompressError, ConfigError, OutputExistsError
 from .events import EventLog
 from .executors import (
     EXECUTORS,
+    PROBE_PREFIX,
     RayOptions,
     check_placement,
     check_shared_output,
@@ -170,7 +171,7 @@ def _run_planned(jobs: list[Job], plans: list[JobPlan], runnable: list[JobPlan],
     write_summary(output, summary())
     fatal = None
     finished = execute(runnable, executor=executor, workers=workers, log=log, progress=progress, ray_options=ray_options)
-    with contextlib.closing(finished):  # on a stop: cancel the jobs not started, wait for the running ones
+    with contextlib.closing(finished):  # on a stop: cancel the jobs not started (local: wait for the running ones; Ray: cancel them too)
         for result in finished:
             results[result.job] = result
             write_summary(output, summary())
@@ -217,7 +218,9 @@ def check_output(output: Path) -> None:
     from ..io import check_writable
 
     check_writable(output, overwrite=True, folder=True)
-    if output.is_dir() and any(output.iterdir()) and not (output / BATCH_FILE).is_file():
+    # a probe marker is all a driver killed during `check_shared_output` leaves in a new folder
+    if output.is_dir() and not (output / BATCH_FILE).is_file() and any(
+            not p.name.startswith(PROBE_PREFIX) for p in output.iterdir()):
         raise OutputExistsError(f"{output} is not empty and holds no batch of compress; use another -o")
 
 

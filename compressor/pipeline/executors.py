@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -28,15 +29,20 @@ from pathlib import Path
 from typing import Any
 
 from ..config import check_int, check_positive
-from ..errors import CompressError, first_line
+from ..errors import CompressError, ConfigError, first_line
 from .events import EventLog
 from .job import Job, JobPlan, JobResult, run_job
 
 EXECUTORS = ("local", "ray")
+#: Names of the probe's files in a batch folder (`check_shared_output`).
+PROBE_PREFIX = ".compress-probe-"
+#: Seconds every node has to answer the probe, together.
+PROBE_TIMEOUT = 120.0
 #: Seconds a job waits, once the batch runs, for a node that can run it (when none is alive).
 PLACEMENT_TIMEOUT = 120.0
-#: Seconds a Ray attempt waits for its job's lock (held by a killed attempt being torn down).
-LOCK_WAIT = 60.0
+#: Seconds a Ray attempt waits for its job's lock, held by a killed attempt being torn down (on
+#: NFSv4 the server frees a dead client's lock when its lease ends: 90 s by default).
+LOCK_WAIT = 150.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,9 @@ class RayOptions:
     def __post_init__(self):
         check_int("retries", self.retries, 0)
         check_positive("placement_timeout", self.placement_timeout, allow_none=True)
+        if self.placement_timeout is not None and not math.isfinite(self.placement_timeout):
+            raise ConfigError(f"--placement-timeout must be a finite number of seconds, got {self.placement_timeout!r}",
+                              option="placement_timeout")
 
     @property
     def wait(self) -> float:
@@ -203,7 +212,8 @@ def run_on_ray(plans: list[JobPlan], log: EventLog, options: RayOptions) -> Iter
     here as each finishes. A job that no alive node can run fails after ``options.wait`` s."""
     import ray
 
-    refs = _submit_to_ray(plans, log, options)
+    run_id = uuid.uuid4().hex
+    refs = _submit_to_ray(plans, log, options, run_id)
     pending = list(refs)
     unplaceable_since: dict[Any, float] = {}
     try:
@@ -214,11 +224,10 @@ def run_on_ray(plans: list[JobPlan], log: EventLog, options: RayOptions) -> Iter
                 try:
                     result, events = ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    error = f"the Ray task failed after {options.retries + 1} attempt(s): {first_line(e)}"
-                    result, events = JobResult.for_job(p.job, "failed", error=error), []
+                    result, events = _task_failure(p.job, e, run_id), []
                     log.emit("job_fail", job=p.job.name, error=result.error)
                 log.replay(events)
-                yield result
+                yield _seen_here(result, p.job, log)
             if not ready:
                 for ref, result in _unplaceable(pending, refs, unplaceable_since, options.wait, log):
                     pending.remove(ref)
@@ -227,6 +236,30 @@ def run_on_ray(plans: list[JobPlan], log: EventLog, options: RayOptions) -> Iter
         for ref in pending:
             with contextlib.suppress(Exception):
                 ray.cancel(ref)
+
+
+def _task_failure(job: Job, e: Exception, run_id: str) -> JobResult:
+    """A job whose Ray task ended without a result (its worker or node died past the retries,
+    or it was cancelled), with the nodes its attempts recorded in the job folder."""
+    from .job import JOB_FILE, read_json
+
+    started = read_json(job.folder / JOB_FILE) or {}
+    nodes = started.get("nodes", []) if started.get("run") == run_id else []
+    return JobResult.for_job(job, "failed", error=f"the Ray task failed: {first_line(e)}", nodes=nodes)
+
+
+def _seen_here(result: JobResult, job: Job, log: EventLog) -> JobResult:
+    """``result``, unless it says done and the driver cannot see the job's ``DONE.json``: then
+    the job wrote its folder where this machine does not see it (a node without the shared
+    storage, one that joined after `check_shared_output`), and it is failed."""
+    from .job import DONE_FILE, read_json
+
+    if result.status != "done" or read_json(job.folder / DONE_FILE) is not None:
+        return result
+    error = (f"node {(result.nodes or ['?'])[-1]} finished the job, but its folder {job.folder} is not where the driver "
+             "sees it: the batch folder must be on storage every Ray node mounts at the same path")
+    log.emit("job_fail", job=job.name, error=error)
+    return JobResult.for_job(job, "failed", seconds=result.seconds, error=error, nodes=result.nodes)
 
 
 def _unplaceable(pending: list, refs: dict[Any, JobPlan], since: dict[Any, float], wait: float,
@@ -254,12 +287,11 @@ def _unplaceable(pending: list, refs: dict[Any, JobPlan], since: dict[Any, float
     return failed
 
 
-def _submit_to_ray(plans: list[JobPlan], log: EventLog, options: RayOptions) -> dict[Any, JobPlan]:
+def _submit_to_ray(plans: list[JobPlan], log: EventLog, options: RayOptions, run_id: str) -> dict[Any, JobPlan]:
     """A Ray task for every job, asking for the job's resources; ``task ref -> plan``."""
     import ray
 
     task = ray.remote(run_in_worker)
-    run_id = uuid.uuid4().hex
     refs = {}
     for p in plans:
         r = p.job.resources
@@ -345,51 +377,73 @@ def check_shared_output(output: Path, plans: list[JobPlan]) -> None:
     if not nodes:
         return  # nothing fits yet (placement_timeout given): the jobs wait, nothing is written here
     token = uuid.uuid4().hex
+    output = output.resolve()  # a node reads a relative path from its own working folder
     created = [p for p in (output, *output.parents) if not p.exists()]
-    output.mkdir(parents=True, exist_ok=True)
-    marker = output / f".compress-probe-{token}"
+    marker = output / f"{PROBE_PREFIX}{token}"
     try:
+        output.mkdir(parents=True, exist_ok=True)
         marker.write_text(token)
+    except OSError as e:
+        _remove(marker, created)
+        raise CompressError(f"cannot write to {output}: {e.strerror or e}") from None
+    try:
         probe = ray.remote(probe_folder)
         refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                 .remote(str(output), token) for n in nodes]
-        problems = [e for e in map(_probe_answer, refs) if e]
+        problems = [e for e in _probe_answers(refs, PROBE_TIMEOUT) if e]
         if problems:
             raise CompressError(f"{problems[0]}; the batch folder must be on storage every Ray node mounts at the same path")
     finally:
+        _remove(marker, created)
+
+
+def _remove(marker: Path, created: list[Path]) -> None:
+    """The probe's marker, then the folders the probe made, innermost first, if still empty."""
+    with contextlib.suppress(OSError):
+        marker.unlink()
+    for p in created:
         with contextlib.suppress(OSError):
-            marker.unlink()
-        for p in created:  # innermost first: only the folders this check made, if still empty
-            with contextlib.suppress(OSError):
-                p.rmdir()
+            p.rmdir()
 
 
-def _probe_answer(ref) -> str | None:
-    """One node's answer to `probe_folder`; a node that died since it was listed has none."""
+def _probe_answers(refs: list, timeout: float) -> list[str | None]:
+    """Every node's answer to `probe_folder` within one deadline; a node that died since it was
+    listed has none (it runs no job either); a probe still out at the deadline is cancelled.
+    (One ``ray.get`` per answer: through the Ray client, ``ray.wait`` with a timeout waits it out.)"""
     import ray
 
-    try:
-        return ray.get(ref, timeout=120)
-    except ray.exceptions.GetTimeoutError:
-        return "a node did not answer within 120 s whether it can write the batch folder"
-    except (ray.exceptions.TaskUnschedulableError, ray.exceptions.NodeDiedError):
-        return None  # gone: it runs no job either
+    deadline = time.monotonic() + timeout
+    answers: list[str | None] = []
+    for ref in refs:
+        try:
+            answers.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+        except ray.exceptions.GetTimeoutError:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+            answers.append(f"a node did not answer within {timeout:g} s whether it can write the batch folder")
+        except (ray.exceptions.TaskUnschedulableError, ray.exceptions.NodeDiedError):
+            answers.append(None)
+        except ray.exceptions.RayError as e:
+            answers.append(f"a node could not run the check that it sees the batch folder: {first_line(e)}")
+    return answers
 
 
 def probe_folder(folder: str, token: str) -> str | None:
     """On a node: ``None`` when ``folder`` holds the driver's marker and this node can write
     there, else what is wrong, in words."""
     node = this_ray_node()
-    marker = Path(folder) / f".compress-probe-{token}"
+    marker = Path(folder) / f"{PROBE_PREFIX}{token}"
     try:
         if marker.read_text() != token:
             raise FileNotFoundError
     except OSError:
         return f"node {node} does not see the batch folder {folder} the driver writes (no marker file there)"
-    mine = Path(folder) / f".compress-probe-{token}-{uuid.uuid4().hex[:8]}"
+    mine = Path(folder) / f"{PROBE_PREFIX}{token}-{uuid.uuid4().hex[:8]}"
     try:
         mine.write_text(token)
-        mine.unlink()
     except OSError as e:
         return f"node {node} cannot write to the batch folder {folder}: {e.strerror or e}"
+    finally:
+        with contextlib.suppress(OSError):
+            mine.unlink()
     return None

@@ -42,6 +42,8 @@ from .recipe import (
 MANIFEST_KEYS = ("models", "recipes", "jobs", "resources")
 JOB_KEYS = ("name", "model", "recipe", "resources")
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "custom")
+#: The finest resource amount Ray schedules (it refuses 0.00001 CPUs).
+RAY_UNIT = 0.0001
 #: The batch folder's own files; no job may take their names.
 BATCH_FILE, SUMMARY_JSON, SUMMARY_MD = "batch.json", "summary.json", "summary.md"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -221,22 +223,23 @@ def _resources(node, source: str, base: dict[str, Any]) -> dict[str, Any]:
         if key == "custom":
             custom = {}
             for name, (name_node, amount) in mapping_items(value_node, source, "custom resources").items():
-                if not isinstance(name, str) or name in ("CPU", "GPU", "memory") or name.startswith("node:"):
+                if name in ("CPU", "GPU", "memory", "object_store_memory") or name.startswith("node:"):
                     raise ConfigError(f"{source}:{line_of(name_node)}: custom resource {name!r} is one of Ray's own; "
                                       "ask for CPUs and GPUs with num_cpus and num_gpus")
-                custom[name] = _amount(f"custom resource {name!r}", amount, source, 1e-9)
+                custom[name] = _amount(f"custom resource {name!r}", amount, source, RAY_UNIT)
             out["custom"] = {**out.get("custom", {}), **custom}
         else:
-            out[key] = _amount(key, value_node, source, 0 if key == "num_gpus" else 1e-9)
+            out[key] = _amount(key, value_node, source, 0 if key == "num_gpus" else RAY_UNIT)
     return out
 
 
 def _amount(what: str, node, source: str, low: float) -> float:
-    """A resource amount: a number of at least ``low``."""
+    """A resource amount: a number of at least ``low`` in Ray's steps of `RAY_UNIT`."""
     value = plain(node)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low
+            or abs(value / RAY_UNIT - round(value / RAY_UNIT)) > 1e-6):
         raise ConfigError(f"{source}:{line_of(node)}: {what} must be a number "
-                          f"{'of 0 or more' if low == 0 else 'above 0'}, got {value!r}")
+                          f"{'of 0 or more' if low == 0 else 'above 0'} in steps of {RAY_UNIT:g}, got {value!r}")
     return value
 
 
