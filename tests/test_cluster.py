@@ -165,16 +165,16 @@ def test_a_job_done_where_the_driver_cannot_see_it_is_not_done(tmp_path):
     joined after the storage check wrote it to a disk of its own) is failed, not trusted."""
     from compressor.pipeline.batch import check_output
     from compressor.pipeline.events import EventLog
-    from compressor.pipeline.executors import _seen_here
+    from compressor.pipeline.executors import confirm_done
     from compressor.pipeline.job import Job, JobResult
 
     job = Job(name="j", model="m", recipe="r", stages=[], folder=tmp_path / "j")
     done = JobResult.for_job(job, "done", seconds=2.0, nodes=["10.0.0.7/abcd1234"])
-    result = _seen_here(done, job, EventLog(keep=True))
+    result = confirm_done(done, job, EventLog(keep=True))
     assert result.status == "failed" and result.error.startswith("node 10.0.0.7/abcd1234 finished the job, but its folder")
     (tmp_path / "j").mkdir()
     (tmp_path / "j" / "DONE.json").write_text("{}")
-    assert _seen_here(done, job, EventLog(keep=True)).status == "done"
+    assert confirm_done(done, job, EventLog(keep=True)).status == "done"
     # a driver killed during the storage check leaves only its marker: the folder is still a new batch's
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / ".compress-probe-0123").write_text("x")

@@ -189,11 +189,26 @@ def connect_ray(address: str | None, log: EventLog) -> bool:
         jsonl = log.format == "jsonl"  # Ray's own lines and the workers' output would break the JSON lines
         kwargs.update(log_to_driver=not jsonl, logging_level=logging.ERROR if jsonl else logging.WARNING)
     _check_reachable(address)
-    try:
-        ray.init(address=address, **kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise CompressError(f"cannot reach the Ray cluster at {address}: {first_line(e)}") from None
+    for attempt in (1, 2):
+        try:
+            ray.init(address=address, **kwargs)
+            return True
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            # the client server starts a process per client; on a loaded head that can fail once
+            if attempt == 1 and address.startswith("ray://") and "Initialization failure" in str(e):
+                time.sleep(2.0)
+                continue
+            raise CompressError(f"cannot reach the Ray cluster at {address}: {_ray_message(e)}") from None
     return True
+
+
+def _ray_message(e: BaseException) -> str:
+    """A Ray error in one line: its first, or where it carries a traceback, the traceback's last."""
+    text = str(e)
+    if "Traceback (most recent call last)" in text:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return f"{first_line(e).split(': Traceback')[0]}: {lines[-1]}"
+    return first_line(e)
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -227,7 +242,7 @@ def run_on_ray(plans: list[JobPlan], log: EventLog, options: RayOptions) -> Iter
                     result, events = _task_failure(p.job, e, run_id), []
                     log.emit("job_fail", job=p.job.name, error=result.error)
                 log.replay(events)
-                yield _seen_here(result, p.job, log)
+                yield confirm_done(result, p.job, log)
             if not ready:
                 for ref, result in _unplaceable(pending, refs, unplaceable_since, options.wait, log):
                     pending.remove(ref)
@@ -248,7 +263,7 @@ def _task_failure(job: Job, e: Exception, run_id: str) -> JobResult:
     return JobResult.for_job(job, "failed", error=f"the Ray task failed: {first_line(e)}", nodes=nodes)
 
 
-def _seen_here(result: JobResult, job: Job, log: EventLog) -> JobResult:
+def confirm_done(result: JobResult, job: Job, log: EventLog) -> JobResult:
     """``result``, unless it says done and the driver cannot see the job's ``DONE.json``: then
     the job wrote its folder where this machine does not see it (a node without the shared
     storage, one that joined after `check_shared_output`), and it is failed."""
