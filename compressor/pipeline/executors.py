@@ -256,11 +256,10 @@ def run_on_ray(plans: list[JobPlan], log: EventLog, options: RayOptions) -> Iter
 def _task_failure(job: Job, e: Exception, run_id: str) -> JobResult:
     """A job whose Ray task ended without a result (its worker or node died past the retries,
     or it was cancelled), with the nodes its attempts recorded in the job folder."""
-    from .job import JOB_FILE, read_json
+    from .job import recorded_nodes
 
-    started = read_json(job.folder / JOB_FILE) or {}
-    nodes = started.get("nodes", []) if started.get("run") == run_id else []
-    return JobResult.for_job(job, "failed", error=f"the Ray task failed: {first_line(e)}", nodes=nodes)
+    return JobResult.for_job(job, "failed", error=f"the Ray task failed: {first_line(e)}",
+                             nodes=recorded_nodes(job, run_id))
 
 
 def confirm_done(result: JobResult, job: Job, log: EventLog) -> JobResult:

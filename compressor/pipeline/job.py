@@ -339,11 +339,14 @@ def run_job(job: Job, keys: list[str], *, log: EventLog, reason: str = "", progr
 def _attempt_nodes(job: Job, run_id: str | None, node: str | None) -> list[str]:
     """The nodes of this run's attempts, this one last: those ``job.json`` records for the
     same ``run_id``, then ``node``. Empty off Ray."""
-    if node is None:
-        return []
+    return [] if node is None else [*recorded_nodes(job, run_id), node]
+
+
+def recorded_nodes(job: Job, run_id: str | None) -> list[str]:
+    """The nodes of the attempts ``job.json`` records for the batch run ``run_id`` (none for
+    another run's, or without one)."""
     started = read_json(job.folder / JOB_FILE) or {}
-    earlier = started.get("nodes", []) if run_id is not None and started.get("run") == run_id else []
-    return [*earlier, node]
+    return started.get("nodes", []) if run_id is not None and started.get("run") == run_id else []
 
 
 def _finished_meanwhile(job: Job, keys: list[str]) -> JobResult | None:
