@@ -11,9 +11,11 @@ pattern and stays unfused (the record counts what was fused), the rest of the gr
 optimum's optimizer takes no Llama-style decoder, so `optimize_decoder_graph` calls
 onnxruntime's own (``onnxruntime.transformers.optimizer``) with its decoder fusions: RMSNorm
 (``SimplifiedLayerNormalization``, with the residual add: ``SkipSimplifiedLayerNormalization``) and,
-at level 2, rotary embeddings (``RotaryEmbedding``); GPT-2's LayerNorm and GELU. Attention is left
-unfused: onnxruntime's fused decoder attention takes the cache in another layout than optimum's
-with-past graphs. The graph's inputs and outputs do not change, so optimum still generates with it.
+at level 2, rotary embeddings (``RotaryEmbedding``); GPT-2's LayerNorm and GELU. onnxruntime's own
+decoder attention fusion is left off (it expects its own exporter's graphs and cache layout);
+at level 2 each layer's attention becomes ``GroupQueryAttention`` by `attention.py`, which reads
+and writes optimum's cache layout. The graph's inputs and outputs do not change, so optimum
+still generates with it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ..onnx_graph import merge_identical_initializers, stored_elements
 #: The fused operators an optimized graph is described by.
 FUSED_OPS = ("Attention", "SkipLayerNormalization", "LayerNormalization", "BiasGelu", "FastGelu", "Gelu",
              "EmbedLayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
-             "RotaryEmbedding")
+             "RotaryEmbedding", "GroupQueryAttention")
 
 
 def optimize_graph(folder: Path, level: int, file_name: str = "model.onnx") -> dict[str, Any]:
@@ -76,7 +78,7 @@ def optimize_graph(folder: Path, level: int, file_name: str = "model.onnx") -> d
 
 def optimize_decoder_graph(folder: Path, level: int, model_type: str, positions: int | None,
                            file_name: str = "model.onnx") -> dict[str, Any]:
-    """Fuse a decoder's normalizations (and, at level 2, its rotary embeddings) in
+    """Fuse a decoder's normalizations (and, at level 2, its rotary embeddings and attention) in
     ``folder/file_name`` in place with onnxruntime's optimizer, and merge the copies of shared
     weights; what `optimize_graph` returns.
 
@@ -91,7 +93,7 @@ def optimize_decoder_graph(folder: Path, level: int, model_type: str, positions:
 
     kind = "gpt2" if model_type == "gpt2" else "qwen3"  # onnxruntime's RMSNorm + rotary decoder fusions
     options = FusionOptions(kind)
-    options.enable_attention = False  # its fused attention takes the cache in another layout
+    options.enable_attention = False  # expects onnxruntime's own exports; ours is `attention.py`
     options.enable_embed_layer_norm = False  # would change the graph's inputs
     options.enable_rotary_embeddings = level >= 2
     path = folder / file_name
@@ -106,6 +108,10 @@ def optimize_decoder_graph(folder: Path, level: int, model_type: str, positions:
     model = optimizer.model
     if positions:
         _cut_rotary_tables(model, positions)
+    if level >= 2:
+        from .attention import fuse_group_query_attention
+
+        fuse_group_query_attention(model)
     before = stored_elements(model)
     merged = merge_identical_initializers(model)
     onnx.save(model, str(path))
