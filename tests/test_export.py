@@ -572,10 +572,12 @@ def test_int4_options_are_checked():
 
 
 def test_a_decoder_export_fuses_norms_and_rotary_and_still_generates(tiny_dirs, tmp_path):
-    """--optimize 2 on a shared Llama: onnxruntime's RMSNorm and rotary fusions in every layer,
-    the rotary tables cut to the model's positions, shared weights still stored once, optimum's
-    generate() with the cache equal to PyTorch's; int4 quantizes the fused graph. A fusion that
-    does not fit a family (Gemma's rotary) fails the export in one line, nothing written."""
+    """--optimize 2 on a shared Llama: onnxruntime's RMSNorm and rotary fusions in every layer and
+    each layer's attention one GroupQueryAttention (no Softmax left), the rotary tables cut to the
+    model's positions, shared weights still stored once, optimum's generate() with the cache equal
+    to PyTorch's, for one prompt and for a left-padded batch (the graph's own mask reaches the
+    fused attention); int4 quantizes the fused graph. A fusion that does not fit a family
+    (Gemma's rotary) fails the export in one line, nothing written."""
     import warnings
 
     from optimum.onnxruntime import ORTModelForCausalLM
@@ -585,8 +587,14 @@ def test_a_decoder_export_fuses_norms_and_rotary_and_still_generates(tiny_dirs, 
     layers = shared.geometry.num_layers
     fused = record.metrics["graph"]["optimized"]["fused"]
     assert fused["RotaryEmbedding"] == fused["SkipSimplifiedLayerNormalization"] == 2 * layers  # q and k; two norms
+    assert fused["GroupQueryAttention"] == layers
     assert record.metrics["check"]["max_abs_diff"] < 1e-4
     graph = onnx.load(str(tmp_path / "fp32" / "model.onnx"))
+    ops = Counter(n.op_type for n in graph.graph.node)
+    assert ops["Softmax"] == 0, ops  # no attention core left
+    present = {o.name for o in graph.graph.output if o.name.startswith("present.")}
+    assert {n.op_type for n in graph.graph.node if set(n.output) & present} == {"GroupQueryAttention"}
+    assert not any(set(n.input) & present for n in graph.graph.node)  # nor the cache's concat and repeat
     tables = {i for n in graph.graph.node if n.op_type == "RotaryEmbedding" for i in n.input[2:4]}
     assert {tuple(t.dims)[0] for t in graph.graph.initializer if t.name in tables} == {shared.model.config.max_position_embeddings}
     assert record.params_after <= record.params_before + 2 * 128 * 4 + 1024  # + the two cut tables
@@ -596,9 +604,17 @@ def test_a_decoder_export_fuses_norms_and_rotary_and_still_generates(tiny_dirs, 
     kwargs = {"max_new_tokens": 16, "min_new_tokens": 16, "do_sample": False, "pad_token_id": tok.pad_token_id}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = ORTModelForCausalLM.from_pretrained(tmp_path / "fp32").generate(**enc, **kwargs)
-    with torch.no_grad():
-        assert torch.equal(got, shared.model.generate(**enc, **kwargs))
+        ort_model = ORTModelForCausalLM.from_pretrained(tmp_path / "fp32")
+        got = ort_model.generate(**enc, **kwargs)
+        with torch.no_grad():
+            assert torch.equal(got, shared.model.generate(**enc, **kwargs))
+        tok.padding_side = "left"
+        batch = {k: v for k, v in tok(["a much longer prompt to go on from here", "short"], return_tensors="pt",
+                                      padding=True).items() if k in ("input_ids", "attention_mask")}
+        assert (batch["attention_mask"] == 0).sum() > 20  # the second row is mostly padding
+        got = ort_model.generate(**batch, **kwargs)
+        with torch.no_grad():
+            assert torch.equal(got, shared.model.generate(**batch, **kwargs))
 
     int4 = export(shared, ExportConfig(check_lengths=[8], optimize=2), tmp_path / "int4", quantize=QuantizeConfig("int4", block_size=16))
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "int4" / "model.onnx"), load_external_data=False).graph.node)

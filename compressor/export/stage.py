@@ -71,7 +71,7 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
     if config.optimize and not (task == "feature-extraction" or decoder):
         raise ConfigError(f"--optimize runs onnxruntime's encoder or decoder fusions; {loaded.name} is exported as {task}")
     # an encoder's fused attention holds its projections, which int4 and static int8 do not reach;
-    # a decoder keeps its MatMuls (its attention is not fused), so int4 quantizes the fused graph
+    # a decoder's (GroupQueryAttention) takes the projections' outputs, so int4 quantizes its graph
     unsupported = ("int4", "int8-static") if task == "feature-extraction" else ("int8-static",)
     if config.optimize and quantize is not None and quantize.mode in unsupported:
         raise ConfigError(f"--optimize with --quantize {quantize.mode} is not supported for {task}; "
@@ -89,11 +89,12 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
     params, nbytes = unique_parameters(model)
     texts = calibration_texts(config.check_data, text_column=config.text_column, encoding=config.encoding)
     precision = quantize.mode if quantize else "fp32"
+    fitted = gptq_blocks(loaded, model, quantize) if quantize is not None and quantize.gptq else None
 
     with staged_folder(output, overwrite=overwrite) as tmp:
         try:
             input_names, quantized, stored, matmuls, check = _write(tmp, loaded, model, task, config, quantize, texts,
-                                                                   params, ffn_down)
+                                                                   params, ffn_down, fitted)
             kv_cache = None
         except OptimumCacheError as e:
             if config.task != "auto":
@@ -103,7 +104,9 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
             for f in tmp.iterdir():
                 shutil.rmtree(f) if f.is_dir() else f.unlink()
             input_names, quantized, stored, matmuls, check = _write(tmp, loaded, model, task, config, quantize, texts,
-                                                                   params, ffn_down)
+                                                                   params, ffn_down, fitted)
+        if fitted is not None:
+            quantized["gptq_weights"].update(fitted[1])
         metrics: dict[str, Any] = {
             "model": loaded.name, "task": task, "ort_class": ORT_CLASSES[task], "precision": precision,
             "opset": config.opset, "inputs": input_names, "file_bytes": (tmp / MODEL_FILE).stat().st_size,
@@ -126,8 +129,25 @@ class OptimumCacheError(ExportError):
     optimum-onnx 0.1)."""
 
 
+def gptq_blocks(loaded: LoadedModel, model, quantize: QuantizeConfig) -> tuple[dict, dict[str, Any]]:
+    """GPTQ's int4 blocks for ``model``'s projections (the output head left out: it is int8),
+    fitted to their inputs on ``quantize.calibration`` (the packaged calibration text by default),
+    one text per forward pass (no padding to leave out); and how much text that was."""
+    from ..quantization.gptq import fit_projections
+
+    texts = calibration_texts(quantize.calibration, text_column=quantize.text_column, encoding=quantize.encoding,
+                              limit=quantize.calibration_samples)
+    batches = []
+    for text in texts:
+        enc = loaded.tokenizer(text, return_tensors="pt", truncation=True, max_length=quantize.max_length)
+        batches.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+    head = loaded.model.get_output_embeddings() if hasattr(loaded.model, "get_output_embeddings") else None
+    fitted, info = fit_projections(model, batches, quantize.block_size, skip=[head] if head is not None else [])
+    return fitted, {**info, "calibration": quantize.calibration or "packaged calibration text", "texts": len(texts)}
+
+
 def _write(tmp: Path, loaded: LoadedModel, model, task: str, config: ExportConfig, quantize: QuantizeConfig | None,
-           texts: list[str], params: int, ffn_down: tuple[str, ...]):
+           texts: list[str], params: int, ffn_down: tuple[str, ...], fitted: tuple[dict, dict] | None = None):
     """Export, quantize and check into ``tmp``: ``(input names, what quantization did, stored
     numbers, projections, the check)``."""
     try:
@@ -162,7 +182,7 @@ def _write(tmp: Path, loaded: LoadedModel, model, task: str, config: ExportConfi
 
         with quiet("", "optimum"):  # onnxruntime's advice to pre-process goes to the root logger
             quantized = quantize_onnx(tmp, quantize, tokenizer=loaded.tokenizer, input_names=input_names,
-                                      dynamic_scopes=ffn_down)
+                                      dynamic_scopes=ffn_down, fitted=fitted[0] if fitted else None)
     else:
         # only the Identity inlining: it leaves the graph's numbers alone and lets a user's
         # own quantizer (optimum's ORTQuantizer) reach every MatMul on a shared weight

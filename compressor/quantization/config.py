@@ -22,9 +22,10 @@ ACCURACY_LEVELS = (1, 2, 3, 4)
 #: ``rtn-asym`` with a zero point too; ``hqq`` half-quadratic quantization (Badri & Shaji, 2023:
 #: scales and zero points optimized against the weights' own error, no data; its zero points are
 #: floats, which onnxruntime 1.32's CPU MatMulNBits runs off its int8 fast path, about 5x slower:
-#: reports/bench_int4_methods.md). (onnxruntime's k-quant prints to stdout and fails on the
-#: exported graphs in 1.32; GPTQ needs calibration.)
-INT4_METHODS = ("rtn", "rtn-asym", "hqq")
+#: reports/bench_int4_methods.md); ``gptq`` (Frantar et al., 2022: each projection's blocks fitted
+#: to its inputs on calibration text, with integer zero points: the fast kernel; `gptq.py`).
+#: (onnxruntime's k-quant prints to stdout and fails on the exported graphs in 1.32.)
+INT4_METHODS = ("rtn", "rtn-asym", "hqq", "gptq")
 
 
 @dataclass
@@ -35,8 +36,10 @@ class QuantizeConfig(TextFormat, StageConfig):
         mode: ``int8``, ``int8-static``, ``int4`` (weight-only: the projections in blocks of
             ``block_size`` 4-bit numbers with one scale each, onnxruntime's MatMulNBits; the
             embeddings int8) or ``fp16``.
-        calibration: Text whose activation ranges ``int8-static`` uses (a file or a packaged
-            data set such as ``movie-snippets``); required for it, refused otherwise.
+        calibration: Text whose activation ranges ``int8-static`` uses, or whose inputs
+            ``int4 --int4-method gptq`` fits its blocks to (a file or a packaged data set such as
+            ``movie-snippets``); required for int8-static, the packaged calibration text by
+            default for GPTQ, refused otherwise.
         calibration_samples: Calibration texts to run.
         max_length: Truncate calibration texts to this many tokens.
         per_channel: One scale per output channel of a weight instead of one per tensor.
@@ -48,8 +51,8 @@ class QuantizeConfig(TextFormat, StageConfig):
             power of two, at least 16).
         accuracy_level: ``int4``: the type MatMulNBits computes in (4: int8, fastest on CPUs;
             1: fp32).
-        int4_method: ``int4``: how the blocks are fitted (`INT4_METHODS`): ``rtn``, ``rtn-asym`` or
-            ``hqq``.
+        int4_method: ``int4``: how the blocks are fitted (`INT4_METHODS`): ``rtn``, ``rtn-asym``,
+            ``hqq`` or ``gptq``.
         min_cosine: The export fails if its outputs' mean cosine to PyTorch's is below this
             (default per mode: `MIN_COSINE`).
     """
@@ -79,8 +82,10 @@ class QuantizeConfig(TextFormat, StageConfig):
         if self.mode == "int8-static" and not self.calibration:
             raise ConfigError("--quantize int8-static needs --calibration DATA (text to measure activation ranges on)",
                               option="calibration")
-        if self.mode != "int8-static" and self.calibration:
-            raise ConfigError(f"--calibration is only used by int8-static, not {self.mode}", option="calibration")
+        if self.calibration and not (self.mode == "int8-static" or self.gptq):
+            raise ConfigError(f"--calibration is only used by int8-static and int4 with --int4-method gptq, "
+                              f"not {self.mode}{' ' + self.int4_method if self.mode == 'int4' else ''}",
+                              option="calibration")
         if self.per_channel is None:
             self.per_channel = self.mode == "int8-static"
         if not isinstance(self.per_channel, bool):
@@ -91,3 +96,8 @@ class QuantizeConfig(TextFormat, StageConfig):
             self.min_cosine = MIN_COSINE[self.mode]
         if isinstance(self.min_cosine, bool) or not isinstance(self.min_cosine, (int, float)) or not -1 <= self.min_cosine <= 1:
             raise ConfigError(f"--min-cosine must be in [-1, 1], got {self.min_cosine!r}", option="min_cosine")
+
+    @property
+    def gptq(self) -> bool:
+        """Whether the int4 blocks are fitted by GPTQ (on calibration text, in PyTorch)."""
+        return self.mode == "int4" and self.int4_method == "gptq"

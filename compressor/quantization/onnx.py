@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from ..data import calibration_texts
 from ..data.text import fit_length
@@ -68,13 +69,14 @@ def prepare_graph(path: Path) -> dict[str, int]:
     return done
 
 
-def quantize_int4(path: Path, config: QuantizeConfig) -> dict[str, Any]:
+def quantize_int4(path: Path, config: QuantizeConfig, fitted: dict | None = None) -> dict[str, Any]:
     """Weight-only int4 of the projections (onnxruntime's ``MatMulNBitsQuantizer``: symmetric
     blocks of ``config.block_size`` along the input dimension, ``MatMulNBits`` nodes that compute at
     ``config.accuracy_level``), then dynamic int8 of the embedding tables (onnxruntime's int4
     Gather needs a newer opset than the export's), of the output head (int4 moves the logits most)
     and of projections narrower than a block (LoRA factors). A weight that layers share is one
-    initializer, quantized once for all its MatMuls.
+    initializer, quantized once for all its MatMuls. With ``fitted`` (GPTQ's blocks by
+    `gptq.weight_key`), those blocks replace the ones onnxruntime fitted for the same weights.
 
     Raises:
         ExportError: a graph the quantizer cannot take (one line, the export writes nothing).
@@ -99,6 +101,12 @@ def quantize_int4(path: Path, config: QuantizeConfig) -> dict[str, Any]:
     narrow = [n.name for n in on_weights if inits[n.input[1]].dims[0] < config.block_size or n.output[0] in outputs]
     tables = [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
               and len(inits[n.input[0]].dims) == 2]
+    keys, replaced = {}, None
+    if fitted is not None:
+        from .gptq import weight_key
+
+        keys = {n.input[1]: weight_key(numpy_helper.to_array(inits[n.input[1]])) for n in on_weights
+                if n.name not in narrow}
     try:
         quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size,
                                          is_symmetric=config.int4_method == "rtn", accuracy_level=config.accuracy_level,
@@ -107,6 +115,8 @@ def quantize_int4(path: Path, config: QuantizeConfig) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             quantizer.process()
         _set_accuracy_level(quantizer.model.model, config.accuracy_level)
+        if fitted is not None:
+            replaced = _use_fitted_blocks(quantizer.model.model, keys, fitted, config.block_size)
         onnx.save(quantizer.model.model, str(path))
         logging.disable(logging.WARNING)  # onnxruntime's advice to pre-process, on the root logger
         try:
@@ -118,9 +128,38 @@ def quantize_int4(path: Path, config: QuantizeConfig) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001  (whatever the quantizer meets in the graph)
         raise ExportError(f"onnxruntime's int4 quantizer cannot quantize this graph: {first_line(e, with_type=True)}") from None
     graph = onnx.load(str(path), load_external_data=False)
-    return {"int4_matmuls": sum(n.op_type == "MatMulNBits" for n in graph.graph.node), "int8_matmuls": len(narrow),
+    done = {"int4_matmuls": sum(n.op_type == "MatMulNBits" for n in graph.graph.node), "int8_matmuls": len(narrow),
             "block_size": config.block_size, "accuracy_level": config.accuracy_level, "method": config.int4_method,
             "embeddings": "int8 (dynamic Gather)"}
+    if replaced is not None:
+        done["gptq_weights"] = replaced
+    return done
+
+
+def _use_fitted_blocks(model, keys: dict[str, str], fitted: dict, block_size: int) -> dict[str, int]:
+    """GPTQ's blocks in place of onnxruntime's on each MatMulNBits whose weight GPTQ fitted
+    (onnxruntime names a weight's blocks ``<weight>_Q4``); how many weights were and were not."""
+    from .gptq import pack_matmul_nbits
+
+    inits = {t.name: t for t in model.graph.initializer}
+    done, missing = set(), set()
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or len(node.input) < 4:
+            continue
+        weight = node.input[1].removesuffix("_Q4")
+        blocks = fitted.get(keys.get(weight))
+        if blocks is None:
+            missing.add(weight)
+            continue
+        if weight in done:
+            continue
+        for name, array in zip(node.input[1:4], pack_matmul_nbits(*blocks, block_size)):
+            if tuple(inits[name].dims) != array.shape:
+                raise ExportError(f"GPTQ's blocks for {weight} have shape {array.shape}, onnxruntime's "
+                                  f"{tuple(inits[name].dims)}")
+            inits[name].CopyFrom(numpy_helper.from_array(array, name))
+        done.add(weight)
+    return {"fitted": len(done), "left_to_rtn": len(missing)}
 
 
 def _set_accuracy_level(model, level: int) -> None:
@@ -141,7 +180,7 @@ def _int4_algorithm(config: QuantizeConfig):
 
 
 def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None, input_names=(),
-                  dynamic_scopes: tuple[str, ...] = ()) -> dict[str, Any]:
+                  dynamic_scopes: tuple[str, ...] = (), fitted: dict | None = None) -> dict[str, Any]:
     """Replace ``folder/model.onnx`` by its quantized version; returns what was done.
 
     Args:
@@ -152,6 +191,7 @@ def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None,
         dynamic_scopes: ``int8-static`` only: qualified module names (``encoder.layer.0.output.dense``)
             whose MatMuls get dynamic activation ranges instead of static ones: the FFN
             down-projections, whose inputs have outliers.
+        fitted: ``int4`` only: GPTQ's blocks by weight (`gptq.fit_projections`).
     """
     folder = Path(folder)
     path = folder / MODEL_FILE
@@ -162,7 +202,7 @@ def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None,
         onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), str(path))
         return done
     if config.mode == "int4":
-        done.update(quantize_int4(path, config))
+        done.update(quantize_int4(path, config, fitted))
         return done
     preset = optimum_preset(config.isa, is_static=config.mode == "int8-static", per_channel=config.per_channel)
     done.update(preset=f"AutoQuantizationConfig.{host_isa() if config.isa == 'auto' else config.isa}"
