@@ -80,7 +80,7 @@ def test_a_gptq_export_stores_the_fitted_blocks_once_per_shared_weight(tiny_dirs
                         quantize=QuantizeConfig("int4", block_size=16, int4_method="rtn-asym", accuracy_level=1))
     graph = gptq_record.metrics["graph"]
     assert graph["gptq_weights"]["fitted"] == graph["int4_matmuls"] // 2 > 0  # two layers a weight
-    assert graph["gptq_weights"]["left_to_rtn"] == 0 and graph["gptq_weights"]["calibration_tokens"] > 1000
+    assert graph["gptq_weights"]["left_to_rtn"] == 0 and graph["calibration"]["calibration_tokens"] > 1000
 
     model = onnx.load(str(tmp_path / "gptq" / "model.onnx"))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -104,9 +104,35 @@ def test_a_gptq_export_stores_the_fitted_blocks_once_per_shared_weight(tiny_dirs
 
 def test_gptq_options_are_checked(tiny_dirs, tmp_path):
     QuantizeConfig("int4", int4_method="gptq", calibration="movie-snippets")  # its own calibration text
-    with pytest.raises(ConfigError, match="only used by int8-static and int4 with --int4-method gptq"):
+    QuantizeConfig("int4", int8_share=0.3, calibration="movie-snippets")  # ranks the projections on it
+    with pytest.raises(ConfigError, match="only used by int8-static, and by int4 with --int4-method gptq or --int8-share"):
         QuantizeConfig("int4", int4_method="rtn", calibration="movie-snippets")
+    for share in (1.0, -0.1, True):
+        with pytest.raises(ConfigError, match="--int8-share must be in"):
+            QuantizeConfig("int4", int8_share=share)
+    with pytest.raises(ConfigError, match="not for int8"):
+        QuantizeConfig("int8", int8_share=0.2)
     res = CliRunner().invoke(cli, ["export", str(tiny_dirs["llama"]), "--quantize", "int4", "--int4-method", "gptq",
                                    "--calibration", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "out")])
     assert res.exit_code != 0 and not (tmp_path / "out").exists()
     assert len(res.stderr.strip().splitlines()) == 1 and "missing.txt" in res.stderr, res.stderr
+
+
+def test_int8_share_keeps_the_projections_int4_hurts_most_in_int8(tiny_dirs, tmp_path):
+    """--int8-share 0.3 on a tiny Llama: the projections kept in int8 are those whose int4 loses
+    the largest share of their output on the calibration text (every one kept above every one
+    left in int4), they add up to at most 30% of the projections' parameters, the graph has them
+    as int8 MatMuls and the rest as MatMulNBits, and the export agrees with PyTorch better than
+    plain int4 does."""
+    loaded = load_model(str(tiny_dirs["llama"]))
+    mixed = export(loaded, ExportConfig(check_lengths=[8, 32]), tmp_path / "mixed",
+                   quantize=QuantizeConfig("int4", block_size=16, int8_share=0.3, accuracy_level=1))
+    plain = export(loaded, ExportConfig(check_lengths=[8, 32]), tmp_path / "plain",
+                   quantize=QuantizeConfig("int4", block_size=16, accuracy_level=1))
+    kept = mixed.metrics["graph"]["calibration"]["int8_projections"]
+    assert 0 < kept["share_kept"] <= 0.3 and kept["count"] > 0
+    assert kept["lowest_error_kept"] >= kept["highest_error_int4"]
+    graph = mixed.metrics["graph"]
+    assert graph["int4_matmuls"] == plain.metrics["graph"]["int4_matmuls"] - kept["count"]
+    assert graph["int8_matmuls"] == plain.metrics["graph"]["int8_matmuls"] + kept["count"]
+    assert mixed.metrics["check"]["mean_cosine"] > plain.metrics["check"]["mean_cosine"]

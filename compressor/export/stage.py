@@ -89,12 +89,12 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
     params, nbytes = unique_parameters(model)
     texts = calibration_texts(config.check_data, text_column=config.text_column, encoding=config.encoding)
     precision = quantize.mode if quantize else "fp32"
-    fitted = gptq_blocks(loaded, model, quantize) if quantize is not None and quantize.gptq else None
+    plan = int4_plan(loaded, model, quantize) if quantize is not None and quantize.calibrated else None
 
     with staged_folder(output, overwrite=overwrite) as tmp:
         try:
             input_names, quantized, stored, matmuls, check = _write(tmp, loaded, model, task, config, quantize, texts,
-                                                                   params, ffn_down, fitted)
+                                                                   params, ffn_down, plan)
             kv_cache = None
         except OptimumCacheError as e:
             if config.task != "auto":
@@ -104,9 +104,9 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
             for f in tmp.iterdir():
                 shutil.rmtree(f) if f.is_dir() else f.unlink()
             input_names, quantized, stored, matmuls, check = _write(tmp, loaded, model, task, config, quantize, texts,
-                                                                   params, ffn_down, fitted)
-        if fitted is not None:
-            quantized["gptq_weights"].update(fitted[1])
+                                                                   params, ffn_down, plan)
+        if plan is not None:
+            quantized["calibration"] = plan.info
         metrics: dict[str, Any] = {
             "model": loaded.name, "task": task, "ort_class": ORT_CLASSES[task], "precision": precision,
             "opset": config.opset, "inputs": input_names, "file_bytes": (tmp / MODEL_FILE).stat().st_size,
@@ -129,11 +129,11 @@ class OptimumCacheError(ExportError):
     optimum-onnx 0.1)."""
 
 
-def gptq_blocks(loaded: LoadedModel, model, quantize: QuantizeConfig) -> tuple[dict, dict[str, Any]]:
-    """GPTQ's int4 blocks for ``model``'s projections (the output head left out: it is int8),
-    fitted to their inputs on ``quantize.calibration`` (the packaged calibration text by default),
-    one text per forward pass (no padding to leave out); and how much text that was."""
-    from ..quantization.gptq import fit_projections
+def int4_plan(loaded: LoadedModel, model, quantize: QuantizeConfig):
+    """`gptq.plan_int4` for ``model``'s projections (the output head left out: it is int8) on
+    ``quantize.calibration`` (the packaged calibration text by default), one text per forward
+    pass (no padding to leave out)."""
+    from ..quantization.gptq import plan_int4
 
     texts = calibration_texts(quantize.calibration, text_column=quantize.text_column, encoding=quantize.encoding,
                               limit=quantize.calibration_samples)
@@ -142,12 +142,14 @@ def gptq_blocks(loaded: LoadedModel, model, quantize: QuantizeConfig) -> tuple[d
         enc = loaded.tokenizer(text, return_tensors="pt", truncation=True, max_length=quantize.max_length)
         batches.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
     head = loaded.model.get_output_embeddings() if hasattr(loaded.model, "get_output_embeddings") else None
-    fitted, info = fit_projections(model, batches, quantize.block_size, skip=[head] if head is not None else [])
-    return fitted, {**info, "calibration": quantize.calibration or "packaged calibration text", "texts": len(texts)}
+    plan = plan_int4(model, batches, quantize.block_size, gptq_blocks=quantize.int4_method == "gptq",
+                     int8_share=quantize.int8_share, skip=[head] if head is not None else [])
+    plan.info.update(calibration=quantize.calibration or "packaged calibration text", texts=len(texts))
+    return plan
 
 
 def _write(tmp: Path, loaded: LoadedModel, model, task: str, config: ExportConfig, quantize: QuantizeConfig | None,
-           texts: list[str], params: int, ffn_down: tuple[str, ...], fitted: tuple[dict, dict] | None = None):
+           texts: list[str], params: int, ffn_down: tuple[str, ...], plan=None):
     """Export, quantize and check into ``tmp``: ``(input names, what quantization did, stored
     numbers, projections, the check)``."""
     try:
@@ -182,7 +184,7 @@ def _write(tmp: Path, loaded: LoadedModel, model, task: str, config: ExportConfi
 
         with quiet("", "optimum"):  # onnxruntime's advice to pre-process goes to the root logger
             quantized = quantize_onnx(tmp, quantize, tokenizer=loaded.tokenizer, input_names=input_names,
-                                      dynamic_scopes=ffn_down, fitted=fitted[0] if fitted else None)
+                                      dynamic_scopes=ffn_down, plan=plan)
     else:
         # only the Identity inlining: it leaves the graph's numbers alone and lets a user's
         # own quantizer (optimum's ORTQuantizer) reach every MatMul on a shared weight

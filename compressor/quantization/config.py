@@ -39,7 +39,7 @@ class QuantizeConfig(TextFormat, StageConfig):
         calibration: Text whose activation ranges ``int8-static`` uses, or whose inputs
             ``int4 --int4-method gptq`` fits its blocks to (a file or a packaged data set such as
             ``movie-snippets``); required for int8-static, the packaged calibration text by
-            default for GPTQ, refused otherwise.
+            default for GPTQ and ``int8_share``, refused otherwise.
         calibration_samples: Calibration texts to run.
         max_length: Truncate calibration texts to this many tokens.
         per_channel: One scale per output channel of a weight instead of one per tensor.
@@ -53,6 +53,8 @@ class QuantizeConfig(TextFormat, StageConfig):
             1: fp32).
         int4_method: ``int4``: how the blocks are fitted (`INT4_METHODS`): ``rtn``, ``rtn-asym``,
             ``hqq`` or ``gptq``.
+        int8_share: ``int4``: keep this share of the projections' parameters in int8: those whose
+            int4 loses most of their output on the calibration text (0: none).
         min_cosine: The export fails if its outputs' mean cosine to PyTorch's is below this
             (default per mode: `MIN_COSINE`).
     """
@@ -66,6 +68,7 @@ class QuantizeConfig(TextFormat, StageConfig):
     block_size: int = 32
     accuracy_level: int = choice(4, ACCURACY_LEVELS)
     int4_method: str = choice("rtn", INT4_METHODS)
+    int8_share: float = 0.0
     min_cosine: float | None = None
 
     def __post_init__(self):
@@ -82,9 +85,15 @@ class QuantizeConfig(TextFormat, StageConfig):
         if self.mode == "int8-static" and not self.calibration:
             raise ConfigError("--quantize int8-static needs --calibration DATA (text to measure activation ranges on)",
                               option="calibration")
-        if self.calibration and not (self.mode == "int8-static" or self.gptq):
-            raise ConfigError(f"--calibration is only used by int8-static and int4 with --int4-method gptq, "
-                              f"not {self.mode}{' ' + self.int4_method if self.mode == 'int4' else ''}",
+        if isinstance(self.int8_share, bool) or not isinstance(self.int8_share, (int, float)) \
+                or not 0 <= self.int8_share < 1:
+            raise ConfigError(f"--int8-share must be in [0, 1), got {self.int8_share!r}", option="int8_share")
+        if self.int8_share and self.mode != "int4":
+            raise ConfigError(f"--int8-share keeps some of an int4 export's projections in int8; not for {self.mode}",
+                              option="int8_share")
+        if self.calibration and not (self.mode == "int8-static" or self.calibrated):
+            raise ConfigError(f"--calibration is only used by int8-static, and by int4 with --int4-method gptq or "
+                              f"--int8-share, not {self.mode}{' ' + self.int4_method if self.mode == 'int4' else ''}",
                               option="calibration")
         if self.per_channel is None:
             self.per_channel = self.mode == "int8-static"
@@ -98,6 +107,7 @@ class QuantizeConfig(TextFormat, StageConfig):
             raise ConfigError(f"--min-cosine must be in [-1, 1], got {self.min_cosine!r}", option="min_cosine")
 
     @property
-    def gptq(self) -> bool:
-        """Whether the int4 blocks are fitted by GPTQ (on calibration text, in PyTorch)."""
-        return self.mode == "int4" and self.int4_method == "gptq"
+    def calibrated(self) -> bool:
+        """Whether int4 runs the PyTorch model on calibration text first: GPTQ fits its blocks to
+        it, ``int8_share`` ranks the projections on it."""
+        return self.mode == "int4" and (self.int4_method == "gptq" or bool(self.int8_share))

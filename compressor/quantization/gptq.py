@@ -9,7 +9,8 @@ blocks of ``block_size`` along the input dimension, a float scale and a 4-bit ze
 (``w = scale * (q - zero_point)``), so onnxruntime's fast kernel runs the result as it runs RTN.
 
 The Hessians come from the PyTorch model the export traced (one forward pass over the
-calibration texts, padding left out), one per weight: the members of a shared group add to one
+calibration texts, padding left out), one per weight (`plan_int4`, which also picks the
+projections to keep in int8 from the same pass): the members of a shared group add to one
 ``H``, as their one stored weight serves them all. The fitted blocks then replace the blocks
 onnxruntime's quantizer wrote for the same weight (found by content), so everything else about
 the int4 graph (which nodes, accuracy level, the int8 head and tables) is as for RTN.
@@ -22,7 +23,9 @@ model's: one forward pass, a few seconds on a 135 M model).
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -185,19 +188,80 @@ def pack_matmul_nbits(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray
     return b, scales.astype(np.float32), zp
 
 
-def fit_projections(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], block_size: int,
-                    skip: Iterable[torch.nn.Module] = (), progress: Callable[[str], None] | None = None
-                    ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], dict[str, int]]:
-    """GPTQ blocks of every projection of ``model`` wider than one block, keyed by `weight_key`
-    of its ONNX MatMul weight (the transpose of a ``Linear``'s), and what was done."""
+def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+    """How much of a projection's output ``approx`` loses on the calibration inputs:
+    ``tr(E H E^T) / tr(W H W^T)`` with ``E = W - approx``."""
+    w, e, h = weight.double(), (weight - approx).double(), hessian.double()
+    return float(torch.einsum("ij,jk,ik->", e, h, e) / torch.einsum("ij,jk,ik->", w, h, w).clamp(min=1e-30))
+
+
+def round_to_nearest(weight: torch.Tensor, block_size: int, bits: int = 4) -> torch.Tensor:
+    """``weight`` (output dim x input dim) rounded to the nearest point of its blocks' grids
+    (`_grid`: a scale and an integer zero point per block, as MatMulNBits with zero points)."""
+    out = torch.empty_like(weight, dtype=torch.float32)
+    levels = 2**bits - 1
+    for start in range(0, weight.shape[1], block_size):
+        block = weight[:, start:start + block_size].float()
+        scale, zero = _grid(block, levels)
+        q = torch.clamp(torch.round(block / scale[:, None]) + zero[:, None], 0, levels)
+        out[:, start:start + block_size] = scale[:, None] * (q - zero[:, None])
+    return out
+
+
+@dataclass
+class Int4Plan:
+    """What calibration decided for an int4 export: GPTQ's blocks by `weight_key` (empty unless
+    asked), the weights kept in int8 (`weight_key`s), and what was done."""
+
+    fitted: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    int8: set[str] = field(default_factory=set)
+    info: dict = field(default_factory=dict)
+
+
+def plan_int4(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], block_size: int, *,
+              gptq_blocks: bool, int8_share: float, skip: Iterable[torch.nn.Module] = ()) -> Int4Plan:
+    """Calibrate ``model``'s projections wider than one block on ``batches`` (one forward pass) and
+    plan their int4: GPTQ's blocks if ``gptq_blocks``; with ``int8_share`` > 0, the projections
+    whose int4 loses most of their output on this text (`relative_error` of round-to-nearest),
+    taken in that order while they fit in ``int8_share`` of the int4 parameters, kept in int8 instead (the
+    mixed precision llama.cpp's ``_M`` formats use: a few sensitive matrices at more bits).
+
+    Keys are `weight_key` of each projection's ONNX MatMul weight (the transpose of a ``Linear``'s).
+    """
     weights = {k: v for k, v in projections(model, skip).items() if _in_out(v[0]).shape[1] >= block_size}
     sums, tokens = hessians(model, batches, weights)
-    fitted = {}
-    for i, (key, modules) in enumerate(weights.items()):
+    plan = Int4Plan(info={"calibration_tokens": tokens})
+    sizes, errors, keys = {}, {}, {}
+    for key, modules in weights.items():
         if key not in sums:  # a projection the calibration text never reached
             continue
-        w = _in_out(modules[0])
-        fitted[weight_key(w.detach().float().T.numpy())] = gptq(w, sums[key], block_size)
-        if progress and (i + 1) % 20 == 0:
-            progress(f"GPTQ {i + 1}/{len(weights)} projections")
-    return fitted, {"projections": len(fitted), "calibration_tokens": tokens}
+        w = _in_out(modules[0]).detach().float()
+        keys[key] = weight_key(w.T.numpy())
+        sizes[key] = w.numel()
+        if gptq_blocks:
+            plan.fitted[keys[key]] = gptq(w, sums[key], block_size)
+        if int8_share > 0:
+            errors[key] = relative_error(w, round_to_nearest(w, block_size), sums[key])
+    if gptq_blocks:
+        plan.info["gptq_projections"] = len(plan.fitted)
+    if int8_share > 0:
+        budget, kept = int8_share * sum(sizes.values()), 0
+        chosen = []
+        for key in sorted(errors, key=errors.get, reverse=True):  # the worst first, while they fit
+            if kept + sizes[key] > budget:
+                break
+            chosen.append(key)
+            kept += sizes[key]
+        plan.int8 = {keys[k] for k in chosen}
+        names: dict[int, str] = {}
+        for name, module in model.named_modules():  # a shared group's weight: its first layer's name
+            if id(getattr(module, "weight", None)) in weights:
+                names.setdefault(id(module.weight), name.removesuffix(".base_layer"))
+        plan.info["int8_projections"] = {
+            "share_asked": int8_share, "share_kept": round(kept / max(sum(sizes.values()), 1), 4),
+            "count": len(chosen), "of": len(errors),
+            "lowest_error_kept": round(min((errors[k] for k in chosen), default=0.0), 5),
+            "highest_error_int4": round(max((errors[k] for k in errors if k not in chosen), default=0.0), 5),
+            "kinds": dict(sorted(Counter(names.get(k, "?").rsplit(".", 1)[-1] for k in chosen).items())),
+        }
+    return plan

@@ -69,14 +69,15 @@ def prepare_graph(path: Path) -> dict[str, int]:
     return done
 
 
-def quantize_int4(path: Path, config: QuantizeConfig, fitted: dict | None = None) -> dict[str, Any]:
+def quantize_int4(path: Path, config: QuantizeConfig, plan=None) -> dict[str, Any]:
     """Weight-only int4 of the projections (onnxruntime's ``MatMulNBitsQuantizer``: symmetric
     blocks of ``config.block_size`` along the input dimension, ``MatMulNBits`` nodes that compute at
     ``config.accuracy_level``), then dynamic int8 of the embedding tables (onnxruntime's int4
     Gather needs a newer opset than the export's), of the output head (int4 moves the logits most)
     and of projections narrower than a block (LoRA factors). A weight that layers share is one
-    initializer, quantized once for all its MatMuls. With ``fitted`` (GPTQ's blocks by
-    `gptq.weight_key`), those blocks replace the ones onnxruntime fitted for the same weights.
+    initializer, quantized once for all its MatMuls. With a `gptq.Int4Plan`, the projections it
+    keeps in int8 join the int8 ones, and its GPTQ blocks replace the ones onnxruntime fitted for
+    the same weights.
 
     Raises:
         ExportError: a graph the quantizer cannot take (one line, the export writes nothing).
@@ -99,14 +100,15 @@ def quantize_int4(path: Path, config: QuantizeConfig, fitted: dict | None = None
     on_weights = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
                   and len(inits[n.input[1]].dims) == 2]
     narrow = [n.name for n in on_weights if inits[n.input[1]].dims[0] < config.block_size or n.output[0] in outputs]
-    tables = [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
-              and len(inits[n.input[0]].dims) == 2]
     keys, replaced = {}, None
-    if fitted is not None:
+    if plan is not None:
         from .gptq import weight_key
 
         keys = {n.input[1]: weight_key(numpy_helper.to_array(inits[n.input[1]])) for n in on_weights
                 if n.name not in narrow}
+        narrow += [n.name for n in on_weights if keys.get(n.input[1]) in plan.int8]
+    tables = [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+              and len(inits[n.input[0]].dims) == 2]
     try:
         quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size,
                                          is_symmetric=config.int4_method == "rtn", accuracy_level=config.accuracy_level,
@@ -115,8 +117,8 @@ def quantize_int4(path: Path, config: QuantizeConfig, fitted: dict | None = None
             warnings.simplefilter("ignore")
             quantizer.process()
         _set_accuracy_level(quantizer.model.model, config.accuracy_level)
-        if fitted is not None:
-            replaced = _use_fitted_blocks(quantizer.model.model, keys, fitted, config.block_size)
+        if plan is not None and plan.fitted:
+            replaced = _use_fitted_blocks(quantizer.model.model, keys, plan.fitted, config.block_size)
         onnx.save(quantizer.model.model, str(path))
         logging.disable(logging.WARNING)  # onnxruntime's advice to pre-process, on the root logger
         try:
@@ -180,7 +182,7 @@ def _int4_algorithm(config: QuantizeConfig):
 
 
 def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None, input_names=(),
-                  dynamic_scopes: tuple[str, ...] = (), fitted: dict | None = None) -> dict[str, Any]:
+                  dynamic_scopes: tuple[str, ...] = (), plan=None) -> dict[str, Any]:
     """Replace ``folder/model.onnx`` by its quantized version; returns what was done.
 
     Args:
@@ -191,7 +193,8 @@ def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None,
         dynamic_scopes: ``int8-static`` only: qualified module names (``encoder.layer.0.output.dense``)
             whose MatMuls get dynamic activation ranges instead of static ones: the FFN
             down-projections, whose inputs have outliers.
-        fitted: ``int4`` only: GPTQ's blocks by weight (`gptq.fit_projections`).
+        plan: ``int4`` only: what calibration decided (`gptq.plan_int4`): GPTQ's blocks, the
+            projections kept in int8.
     """
     folder = Path(folder)
     path = folder / MODEL_FILE
@@ -202,7 +205,7 @@ def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None,
         onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), str(path))
         return done
     if config.mode == "int4":
-        done.update(quantize_int4(path, config, fitted))
+        done.update(quantize_int4(path, config, plan))
         return done
     preset = optimum_preset(config.isa, is_static=config.mode == "int8-static", per_channel=config.per_channel)
     done.update(preset=f"AutoQuantizationConfig.{host_isa() if config.isa == 'auto' else config.isa}"
