@@ -19,6 +19,7 @@ the mean cosine to PyTorch from 0.88 to 0.98 (reports/bench_int8_static.md).
 from __future__ import annotations
 
 import platform
+from collections import Counter
 import shutil
 import tempfile
 import warnings
@@ -106,16 +107,24 @@ def quantize_int4(path: Path, config: QuantizeConfig, plan=None) -> dict[str, An
 
         keys = {n.input[1]: weight_key(numpy_helper.to_array(inits[n.input[1]])) for n in on_weights
                 if n.name not in narrow}
-        narrow += [n.name for n in on_weights if keys.get(n.input[1]) in plan.int8]
+    # the projections the plan keeps at 8 bits: weight-only blocks as for int4 (MatMulNBits,
+    # bits 8), not dynamic int8, whose per-tensor activation scale costs a decoder far more
+    # (optimum's dynamic int8 of SmolLM2 doubles its perplexity)
+    eight = [n.name for n in on_weights if plan is not None and keys.get(n.input[1]) in plan.int8]
     tables = [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
               and len(inits[n.input[0]].dims) == 2]
     try:
         quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size,
                                          is_symmetric=config.int4_method == "rtn", accuracy_level=config.accuracy_level,
-                                         nodes_to_exclude=narrow, algo_config=_int4_algorithm(config))
+                                         nodes_to_exclude=narrow + eight, algo_config=_int4_algorithm(config))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantizer.process()
+            if eight:
+                quantizer = MatMulNBitsQuantizer(quantizer.model.model, bits=8, block_size=config.block_size,
+                                                 is_symmetric=True, accuracy_level=config.accuracy_level,
+                                                 nodes_to_include=eight, nodes_to_exclude=narrow)
+                quantizer.process()
         _set_accuracy_level(quantizer.model.model, config.accuracy_level)
         if plan is not None and plan.fitted:
             replaced = _use_fitted_blocks(quantizer.model.model, keys, plan.fitted, config.block_size)
@@ -130,7 +139,12 @@ def quantize_int4(path: Path, config: QuantizeConfig, plan=None) -> dict[str, An
     except Exception as e:  # noqa: BLE001  (whatever the quantizer meets in the graph)
         raise ExportError(f"onnxruntime's int4 quantizer cannot quantize this graph: {first_line(e, with_type=True)}") from None
     graph = onnx.load(str(path), load_external_data=False)
-    done = {"int4_matmuls": sum(n.op_type == "MatMulNBits" for n in graph.graph.node), "int8_matmuls": len(narrow),
+    bits = Counter(next((a.i for a in n.attribute if a.name == "bits"), 4) for n in graph.graph.node
+                   if n.op_type == "MatMulNBits")
+    if bits[8] != len(eight):
+        raise ExportError(f"onnxruntime's 8-bit MatMulNBits quantizer took {bits[8]} of the {len(eight)} projections "
+                          f"--int8-share keeps")
+    done = {"int4_matmuls": bits[4], "int8_matmuls": len(narrow), "int8_block_matmuls": bits[8],
             "block_size": config.block_size, "accuracy_level": config.accuracy_level, "method": config.int4_method,
             "embeddings": "int8 (dynamic Gather)"}
     if replaced is not None:
@@ -146,7 +160,7 @@ def _use_fitted_blocks(model, keys: dict[str, str], fitted: dict, block_size: in
     inits = {t.name: t for t in model.graph.initializer}
     done, missing = set(), set()
     for node in model.graph.node:
-        if node.op_type != "MatMulNBits" or len(node.input) < 4:
+        if node.op_type != "MatMulNBits" or len(node.input) < 4 or not node.input[1].endswith("_Q4"):
             continue
         weight = node.input[1].removesuffix("_Q4")
         blocks = fitted.get(keys.get(weight))
