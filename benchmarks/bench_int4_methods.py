@@ -8,7 +8,10 @@ the held-out movie snippets the way `compress report` does (onnxruntime, the rep
 ``ORTModelForCausalLM``, measured by the report's own `generation` (variants taking turns,
 medians of ``--repeats``).
 
-Run:  python benchmarks/bench_int4_methods.py /tmp/smollm2 [--variants rtn:32:4,hqq:32:4,...]
+A variant is ``method:block size:accuracy level[:int8 share]`` (``gptq`` and an int8 share run on
+``--calibration`` text); ``--optimize 2`` exports each with the decoder fusions.
+
+Run:  python benchmarks/bench_int4_methods.py /tmp/smollm2 [--variants rtn:32:4,hqq:32:4,rtn:32:4:0.35,...]
 Writes reports/bench_int4_methods.json and .md.
 """
 
@@ -33,7 +36,9 @@ VARIANTS = "rtn:32:4,rtn:32:1,hqq:32:4,hqq:32:1,rtn-asym:32:4,rtn:16:4"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
-    parser.add_argument("--variants", default=VARIANTS, help="comma-separated method:block:accuracy-level")
+    parser.add_argument("--variants", default=VARIANTS, help="comma-separated method:block:accuracy-level[:int8-share]")
+    parser.add_argument("--calibration", default="english-mix", help="text for gptq and an int8 share")
+    parser.add_argument("--optimize", type=int, default=0, help="compress export --optimize level")
     parser.add_argument("--test-size", type=int, default=500)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
@@ -65,14 +70,19 @@ def main() -> None:
     exe = Path(sys.executable).parent / "compress"
     rows, runners = [], []
     for variant in args.variants.split(","):
-        method, block, level = variant.split(":")
+        method, block, level, *share = variant.split(":")
+        extra = ["--optimize", str(args.optimize)] if args.optimize else []
+        if share:
+            extra += ["--int8-share", share[0]]
+        if share or method == "gptq":
+            extra += ["--calibration", args.calibration]
         folder = work / variant.replace(":", "-")
         start = time.perf_counter()
         if args.reuse and (folder / "model.onnx").is_file():
             done = subprocess.CompletedProcess([], 0)  # export_s 0: made by an earlier run
         else:
             done = subprocess.run([str(exe), "export", args.model, "--quantize", "int4", "--int4-method", method,
-                               "--block-size", block, "--accuracy-level", level, "-o", str(folder), "--overwrite"],
+                               "--block-size", block, "--accuracy-level", level, *extra, "-o", str(folder), "--overwrite"],
                                   capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         seconds = time.perf_counter() - start
         if done.returncode != 0:
@@ -82,6 +92,7 @@ def main() -> None:
         ppl = task_metric(runners[-1], split, config)["value"]
         size = (folder / "model.onnx").stat().st_size + sum(p.stat().st_size for p in folder.glob("*.onnx_data"))
         rows.append({"variant": variant, "method": method, "block_size": int(block), "accuracy_level": int(level),
+                     "int8_share": float(share[0]) if share else 0.0,
                      "perplexity": round(ppl, 3), "of_original": round(ppl / original, 4), "size_mb": round(size / 1e6, 1),
                      "export_s": round(seconds, 1), "folder": str(folder)})
         print(rows[-1], file=sys.stderr, flush=True)
@@ -91,7 +102,8 @@ def main() -> None:
             r["decode_tok_s"] = round(speed[r["variant"]]["decode_tokens_per_s"], 2)
 
     command = (f"python benchmarks/bench_int4_methods.py {args.model} --variants {args.variants} "
-               f"--prompt-tokens {args.prompt_tokens} --new-tokens {args.new_tokens}")
+               f"--prompt-tokens {args.prompt_tokens} --new-tokens {args.new_tokens} --optimize {args.optimize} "
+               f"--calibration {args.calibration}")
     out = Path(args.out)
     (out / "bench_int4_methods.json").write_text(json.dumps(
         {"command": command, "original_perplexity": round(original, 3), "test_size": args.test_size,
@@ -100,13 +112,13 @@ def main() -> None:
              f"`{command}`: perplexity on {args.test_size} held-out movie snippets ({args.max_length} tokens), as "
              f"`compress report` measures it; the original (PyTorch fp32) {original:.2f}. Accuracy level: the type "
              "MatMulNBits computes in (4 int8, 1 fp32). The token embedding / tied head is int8 in every variant.", "",
-             "| method | block | accuracy level | perplexity | of original | model.onnx MB | decode tok/s | export s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | block | accuracy level | int8 share | perplexity | of original | model.onnx MB | decode tok/s | export s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | | | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['variant']} | | | | failed: {r['error']} | | | | |")
         else:
-            lines.append(f"| {r['method']} | {r['block_size']} | {r['accuracy_level']} | {r['perplexity']:.2f} | "
+            lines.append(f"| {r['method']} | {r['block_size']} | {r['accuracy_level']} | {r['int8_share']:g} | {r['perplexity']:.2f} | "
                          f"{r['of_original']:.3f}x | {r['size_mb']} | {r['decode_tok_s']:.1f} | {r['export_s'] or 'reused'} |")
     lines += ["", f"Decode at batch 1, {args.threads} threads, medians of {args.repeats}, variants taking turns; "
               "export s 'reused': made by an earlier run (`--reuse`).", "",

@@ -568,7 +568,7 @@ def test_int4_options_are_checked():
     with pytest.raises(ConfigError, match="accuracy_level|accuracy-level"):
         QuantizeConfig("int4", accuracy_level=5)
     with pytest.raises(ConfigError, match="int4_method|int4-method"):
-        QuantizeConfig("int4", int4_method="gptq")
+        QuantizeConfig("int4", int4_method="awq")
 
 
 def test_a_decoder_export_fuses_norms_and_rotary_and_still_generates(tiny_dirs, tmp_path):

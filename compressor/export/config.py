@@ -47,8 +47,9 @@ class ExportConfig(TextFormat, StageConfig):
             ``ORTOptimizer`` applies them: 0 none, 1 basic, 2 also attention, LayerNorm and GELU
             fusion (optimum's O2); int8 quantizes the fused graph, not with int4 or int8-static.
             Decoders (onnxruntime's own optimizer; optimum's takes no Llama-style model): 1 RMSNorm
-            (with the residual add) or LayerNorm fusion, 2 also rotary embeddings; attention is
-            left unfused, and int8 or int4 quantize the fused graph. Shared weights stay stored
+            (with the residual add) or LayerNorm fusion, 2 also rotary embeddings and each
+            layer's attention as ``GroupQueryAttention`` in optimum's cache layout (`attention.py`);
+            int8 or int4 quantize the fused graph. Shared weights stay stored
             once (the fusions' copies are merged); the export is checked on the optimized graph.
     """
 
