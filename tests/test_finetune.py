@@ -203,3 +203,18 @@ def test_classifier_distils_with_labels_and_evaluates_with_its_head(tmp_path):
         pred = tuned.model(**enc).logits.argmax(-1).tolist()
     gold = [{"neg": 0, "pos": 1}[y] for y in te_y]
     assert ev.metrics["accuracy"] == pytest.approx(sum(p == g for p, g in zip(pred, gold)) / len(gold))
+
+
+def test_the_neighbour_loss_reads_only_how_each_text_ranks_and_spaces_its_neighbours():
+    """Zero for the teacher's own embeddings at any scale (cosines do not see it) and after a
+    rotation (which keeps every cosine); positive once the neighbours change, and larger the more
+    they do."""
+    from compressor.finetune.trainer import neighbour_loss
+
+    teacher = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    rotation, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(1)))
+    assert float(neighbour_loss(3 * teacher, teacher)) < 1e-6
+    assert float(neighbour_loss(teacher @ rotation, teacher)) < 1e-5
+    noisy = teacher + 0.3 * torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
+    shuffled = teacher[torch.randperm(16, generator=torch.Generator().manual_seed(3))]
+    assert 0 < float(neighbour_loss(noisy, teacher)) < float(neighbour_loss(shuffled, teacher))

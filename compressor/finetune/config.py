@@ -32,6 +32,10 @@ class FinetuneConfig(TextOptions, StageConfig):
         max_samples: Use at most this many training texts.
         hidden_weight: Weight of the per-layer hidden-state loss.
         embedding_weight: Weight of the pooled-embedding cosine loss (encoders).
+        similarity_weight: Weight of the in-batch neighbour loss (encoders): the KL divergence
+            between each text's softmax over its cosine similarities to the batch's other texts
+            (temperature 0.05) under the teacher's and under the student's pooled embeddings
+            (relational distillation, Park et al., 2019): what nearest-neighbour search reads.
         kl_weight: Weight of the KL loss on logits (classifiers and causal LMs).
         label_weight: Weight of the cross-entropy on labels (classifiers with labels).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
@@ -53,6 +57,7 @@ class FinetuneConfig(TextOptions, StageConfig):
     max_samples: int | None = None
     hidden_weight: float = 1.0
     embedding_weight: float = 1.0
+    similarity_weight: float = 0.0
     kl_weight: float = 1.0
     label_weight: float = 1.0
     device: str = "auto"
@@ -68,7 +73,8 @@ class FinetuneConfig(TextOptions, StageConfig):
         for name in ("lr", "batch_size", "max_length"):
             check_positive(name, getattr(self, name))
         check_positive("max_samples", self.max_samples, allow_none=True)
-        for name in ("weight_decay", "warmup_steps", "save_every", "hidden_weight", "embedding_weight", "kl_weight", "label_weight"):
+        for name in ("weight_decay", "warmup_steps", "save_every", "hidden_weight", "embedding_weight", "similarity_weight",
+                     "kl_weight", "label_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more", option=name)
         if self.device != "auto":

@@ -56,6 +56,23 @@ def layer_pairs(student_layers: int, teacher_layers: int) -> list[tuple[int, int
     return [(i, round(i * teacher_layers / student_layers)) for i in range(1, student_layers + 1)]
 
 
+#: Temperature of `neighbour_loss`'s softmax over cosine similarities.
+NEIGHBOUR_TEMPERATURE = 0.05
+
+
+def neighbour_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of each text's softmax over its cosine similarities to the other
+    texts of the batch (its own left out): zero when the student ranks and spaces every text's
+    neighbours as the teacher does, whatever the embeddings' scale."""
+    s, t = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
+    own = torch.eye(len(s), dtype=torch.bool, device=s.device)
+    logits_s = (s @ s.T / NEIGHBOUR_TEMPERATURE).masked_fill(own, float("-inf"))
+    logits_t = (t @ t.T / NEIGHBOUR_TEMPERATURE).masked_fill(own, float("-inf"))
+    log_s = F.log_softmax(logits_s, -1).masked_fill(own, 0.0)
+    log_t = F.log_softmax(logits_t, -1).masked_fill(own, 0.0)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+
+
 def distillation_loss(student_out, teacher_out, mask, config: FinetuneConfig, pooling: str, *, labels=None,
                       is_encoder: bool) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted sum of the distillation terms, and each term's value."""
@@ -67,10 +84,13 @@ def distillation_loss(student_out, teacher_out, mask, config: FinetuneConfig, po
             hs, ht = student_out.hidden_states[i][real].float(), teacher_out.hidden_states[j][real].float()
             terms.append(((hs - ht) ** 2).sum() / (ht**2).sum().clamp(min=1e-12))
         parts["hidden"] = torch.stack(terms).mean()
-    if config.embedding_weight and is_encoder:
+    if (config.embedding_weight or config.similarity_weight) and is_encoder:
         es = pool(student_out.hidden_states[-1].float(), mask, pooling)
         et = pool(teacher_out.hidden_states[-1].float(), mask, pooling)
-        parts["embedding"] = (1 - F.cosine_similarity(es, et, dim=-1)).mean()
+        if config.embedding_weight:
+            parts["embedding"] = (1 - F.cosine_similarity(es, et, dim=-1)).mean()
+        if config.similarity_weight and len(es) > 2:
+            parts["similarity"] = neighbour_loss(es, et)
     logits_s, logits_t = getattr(student_out, "logits", None), getattr(teacher_out, "logits", None)
     if config.kl_weight and logits_s is not None and logits_t is not None:
         if logits_s.dim() == 3:  # causal LM: per real token
@@ -80,7 +100,7 @@ def distillation_loss(student_out, teacher_out, mask, config: FinetuneConfig, po
     if config.label_weight and labels is not None and logits_s is not None and getattr(student_out, "logits", None).dim() == 2:
         parts["label"] = F.cross_entropy(student_out.logits.float(), labels)
     weights = {"hidden": config.hidden_weight, "embedding": config.embedding_weight, "kl": config.kl_weight,
-               "label": config.label_weight}
+               "label": config.label_weight, "similarity": config.similarity_weight}
     if not parts:
         raise ConfigError("every loss term is switched off or does not apply to this model")
     total = sum(weights[k] * v for k, v in parts.items())
