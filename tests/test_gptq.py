@@ -17,22 +17,13 @@ from compressor.errors import ConfigError
 from compressor.export import ExportConfig, export
 from compressor.models import load_model
 from compressor.quantization import QuantizeConfig
-from compressor.quantization.gptq import _grid, dequantize, gptq, pack_matmul_nbits
+from compressor.quantization.gptq import dequantize, gptq, pack_matmul_nbits, round_to_nearest
 from compressor.sharing import ShareConfig, share
 
 
 def _correlated(rows: int, dim: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(rows, dim, generator=g) @ torch.randn(dim, dim, generator=g) * 0.3
-
-
-def _rtn(weight: torch.Tensor, block: int) -> torch.Tensor:
-    out = torch.zeros_like(weight)
-    for b in range(0, weight.shape[1], block):
-        scale, zero = _grid(weight[:, b:b + block], 15)
-        q = torch.clamp(torch.round(weight[:, b:b + block] / scale[:, None]) + zero[:, None], 0, 15)
-        out[:, b:b + block] = scale[:, None] * (q - zero[:, None])
-    return out
 
 
 def _matmul_nbits(b, scales, zero_points, k: int, n: int, block: int):
@@ -60,7 +51,7 @@ def test_gptq_halves_the_output_error_and_onnxruntime_runs_its_blocks_exactly():
     def error(w):
         return float(((x @ (weight - w).T) ** 2).mean())
 
-    assert error(fitted) < 0.7 * error(_rtn(weight, 16)), (error(fitted), error(_rtn(weight, 16)))
+    assert error(fitted) < 0.7 * error(round_to_nearest(weight, 16)), (error(fitted), error(round_to_nearest(weight, 16)))
     packed = pack_matmul_nbits(q, scales, zeros, 16)
     assert packed[0].shape == (24, 5, 8) and packed[2].shape == (24, 3)
     probe = np.random.default_rng(0).standard_normal((5, 72)).astype(np.float32)
@@ -96,9 +87,9 @@ def test_a_gptq_export_stores_the_fitted_blocks_once_per_shared_weight(tiny_dirs
     assert len(q_proj) == 4 and len({name for name, _ in q_proj}) == 2  # four layers, two stored weights
     weight = shared.model.model.layers[0].self_attn.q_proj.weight.detach()
     onnx_weight = next(w for k, (_, w) in by_layer.items() if "layers.0/self_attn/q_proj" in k)
-    rtn_error = np.abs(_rtn(weight, 16).numpy() - weight.numpy()).mean()
+    rtn_error = np.abs(round_to_nearest(weight, 16).numpy() - weight.numpy()).mean()
     assert np.abs(onnx_weight - weight.numpy()).mean() < 3 * rtn_error  # the same grid, moved by GPTQ
-    assert not np.allclose(onnx_weight, _rtn(weight, 16).numpy())  # and not the RTN blocks
+    assert not np.allclose(onnx_weight, round_to_nearest(weight, 16).numpy())  # and not the RTN blocks
     assert gptq_record.metrics["check"]["mean_cosine"] >= rtn_record.metrics["check"]["mean_cosine"] - 1e-3
 
 
@@ -107,9 +98,9 @@ def test_gptq_options_are_checked(tiny_dirs, tmp_path):
     QuantizeConfig("int4", int8_share=0.3, calibration="movie-snippets")  # ranks the projections on it
     with pytest.raises(ConfigError, match="only used by int8-static, and by int4 with --int4-method gptq or --int8-share"):
         QuantizeConfig("int4", int4_method="rtn", calibration="movie-snippets")
-    for share in (1.0, -0.1, True):
+    for bad in (1.0, -0.1, True):
         with pytest.raises(ConfigError, match="--int8-share must be in"):
-            QuantizeConfig("int4", int8_share=share)
+            QuantizeConfig("int4", int8_share=bad)
     with pytest.raises(ConfigError, match="not for int8"):
         QuantizeConfig("int8", int8_share=0.2)
     res = CliRunner().invoke(cli, ["export", str(tiny_dirs["llama"]), "--quantize", "int4", "--int4-method", "gptq",

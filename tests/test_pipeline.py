@@ -208,7 +208,7 @@ def test_compress_run_bad_input_is_one_line(tiny_dirs, tmp_path):
 def test_data_commands_print_json(tmp_path, monkeypatch):
     listed = CliRunner().invoke(cli, ["data", "list", "--json", "-"])
     assert listed.exit_code == 0
-    assert [d["name"] for d in json.loads(listed.stdout)] == ["movie-snippets", "sms-spam", "trec", "bbc-news"]
+    assert [d["name"] for d in json.loads(listed.stdout)] == ["movie-snippets", "sms-spam", "trec", "bbc-news", "english-mix"]
     cached = tmp_path / "datasets" / "movie-snippets.v2.tsv"  # fetched already: no network needed
     cached.parent.mkdir()
     cached.write_text("text\tlabel\trating\ngood\tpos\t1.5\nbad\tneg\t-2\nfine\tpos\t0.5\n")

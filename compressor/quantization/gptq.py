@@ -108,7 +108,7 @@ def hessians(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
     return sums, tokens
 
 
-def _grid(block: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def block_grid(block: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric per-row scale and integer zero point for ``block`` (rows x columns), the range
     widened to hold 0 (as the reference does, so the zero point is on the grid)."""
     low = block.min(dim=1).values.clamp(max=0)
@@ -151,7 +151,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, block_size: int, bits: int
         for i in range(end - start):
             col = start + i
             if col % block_size == 0:  # this block's grid, from its columns as GPTQ has moved them
-                scale, zero = _grid(w1[:, i:i + block_size], levels)
+                scale, zero = block_grid(w1[:, i:i + block_size], levels)
                 scales[:, col // block_size], zeros[:, col // block_size] = scale, zero
             column = w1[:, i]
             qi = torch.clamp(torch.round(column / scale) + zero, 0, levels)
@@ -197,12 +197,12 @@ def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Te
 
 def round_to_nearest(weight: torch.Tensor, block_size: int, bits: int = 4) -> torch.Tensor:
     """``weight`` (output dim x input dim) rounded to the nearest point of its blocks' grids
-    (`_grid`: a scale and an integer zero point per block, as MatMulNBits with zero points)."""
+    (`block_grid`: a scale and an integer zero point per block, as MatMulNBits with zero points)."""
     out = torch.empty_like(weight, dtype=torch.float32)
     levels = 2**bits - 1
     for start in range(0, weight.shape[1], block_size):
         block = weight[:, start:start + block_size].float()
-        scale, zero = _grid(block, levels)
+        scale, zero = block_grid(block, levels)
         q = torch.clamp(torch.round(block / scale[:, None]) + zero[:, None], 0, levels)
         out[:, start:start + block_size] = scale[:, None] * (q - zero[:, None])
     return out
