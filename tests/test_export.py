@@ -571,12 +571,35 @@ def test_int4_options_are_checked():
         QuantizeConfig("int4", int4_method="awq")
 
 
+def _check_chunk_after_cache(path: Path, model) -> None:
+    """A batch of two continued by three tokens each after a 5-token cache (chunked prefill,
+    speculative decoding): the graph's logits and cache equal PyTorch's."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    ids = torch.randint(5, 60, (2, 8), generator=torch.Generator().manual_seed(0))
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
+    size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    feed = {n: np.zeros((2, heads, 0, size), np.float32) for n in names if n.startswith("past_key_values.")}
+    outputs = [o.name for o in session.get_outputs()]
+    for start, end in ((0, 5), (5, 8)):
+        feed.update(input_ids=ids[:, start:end].numpy(), attention_mask=np.ones((2, end), np.int64),
+                    position_ids=np.tile(np.arange(start, end), (2, 1)))
+        got = dict(zip(outputs, session.run(None, {k: v for k, v in feed.items() if k in names})))
+        feed.update({n.replace("present.", "past_key_values."): v for n, v in got.items() if n.startswith("present.")})
+    with torch.no_grad():
+        want = model(input_ids=ids).logits[:, 5:]
+    np.testing.assert_allclose(got["logits"], want.numpy(), atol=1e-4, rtol=1e-3)
+
+
 def test_a_decoder_export_fuses_norms_and_rotary_and_still_generates(tiny_dirs, tmp_path):
     """--optimize 2 on a shared Llama: onnxruntime's RMSNorm and rotary fusions in every layer and
     each layer's attention one GroupQueryAttention (no Softmax left), the rotary tables cut to the
     model's positions, shared weights still stored once, optimum's generate() with the cache equal
     to PyTorch's, for one prompt and for a left-padded batch (the graph's own mask reaches the
-    fused attention); int4 quantizes the fused graph. A fusion that does not fit a family
+    fused attention), and a batch's several-token step after a cache; int4 quantizes the fused graph. A fusion that does not fit a family
     (Gemma's rotary) fails the export in one line, nothing written."""
     import warnings
 
@@ -615,6 +638,7 @@ def test_a_decoder_export_fuses_norms_and_rotary_and_still_generates(tiny_dirs, 
         got = ort_model.generate(**batch, **kwargs)
         with torch.no_grad():
             assert torch.equal(got, shared.model.generate(**batch, **kwargs))
+    _check_chunk_after_cache(tmp_path / "fp32" / "model.onnx", shared.model)
 
     int4 = export(shared, ExportConfig(check_lengths=[8], optimize=2), tmp_path / "int4", quantize=QuantizeConfig("int4", block_size=16))
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "int4" / "model.onnx"), load_external_data=False).graph.node)

@@ -37,21 +37,50 @@ def fuse_group_query_attention(model: onnx.ModelProto) -> int:
     Returns:
         How many layers were fused.
     """
-    graph = _Graph(model)
-    mask = next((i.name for i in model.graph.input if i.name == "attention_mask"), None)
-    if mask is None:
+    names = {i.name for i in model.graph.input}
+    if not {"attention_mask", "input_ids"} <= names or not _runtime_takes_it():
         return 0
+    graph = _Graph(model)
+    if any(name.startswith(_Sequence.prefix) for name in graph.producer):
+        return 0  # fused already
     fused = [match for node in list(model.graph.node) if node.op_type == "Softmax"
              if (match := _match(graph, node)) is not None]
     if not fused:
         return 0
-    seq = _Sequence(model, mask)
+    backup = onnx.ModelProto()
+    backup.CopyFrom(model)
+    seq = _Sequence(model, "attention_mask", "input_ids")
     for i, m in enumerate(fused):
         _replace(model, graph, m, seq, i)
-    _drop_dead_nodes(model)
+    try:
+        _drop_dead_nodes(model)
+    except _Cycle:  # a value the fused attention writes is read before it (an unforeseen reader)
+        model.CopyFrom(backup)
+        return 0
     if not any(op.domain == _MS for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(_MS, 1))
     return len(fused)
+
+
+#: GroupQueryAttention's inputs the fusion feeds: the mask as ``attention_bias`` and
+#: ``query_seqlens`` (without it, a step of several tokens after a cache needs batch 1).
+_GQA_INPUTS = {"attention_bias": 10, "query_seqlens": 16}
+
+
+def _runtime_takes_it() -> bool:
+    """Whether this onnxruntime's GroupQueryAttention has the inputs the fusion feeds (1.32 does;
+    older releases have no ``attention_bias``): without them the graph is left as it is."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+    schema = next((s for s in C.get_all_operator_schema() if s.name == "GroupQueryAttention" and s.domain == _MS), None)
+    if schema is None:
+        return False
+    inputs = [i.name for i in schema.inputs]
+    return all(len(inputs) > at and inputs[at] == name for name, at in _GQA_INPUTS.items())
+
+
+class _Cycle(Exception):
+    """The rewritten graph has no topological order."""
 
 
 class _Graph:
@@ -126,6 +155,9 @@ def _cache_concat(graph: _Graph, name: str) -> tuple[onnx.NodeProto, list[onnx.N
         unsqueeze = graph.op(expand.input[0], "Unsqueeze") if expand is not None else None
         if unsqueeze is None:
             return None
+        axes = graph.constant(unsqueeze.input[1]) if len(unsqueeze.input) > 1 else _attr(unsqueeze, "axes")
+        if axes is None or [int(a) for a in np.ravel(axes)] != [2]:  # repeat_kv: each head repeated in place
+            return None
         repeat, name = [unsqueeze, expand, reshape], unsqueeze.input[0]
     concat = graph.op(name, "Concat")
     if (concat is None or len(concat.input) != 2 or _attr(concat, "axis") not in (2, -2)
@@ -158,13 +190,14 @@ def _match(graph: _Graph, softmax: onnx.NodeProto) -> dict | None:
         return None
     scores, bias = softmax.input[0], ""
     add = graph.op(scores, "Add")
-    if add is not None:
-        for a, b in (add.input, reversed(add.input)):
-            if graph.op(_unscaled(graph, a)[0], "MatMul") is not None:
-                scores, bias = a, b
-                break
-        else:
-            return None
+    if add is None:  # no mask: the graph is not causal, GroupQueryAttention always is
+        return None
+    for a, b in (add.input, reversed(add.input)):
+        if graph.op(_unscaled(graph, a)[0], "MatMul") is not None:
+            scores, bias = a, b
+            break
+    else:
+        return None
     scores, factor = _unscaled(graph, scores)
     qk = graph.op(scores, "MatMul")
     if qk is None:
@@ -226,13 +259,14 @@ def _heads(graph: _Graph, output: str, present: str) -> tuple[int, int, int] | N
 
 
 class _Sequence:
-    """The values every fused layer shares, made once from the attention mask's shape:
-    ``seqlens_k`` (every row: the mask's length minus one), ``total_sequence_length`` and the
-    cache's shape for a head count (which the mask's slice to the key length reads)."""
+    """The values every fused layer shares, made once from the inputs' shapes: ``seqlens_k``
+    (every row: the mask's length minus one), ``total_sequence_length``, ``query_seqlens`` (every
+    row: the new tokens) and the cache's shape for a head count (which the mask's slice to the
+    key length reads)."""
 
     prefix = "gqa/"
 
-    def __init__(self, model: onnx.ModelProto, mask: str):
+    def __init__(self, model: onnx.ModelProto, mask: str, input_ids: str):
         self.model, p = model, self.prefix
         self._nodes([
             ("Shape", [mask], "mask_shape", {}),
@@ -243,10 +277,14 @@ class _Sequence:
             ("Unsqueeze", [p + "batch", p + "axes"], "batch1", {}),
             ("Expand", [p + "last", p + "batch1"], "seqlens_k", {}),
             ("Unsqueeze", [p + "total64", p + "axes"], "total1", {}),
+            ("Shape", [input_ids], "ids_shape", {}),
+            ("Gather", [p + "ids_shape", p + "one"], "new64", {"axis": 0}),
+            ("Cast", [p + "new64"], "new", {"to": TensorProto.INT32}),
+            ("Expand", [p + "new", p + "batch1"], "query_seqlens", {}),
         ])
         self._constants({"one": np.array(1, np.int64), "zero": np.array(0, np.int64),
                          "one32": np.array(1, np.int32), "axes": np.array([0], np.int64)})
-        self.seqlens_k, self.total = p + "seqlens_k", p + "total"
+        self.seqlens_k, self.total, self.query_seqlens = p + "seqlens_k", p + "total", p + "query_seqlens"
         self.shapes: dict[tuple[int, int], str] = {}
 
     def cache_shape(self, heads: int, head_size: int) -> str:
@@ -289,7 +327,7 @@ def _to_3d(model: onnx.ModelProto, graph: _Graph, name: str, tag: str) -> str:
     if source is not None:
         return source
     rotary = graph.op(name, "RotaryEmbedding")
-    source = _split_heads(graph, rotary.input[0]) if rotary is not None else None
+    source = _split_heads(graph, rotary.input[0]) if rotary is not None and rotary.domain == _MS else None
     if source is not None:
         # onnxruntime's rotary takes (batch, sequence, hidden) as well: rotate before the heads are split
         rotated = f"{tag}/rotated"
@@ -311,11 +349,12 @@ def _replace(model: onnx.ModelProto, graph: _Graph, m: dict, seq: _Sequence, ind
     """``m``'s attention as one ``GroupQueryAttention`` node, the nodes it replaces left for
     `_drop_dead_nodes` (node messages are edited in place: a protobuf list copies what it is given)."""
     tag = f"gqa/{index}"
-    inputs = [_to_3d(model, graph, m["query"], tag + "/q"), _to_3d(model, graph, m["key"], tag + "/k"),
-              _to_3d(model, graph, m["value"], tag + "/v"), m["past_key"], m["past_value"], seq.seqlens_k, seq.total,
-              "", "", "", m["bias"]]
-    while inputs[-1] == "":
-        inputs.pop()
+    inputs = [""] * (max(_GQA_INPUTS.values()) + 1)
+    inputs[:7] = [_to_3d(model, graph, m["query"], tag + "/q"), _to_3d(model, graph, m["key"], tag + "/k"),
+                  _to_3d(model, graph, m["value"], tag + "/v"), m["past_key"], m["past_value"], seq.seqlens_k,
+                  seq.total]
+    inputs[_GQA_INPUTS["attention_bias"]] = m["bias"]
+    inputs[_GQA_INPUTS["query_seqlens"]] = seq.query_seqlens
     for reader, repeated in m["shape_readers"]:  # the cache's shape, known without the cache
         shape = seq.cache_shape(m["num_heads"] if repeated else m["kv_num_heads"], m["head_size"])
         reader.op_type, reader.input[0] = "Identity", shape
@@ -325,7 +364,7 @@ def _replace(model: onnx.ModelProto, graph: _Graph, m: dict, seq: _Sequence, ind
     model.graph.node.append(helper.make_node(
         "GroupQueryAttention", inputs, [m["output"], m["present_key"], m["present_value"]],
         name=f"{tag}/GroupQueryAttention", domain=_MS, num_heads=m["num_heads"],
-        kv_num_heads=m["kv_num_heads"], scale=float(m["scale"]), causal=1, do_rotary=0))
+        kv_num_heads=m["kv_num_heads"], scale=float(m["scale"]), do_rotary=0))
 
 
 def _drop_dead_nodes(model: onnx.ModelProto) -> None:
@@ -359,8 +398,7 @@ def _topological(nodes: list[onnx.NodeProto], model: onnx.ModelProto) -> list[on
                 available.update(n.output)
             else:
                 rest.append(n)
-        if len(rest) == len(pending):  # values from outside (subgraph captures): keep the order
-            order.extend(rest)
-            break
+        if len(rest) == len(pending):
+            raise _Cycle(f"{len(rest)} nodes wait on values nothing before them writes")
         pending = rest
     return order

@@ -141,7 +141,7 @@ def int4_plan(loaded: LoadedModel, model, quantize: QuantizeConfig):
     for text in texts:
         enc = loaded.tokenizer(text, return_tensors="pt", truncation=True, max_length=quantize.max_length)
         batches.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
-    head = loaded.model.get_output_embeddings() if hasattr(loaded.model, "get_output_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # of the copy traced
     plan = plan_int4(model, batches, quantize.block_size, gptq_blocks=quantize.int4_method == "gptq",
                      int8_share=quantize.int8_share, skip=[head] if head is not None else [])
     plan.info.update(calibration=quantize.calibration or "packaged calibration text", texts=len(texts))

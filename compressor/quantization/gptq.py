@@ -85,14 +85,14 @@ def hessians(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                 x = x[keep[0]]
             x = x.float()
             if key not in sums:
-                sums[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32)
+                sums[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
             sums[key].addmm_(x.T, x)
         return add
 
     handles = [m.register_forward_hook(hook(key)) for key, modules in weights.items() for m in modules]
     tokens = 0
+    was_training = model.training
     try:
-        was_training = model.training
         model.eval()
         for i, batch in enumerate(batches):
             mask = batch.get("attention_mask")
@@ -101,8 +101,8 @@ def hessians(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
             model(**batch)
             if progress:
                 progress(i + 1)
-        model.train(was_training)
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     return sums, tokens
@@ -235,13 +235,13 @@ def plan_int4(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], bl
     for key, modules in weights.items():
         if key not in sums:  # a projection the calibration text never reached
             continue
-        w = _in_out(modules[0]).detach().float()
+        w = _in_out(modules[0]).detach().float().cpu()
         keys[key] = weight_key(w.T.numpy())
         sizes[key] = w.numel()
         if gptq_blocks:
-            plan.fitted[keys[key]] = gptq(w, sums[key], block_size)
+            plan.fitted[keys[key]] = gptq(w, sums[key].cpu(), block_size)
         if int8_share > 0:
-            errors[key] = relative_error(w, round_to_nearest(w, block_size), sums[key])
+            errors[key] = relative_error(w, round_to_nearest(w, block_size), sums[key].cpu())
     if gptq_blocks:
         plan.info["gptq_projections"] = len(plan.fitted)
     if int8_share > 0:

@@ -71,8 +71,8 @@ def prepare_graph(path: Path) -> dict[str, int]:
 
 
 def quantize_int4(path: Path, config: QuantizeConfig, plan=None) -> dict[str, Any]:
-    """Weight-only int4 of the projections (onnxruntime's ``MatMulNBitsQuantizer``: symmetric
-    blocks of ``config.block_size`` along the input dimension, ``MatMulNBits`` nodes that compute at
+    """Weight-only int4 of the projections (onnxruntime's ``MatMulNBitsQuantizer``: blocks of
+    ``config.block_size`` along the input dimension, symmetric for ``rtn``, with zero points otherwise, ``MatMulNBits`` nodes that compute at
     ``config.accuracy_level``), then dynamic int8 of the embedding tables (onnxruntime's int4
     Gather needs a newer opset than the export's), of the output head (int4 moves the logits most)
     and of projections narrower than a block (LoRA factors). A weight that layers share is one
