@@ -112,15 +112,27 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
         for offset, new in enumerate(new_nodes):
             model.graph.node.insert(index + offset, new)
         rewritten += 1
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     return rewritten
 
 
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
-    for init in list(model.graph.initializer):
-        if init.name not in used:
-            model.graph.initializer.remove(init)
+def read_values(nodes) -> set[str]:
+    """Every value ``nodes`` read, those their subgraphs (If, Loop) read from outside included."""
+    read = set()
+    for node in nodes:
+        read.update(node.input)
+        for a in node.attribute:
+            for graph in ([a.g] if a.HasField("g") else list(a.graphs)):
+                read |= read_values(graph.node)
+    return read
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Initializers no node (or subgraph) reads and no graph output is, removed."""
+    used = read_values(model.graph.node) | {o.name for o in model.graph.output}
+    kept = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
 
 
 #: Inputs of quantization ops that hold scales and zero points rather than the model's numbers.
@@ -139,14 +151,15 @@ def stored_elements(model: onnx.ModelProto) -> int:
     params = {name for node in model.graph.node for i, name in enumerate(node.input)
               if i in _QUANT_PARAM_INPUTS.get(node.op_type, ())}
     # int4 blocks: the weight's own N x K numbers (the packed tensor pads K to whole blocks)
-    packed = {node.input[1]: _attribute(node, "N") * _attribute(node, "K")
+    packed = {node.input[1]: attribute(node, "N") * attribute(node, "K")
               for node in model.graph.node if node.op_type == "MatMulNBits"}
     return int(sum(packed.get(t.name, np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer
                    if t.name not in params and not t.name.endswith(("_scale", "_zero_point"))))
 
 
-def _attribute(node: onnx.NodeProto, name: str):
-    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    """The value of ``node``'s attribute ``name``, or ``default`` when it has none."""
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def weight_matmuls(model: onnx.ModelProto) -> dict[str, int]:

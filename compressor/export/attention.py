@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..onnx_graph import attribute, drop_unused_initializers, read_values
+
 _MS = "com.microsoft"
 
 
@@ -121,13 +123,6 @@ class _Graph:
         return float(value.reshape(())) if value is not None and value.size == 1 else None
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _unscaled(graph: _Graph, name: str) -> tuple[str, float]:
     """``name`` with any multiplication or division by a scalar constant before it undone: the
     tensor and the factor."""
@@ -155,12 +150,12 @@ def _cache_concat(graph: _Graph, name: str) -> tuple[onnx.NodeProto, list[onnx.N
         unsqueeze = graph.op(expand.input[0], "Unsqueeze") if expand is not None else None
         if unsqueeze is None:
             return None
-        axes = graph.constant(unsqueeze.input[1]) if len(unsqueeze.input) > 1 else _attr(unsqueeze, "axes")
+        axes = graph.constant(unsqueeze.input[1]) if len(unsqueeze.input) > 1 else attribute(unsqueeze, "axes")
         if axes is None or [int(a) for a in np.ravel(axes)] != [2]:  # repeat_kv: each head repeated in place
             return None
         repeat, name = [unsqueeze, expand, reshape], unsqueeze.input[0]
     concat = graph.op(name, "Concat")
-    if (concat is None or len(concat.input) != 2 or _attr(concat, "axis") not in (2, -2)
+    if (concat is None or len(concat.input) != 2 or attribute(concat, "axis") not in (2, -2)
             or concat.input[0] not in graph.inputs or concat.output[0] not in graph.outputs):
         return None
     return concat, repeat
@@ -178,7 +173,7 @@ def _cache_readers(graph: _Graph, concat: onnx.NodeProto, repeat: list[onnx.Node
             if user.name in own:
                 continue
             if user.op_type != "Shape" or value not in (concat.output[0], repeat[-1].output[0] if repeat else None) \
-                    or _attr(user, "start") is not None or _attr(user, "end") is not None:
+                    or attribute(user, "start") is not None or attribute(user, "end") is not None:
                 return None
             readers.append((user, repeated))
     return readers
@@ -186,7 +181,7 @@ def _cache_readers(graph: _Graph, concat: onnx.NodeProto, repeat: list[onnx.Node
 
 def _match(graph: _Graph, softmax: onnx.NodeProto) -> dict | None:
     """One layer's attention around ``softmax``, or None where it is not the plain sequence."""
-    if _attr(softmax, "axis", -1) not in (-1, 3):
+    if attribute(softmax, "axis", -1) not in (-1, 3):
         return None
     scores, bias = softmax.input[0], ""
     add = graph.op(scores, "Add")
@@ -205,7 +200,7 @@ def _match(graph: _Graph, softmax: onnx.NodeProto) -> dict | None:
     query, q_factor = _unscaled(graph, qk.input[0])
     keys_t, k_factor = _unscaled(graph, qk.input[1])
     transpose = graph.op(keys_t, "Transpose")
-    if transpose is None or list(_attr(transpose, "perm", [])) != [0, 1, 3, 2]:
+    if transpose is None or list(attribute(transpose, "perm", [])) != [0, 1, 3, 2]:
         return None
     key_cache = _cache_concat(graph, transpose.input[0])
     # the probabilities, through the NaN guard of scaled_dot_product_attention's export
@@ -223,7 +218,7 @@ def _match(graph: _Graph, softmax: onnx.NodeProto) -> dict | None:
     value_cache = _cache_concat(graph, av.input[1])
     back = graph.only_consumer(av.output[0], "Transpose")
     merge = graph.only_consumer(back.output[0], "Reshape") if back is not None else None
-    if value_cache is None or merge is None or list(_attr(back, "perm", [])) != [0, 2, 1, 3]:
+    if value_cache is None or merge is None or list(attribute(back, "perm", [])) != [0, 2, 1, 3]:
         return None
     attention = {transpose.name, av.name}
     name = transpose.output[0]
@@ -249,7 +244,7 @@ def _heads(graph: _Graph, output: str, present: str) -> tuple[int, int, int] | N
     if len(dims) != 4 or not dims[1].dim_value or not dims[3].dim_value:
         return None
     kv_heads, head_size = dims[1].dim_value, dims[3].dim_value
-    widths = {graph.inits[n.input[1]].dims[0] if n.op_type == "MatMul" else _attr(n, "K")
+    widths = {graph.inits[n.input[1]].dims[0] if n.op_type == "MatMul" else attribute(n, "K")
               for n in graph.consumers.get(output, []) if n.input[0] == output and n.input[1] in graph.inits
               and n.op_type in ("MatMul", "MatMulNBits")}
     if len(widths) != 1 or next(iter(widths)) % head_size:
@@ -311,7 +306,7 @@ def _split_heads(graph: _Graph, name: str) -> str | None:
     (batch, sequence, heads, head size) and transpose of, or None."""
     transpose = graph.op(name, "Transpose")
     reshape = graph.op(transpose.input[0], "Reshape") if transpose is not None else None
-    if reshape is None or list(_attr(transpose, "perm", [])) != [0, 2, 1, 3]:
+    if reshape is None or list(attribute(transpose, "perm", [])) != [0, 2, 1, 3]:
         return None
     shape = graph.constant(reshape.input[1])
     source = graph.producer.get(reshape.input[0])
@@ -368,23 +363,17 @@ def _replace(model: onnx.ModelProto, graph: _Graph, m: dict, seq: _Sequence, ind
 
 
 def _drop_dead_nodes(model: onnx.ModelProto) -> None:
-    """Nodes whose outputs nothing reads, removed until none is left, and the graph sorted again."""
-    nodes = list(model.graph.node)
+    """Nodes whose outputs nothing reads, removed until none is left, the graph sorted again, and
+    the initializers only they read dropped."""
     needed = {o.name for o in model.graph.output}
     alive = []
-    for n in reversed(_topological(nodes, model)):
+    for n in reversed(_topological(list(model.graph.node), model)):
         if any(out in needed for out in n.output):
             alive.append(n)
-            needed.update(n.input)
-            for a in n.attribute:  # subgraphs (If, Loop) read outer values
-                for g in ([a.g] if a.HasField("g") else list(a.graphs)):
-                    needed.update(x for sub in g.node for x in sub.input)
+            needed |= read_values([n])
     del model.graph.node[:]
     model.graph.node.extend(reversed(alive))
-    used = {x for n in model.graph.node for x in n.input}
-    kept = [i for i in model.graph.initializer if i.name in used or i.name in needed]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    drop_unused_initializers(model)
 
 
 def _topological(nodes: list[onnx.NodeProto], model: onnx.ModelProto) -> list[onnx.NodeProto]:

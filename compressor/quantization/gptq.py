@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,8 +72,7 @@ def _in_out(module: torch.nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def hessians(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
-             weights: dict[int, list[torch.nn.Module]], progress: Callable[[int], None] | None = None
-             ) -> tuple[dict[int, torch.Tensor], int]:
+             weights: dict[int, list[torch.nn.Module]]) -> tuple[dict[int, torch.Tensor], int]:
     """``id(weight) -> X^T X`` over the real (unpadded) tokens of ``batches``, and the tokens seen."""
     sums: dict[int, torch.Tensor] = {}
     keep: list[torch.Tensor] = []  # the current batch's real-token mask, flattened
@@ -94,13 +93,11 @@ def hessians(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
     was_training = model.training
     try:
         model.eval()
-        for i, batch in enumerate(batches):
+        for batch in batches:
             mask = batch.get("attention_mask")
             keep[:] = [mask.reshape(-1).bool()] if mask is not None else []
             tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
             model(**batch)
-            if progress:
-                progress(i + 1)
     finally:
         model.train(was_training)
         for h in handles:

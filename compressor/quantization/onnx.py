@@ -33,7 +33,7 @@ from onnx import numpy_helper
 from ..data import calibration_texts
 from ..data.text import fit_length
 from ..errors import ExportError, first_line
-from ..onnx_graph import gemm_to_matmul, inline_identity_weights
+from ..onnx_graph import attribute, gemm_to_matmul, inline_identity_weights
 from .config import QuantizeConfig
 
 MODEL_FILE = "model.onnx"
@@ -139,8 +139,7 @@ def quantize_int4(path: Path, config: QuantizeConfig, plan=None) -> dict[str, An
     except Exception as e:  # noqa: BLE001  (whatever the quantizer meets in the graph)
         raise ExportError(f"onnxruntime's int4 quantizer cannot quantize this graph: {first_line(e, with_type=True)}") from None
     graph = onnx.load(str(path), load_external_data=False)
-    bits = Counter(next((a.i for a in n.attribute if a.name == "bits"), 4) for n in graph.graph.node
-                   if n.op_type == "MatMulNBits")
+    bits = Counter(attribute(n, "bits", 4) for n in graph.graph.node if n.op_type == "MatMulNBits")
     if bits[8] != len(eight):
         raise ExportError(f"onnxruntime's 8-bit MatMulNBits quantizer took {bits[8]} of the {len(eight)} projections "
                           f"--int8-share keeps")
