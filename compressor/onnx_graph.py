@@ -138,7 +138,7 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
 #: Inputs of quantization ops that hold scales and zero points rather than the model's numbers.
 _QUANT_PARAM_INPUTS = {"QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "MatMulInteger": (2, 3),
                        "DynamicQuantizeMatMul": (2, 3), "QLinearMatMul": (1, 2, 4, 5, 6, 7), "MatMulNBits": (2, 3),
-                       "QAttention": (3, 4, 6, 7)}
+                       "GatherBlockQuantized": (2, 3), "QAttention": (3, 4, 6, 7)}
 
 
 def stored_elements(model: onnx.ModelProto) -> int:
@@ -153,6 +153,11 @@ def stored_elements(model: onnx.ModelProto) -> int:
     # int4 blocks: the weight's own N x K numbers (the packed tensor pads K to whole blocks)
     packed = {node.input[1]: attribute(node, "N") * attribute(node, "K")
               for node in model.graph.node if node.op_type == "MatMulNBits"}
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:  # block-quantized tables: bits-bit numbers packed in bytes
+        if node.op_type == "GatherBlockQuantized" and node.input[0] in inits and node.input[0] not in packed:
+            size = int(np.prod(inits[node.input[0]].dims, dtype=np.int64))
+            packed[node.input[0]] = size * 8 // attribute(node, "bits", 4)
     return int(sum(packed.get(t.name, np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer
                    if t.name not in params and not t.name.endswith(("_scale", "_zero_point"))))
 

@@ -522,8 +522,8 @@ def test_a_decoder_export_generates_with_its_kv_cache_as_pytorch_does(family, ti
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_int4_stores_each_shared_weight_once_in_blocks_and_checks_itself(family, tiny_dirs, tmp_path):
-    """--quantize int4: every projection MatMulNBits (int4 blocks) or int8 (the head, LoRA
-    factors narrower than a block), the embeddings int8; a weight layers share is one
+    """--quantize int4: every projection MatMulNBits (int4 blocks; the head 8-bit blocks) or int8
+    (LoRA factors narrower than a block), the embeddings quantized; a weight layers share is one
     initializer for all its MatMuls; the export's own check passes."""
     import collections
 
@@ -539,7 +539,7 @@ def test_int4_stores_each_shared_weight_once_in_blocks_and_checks_itself(family,
     assert {t.name for t in graph.graph.initializer} >= set(weights)
     assert not any(n.op_type == "Gather" and n.input[0] in {t.name for t in graph.graph.initializer
                                                            if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2}
-                   for n in graph.graph.node)  # the embedding tables are int8
+                   for n in graph.graph.node)  # the embedding tables are quantized
     assert m["stored_numbers"] <= unique * 1.01 + 1024  # (file sizes: SmolLM2-135M, README; tiny ones are overhead)
 
 

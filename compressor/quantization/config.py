@@ -26,6 +26,8 @@ ACCURACY_LEVELS = (1, 2, 3, 4)
 #: to its inputs on calibration text, with integer zero points: the fast kernel; `gptq.py`).
 #: (onnxruntime's k-quant prints to stdout and fails on the exported graphs in 1.32.)
 INT4_METHODS = ("rtn", "rtn-asym", "hqq", "gptq")
+#: ``int4``: bits of the embedding tables and the output head (`tables.TABLE_BITS`).
+EMBEDDING_BITS = (8, 4)
 
 
 @dataclass
@@ -35,7 +37,7 @@ class QuantizeConfig(TextFormat, StageConfig):
     Attributes:
         mode: ``int8``, ``int8-static``, ``int4`` (weight-only: the projections in blocks of
             ``block_size`` 4-bit numbers with one scale each, onnxruntime's MatMulNBits; the
-            embeddings int8) or ``fp16``.
+            embeddings and the output head in ``embedding_bits`` blocks) or ``fp16``.
         calibration: Text whose activation ranges ``int8-static`` uses, or whose inputs
             ``int4 --int4-method gptq`` fits its blocks to (a file or a packaged data set such as
             ``movie-snippets``); required for int8-static, the packaged calibration text by
@@ -55,6 +57,9 @@ class QuantizeConfig(TextFormat, StageConfig):
             ``hqq`` or ``gptq``.
         int8_share: ``int4``: keep this share of the projections' parameters in int8: those whose
             int4 loses most of their output on the calibration text (0: none).
+        embedding_bits: ``int4``: bits of the embedding tables and the output head, in blocks of
+            ``block_size`` with one scale each; a head tied to the input embeddings is stored
+            once for both (8 or 4).
         min_cosine: The export fails if its outputs' mean cosine to PyTorch's is below this
             (default per mode: `MIN_COSINE`).
     """
@@ -69,6 +74,7 @@ class QuantizeConfig(TextFormat, StageConfig):
     accuracy_level: int = choice(4, ACCURACY_LEVELS)
     int4_method: str = choice("rtn", INT4_METHODS)
     int8_share: float = 0.0
+    embedding_bits: int = choice(8, EMBEDDING_BITS)
     min_cosine: float | None = None
 
     def __post_init__(self):
@@ -76,6 +82,10 @@ class QuantizeConfig(TextFormat, StageConfig):
         check_choice("isa", self.isa, ISAS)
         check_choice("accuracy_level", self.accuracy_level, ACCURACY_LEVELS)
         check_choice("int4_method", self.int4_method, INT4_METHODS)
+        check_choice("embedding_bits", self.embedding_bits, EMBEDDING_BITS)
+        if self.embedding_bits != 8 and self.mode != "int4":
+            raise ConfigError(f"--embedding-bits is for int4 exports' tables and head, not {self.mode}",
+                              option="embedding_bits")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 16 \
                 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"--block-size must be a power of two, at least 16, got {self.block_size!r}",

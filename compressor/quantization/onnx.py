@@ -35,6 +35,8 @@ from ..data.text import fit_length
 from ..errors import ExportError, first_line
 from ..onnx_graph import attribute, gemm_to_matmul, inline_identity_weights
 from .config import QuantizeConfig
+from .tables import block_quantize_tables
+from .tables import supported as supported_tables
 
 MODEL_FILE = "model.onnx"
 
@@ -73,10 +75,11 @@ def prepare_graph(path: Path) -> dict[str, int]:
 def quantize_int4(path: Path, config: QuantizeConfig, plan=None) -> dict[str, Any]:
     """Weight-only int4 of the projections (onnxruntime's ``MatMulNBitsQuantizer``: blocks of
     ``config.block_size`` along the input dimension, symmetric for ``rtn``, with zero points otherwise, ``MatMulNBits`` nodes that compute at
-    ``config.accuracy_level``), then dynamic int8 of the embedding tables (onnxruntime's int4
-    Gather needs a newer opset than the export's), of the output head (int4 moves the logits most)
-    and of projections narrower than a block (LoRA factors). A weight that layers share is one
-    initializer, quantized once for all its MatMuls. With a `gptq.Int4Plan`, the projections it
+    ``config.accuracy_level``); the embedding tables and the output head in
+    ``config.embedding_bits`` blocks (`tables`: a tied head and its table stored once), and
+    dynamic int8 of projections narrower than a block (LoRA factors) and of any table or head
+    the blocks cannot take (an onnxruntime without uint8 GatherBlockQuantized, a hidden size
+    that is not whole blocks). A weight that layers share is one initializer, quantized once for all its MatMuls. With a `gptq.Int4Plan`, the projections it
     keeps in int8 join the int8 ones, and its GPTQ blocks replace the ones onnxruntime fitted for
     the same weights.
 
@@ -95,9 +98,19 @@ def quantize_int4(path: Path, config: QuantizeConfig, plan=None) -> dict[str, An
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     model = onnx.load(str(path))
     inits = {t.name: t for t in model.graph.initializer}
-    # int8 instead of int4: a projection narrower than one block (a LoRA factor's rank side),
-    # which would be mostly padding, and the output head, whose logits int4 moves most
     outputs = {o.name for o in model.graph.output}
+    tables_done = {}
+    if supported_tables():
+        # the embedding tables and the output head (whose logits int4 moves most) as
+        # embedding_bits blocks, a tied pair stored once (`tables`)
+        shapes = {tuple(inits[n.input[0]].dims) for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits}
+        heads = {n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+                 and (n.output[0] in outputs or tuple(inits[n.input[1]].dims)[::-1] in shapes)}
+        tables_done = block_quantize_tables(model, bits=config.embedding_bits, block_size=config.block_size,
+                                            accuracy_level=config.accuracy_level, heads=heads)
+        inits = {t.name: t for t in model.graph.initializer}
+    # int8 instead of int4: a projection narrower than one block (a LoRA factor's rank side),
+    # which would be mostly padding, and an output head the blocks above did not take
     on_weights = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
                   and len(inits[n.input[1]].dims) == 2]
     narrow = [n.name for n in on_weights if inits[n.input[1]].dims[0] < config.block_size or n.output[0] in outputs]
@@ -140,12 +153,17 @@ def quantize_int4(path: Path, config: QuantizeConfig, plan=None) -> dict[str, An
         raise ExportError(f"onnxruntime's int4 quantizer cannot quantize this graph: {first_line(e, with_type=True)}") from None
     graph = onnx.load(str(path), load_external_data=False)
     bits = Counter(attribute(n, "bits", 4) for n in graph.graph.node if n.op_type == "MatMulNBits")
+    for name, count in tables_done.get("operators", {}).items():  # the heads', counted apart
+        if name == "MatMulNBits":
+            bits[config.embedding_bits] -= count
     if bits[8] != len(eight):
         raise ExportError(f"onnxruntime's 8-bit MatMulNBits quantizer took {bits[8]} of the {len(eight)} projections "
                           f"--int8-share keeps")
     done = {"int4_matmuls": bits[4], "int8_matmuls": len(narrow), "int8_block_matmuls": bits[8],
             "block_size": config.block_size, "accuracy_level": config.accuracy_level, "method": config.int4_method,
-            "embeddings": "int8 (dynamic Gather)"}
+            "embeddings": f"{config.embedding_bits}-bit blocks" if tables_done.get("tables") else "int8 (dynamic Gather)"}
+    if tables_done:
+        done["tables"] = tables_done
     if replaced is not None:
         done["gptq_weights"] = replaced
     return done

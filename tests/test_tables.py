@@ -1,0 +1,109 @@
+"""Embedding tables and output heads as weight-only blocks in int4 exports
+(`compressor/quantization/tables.py`): a tied head and its table read one set of blocks, each
+operator computes exactly what the blocks dequantize to, and a tied decoder's int4 file stores the
+vocabulary matrix once."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from compressor.errors import ConfigError
+from compressor.export import ExportConfig, export
+from compressor.models import load_model
+from compressor.models.stats import unique_parameters
+from compressor.quantization import QuantizeConfig
+from compressor.quantization.tables import block_quantize_tables, quantize_rows, supported
+
+pytestmark = pytest.mark.skipif(not supported(), reason="this onnxruntime's GatherBlockQuantized takes no uint8 blocks")
+
+VOCAB, HIDDEN = 50, 64
+
+
+def _lookup_and_head(tied: bool) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """ids -> Gather(table) -> embedded; x -> MatMul(head weight) -> logits, the head the table's
+    transpose when ``tied`` (as the exporter writes a tied LM head)."""
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32)
+    table[3] = 0.0  # an all-zero row: a block whose scale must not divide by zero
+    head = table.T.copy() if tied else rng.standard_normal((HIDDEN, VOCAB)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["embedded"], name="/embed/Gather"),
+         helper.make_node("MatMul", ["x", "head"], ["logits"], name="/lm_head/MatMul")],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [None, None]),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, HIDDEN])],
+        [helper.make_tensor_value_info("embedded", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(head, "head")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), table, head
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_tied_head_and_its_table_read_one_set_of_blocks_exactly(bits):
+    model, table, _ = _lookup_and_head(tied=True)
+    done = block_quantize_tables(model, bits=bits, block_size=16, accuracy_level=1, heads={"/lm_head/MatMul"})
+    assert done["tied"] == 1 and done["stored_matrices"] == 1
+    assert {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2} \
+        == {f"table_B{bits}_scale"}  # no float copy of the matrix left, only its scales
+    nodes = {n.op_type: n for n in model.graph.node}
+    assert nodes["GatherBlockQuantized"].input[0] == nodes["MatMulNBits"].input[1]  # the same bytes
+    _, _, dequantized = quantize_rows(table, bits, 16)
+    half_step = np.repeat(np.abs(table).reshape(VOCAB, -1, 16).max(-1) / (2 ** (bits - 1) - 1) / 2, 16, axis=1)
+    assert np.all(np.abs(dequantized - table) <= half_step + 1e-6) and not dequantized[3].any()
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 3, 49], [7, 7, 1]], dtype=np.int64)
+    x = np.random.default_rng(1).standard_normal((5, HIDDEN)).astype(np.float32)
+    embedded, logits = session.run(None, {"ids": ids, "x": x})
+    assert embedded.shape == (2, 3, HIDDEN)
+    np.testing.assert_array_equal(embedded, dequantized[ids])  # the rows the blocks hold, exactly
+    np.testing.assert_allclose(logits, x @ dequantized.T, atol=1e-4, rtol=1e-5)
+
+
+def test_an_untied_head_and_table_get_blocks_of_their_own():
+    model, table, head = _lookup_and_head(tied=False)
+    done = block_quantize_tables(model, bits=8, block_size=16, accuracy_level=1, heads={"/lm_head/MatMul"})
+    assert done["tied"] == 0 and done["stored_matrices"] == 2
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((5, HIDDEN)).astype(np.float32)
+    embedded, logits = session.run(None, {"ids": np.array([[1, 2]], dtype=np.int64), "x": x})
+    np.testing.assert_array_equal(embedded[0], quantize_rows(table, 8, 16)[2][[1, 2]])
+    np.testing.assert_allclose(logits, x @ quantize_rows(head.T, 8, 16)[2].T, atol=1e-4, rtol=1e-5)
+
+
+def test_a_hidden_size_of_no_whole_blocks_is_left_to_int8():
+    model, _, _ = _lookup_and_head(tied=True)
+    assert block_quantize_tables(model, bits=8, block_size=48, accuracy_level=1, heads={"/lm_head/MatMul"}) == {}
+    assert [n.op_type for n in model.graph.node] == ["Gather", "MatMul"]
+
+
+def test_a_tied_decoders_int4_file_stores_its_vocabulary_matrix_once(tiny_dirs, tmp_path):
+    """GPT-2 ties its head: before, the int4 file stored the matrix twice (an int8 Gather table
+    and an int8 head); now one set of 8-bit blocks both read, the check passing, and 4-bit tables
+    make the file smaller still."""
+    loaded = load_model(str(tiny_dirs["gpt2"]))
+    unique, _ = unique_parameters(loaded.model)
+    sizes = {}
+    for bits in (8, 4):
+        record = export(loaded, ExportConfig(check_lengths=[8, 32]), tmp_path / str(bits),
+                        quantize=QuantizeConfig("int4", block_size=16, embedding_bits=bits))
+        m = record.metrics
+        assert m["graph"]["tables"]["tied"] == 1 and m["check"]["mean_cosine"] >= 0.8
+        assert m["stored_numbers"] <= unique * 1.01 + 1024  # the tied matrix once (it was unique + vocab x hidden)
+        graph = onnx.load(str(tmp_path / str(bits) / "model.onnx"))
+        head = [n for n in graph.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits"]
+        lookups = [n for n in graph.graph.node if n.op_type == "GatherBlockQuantized"]
+        assert len(head) == 1 and any(n.input[0] == head[0].input[1] for n in lookups)
+        assert all(a.i == bits for a in head[0].attribute if a.name == "bits")
+        sizes[bits] = (tmp_path / str(bits) / "model.onnx").stat().st_size
+    assert sizes[4] < sizes[8]
+
+
+def test_embedding_bits_are_checked():
+    with pytest.raises(ConfigError, match="embedding-bits"):
+        QuantizeConfig("int4", embedding_bits=2)
+    with pytest.raises(ConfigError, match="embedding-bits"):
+        QuantizeConfig("int8", embedding_bits=4)
