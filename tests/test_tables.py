@@ -102,8 +102,28 @@ def test_a_tied_decoders_int4_file_stores_its_vocabulary_matrix_once(tiny_dirs, 
     assert sizes[4] < sizes[8]
 
 
+@pytest.mark.parametrize("optimize", [0, 2])
+def test_int8_with_4_bit_tables_is_smaller_and_still_checks_itself(optimize, tiny_dirs, tmp_path):
+    """--quantize int8 --embedding-bits 4 on an encoder, plain and O2-fused: the tables become
+    GatherBlockQuantized (none left to a Gather of int8), the projections int8 as before, the
+    file smaller than plain int8's, the export's check and sentence-transformers' passing."""
+    loaded = load_model(str(tiny_dirs["bert"]))
+    records = {}
+    for bits in (None, 4):
+        records[bits] = export(loaded, ExportConfig(check_lengths=[8, 32], optimize=optimize), tmp_path / str(bits),
+                               quantize=QuantizeConfig("int8", embedding_bits=bits))
+    m = records[4].metrics
+    assert m["graph"]["tables"]["tables"] == 3 and m["graph"]["tables"]["bits"] == 4  # words, positions, token types
+    assert m["projections"]["float_on_weights"] == 0 and m["check"]["mean_cosine"] >= 0.9
+    assert m["check"]["sentence_transformers"]["passed"]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "4" / "model.onnx")).graph.node]
+    assert ops.count("GatherBlockQuantized") == 3 and "tables" not in records[None].metrics["graph"]
+    assert m["file_bytes"] < records[None].metrics["file_bytes"]
+
+
 def test_embedding_bits_are_checked():
     with pytest.raises(ConfigError, match="embedding-bits"):
         QuantizeConfig("int4", embedding_bits=2)
     with pytest.raises(ConfigError, match="embedding-bits"):
-        QuantizeConfig("int8", embedding_bits=4)
+        QuantizeConfig("fp16", embedding_bits=4)
+    assert QuantizeConfig("int4").embedding_bits == 8 and QuantizeConfig("int8").embedding_bits is None

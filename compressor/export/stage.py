@@ -130,7 +130,8 @@ class OptimumCacheError(ExportError):
 
 
 def int4_plan(loaded: LoadedModel, model, quantize: QuantizeConfig):
-    """`gptq.plan_int4` for ``model``'s projections (the output head left out: it is int8) on
+    """`gptq.plan_int4` for ``model``'s projections (the output head left out: its blocks are
+    ``quantize.embedding_bits``, `quantization.tables`) on
     ``quantize.calibration`` (the packaged calibration text by default), one text per forward
     pass (no padding to leave out)."""
     from ..quantization.gptq import plan_int4
@@ -260,7 +261,8 @@ def store_tied_once(path: Path, model) -> bool | None:
     once for the lookup (``Gather``) and once transposed for the head (``MatMul``); as optimum's
     own post-processing does, the head then reads a ``Transpose`` of the lookup's table (which
     onnxruntime folds when it loads the file). ``None``: nothing tied; else whether it worked.
-    Left out for int8 and int4, whose quantizers would keep a float copy for the Transpose."""
+    Left out for int8, whose quantizer would keep a float copy for the Transpose, and int4, which
+    stores the pair once as blocks of its own (`quantization.tables`)."""
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     if head is None or embeddings is None or head.weight.data_ptr() != embeddings.weight.data_ptr():
         return None

@@ -26,7 +26,7 @@ ACCURACY_LEVELS = (1, 2, 3, 4)
 #: to its inputs on calibration text, with integer zero points: the fast kernel; `gptq.py`).
 #: (onnxruntime's k-quant prints to stdout and fails on the exported graphs in 1.32.)
 INT4_METHODS = ("rtn", "rtn-asym", "hqq", "gptq")
-#: ``int4``: bits of the embedding tables and the output head (`tables.TABLE_BITS`).
+#: Bits of embedding tables stored as blocks (int4's default 8; `tables.TABLE_BITS`).
 EMBEDDING_BITS = (8, 4)
 
 
@@ -57,9 +57,11 @@ class QuantizeConfig(TextFormat, StageConfig):
             ``hqq`` or ``gptq``.
         int8_share: ``int4``: keep this share of the projections' parameters in int8: those whose
             int4 loses most of their output on the calibration text (0: none).
-        embedding_bits: ``int4``: bits of the embedding tables and the output head, in blocks of
-            ``block_size`` with one scale each; a head tied to the input embeddings is stored
-            once for both (8 or 4).
+        embedding_bits: Bits of the embedding tables as weight-only blocks of ``block_size``
+            with one scale each (8 or 4). ``int4``: 8 by default, and the output head too, a
+            head tied to the input embeddings stored once for both. ``int8``: by default the
+            quantizer's one scale per table; 4 halves the tables (the vocabulary matrix is
+            half of a small encoder).
         min_cosine: The export fails if its outputs' mean cosine to PyTorch's is below this
             (default per mode: `MIN_COSINE`).
     """
@@ -74,7 +76,7 @@ class QuantizeConfig(TextFormat, StageConfig):
     accuracy_level: int = choice(4, ACCURACY_LEVELS)
     int4_method: str = choice("rtn", INT4_METHODS)
     int8_share: float = 0.0
-    embedding_bits: int = choice(8, EMBEDDING_BITS)
+    embedding_bits: int | None = choice(None, EMBEDDING_BITS)
     min_cosine: float | None = None
 
     def __post_init__(self):
@@ -82,10 +84,12 @@ class QuantizeConfig(TextFormat, StageConfig):
         check_choice("isa", self.isa, ISAS)
         check_choice("accuracy_level", self.accuracy_level, ACCURACY_LEVELS)
         check_choice("int4_method", self.int4_method, INT4_METHODS)
-        check_choice("embedding_bits", self.embedding_bits, EMBEDDING_BITS)
-        if self.embedding_bits != 8 and self.mode != "int4":
-            raise ConfigError(f"--embedding-bits is for int4 exports' tables and head, not {self.mode}",
-                              option="embedding_bits")
+        if self.embedding_bits is None and self.mode == "int4":
+            self.embedding_bits = 8
+        if self.embedding_bits is not None:
+            check_choice("embedding_bits", self.embedding_bits, EMBEDDING_BITS)
+            if self.mode == "fp16":
+                raise ConfigError("--embedding-bits is for int8 and int4 exports' tables, not fp16", option="embedding_bits")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 16 \
                 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"--block-size must be a power of two, at least 16, got {self.block_size!r}",

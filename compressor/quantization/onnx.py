@@ -238,6 +238,14 @@ def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None,
     if config.mode == "int4":
         done.update(quantize_int4(path, config, plan))
         return done
+    if config.embedding_bits is not None and supported_tables():  # the tables as blocks, before int8 of the rest
+        model = onnx.load(str(path))
+        tables = block_quantize_tables(model, bits=config.embedding_bits, block_size=config.block_size,
+                                       accuracy_level=config.accuracy_level, heads=set())
+        if tables:
+            onnx.save(model, str(path))
+            done["tables"] = tables
+        del model
     preset = optimum_preset(config.isa, is_static=config.mode == "int8-static", per_channel=config.per_channel)
     done.update(preset=f"AutoQuantizationConfig.{host_isa() if config.isa == 'auto' else config.isa}"
                        f"(is_static={preset.is_static}, per_channel={preset.per_channel})",
