@@ -70,7 +70,7 @@ def test_shipped_recipes_are_valid():
     assert [s.name for s in demo.stages] == ["share", "prune", "finetune", "prune", "quantize", "export", "report"]
     assert demo.stages[0].config.groups == 5 and demo.stages[0].config.lora_rank == 0
     # a budget in steps, so that a busy machine trains the same model; the report scores the suite
-    assert demo.stages[2].config.max_steps == 600 and demo.stages[2].config.max_minutes is None
+    assert demo.stages[2].config.max_steps == 3000 and demo.stages[2].config.max_minutes is None
     assert demo.stages[5].config.optimize == 2 and demo.stages[6].config.suite
 
 
