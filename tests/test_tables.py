@@ -119,6 +119,8 @@ def test_int8_with_4_bit_tables_is_smaller_and_still_checks_itself(optimize, tin
     ops = [n.op_type for n in onnx.load(str(tmp_path / "4" / "model.onnx")).graph.node]
     assert ops.count("GatherBlockQuantized") == 3 and "tables" not in records[None].metrics["graph"]
     assert m["file_bytes"] < records[None].metrics["file_bytes"]
+    # optimum's ORTQuantizer cannot type a graph with com.microsoft nodes: onnxruntime's quantizer, saying why
+    assert m["graph"]["quantizer"].endswith("(on the fused graph)" if optimize else "(on the graph with block tables)")
 
 
 def test_embedding_bits_are_checked():
@@ -126,4 +128,36 @@ def test_embedding_bits_are_checked():
         QuantizeConfig("int4", embedding_bits=2)
     with pytest.raises(ConfigError, match="embedding-bits"):
         QuantizeConfig("fp16", embedding_bits=4)
-    assert QuantizeConfig("int4").embedding_bits == 8 and QuantizeConfig("int8").embedding_bits is None
+    assert QuantizeConfig("int4").embedding_bits is None  # int4 takes 8, int8 the quantizer's own tables
+
+
+def test_a_projection_shaped_like_a_table_is_no_head():
+    """A square projection beside a square position table (GPT-2 medium: 1024 positions, width
+    1024) is a projection: only MatMuls that write an output, or multiply by a table's
+    transpose, are heads."""
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["positions", "ids"], ["embedded"], name="/wpe/Gather"),
+         helper.make_node("MatMul", ["embedded", "proj"], ["hidden"], name="/h.0/attn/c_proj/MatMul"),
+         helper.make_node("MatMul", ["hidden", "head"], ["logits"], name="/lm_head/MatMul")],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(table, "positions"),
+         numpy_helper.from_array(rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32), "proj"),
+         numpy_helper.from_array(rng.standard_normal((HIDDEN, VOCAB)).astype(np.float32), "head")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    done = block_quantize_tables(model, bits=8, block_size=16, accuracy_level=1, heads={"/lm_head/MatMul"})
+    assert done["heads"] == 1 and done["tied"] == 0 and done["tables"] == 1
+    assert [n.op_type for n in model.graph.node if n.name == "/h.0/attn/c_proj/MatMul"] == ["MatMul"]
+
+
+def test_a_table_something_else_reads_too_is_left_alone():
+    """A table that another node reads as well (here a Transpose) would keep its float copy
+    beside the blocks: it is not converted."""
+    model, _, _ = _lookup_and_head(tied=False)
+    model.graph.node.append(helper.make_node("Transpose", ["table"], ["table_t"], name="/other"))
+    model.graph.output.append(helper.make_tensor_value_info("table_t", TensorProto.FLOAT, None))
+    done = block_quantize_tables(model, bits=8, block_size=16, accuracy_level=1, heads={"/lm_head/MatMul"})
+    assert done["tables"] == 0 and done["heads"] == 1
+    assert "Gather" in [n.op_type for n in model.graph.node]

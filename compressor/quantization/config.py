@@ -50,7 +50,7 @@ class QuantizeConfig(TextFormat, StageConfig):
         isa: The optimum preset (``AutoQuantizationConfig.<isa>``) whose settings to use;
             ``auto`` picks avx512_vnni, avx512, avx2 or arm64 from this CPU.
         block_size: ``int4``: weights per scale, along each projection's input dimension (a
-            power of two, at least 16).
+            power of two, at least 16); with ``embedding_bits``, along each table's rows too.
         accuracy_level: ``int4``: the type MatMulNBits computes in (4: int8, fastest on CPUs;
             1: fp32).
         int4_method: ``int4``: how the blocks are fitted (`INT4_METHODS`): ``rtn``, ``rtn-asym``,
@@ -58,7 +58,7 @@ class QuantizeConfig(TextFormat, StageConfig):
         int8_share: ``int4``: keep this share of the projections' parameters in int8: those whose
             int4 loses most of their output on the calibration text (0: none).
         embedding_bits: Bits of the embedding tables as weight-only blocks of ``block_size``
-            with one scale each (8 or 4). ``int4``: 8 by default, and the output head too, a
+            with one scale each (8 or 4). ``int4``: 8 when not given, and the output head too, a
             head tied to the input embeddings stored once for both. ``int8``: by default the
             quantizer's one scale per table; 4 halves the tables (the vocabulary matrix is
             half of a small encoder).
@@ -84,8 +84,6 @@ class QuantizeConfig(TextFormat, StageConfig):
         check_choice("isa", self.isa, ISAS)
         check_choice("accuracy_level", self.accuracy_level, ACCURACY_LEVELS)
         check_choice("int4_method", self.int4_method, INT4_METHODS)
-        if self.embedding_bits is None and self.mode == "int4":
-            self.embedding_bits = 8
         if self.embedding_bits is not None:
             check_choice("embedding_bits", self.embedding_bits, EMBEDDING_BITS)
             if self.mode == "fp16":

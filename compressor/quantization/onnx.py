@@ -96,19 +96,15 @@ def quantize_int4(path: Path, config: QuantizeConfig, plan=None) -> dict[str, An
         raise ExportError(f"--quantize int4 needs onnxruntime's MatMulNBits quantizer: {first_line(e)} "
                           "(pip install onnx-ir)") from None
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    table_bits = config.embedding_bits or 8
     model = onnx.load(str(path))
     inits = {t.name: t for t in model.graph.initializer}
     outputs = {o.name for o in model.graph.output}
-    tables_done = {}
-    if supported_tables():
-        # the embedding tables and the output head (whose logits int4 moves most) as
-        # embedding_bits blocks, a tied pair stored once (`tables`)
-        shapes = {tuple(inits[n.input[0]].dims) for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits}
-        heads = {n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
-                 and (n.output[0] in outputs or tuple(inits[n.input[1]].dims)[::-1] in shapes)}
-        tables_done = block_quantize_tables(model, bits=config.embedding_bits, block_size=config.block_size,
-                                            accuracy_level=config.accuracy_level, heads=heads)
-        inits = {t.name: t for t in model.graph.initializer}
+    # the embedding tables and the output head (whose logits int4 moves most) as blocks, a tied
+    # pair stored once (`tables`; a MatMul on a table's transpose is a tied head wherever it is)
+    heads = {n.name for n in model.graph.node if n.op_type == "MatMul" and n.output and n.output[0] in outputs}
+    tables_done = _tables(model, config, table_bits, heads=heads)
+    inits = {t.name: t for t in model.graph.initializer}
     # int8 instead of int4: a projection narrower than one block (a LoRA factor's rank side),
     # which would be mostly padding, and an output head the blocks above did not take
     on_weights = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
@@ -155,18 +151,48 @@ def quantize_int4(path: Path, config: QuantizeConfig, plan=None) -> dict[str, An
     bits = Counter(attribute(n, "bits", 4) for n in graph.graph.node if n.op_type == "MatMulNBits")
     for name, count in tables_done.get("operators", {}).items():  # the heads', counted apart
         if name == "MatMulNBits":
-            bits[config.embedding_bits] -= count
+            bits[table_bits] -= count
     if bits[8] != len(eight):
         raise ExportError(f"onnxruntime's 8-bit MatMulNBits quantizer took {bits[8]} of the {len(eight)} projections "
                           f"--int8-share keeps")
     done = {"int4_matmuls": bits[4], "int8_matmuls": len(narrow), "int8_block_matmuls": bits[8],
             "block_size": config.block_size, "accuracy_level": config.accuracy_level, "method": config.int4_method,
-            "embeddings": f"{config.embedding_bits}-bit blocks" if tables_done.get("tables") else "int8 (dynamic Gather)"}
+            "embeddings": f"{table_bits}-bit blocks" if tables_done.get("tables") else "int8 (dynamic Gather)"}
     if tables_done:
         done["tables"] = tables_done
     if replaced is not None:
         done["gptq_weights"] = replaced
     return done
+
+
+def _tables(model, config: QuantizeConfig, bits: int, heads: set[str] | None = None) -> dict[str, Any]:
+    """`tables.block_quantize_tables` on ``model`` with ``config``'s blocks; ``{}`` where this
+    onnxruntime cannot read such tables or none fits, unless ``--embedding-bits`` asked for them.
+
+    Raises:
+        ExportError: ``--embedding-bits`` given and no table could take it; or the rewrite failed.
+    """
+    asked = config.embedding_bits is not None
+    if not supported_tables():
+        if asked:
+            raise ExportError("--embedding-bits needs an onnxruntime whose GatherBlockQuantized reads uint8 blocks "
+                              f"with a bits attribute; this one ({_ort_version()}) does not")
+        return {}
+    try:
+        done = block_quantize_tables(model, bits=bits, block_size=config.block_size,
+                                     accuracy_level=config.accuracy_level, heads=heads)
+    except Exception as e:  # noqa: BLE001  (whatever the graph holds that the rewrite did not expect)
+        raise ExportError(f"storing the embedding tables as {bits}-bit blocks failed: {first_line(e, with_type=True)}") from None
+    if asked and not done.get("tables"):
+        raise ExportError(f"--embedding-bits {bits}: no embedding table of this graph is a float matrix whose width "
+                          f"is whole --block-size {config.block_size} blocks and that only lookups read")
+    return done
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def _use_fitted_blocks(model, keys: dict[str, str], fitted: dict, block_size: int) -> dict[str, int]:
@@ -238,10 +264,10 @@ def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None,
     if config.mode == "int4":
         done.update(quantize_int4(path, config, plan))
         return done
-    if config.embedding_bits is not None and supported_tables():  # the tables as blocks, before int8 of the rest
+    was_fused = fused(path)  # before the tables' blocks, which are com.microsoft nodes too
+    if config.embedding_bits is not None:  # the tables as blocks, before int8 of the rest
         model = onnx.load(str(path))
-        tables = block_quantize_tables(model, bits=config.embedding_bits, block_size=config.block_size,
-                                       accuracy_level=config.accuracy_level, heads=set())
+        tables = _tables(model, config, config.embedding_bits)
         if tables:
             onnx.save(model, str(path))
             done["tables"] = tables
@@ -251,8 +277,9 @@ def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None,
                        f"(is_static={preset.is_static}, per_channel={preset.per_channel})",
                 format=preset.format.name, weights=preset.weights_dtype.name, activations=preset.activations_dtype.name)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        if config.mode == "int8" and fused(path):
-            done.update(_quantize_fused(path, Path(tmp), preset))
+        if config.mode == "int8" and (was_fused or "tables" in done):
+            # optimum's ORTQuantizer cannot type a graph with com.microsoft nodes in it
+            done.update(_quantize_fused(path, Path(tmp), preset, "fused graph" if was_fused else "graph with block tables"))
         elif config.mode == "int8":
             from optimum.onnxruntime import ORTQuantizer
 
@@ -270,8 +297,9 @@ def fused(path: Path) -> bool:
     return any(n.domain == "com.microsoft" for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
-def _quantize_fused(path: Path, tmp: Path, preset) -> dict[str, Any]:
-    """Dynamic int8 of a graph onnxruntime's optimizer fused, with the preset's settings.
+def _quantize_fused(path: Path, tmp: Path, preset, what: str = "fused graph") -> dict[str, Any]:
+    """Dynamic int8 of a graph onnxruntime's optimizer fused (or one holding other com.microsoft
+    nodes, such as `tables`' lookups), with the preset's settings.
 
     optimum's ``ORTQuantizer`` fails on such graphs in its shape inference; onnxruntime's own
     ``quantize_dynamic`` quantizes them (fused ``Attention`` becomes ``QAttention``) once told the
@@ -286,7 +314,7 @@ def _quantize_fused(path: Path, tmp: Path, preset) -> dict[str, Any]:
                      extra_options={"WeightSymmetric": preset.weights_symmetric,
                                     "DefaultTensorType": onnx.TensorProto.FLOAT})
     shutil.move(out, path)
-    return {"quantizer": "onnxruntime.quantization.quantize_dynamic (on the fused graph)"}
+    return {"quantizer": f"onnxruntime.quantization.quantize_dynamic (on the {what})"}
 
 
 def _quantize_static(path: Path, tmp: Path, preset, config: QuantizeConfig, tokenizer, input_names,

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..onnx_graph import attribute, drop_unused_initializers
+from ..onnx_graph import attribute, drop_unused_initializers, read_values
 
 #: Bits a table or head may be stored in: what both MatMulNBits and GatherBlockQuantized read.
 TABLE_BITS = (4, 8)
@@ -61,7 +61,7 @@ def quantize_rows(rows: np.ndarray, bits: int, block_size: int) -> tuple[np.ndar
 
 
 def block_quantize_tables(model: onnx.ModelProto, *, bits: int, block_size: int, accuracy_level: int,
-                          heads: set[str]) -> dict[str, Any]:
+                          heads: set[str] | None = None) -> dict[str, Any]:
     """Store ``model``'s embedding tables and output heads as ``bits``-bit blocks, in place.
 
     Args:
@@ -69,22 +69,33 @@ def block_quantize_tables(model: onnx.ModelProto, *, bits: int, block_size: int,
         bits: 4 or 8.
         block_size: Weights per scale along the hidden dimension.
         accuracy_level: The heads' MatMulNBits ``accuracy_level``.
-        heads: Names of the MatMul nodes that are output heads (their weight a 2-D initializer).
+        heads: Names of the MatMul nodes that are output heads (those that write a graph
+            output); a MatMul whose weight equals a table's transpose is a tied head too. ``None``:
+            the tables only.
 
     A head whose weight is the transpose of a table (tied) and that table share one set of
-    blocks. Tables and heads whose hidden size is not a whole number of blocks, Gathers on
-    another axis and non-fp32 weights are left as they are (the int8 path takes them).
-    Returns what was done: tables, heads and tied pairs stored as blocks.
+    blocks. Left as they are (the int8 path takes them): tables and heads whose hidden size is
+    not a whole number of blocks, Gathers on another axis, non-fp32 weights, and a weight that
+    some other node reads too (replacing it would store it twice).
+    Returns what was done: tables, lookups, heads and tied pairs stored as blocks.
     """
     inits = {t.name: t for t in model.graph.initializer}
     floats = onnx.TensorProto.FLOAT
+    readers = Counter()  # how many nodes read each value; one a subgraph reads counts as never replaced
+    for node in model.graph.node:
+        for name in set(node.input):
+            readers[name] += 1
+        for a in node.attribute:
+            for graph in ([a.g] if a.HasField("g") else list(a.graphs)):
+                for name in read_values(graph.node):
+                    readers[name] += 1
 
     def fits(name: str, hidden_axis: int) -> bool:
         t = inits.get(name)
         return t is not None and t.data_type == floats and len(t.dims) == 2 and t.dims[hidden_axis] % block_size == 0
 
-    tables = [n for n in model.graph.node if n.op_type == "Gather" and attribute(n, "axis", 0) == 0 and fits(n.input[0], 1)]
-    head_nodes = [n for n in model.graph.node if n.name in heads and n.op_type == "MatMul" and fits(n.input[1], 0)]
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and attribute(n, "axis", 0) == 0 and fits(n.input[0], 1)]
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.output and fits(n.input[1], 0)]
     arrays: dict[str, np.ndarray] = {}
 
     def array(name: str) -> np.ndarray:
@@ -92,37 +103,55 @@ def block_quantize_tables(model: onnx.ModelProto, *, bits: int, block_size: int,
             arrays[name] = numpy_helper.to_array(inits[name])
         return arrays[name]
 
-    # one set of blocks per distinct matrix, keyed by the (row-major) table it is
-    stored: dict[str, tuple[str, str, int, int]] = {}  # initializer -> (blocks, scales, rows, hidden)
+    table_of = {}  # a tied head's weight -> the table it is the transpose of
+    if heads is not None:
+        shapes: dict[tuple, list[str]] = {}  # GPT-2's token and position tables can have one shape
+        for g in gathers:
+            if g.input[0] not in shapes.setdefault(tuple(inits[g.input[0]].dims), []):
+                shapes[tuple(inits[g.input[0]].dims)].append(g.input[0])
+        for node in matmuls:
+            weight = node.input[1]
+            for table in shapes.get(tuple(inits[weight].dims)[::-1], []):
+                if weight != table and weight not in table_of and np.array_equal(array(table), array(weight).T):
+                    table_of[weight] = table
+    head_nodes = [n for n in matmuls if heads is not None and (n.name in heads or n.input[1] in table_of)]
+    # one initializer both gathered and multiplied by is left alone (its rows and its columns
+    # would need blocks of their own), and a weight is replaced only when every node that reads
+    # it is: otherwise its float copy would stay beside the blocks
+    looked_up = {g.input[0] for g in gathers}
+    head_nodes = [n for n in head_nodes if n.input[1] not in looked_up]
+    users = Counter(g.input[0] for g in gathers) + Counter(n.input[1] for n in head_nodes)
+    whole = {name for name, count in users.items() if count == readers[name]}
+    tables = [g for g in gathers if g.input[0] in whole]
+    kept_tables = {g.input[0] for g in tables}
+    head_nodes = [n for n in head_nodes if n.input[1] in whole and (n.input[1] not in table_of
+                                                                     or table_of[n.input[1]] in kept_tables)]
+
+    # one set of blocks per distinct matrix, keyed by (initializer, whether its rows are the transpose)
+    stored: dict[tuple[str, bool], tuple[str, str, int, int]] = {}  # -> (blocks, scales, rows, hidden)
     new_inits, replaced = [], {}  # a replaced node's first output -> the nodes in its place
     tied = 0
 
-    def blocks_for(rows_of: str, rows: np.ndarray) -> tuple[str, str, int, int]:
-        if rows_of not in stored:
+    def blocks_for(name: str, transposed: bool) -> tuple[str, str, int, int]:
+        key = (name, transposed)
+        if key not in stored:
+            rows = array(name).T if transposed else array(name)
             codes, scales, _ = quantize_rows(rows, bits, block_size)
-            base = f"{rows_of}_B{bits}"
+            base = f"{name}_B{bits}{'T' if transposed else ''}"
             new_inits.extend([numpy_helper.from_array(codes, base), numpy_helper.from_array(scales, f"{base}_scale")])
-            stored[rows_of] = (base, f"{base}_scale", rows.shape[0], rows.shape[1])
-        return stored[rows_of]
+            stored[key] = (base, f"{base}_scale", rows.shape[0], rows.shape[1])
+        return stored[key]
 
-    table_of = {}  # a head's weight -> the table it is the transpose of
-    for head in head_nodes:
-        weight = inits[head.input[1]]
-        for table in tables:
-            t = inits[table.input[0]]
-            if tuple(t.dims) == tuple(weight.dims)[::-1] and np.array_equal(array(t.name), array(weight.name).T):
-                table_of[weight.name] = t.name
-                break
     for head in head_nodes:
         weight = head.input[1]
         rows_of = table_of.get(weight)
         tied += rows_of is not None
-        blob, scale, n, k = blocks_for(rows_of, array(rows_of)) if rows_of else blocks_for(weight, array(weight).T)
+        blob, scale, n, k = blocks_for(rows_of, False) if rows_of else blocks_for(weight, True)
         replaced[head.output[0]] = [helper.make_node(
             "MatMulNBits", [head.input[0], blob, scale], list(head.output), name=f"{head.name}_Q{bits}",
             domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level)]
     for table in tables:
-        blob, scale, n, k = blocks_for(table.input[0], array(table.input[0]))
+        blob, scale, n, k = blocks_for(table.input[0], False)
         base = table.output[0]
         names = {s: f"{base}/{s}" for s in ("scales", "shape", "index_shape", "out_shape", "blocks")}
         new_inits.extend([
@@ -144,14 +173,15 @@ def block_quantize_tables(model: onnx.ModelProto, *, bits: int, block_size: int,
         return {}
     nodes = []
     for node in model.graph.node:
-        nodes.extend(replaced.get(node.output[0], [node]))
+        nodes.extend(replaced.get(node.output[0] if node.output else None, [node]))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(new_inits)
     drop_unused_initializers(model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return {"bits": bits, "block_size": block_size, "tables": len(tables), "heads": len(head_nodes), "tied": tied,
+    return {"bits": bits, "block_size": block_size, "tables": len({t.input[0] for t in tables}), "lookups": len(tables),
+            "heads": len(head_nodes), "tied": tied,
             "stored_matrices": len(stored),
             "operators": dict(Counter(n.op_type for ns in replaced.values() for n in ns
                                       if n.op_type in ("MatMulNBits", "GatherBlockQuantized")))}
