@@ -162,6 +162,16 @@ def stored_elements(model: onnx.ModelProto) -> int:
                    if t.name not in params and not t.name.endswith(("_scale", "_zero_point"))))
 
 
+def runtime_schema(op_type: str, domain: str = "com.microsoft"):
+    """This onnxruntime's schema of ``domain``'s operator ``op_type`` (its inputs and attributes
+    say what the installed version takes), or ``None`` where it has none."""
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as C
+    except ImportError:
+        return None
+    return next((s for s in C.get_all_operator_schema() if s.name == op_type and s.domain == domain), None)
+
+
 def attribute(node: onnx.NodeProto, name: str, default=None):
     """The value of ``node``'s attribute ``name``, or ``default`` when it has none."""
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)

@@ -74,6 +74,24 @@ def test_an_untied_head_and_table_get_blocks_of_their_own():
     np.testing.assert_allclose(logits, x @ quantize_rows(head.T, 8, 16)[2].T, atol=1e-4, rtol=1e-5)
 
 
+def test_two_lookups_of_one_table_read_one_set_of_blocks():
+    """A table gathered twice (and with scalar indices once): one set of blocks, one Reshape of its
+    scales, each lookup the exact dequantized rows."""
+    model, table, _ = _lookup_and_head(tied=True)
+    model.graph.node.append(helper.make_node("Gather", ["table", "one_id"], ["again"], name="/again/Gather"))
+    model.graph.input.append(helper.make_tensor_value_info("one_id", TensorProto.INT64, []))
+    model.graph.output.append(helper.make_tensor_value_info("again", TensorProto.FLOAT, None))
+    done = block_quantize_tables(model, bits=4, block_size=16, accuracy_level=1, heads={"/lm_head/MatMul"})
+    assert done["tables"] == 1 and done["lookups"] == 2 and done["stored_matrices"] == 1
+    assert [n.op_type for n in model.graph.node].count("Reshape") == 3  # the scales once, each lookup's rows
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.zeros((1, HIDDEN), np.float32)
+    embedded, _, again = session.run(None, {"ids": np.array([[2, 9]], np.int64), "x": x, "one_id": np.array(9)})
+    dequantized = quantize_rows(table, 4, 16)[2]
+    np.testing.assert_array_equal(embedded[0], dequantized[[2, 9]])
+    np.testing.assert_array_equal(again, dequantized[9])
+
+
 def test_a_hidden_size_of_no_whole_blocks_is_left_to_int8():
     model, _, _ = _lookup_and_head(tied=True)
     assert block_quantize_tables(model, bits=8, block_size=48, accuracy_level=1, heads={"/lm_head/MatMul"}) == {}

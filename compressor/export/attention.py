@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..onnx_graph import attribute, drop_unused_initializers, read_values
+from ..onnx_graph import attribute, drop_unused_initializers, read_values, runtime_schema
 
 _MS = "com.microsoft"
 
@@ -72,9 +72,7 @@ _GQA_INPUTS = {"attention_bias": 10, "query_seqlens": 16}
 def _runtime_takes_it() -> bool:
     """Whether this onnxruntime's GroupQueryAttention has the inputs the fusion feeds (1.32 does;
     older releases have no ``attention_bias``): without them the graph is left as it is."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as C
-
-    schema = next((s for s in C.get_all_operator_schema() if s.name == "GroupQueryAttention" and s.domain == _MS), None)
+    schema = runtime_schema("GroupQueryAttention", _MS)
     if schema is None:
         return False
     inputs = [i.name for i in schema.inputs]

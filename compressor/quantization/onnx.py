@@ -98,7 +98,6 @@ def quantize_int4(path: Path, config: QuantizeConfig, plan=None) -> dict[str, An
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     table_bits = config.embedding_bits or 8
     model = onnx.load(str(path))
-    inits = {t.name: t for t in model.graph.initializer}
     outputs = {o.name for o in model.graph.output}
     # the embedding tables and the output head (whose logits int4 moves most) as blocks, a tied
     # pair stored once (`tables`; a MatMul on a table's transpose is a tied head wherever it is)
@@ -175,8 +174,10 @@ def _tables(model, config: QuantizeConfig, bits: int, heads: set[str] | None = N
     asked = config.embedding_bits is not None
     if not supported_tables():
         if asked:
+            import onnxruntime
+
             raise ExportError("--embedding-bits needs an onnxruntime whose GatherBlockQuantized reads uint8 blocks "
-                              f"with a bits attribute; this one ({_ort_version()}) does not")
+                              f"with a bits attribute; this one ({onnxruntime.__version__}) does not")
         return {}
     try:
         done = block_quantize_tables(model, bits=bits, block_size=config.block_size,
@@ -187,12 +188,6 @@ def _tables(model, config: QuantizeConfig, bits: int, heads: set[str] | None = N
         raise ExportError(f"--embedding-bits {bits}: no embedding table of this graph is a float matrix whose width "
                           f"is whole --block-size {config.block_size} blocks and that only lookups read")
     return done
-
-
-def _ort_version() -> str:
-    import onnxruntime
-
-    return onnxruntime.__version__
 
 
 def _use_fitted_blocks(model, keys: dict[str, str], fitted: dict, block_size: int) -> dict[str, int]:

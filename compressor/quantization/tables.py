@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..onnx_graph import attribute, drop_unused_initializers, read_values
+from ..onnx_graph import attribute, drop_unused_initializers, read_values, runtime_schema
 
 #: Bits a table or head may be stored in: what both MatMulNBits and GatherBlockQuantized read.
 TABLE_BITS = (4, 8)
@@ -34,12 +34,8 @@ TABLE_BITS = (4, 8)
 def supported() -> bool:
     """Whether this onnxruntime's GatherBlockQuantized reads uint8 blocks with a ``bits``
     attribute (older versions take only the int4 types, which need opset 21)."""
-    try:
-        from onnxruntime.capi import onnxruntime_pybind11_state as C
-    except ImportError:
-        return False
-    return any(s.name == "GatherBlockQuantized" and s.domain == "com.microsoft" and "bits" in s.attributes
-               for s in C.get_all_operator_schema())
+    schema = runtime_schema("GatherBlockQuantized")
+    return schema is not None and "bits" in schema.attributes
 
 
 def quantize_rows(rows: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -81,14 +77,8 @@ def block_quantize_tables(model: onnx.ModelProto, *, bits: int, block_size: int,
     """
     inits = {t.name: t for t in model.graph.initializer}
     floats = onnx.TensorProto.FLOAT
-    readers = Counter()  # how many nodes read each value; one a subgraph reads counts as never replaced
-    for node in model.graph.node:
-        for name in set(node.input):
-            readers[name] += 1
-        for a in node.attribute:
-            for graph in ([a.g] if a.HasField("g") else list(a.graphs)):
-                for name in read_values(graph.node):
-                    readers[name] += 1
+    # how many nodes read each value (a node's subgraphs included: such a reader is never replaced)
+    readers = Counter(name for node in model.graph.node for name in read_values([node]))
 
     def fits(name: str, hidden_axis: int) -> bool:
         t = inits.get(name)
@@ -150,22 +140,24 @@ def block_quantize_tables(model: onnx.ModelProto, *, bits: int, block_size: int,
         replaced[head.output[0]] = [helper.make_node(
             "MatMulNBits", [head.input[0], blob, scale], list(head.output), name=f"{head.name}_Q{bits}",
             domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level)]
+    reshaped: set[str] = set()  # scales already given the blocks' rank (one Reshape per matrix)
     for table in tables:
         blob, scale, n, k = blocks_for(table.input[0], False)
         base = table.output[0]
-        names = {s: f"{base}/{s}" for s in ("scales", "shape", "index_shape", "out_shape", "blocks")}
-        new_inits.extend([
-            numpy_helper.from_array(np.array([n, k // block_size, 1], dtype=np.int64), names["shape"]),
-            numpy_helper.from_array(np.array([k], dtype=np.int64), f"{base}/hidden"),
-        ])
-        replaced[table.output[0]] = [
+        names = {s: f"{base}/{s}" for s in ("index_shape", "out_shape", "blocks")}
+        lookup = []
+        if scale not in reshaped:
             # GatherBlockQuantized's scales have the blocks' rank; onnxruntime folds this Reshape at load
-            helper.make_node("Reshape", [scale, names["shape"]], [names["scales"]], name=names["scales"]),
-            helper.make_node("GatherBlockQuantized", [blob, table.input[1], names["scales"]], [names["blocks"]],
+            new_inits.extend([numpy_helper.from_array(np.array([n, k // block_size, 1], dtype=np.int64), f"{scale}/shape3"),
+                              numpy_helper.from_array(np.array([k], dtype=np.int64), f"{scale}/hidden")])
+            lookup.append(helper.make_node("Reshape", [scale, f"{scale}/shape3"], [f"{scale}/3d"], name=f"{scale}/3d"))
+            reshaped.add(scale)
+        replaced[table.output[0]] = lookup + [
+            helper.make_node("GatherBlockQuantized", [blob, table.input[1], f"{scale}/3d"], [names["blocks"]],
                              name=f"{base}_Q{bits}", domain="com.microsoft", bits=bits, block_size=block_size,
                              gather_axis=0, quantize_axis=2),
             helper.make_node("Shape", [table.input[1]], [names["index_shape"]], name=names["index_shape"]),
-            helper.make_node("Concat", [names["index_shape"], f"{base}/hidden"], [names["out_shape"]],
+            helper.make_node("Concat", [names["index_shape"], f"{scale}/hidden"], [names["out_shape"]],
                              name=names["out_shape"], axis=0),
             helper.make_node("Reshape", [names["blocks"], names["out_shape"]], list(table.output), name=f"{base}/rows"),
         ]
