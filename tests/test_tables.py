@@ -179,3 +179,17 @@ def test_a_table_something_else_reads_too_is_left_alone():
     done = block_quantize_tables(model, bits=8, block_size=16, accuracy_level=1, heads={"/lm_head/MatMul"})
     assert done["tables"] == 0 and done["heads"] == 1
     assert "Gather" in [n.op_type for n in model.graph.node]
+
+
+def test_embedding_bits_that_no_table_can_take_fail_in_one_line(tiny_dirs, tmp_path):
+    """--embedding-bits asked for, but the tables are 32 wide and the blocks 64: one line, exit
+    non-zero, no output folder (not a silent int8 export)."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["export", str(tiny_dirs["bert"]), "--quantize", "int8", "--embedding-bits", "4",
+                                   "--block-size", "64", "-o", str(out)])
+    assert res.exit_code != 0 and not out.exists()
+    assert len(res.stderr.strip().splitlines()) == 1 and "--embedding-bits 4" in res.stderr, res.stderr
