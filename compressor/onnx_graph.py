@@ -135,6 +135,11 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
     model.graph.initializer.extend(kept)
 
 
+#: ``doc_string`` of the float MatMuls that carry int4 blocks' float zero points
+#: (`quantization.zero_points`): quantization parameters, not projections.
+ZERO_POINT_OFFSET = "compress: int4 blocks' float zero points as a block-sum offset"
+
+
 #: Inputs of quantization ops that hold scales and zero points rather than the model's numbers.
 _QUANT_PARAM_INPUTS = {"QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "MatMulInteger": (2, 3),
                        "DynamicQuantizeMatMul": (2, 3), "QLinearMatMul": (1, 2, 4, 5, 6, 7), "MatMulNBits": (2, 3),
@@ -145,11 +150,14 @@ def stored_elements(model: onnx.ModelProto) -> int:
     """The model's numbers stored in the file's initializers (a shared weight counts once).
 
     Quantization scales and zero points are left out (those at the scale and zero-point inputs
-    of quantization ops, and those onnxruntime's quantizer names ``*_scale`` / ``*_zero_point``):
+    of quantization ops, the products that carry float zero points (`ZERO_POINT_OFFSET`), and
+    those onnxruntime's quantizer names ``*_scale`` / ``*_zero_point``):
     per-channel scales would otherwise count one number per output channel of every weight.
     """
     params = {name for node in model.graph.node for i, name in enumerate(node.input)
               if i in _QUANT_PARAM_INPUTS.get(node.op_type, ())}
+    # the block sums' 0/1 matrices and the blocks' offsets stand in for float zero points
+    params |= {node.input[1] for node in model.graph.node if node.doc_string == ZERO_POINT_OFFSET}
     # int4 blocks: the weight's own N x K numbers (the packed tensor pads K to whole blocks)
     packed = {node.input[1]: attribute(node, "N") * attribute(node, "K")
               for node in model.graph.node if node.op_type == "MatMulNBits"}
@@ -203,7 +211,7 @@ def weight_matmuls(model: onnx.ModelProto) -> dict[str, int]:
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
     on_weights = float_on_weights = qdq = 0
     for node in model.graph.node:
-        if node.op_type not in WEIGHT_OPS + QUANTIZED_OPS:
+        if node.op_type not in WEIGHT_OPS + QUANTIZED_OPS or node.doc_string == ZERO_POINT_OFFSET:
             continue
         # MatMulNBits: its weight is input 1 (the scales and zero points after it are not weights)
         inputs = node.input[1:2] if node.op_type == "MatMulNBits" else node.input

@@ -27,6 +27,7 @@ from cli.main import cli
 from compressor.errors import ConfigError
 from compressor.export import ExportConfig, export
 from compressor.models import load_model, unique_parameters
+from compressor.onnx_graph import attribute
 from compressor.models.shared import SharedLinear
 from compressor.pruning import PruneConfig, prune
 from compressor.quantization import QuantizeConfig
@@ -545,8 +546,10 @@ def test_int4_stores_each_shared_weight_once_in_blocks_and_checks_itself(family,
 
 @pytest.mark.slow  # three int4 exports: ~3 s
 def test_int4_methods_fit_the_blocks_their_own_way(tiny_dirs, tmp_path):
-    """rtn is symmetric (no zero points), rtn-asym and hqq store a zero point per block; each
-    checks itself, and hqq, fitted against the weights' own error, is no worse than rtn here."""
+    """rtn is symmetric (no zero points), rtn-asym stores an integer zero point per block, hqq a
+    float one, carried as a block-sum offset beside symmetric blocks (`zero_points`: the fast
+    kernel); each checks itself, and hqq, fitted against the weights' own error, is no worse than
+    rtn here."""
     loaded = load_model(str(tiny_dirs["llama"]))
     cosine = {}
     for method in ("rtn", "rtn-asym", "hqq"):
@@ -554,8 +557,12 @@ def test_int4_methods_fit_the_blocks_their_own_way(tiny_dirs, tmp_path):
                         quantize=QuantizeConfig("int4", block_size=16, int4_method=method))
         assert record.metrics["graph"]["method"] == method and record.metrics["graph"]["int4_matmuls"] > 0
         nbits = [n for n in read_graph(tmp_path / method).graph.node if n.op_type == "MatMulNBits"]
-        zero_points = [len(n.input) > 3 and n.input[3] != "" for n in nbits]
-        assert all(zero_points) if method != "rtn" else not any(zero_points), method
+        # the projections' 4-bit blocks (the head and tables are 8-bit symmetric blocks in every method)
+        zero_points = [len(n.input) > 3 and n.input[3] != "" for n in nbits if attribute(n, "bits", 4) == 4]
+        assert zero_points and all(zero_points) if method == "rtn-asym" else not any(zero_points), method
+        offsets = record.metrics["graph"].get("zero_point_offsets", 0)
+        assert offsets == (record.metrics["graph"]["int4_matmuls"] if method == "hqq" else 0), method
+        assert record.metrics["projections"]["float_on_weights"] == 0, method
         levels = {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"}
         assert levels == {4} and all(any(a.name == "accuracy_level" for a in n.attribute) for n in nbits), method
         cosine[method] = record.metrics["check"]["mean_cosine"]

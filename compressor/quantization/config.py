@@ -21,8 +21,8 @@ ACCURACY_LEVELS = (1, 2, 3, 4)
 #: How int4 blocks are fitted: ``rtn`` round-to-nearest with a symmetric scale per block;
 #: ``rtn-asym`` with a zero point too; ``hqq`` half-quadratic quantization (Badri & Shaji, 2023:
 #: scales and zero points optimized against the weights' own error, no data; its zero points are
-#: floats, which onnxruntime 1.32's CPU MatMulNBits runs off its int8 fast path, about 5x slower:
-#: reports/bench_int4_methods.md); ``gptq`` (Frantar et al., 2022: each projection's blocks fitted
+#: floats, which onnxruntime 1.32's CPU MatMulNBits runs off its int8 fast path, about 5x slower,
+#: so they are carried as a block-sum offset beside symmetric blocks instead: `zero_points.py`); ``gptq`` (Frantar et al., 2022: each projection's blocks fitted
 #: to its inputs on calibration text, with integer zero points: the fast kernel; `gptq.py`).
 #: (onnxruntime's k-quant prints to stdout and fails on the exported graphs in 1.32.)
 INT4_METHODS = ("rtn", "rtn-asym", "hqq", "gptq")

@@ -37,6 +37,7 @@ from ..onnx_graph import attribute, gemm_to_matmul, inline_identity_weights
 from .config import QuantizeConfig
 from .tables import block_quantize_tables
 from .tables import supported as supported_tables
+from .zero_points import fold_float_zero_points
 
 MODEL_FILE = "model.onnx"
 
@@ -75,7 +76,8 @@ def prepare_graph(path: Path) -> dict[str, int]:
 def quantize_int4(path: Path, config: QuantizeConfig, plan=None) -> dict[str, Any]:
     """Weight-only int4 of the projections (onnxruntime's ``MatMulNBitsQuantizer``: blocks of
     ``config.block_size`` along the input dimension, symmetric for ``rtn``, with zero points otherwise, ``MatMulNBits`` nodes that compute at
-    ``config.accuracy_level``); the embedding tables and the output head in
+    ``config.accuracy_level``; HQQ's float zero points carried as block-sum offsets beside
+    symmetric blocks, `zero_points.fold_float_zero_points`, so that the fast kernel runs them); the embedding tables and the output head in
     ``config.embedding_bits`` blocks (`tables`: a tied head and its table stored once), and
     dynamic int8 of projections narrower than a block (LoRA factors) and of any table or head
     the blocks cannot take (an onnxruntime without uint8 GatherBlockQuantized, a hidden size
@@ -134,16 +136,18 @@ def quantize_int4(path: Path, config: QuantizeConfig, plan=None) -> dict[str, An
                                                  nodes_to_include=eight, nodes_to_exclude=narrow)
                 quantizer.process()
         _set_accuracy_level(quantizer.model.model, config.accuracy_level)
+        offsets = fold_float_zero_points(quantizer.model.model)  # HQQ's float zero points, on the fast kernel
         if plan is not None and plan.fitted:
             replaced = _use_fitted_blocks(quantizer.model.model, keys, plan.fitted, config.block_size)
         onnx.save(quantizer.model.model, str(path))
-        logging.disable(logging.WARNING)  # onnxruntime's advice to pre-process, on the root logger
-        try:
-            quantize_dynamic(str(path), str(path), op_types_to_quantize=["Gather", "MatMul"],
-                             nodes_to_quantize=narrow + tables, weight_type=QuantType.QInt8, per_channel=False,
-                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-        finally:
-            logging.disable(logging.NOTSET)
+        if narrow + tables:  # (an empty nodes_to_quantize means every MatMul, the zero-point offsets too)
+            logging.disable(logging.WARNING)  # onnxruntime's advice to pre-process, on the root logger
+            try:
+                quantize_dynamic(str(path), str(path), op_types_to_quantize=["Gather", "MatMul"],
+                                 nodes_to_quantize=narrow + tables, weight_type=QuantType.QInt8, per_channel=False,
+                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+            finally:
+                logging.disable(logging.NOTSET)
     except Exception as e:  # noqa: BLE001  (whatever the quantizer meets in the graph)
         raise ExportError(f"onnxruntime's int4 quantizer cannot quantize this graph: {first_line(e, with_type=True)}") from None
     graph = onnx.load(str(path), load_external_data=False)
@@ -157,6 +161,8 @@ def quantize_int4(path: Path, config: QuantizeConfig, plan=None) -> dict[str, An
     done = {"int4_matmuls": bits[4], "int8_matmuls": len(narrow), "int8_block_matmuls": bits[8],
             "block_size": config.block_size, "accuracy_level": config.accuracy_level, "method": config.int4_method,
             "embeddings": f"{table_bits}-bit blocks" if tables_done.get("tables") else "int8 (dynamic Gather)"}
+    if offsets:
+        done["zero_point_offsets"] = offsets
     if tables_done:
         done["tables"] = tables_done
     if replaced is not None:
