@@ -198,7 +198,7 @@ def weight_matmuls(model: onnx.ModelProto) -> dict[str, int]:
     """
     inits = initializers(model)
     producers = {out: node for node in model.graph.node for out in node.output}
-    counts = Counter(n.op_type for n in model.graph.node)
+    counts = Counter(n.op_type for n in model.graph.node if n.doc_string != ZERO_POINT_OFFSET)
     passes = ("Identity", "DequantizeLinear", "DynamicQuantizeLinear")
 
     def stored(name: str) -> onnx.TensorProto | None:

@@ -86,3 +86,28 @@ def test_integer_and_absent_zero_points_are_left_alone():
     before = model.SerializeToString()
     assert fold_float_zero_points(model) == 0
     assert model.SerializeToString() == before
+
+
+def test_fp16_zero_points_beside_fp32_scales_fold_in_the_input_type():
+    rng = np.random.default_rng(2)
+    model, w = _graph(rng)
+    for t in model.graph.initializer:  # the schema allows fp16 zero points with fp32 scales and input
+        if t.name.endswith("_zero_points"):
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    x = rng.normal(size=(1, 3, 80)).astype(np.float32)
+    before = _run(model, x)
+    assert fold_float_zero_points(model) == 3
+    after = _run(model, x)
+    assert np.abs(after - before).max() < 1e-4 * np.abs(before).max()
+    assert all(t.data_type == TensorProto.FLOAT for t in model.graph.initializer
+               if t.name.startswith("block_ones_") or "zero_offsets" in t.name)
+
+
+def test_blocks_given_by_g_idx_are_left_alone():
+    rng = np.random.default_rng(3)
+    model, _ = _graph(rng)
+    node = next(n for n in model.graph.node if n.name == "a")
+    model.graph.initializer.append(numpy_helper.from_array(rng.permutation(np.arange(80) // 32).astype(np.int32), "g"))
+    node.input.append("g")  # input k in block g[k], not k // block_size: the 0/1 matrix would be wrong
+    assert fold_float_zero_points(model) == 2
+    assert len(next(n for n in model.graph.node if n.name == "a").input) == 5

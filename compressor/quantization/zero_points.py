@@ -38,7 +38,7 @@ def fold_float_zero_points(model: onnx.ModelProto) -> int:
     inits = {t.name: t for t in graph.initializer}
     names = {o for n in graph.node for o in n.output} | set(inits) | {i.name for i in graph.input}
     block_sums: dict[tuple[str, int, int], str] = {}  # (input, K, block size) -> its block sums
-    ones: dict[tuple[int, int, int], str] = {}  # (K, block size, dtype) -> the 0/1 matrix
+    ones: dict[tuple[int, int, str], str] = {}  # (K, block size, dtype) -> the 0/1 matrix
     nodes, added, folded = [], [], 0
 
     def fresh(name: str) -> str:
@@ -51,22 +51,26 @@ def fold_float_zero_points(model: onnx.ModelProto) -> int:
 
     for node in graph.node:
         nodes.append(node)
-        if node.op_type != "MatMulNBits" or len(node.input) < 4 or node.input[3] not in inits:
+        if node.op_type != "MatMulNBits" or len(node.input) < 4 or node.input[3] not in inits \
+                or node.input[2] not in inits:
             continue
         zero = inits[node.input[3]]
-        if zero.data_type not in FLOAT_TYPES:
+        # (blocks given by g_idx, or prepacked scales, are not contiguous blocks of K: left as they are)
+        if zero.data_type not in FLOAT_TYPES or (len(node.input) > 4 and node.input[4]) \
+                or attribute(node, "weight_prepacked", 0):
             continue
         k, n, bits, block = (attribute(node, "K"), attribute(node, "N"), attribute(node, "bits", 4),
                              attribute(node, "block_size"))
         blocks = -(-k // block)
-        dtype = numpy_helper.to_array(zero).dtype
-        scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32).reshape(n, blocks)
+        scales = numpy_helper.to_array(inits[node.input[2]])
+        dtype = scales.dtype  # the input's type (zero points may be fp16 beside fp32 scales)
+        scales = scales.astype(np.float32).reshape(n, blocks)
         zeros = numpy_helper.to_array(zero).astype(np.float32).reshape(n, blocks)
         offsets = (scales * (2 ** (bits - 1) - zeros)).T.astype(dtype)  # (blocks, N)
 
         x = node.input[0]
         if (x, k, block) not in block_sums:
-            key = (k, block, zero.data_type)
+            key = (k, block, str(dtype))
             if key not in ones:
                 matrix = np.zeros((k, blocks), dtype)
                 matrix[np.arange(k), np.arange(k) // block] = 1
