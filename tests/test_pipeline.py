@@ -65,13 +65,16 @@ def test_recipe_errors_name_their_line(tmp_path, text, line, message):
 
 def test_shipped_recipes_are_valid():
     names = {load_recipe(p).name for p in RECIPES.glob("*.yaml") if p.name != "manifest.yaml"}
-    assert {"demo", "quick", "baseline", "deploy", "prune-int8"} <= names
+    assert {"demo", "demo-share", "quick", "baseline", "deploy", "prune-int8"} <= names
     demo = load_recipe(RECIPES / "demo.yaml")
-    assert [s.name for s in demo.stages] == ["share", "prune", "finetune", "prune", "quantize", "export", "report"]
-    assert demo.stages[0].config.groups == 5 and demo.stages[0].config.lora_rank == 0
+    assert [s.name for s in demo.stages] == ["prune", "finetune", "prune", "quantize", "export", "report"]
+    assert demo.stages[0].config.drop_layers == 2 and demo.stages[3].config.embedding_bits == 4
     # a budget in steps, so that a busy machine trains the same model; the report scores the suite
-    assert demo.stages[2].config.max_steps == 3000 and demo.stages[2].config.max_minutes is None
-    assert demo.stages[5].config.optimize == 2 and demo.stages[6].config.suite
+    assert demo.stages[1].config.max_steps == 3000 and demo.stages[1].config.max_minutes is None
+    assert demo.stages[4].config.optimize == 2 and demo.stages[5].config.suite
+    shared = load_recipe(RECIPES / "demo-share.yaml")
+    assert [s.name for s in shared.stages] == ["share", "prune", "finetune", "prune", "quantize", "export", "report"]
+    assert shared.stages[0].config.groups == 5 and shared.stages[0].config.lora_rank == 0
 
 
 @dataclass
