@@ -69,6 +69,7 @@ def test_shipped_recipes_are_valid():
     demo = load_recipe(RECIPES / "demo.yaml")
     assert [s.name for s in demo.stages] == ["prune", "finetune", "prune", "quantize", "export", "report"]
     assert demo.stages[0].config.drop_layers == 2 and demo.stages[3].config.embedding_bits == 4
+    assert demo.stages[3].config.per_channel is True
     # a budget in steps, so that a busy machine trains the same model; the report scores the suite
     assert demo.stages[1].config.max_steps == 3000 and demo.stages[1].config.max_minutes is None
     assert demo.stages[4].config.optimize == 2 and demo.stages[5].config.suite
