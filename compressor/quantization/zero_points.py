@@ -69,16 +69,17 @@ def fold_float_zero_points(model: onnx.ModelProto) -> int:
         offsets = (scales * (2 ** (bits - 1) - zeros)).T.astype(dtype)  # (blocks, N)
 
         x = node.input[0]
-        if (x, k, block) not in block_sums:
+        sums = block_sums.get((x, k, block))
+        if sums is None:
             key = (k, block, str(dtype))
             if key not in ones:
                 matrix = np.zeros((k, blocks), dtype)
                 matrix[np.arange(k), np.arange(k) // block] = 1
                 ones[key] = fresh(f"block_ones_{k}_{block}")
                 added.append(numpy_helper.from_array(matrix, ones[key]))
-            block_sums[(x, k, block)] = fresh(f"{x}_block_sums")
-            nodes.append(helper.make_node("MatMul", [x, ones[key]], [block_sums[(x, k, block)]],
-                                          name=fresh(f"{node.name}_BlockSums"), doc_string=ZERO_POINT_OFFSET))
+            sums = block_sums[(x, k, block)] = fresh(f"{x}_block_sums")
+            nodes.append(helper.make_node("MatMul", [x, ones[key]], [sums], name=fresh(f"{node.name}_BlockSums"),
+                                          doc_string=ZERO_POINT_OFFSET))
         offset_name = fresh(f"{node.input[1]}_zero_offsets")
         added.append(numpy_helper.from_array(offsets, offset_name))
 
@@ -91,7 +92,7 @@ def fold_float_zero_points(model: onnx.ModelProto) -> int:
             inputs.pop()
         del node.input[:]
         node.input.extend(inputs)
-        nodes.append(helper.make_node("MatMul", [block_sums[(x, k, block)], offset_name], [offset_out],
+        nodes.append(helper.make_node("MatMul", [sums, offset_name], [offset_out],
                                       name=fresh(f"{node.name}_ZeroOffset"), doc_string=ZERO_POINT_OFFSET))
         nodes.append(helper.make_node("Add", [symmetric, offset_out], [out], name=fresh(f"{node.name}_AddZeroOffset")))
         folded += 1
