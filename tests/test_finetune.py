@@ -161,6 +161,45 @@ def test_ctrl_c_leaves_a_usable_checkpoint(student_dir, data_file, tiny_dirs, tm
     load_model(out)  # usable
 
 
+def test_a_vocabulary_cut_student_distils_from_its_full_vocabulary_teacher(tiny_dirs, tmp_path):
+    from compressor.evaluation.fidelity import check_teacher
+    from compressor.finetune import distillation_loss, same_tokens, teacher_ids
+    from compressor.pruning.vocab import prune_vocabulary
+
+    teacher, student = load_model(tiny_dirs["bert"]), load_model(tiny_dirs["bert"])
+    prune_vocabulary(student, TEXTS)  # character-level: j, q, z ... are not in TEXTS and go
+    own, theirs = student.tokenizer.get_vocab(), teacher.tokenizer.get_vocab()
+    table = teacher_ids(student.tokenizer, teacher.tokenizer)
+    assert len(own) < len(theirs) and all(int(table[i]) == theirs[tok] for tok, i in own.items())
+    assert teacher_ids(teacher.tokenizer, teacher.tokenizer) is None
+    texts = [TEXTS[0], "jazz quiz 7"]
+    s_enc, t_enc = (m.tokenizer(texts, padding=True, return_tensors="pt") for m in (student, teacher))
+    rows = same_tokens(s_enc["input_ids"], s_enc["attention_mask"], t_enc["input_ids"], t_enc["attention_mask"], table)
+    assert rows.tolist() == [True, False]
+    with torch.no_grad():
+        s_out = student.model(**s_enc, output_hidden_states=True)
+        t_out = teacher.model(**t_enc, output_hidden_states=True)
+    cfg = FinetuneConfig(teacher=str(tiny_dirs["bert"]), max_steps=1)
+    _, parts = distillation_loss(s_out, t_out, s_enc["attention_mask"], cfg, "mean", is_encoder=True,
+                                 teacher_mask=t_enc["attention_mask"], rows=rows, vocab_map=table)
+    # the cut leaves the text it covers exact (token terms on it alone); the other text differs
+    assert parts["hidden"] < 1e-10 and parts["embedding"] > 1e-4
+    # finetune runs on the cut student, each model reading with its own tokenizer, and learns
+    save_checkpoint(student, tmp_path / "cut")
+    data = tmp_path / "mixed.txt"
+    data.write_text("\n".join(t for i, w in enumerate(TEXTS) for t in (w, f"jazz quiz {i} {w[:9]}")))
+    trained, record = finetune(load_model(tmp_path / "cut"), FinetuneConfig(
+        data=str(data), max_steps=30, batch_size=8, max_length=32, lr=1e-2, save_every=0, train="all"),
+        output=tmp_path / "out", teacher=teacher, progress=False)
+    assert record.metrics["loss_last"] < 0.8 * record.metrics["loss_first"]
+    assert load_model(tmp_path / "out").tokenizer.get_vocab() == own
+    # a student with tokens the teacher lacks is no cut of it
+    other = load_model(tiny_dirs["bert"])
+    other.tokenizer.add_tokens(["zzqq"])
+    with pytest.raises(ConfigError, match="not a cut of the teacher's"):
+        check_teacher(other, teacher)
+
+
 def test_config_always_has_a_budget():
     # The CLI and recipes read the same default: 200 steps, unless a time budget alone is given.
     assert FinetuneConfig(max_steps=None, max_minutes=None).max_steps == 200

@@ -20,7 +20,9 @@ from ..models.pooling import pool
 
 def check_teacher(student, teacher) -> None:
     """The teacher must be the student's original: same architecture, shape and tokenizer
-    (fidelity and distillation compare like with like).
+    (fidelity and distillation compare like with like), or a tokenizer whose vocabulary the
+    student's is a cut of (after `compress prune --vocab-from`; each then reads the text with its
+    own tokenizer).
 
     Raises:
         ConfigError: the two models do not match, or one has no tokenizer.
@@ -35,9 +37,13 @@ def check_teacher(student, teacher) -> None:
         )
     if student.tokenizer is None or teacher.tokenizer is None:
         raise ConfigError("both student and teacher need a tokenizer")
-    if student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
-        raise ConfigError("the teacher's tokenizer differs from the student's (a pruned vocabulary?); fine-tune "
-                          "before `compress prune --vocab-from`, or distil from the model the student was made from")
+    own, theirs = student.tokenizer.get_vocab(), teacher.tokenizer.get_vocab()
+    if own == theirs:
+        return
+    missing = [tok for tok in own if tok not in theirs]
+    if missing:
+        raise ConfigError(f"the student's vocabulary is not a cut of the teacher's: {len(missing):,} of its tokens "
+                          f"(e.g. {missing[0]!r}) are not in the teacher's; distil from the model it was made from")
 
 
 @torch.no_grad()

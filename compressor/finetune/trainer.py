@@ -13,6 +13,10 @@ saves; a second one stops at once). ``trainer_state.pt`` beside it lets ``--resu
 from the step it stopped at, with the same data order and random state. Dropout is off during
 training: the student learns the teacher's eval-mode function.
 
+After a vocabulary cut (`compress prune --vocab-from`) teacher and student each read the text
+with their own tokenizer: the pooled-embedding term compares every text, the token-level terms
+(hidden states, per-token KL over the kept vocabulary) the texts both split into the same tokens.
+
 The training texts and their batches are in ``data.py``; what a resume restores (trainable
 parameters, optimizer, scheduler, step, random state) is the ``TrainingState`` of ``state.py``.
 """
@@ -41,7 +45,8 @@ from .data import TrainingData, load_training_data
 from .state import STATE, TrainingState, check_resumable, select_trainable
 
 # STATE, check_resumable and select_trainable live in state.py; older callers import them from here.
-__all__ = ["STATE", "check_resumable", "check_teacher", "distillation_loss", "finetune", "layer_pairs", "select_trainable"]
+__all__ = ["STATE", "check_resumable", "check_teacher", "distillation_loss", "finetune", "layer_pairs", "same_tokens",
+           "select_trainable", "teacher_ids"]
 
 REPORT = "finetune_report.json"
 
@@ -74,33 +79,48 @@ def neighbour_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 
 
 def distillation_loss(student_out, teacher_out, mask, config: FinetuneConfig, pooling: str, *, labels=None,
-                      is_encoder: bool) -> tuple[torch.Tensor, dict[str, float]]:
-    """The weighted sum of the distillation terms, and each term's value."""
+                      is_encoder: bool, teacher_mask=None, rows=None,
+                      vocab_map: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted sum of the distillation terms, and each term's value.
+
+    ``teacher_mask``, ``rows`` and ``vocab_map`` are for a student with a cut vocabulary, which
+    reads the batch with its own tokenizer: the teacher's attention mask, the texts (a boolean
+    per row) both split into the same tokens, which alone enter the token-level terms, and the
+    teacher id of each student id, which picks the teacher's logits of the kept tokens.
+    """
     real = mask.bool()
+    t_real = real if teacher_mask is None else teacher_mask.bool()
+    if rows is not None:  # token-level terms on the texts both models split alike
+        real, t_real = real & rows[:, None], t_real & rows[:, None]
     parts: dict[str, torch.Tensor] = {}
-    if config.hidden_weight:
+    token_level = rows is None or bool(rows.any())
+    if config.hidden_weight and token_level:
         terms = []
         for i, j in layer_pairs(len(student_out.hidden_states) - 1, len(teacher_out.hidden_states) - 1):
-            hs, ht = student_out.hidden_states[i][real].float(), teacher_out.hidden_states[j][real].float()
+            hs, ht = student_out.hidden_states[i][real].float(), teacher_out.hidden_states[j][t_real].float()
             terms.append(((hs - ht) ** 2).sum() / (ht**2).sum().clamp(min=1e-12))
         parts["hidden"] = torch.stack(terms).mean()
     if (config.embedding_weight or config.similarity_weight) and is_encoder:
         es = pool(student_out.hidden_states[-1].float(), mask, pooling)
-        et = pool(teacher_out.hidden_states[-1].float(), mask, pooling)
+        et = pool(teacher_out.hidden_states[-1].float(), mask if teacher_mask is None else teacher_mask, pooling)
         if config.embedding_weight:
             parts["embedding"] = (1 - F.cosine_similarity(es, et, dim=-1)).mean()
         if config.similarity_weight and len(es) > 2:
             parts["similarity"] = neighbour_loss(es, et)
     logits_s, logits_t = getattr(student_out, "logits", None), getattr(teacher_out, "logits", None)
-    if config.kl_weight and logits_s is not None and logits_t is not None:
+    if config.kl_weight and logits_s is not None and logits_t is not None and (logits_s.dim() == 2 or token_level):
         if logits_s.dim() == 3:  # causal LM: per real token
-            logits_s, logits_t = logits_s[real], logits_t[real]
+            logits_s, logits_t = logits_s[real], logits_t[t_real]
+            if vocab_map is not None:  # the teacher's distribution over the tokens the student kept
+                logits_t = logits_t[:, vocab_map]
         parts["kl"] = F.kl_div(F.log_softmax(logits_s.float(), -1), F.log_softmax(logits_t.float(), -1),
                                log_target=True, reduction="batchmean")
     if config.label_weight and labels is not None and logits_s is not None and getattr(student_out, "logits", None).dim() == 2:
         parts["label"] = F.cross_entropy(student_out.logits.float(), labels)
     weights = {"hidden": config.hidden_weight, "embedding": config.embedding_weight, "kl": config.kl_weight,
                "label": config.label_weight, "similarity": config.similarity_weight}
+    if not parts and rows is not None:  # a batch of texts split differently, and token-level terms alone
+        return student_out.hidden_states[-1].sum() * 0.0, {}
     if not parts:
         raise ConfigError("every loss term is switched off or does not apply to this model")
     total = sum(weights[k] * v for k, v in parts.items())
@@ -161,7 +181,8 @@ def finetune(
     else:
         state.seed()
 
-    run = _Run(student, teacher.model, data, state, output, device, start_time)
+    run = _Run(student, teacher.model, data, state, output, device, start_time, teacher.tokenizer,
+               teacher_ids(student.tokenizer, teacher.tokenizer, device))
     reason = _train(run, progress=progress)
     run.save(reason)
     return student, run.record(reason)
@@ -196,6 +217,8 @@ class _Run:
     output: Path
     device: str
     start_time: float  # the run's seconds include loading; its time budget does not
+    teacher_tokenizer: object
+    vocab_map: torch.Tensor | None  # teacher id of each student id after a vocabulary cut, else None
 
     def record(self, reason: str) -> StageRecord:
         """The stage record as it stands: steps, losses, seconds per step, why it stopped."""
@@ -246,8 +269,11 @@ def _train(run: _Run, *, progress: bool) -> str:
         with _StopFlag() as stop:
             while (reason := _stop_reason(config, state.step, loop_start, stop)) is None:
                 enc, labels = run.data.batch(state.step, config, student.tokenizer, run.device)
+                t_enc = None
+                if run.vocab_map is not None:  # the same texts in the teacher's own tokens
+                    t_enc, _ = run.data.batch(state.step, config, run.teacher_tokenizer, run.device)
                 with autocast:
-                    loss, parts = _batch_loss(run, enc, labels, is_encoder=is_encoder)
+                    loss, parts = _batch_loss(run, enc, labels, is_encoder=is_encoder, t_enc=t_enc)
                 state.take_step(loss, parts)
                 if bar is not None:
                     _show_progress(bar, state.history[-1]["loss"], config, loop_start)
@@ -270,14 +296,39 @@ def _stop_reason(config: FinetuneConfig, step: int, loop_start: float, stop: _St
     return None
 
 
-def _batch_loss(run: _Run, enc, labels: torch.Tensor | None, *, is_encoder: bool):
-    """Teacher and student on one tokenized batch, and the distillation loss between them."""
+def _batch_loss(run: _Run, enc, labels: torch.Tensor | None, *, is_encoder: bool, t_enc=None):
+    """Teacher and student on one tokenized batch (``t_enc``: the teacher's own tokens of it,
+    after a vocabulary cut), and the distillation loss between them."""
     ids, mask = enc["input_ids"], enc["attention_mask"]
+    t_ids, t_mask = (ids, mask) if t_enc is None else (t_enc["input_ids"], t_enc["attention_mask"])
     with torch.no_grad():
-        t_out = run.teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        t_out = run.teacher(input_ids=t_ids, attention_mask=t_mask, output_hidden_states=True)
     s_out = run.student.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    extra = {}
+    if t_enc is not None:
+        extra = dict(teacher_mask=t_mask, rows=same_tokens(ids, mask, t_ids, t_mask, run.vocab_map),
+                     vocab_map=run.vocab_map)
     return distillation_loss(s_out, t_out, mask, run.state.config, run.student.pooling, labels=labels,
-                             is_encoder=is_encoder)
+                             is_encoder=is_encoder, **extra)
+
+
+def teacher_ids(student_tokenizer, teacher_tokenizer, device: str = "cpu") -> torch.Tensor | None:
+    """The teacher's id of each student token id (``None`` when the two vocabularies are the same)."""
+    own, theirs = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if own == theirs:
+        return None
+    table = torch.zeros(max(own.values()) + 1, dtype=torch.long)
+    for token, i in own.items():
+        table[i] = theirs[token]
+    return table.to(device)
+
+
+def same_tokens(ids, mask, t_ids, t_mask, table: torch.Tensor) -> torch.Tensor:
+    """Per text: whether the student's tokens, in teacher ids, are the teacher's tokens (whatever
+    the padding side)."""
+    real, t_real = mask.bool(), t_mask.bool()
+    return torch.tensor([bool(real[r].sum() == t_real[r].sum()) and torch.equal(table[ids[r][real[r]]], t_ids[r][t_real[r]])
+                         for r in range(len(ids))], device=ids.device)
 
 
 class _StopFlag:
