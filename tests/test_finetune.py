@@ -200,6 +200,26 @@ def test_a_vocabulary_cut_student_distils_from_its_full_vocabulary_teacher(tiny_
         check_teacher(other, teacher)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_vocabulary_cut_decoder_distils_with_kl_over_its_kept_tokens(family, tiny_dirs, tmp_path):
+    from compressor.pruning.vocab import prune_vocabulary
+
+    teacher, student = load_model(tiny_dirs[family]), load_model(tiny_dirs[family])
+    prune_vocabulary(student, TEXTS)
+    save_checkpoint(student, tmp_path / "cut")
+    data = tmp_path / "mixed.txt"
+    data.write_text("\n".join(t for i, w in enumerate(TEXTS) for t in (w, f"jazz quiz {i} {w[:9]}")))
+    _, record = finetune(load_model(tmp_path / "cut"), FinetuneConfig(
+        data=str(data), max_steps=20, batch_size=8, max_length=32, lr=1e-2, save_every=0, train="all"),
+        output=tmp_path / "out", teacher=teacher, progress=False)
+    history = record.metrics["history"]
+    # every batch mixes texts the cut leaves alone with ones it changes: KL and hidden on the
+    # first, where the cut student starts exact (KL over the kept tokens 0: the teacher's
+    # distribution renormalized over them is the student's)
+    assert all("kl" in h and "hidden" in h for h in history)
+    assert history[0]["kl"] < 1e-6 and history[0]["hidden"] < 1e-9
+
+
 def test_config_always_has_a_budget():
     # The CLI and recipes read the same default: 200 steps, unless a time budget alone is given.
     assert FinetuneConfig(max_steps=None, max_minutes=None).max_steps == 200

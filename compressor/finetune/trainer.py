@@ -113,8 +113,9 @@ def distillation_loss(student_out, teacher_out, mask, config: FinetuneConfig, po
             logits_s, logits_t = logits_s[real], logits_t[t_real]
             if vocab_map is not None:  # the teacher's distribution over the tokens the student kept
                 logits_t = logits_t[:, vocab_map]
-        parts["kl"] = F.kl_div(F.log_softmax(logits_s.float(), -1), F.log_softmax(logits_t.float(), -1),
-                               log_target=True, reduction="batchmean")
+        if logits_s.shape == logits_t.shape:  # (a cut head padded past its tokenizer has no match)
+            parts["kl"] = F.kl_div(F.log_softmax(logits_s.float(), -1), F.log_softmax(logits_t.float(), -1),
+                                   log_target=True, reduction="batchmean")
     if config.label_weight and labels is not None and logits_s is not None and getattr(student_out, "logits", None).dim() == 2:
         parts["label"] = F.cross_entropy(student_out.logits.float(), labels)
     weights = {"hidden": config.hidden_weight, "embedding": config.embedding_weight, "kl": config.kl_weight,
