@@ -220,6 +220,36 @@ def test_a_vocabulary_cut_decoder_distils_with_kl_over_its_kept_tokens(family, t
     assert history[0]["kl"] < 1e-6 and history[0]["hidden"] < 1e-9
 
 
+def test_both_tokenizations_share_one_width_on_each_padding_side(tiny_dirs):
+    from compressor.finetune import common_width
+
+    model = load_model(tiny_dirs["gpt2"])
+    model.model.eval()
+    tok = model.tokenizer
+    for side in ("left", "right"):
+        tok.padding_side = side
+        short = tok(["the cat"], return_tensors="pt", padding=True)
+        wide = tok(["the cat", "the dog of sentence 3 is god"], return_tensors="pt", padding=True)
+        a, b = common_width(short, tok, wide, tok)
+        assert a["input_ids"].shape[1] == b["input_ids"].shape[1] == wide["input_ids"].shape[1]
+        assert torch.equal(a["input_ids"][0], b["input_ids"][0]) and torch.equal(a["attention_mask"][0], b["attention_mask"][0])
+        with torch.no_grad():  # so the same text gets the same outputs from a model with absolute positions
+            ha, hb = (model.model(input_ids=e["input_ids"], attention_mask=e["attention_mask"],
+                                  output_hidden_states=True).hidden_states[-1][0][e["attention_mask"][0].bool()]
+                      for e in (a, b))
+        torch.testing.assert_close(ha, hb, atol=1e-5, rtol=1e-5)
+
+
+def test_fidelity_of_a_cut_model_compares_hidden_states_only_on_the_same_tokens(tiny_dirs):
+    from compressor.pruning.vocab import prune_vocabulary
+
+    teacher, student = load_model(tiny_dirs["bert"]), load_model(tiny_dirs["bert"])
+    prune_vocabulary(student, TEXTS)
+    assert fidelity(student, teacher, TEXTS[:8])["hidden_state_error"] == [0.0] * 4  # the cut is exact here
+    # "jazz" becomes [UNK]s one for one: same lengths, other tokens, so no per-layer error is claimed
+    assert fidelity(student, teacher, TEXTS[:7] + ["jazz quiz"])["hidden_state_error"] is None
+
+
 def test_config_always_has_a_budget():
     # The CLI and recipes read the same default: 200 steps, unless a time budget alone is given.
     assert FinetuneConfig(max_steps=None, max_minutes=None).max_steps == 200

@@ -46,6 +46,25 @@ def check_teacher(student, teacher) -> None:
                           f"(e.g. {missing[0]!r}) are not in the teacher's; distil from the model it was made from")
 
 
+def teacher_ids(student_tokenizer, teacher_tokenizer, device: str = "cpu") -> torch.Tensor | None:
+    """The teacher's id of each student token id (``None`` when the two vocabularies are the same)."""
+    own, theirs = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if own == theirs:
+        return None
+    table = torch.zeros(max(own.values()) + 1, dtype=torch.long)
+    for token, i in own.items():
+        table[i] = theirs.get(token, -1)  # -1: no such teacher token (the row then differs)
+    return table.to(device)
+
+
+def same_tokens(ids, mask, t_ids, t_mask, table: torch.Tensor) -> torch.Tensor:
+    """Per text: whether the student's tokens, in teacher ids, are the teacher's tokens (whatever
+    the padding side)."""
+    real, t_real = mask.bool(), t_mask.bool()
+    return torch.tensor([bool(real[r].sum() == t_real[r].sum()) and torch.equal(table[ids[r][real[r]]], t_ids[r][t_real[r]])
+                         for r in range(len(ids))], device=ids.device)
+
+
 @torch.no_grad()
 def fidelity(compressed, original, texts: list[str], *, batch_size: int = 16, max_length: int = 128,
              device: str = "cpu") -> dict:
@@ -59,6 +78,7 @@ def fidelity(compressed, original, texts: list[str], *, batch_size: int = 16, ma
     # Each model reads the text with its own tokenizer (a vocabulary-pruned model has new ids).
     # Token-level comparisons need the same tokens; layer-wise ones the same number of layers.
     tokenizers = [original.tokenizer, compressed.tokenizer or original.tokenizer]
+    table = teacher_ids(tokenizers[1], tokenizers[0], device)  # None: the same vocabulary
     has_lm_head = all(hasattr(m.model, "get_output_embeddings") and m.model.get_output_embeddings() is not None
                       for m in (original, compressed))
     cos_sum, kl_sum, tokens = 0.0, 0.0, 0
@@ -71,10 +91,13 @@ def fidelity(compressed, original, texts: list[str], *, batch_size: int = 16, ma
         outs = [m(input_ids=e["input_ids"], attention_mask=e["attention_mask"], output_hidden_states=True)
                 for m, e in zip(models, (enc_t, enc_s))]
         mask = enc_t["attention_mask"]
-        same_tokens = enc_t["attention_mask"].shape == enc_s["attention_mask"].shape and bool(
+        alike = enc_t["attention_mask"].shape == enc_s["attention_mask"].shape and bool(
             (enc_t["attention_mask"] == enc_s["attention_mask"]).all())
-        token_level &= same_tokens
-        layer_wise &= same_tokens and len(outs[0].hidden_states) == len(outs[1].hidden_states)
+        if alike and table is not None:  # the same length is not the same tokens (a cut maps words to [UNK])
+            alike = bool(same_tokens(enc_s["input_ids"], enc_s["attention_mask"], enc_t["input_ids"],
+                                     enc_t["attention_mask"], table).all())
+        token_level &= alike
+        layer_wise &= alike and len(outs[0].hidden_states) == len(outs[1].hidden_states)
         real = mask.bool()
         if layer_wise:
             # per-layer hidden states (index 0 is the embedding output; layers start at 1)
@@ -87,7 +110,7 @@ def fidelity(compressed, original, texts: list[str], *, batch_size: int = 16, ma
         emb_t = pool(outs[0].hidden_states[-1], mask, original.pooling)
         emb_s = pool(outs[1].hidden_states[-1], enc_s["attention_mask"], original.pooling)
         cos_sum += float(F.cosine_similarity(emb_s.float(), emb_t.float(), dim=-1).sum())
-        if has_lm_head and token_level and outs[0].logits.shape == outs[1].logits.shape:
+        if has_lm_head and token_level and table is None and outs[0].logits.shape == outs[1].logits.shape:
             logp_t = F.log_softmax(outs[0].logits[real].float(), dim=-1)
             logp_s = F.log_softmax(outs[1].logits[real].float(), dim=-1)
             kl_sum += float(F.kl_div(logp_s, logp_t, log_target=True, reduction="sum"))

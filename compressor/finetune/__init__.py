@@ -2,7 +2,7 @@
 
 from .config import TRAIN_MODES, FinetuneConfig
 
-_TRAINER = ("check_teacher", "distillation_loss", "finetune", "layer_pairs", "same_tokens", "select_trainable", "teacher_ids")
+_TRAINER = ("check_teacher", "distillation_loss", "finetune", "common_width", "layer_pairs", "same_tokens", "select_trainable", "teacher_ids")
 
 
 def __getattr__(name):  # the trainer imports torch; load it on first use so `compress --help` stays instant

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..evaluation.fidelity import check_teacher
+from ..evaluation.fidelity import check_teacher, same_tokens, teacher_ids
 from ..models import LoadedModel, unique_parameters
 from ..models.heads import is_sequence_classifier
 from ..models.pooling import pool
@@ -46,7 +46,7 @@ from .state import STATE, TrainingState, check_resumable, select_trainable
 
 # STATE, check_resumable and select_trainable live in state.py; older callers import them from here.
 __all__ = ["STATE", "check_resumable", "check_teacher", "distillation_loss", "finetune", "layer_pairs", "same_tokens",
-           "select_trainable", "teacher_ids"]
+           "select_trainable", "teacher_ids", "common_width"]
 
 REPORT = "finetune_report.json"
 
@@ -113,7 +113,8 @@ def distillation_loss(student_out, teacher_out, mask, config: FinetuneConfig, po
             logits_s, logits_t = logits_s[real], logits_t[t_real]
             if vocab_map is not None:  # the teacher's distribution over the tokens the student kept
                 logits_t = logits_t[:, vocab_map]
-        if logits_s.shape == logits_t.shape:  # (a cut head padded past its tokenizer has no match)
+        # (a cut head with rows past its tokenizer's ids has no teacher column to match: no KL)
+        if vocab_map is None or logits_s.shape == logits_t.shape:
             parts["kl"] = F.kl_div(F.log_softmax(logits_s.float(), -1), F.log_softmax(logits_t.float(), -1),
                                    log_target=True, reduction="batchmean")
     if config.label_weight and labels is not None and logits_s is not None and getattr(student_out, "logits", None).dim() == 2:
@@ -273,6 +274,7 @@ def _train(run: _Run, *, progress: bool) -> str:
                 t_enc = None
                 if run.vocab_map is not None:  # the same texts in the teacher's own tokens
                     t_enc, _ = run.data.batch(state.step, config, run.teacher_tokenizer, run.device)
+                    enc, t_enc = common_width(enc, student.tokenizer, t_enc, run.teacher_tokenizer)
                 with autocast:
                     loss, parts = _batch_loss(run, enc, labels, is_encoder=is_encoder, t_enc=t_enc)
                 state.take_step(loss, parts)
@@ -313,23 +315,21 @@ def _batch_loss(run: _Run, enc, labels: torch.Tensor | None, *, is_encoder: bool
                              is_encoder=is_encoder, **extra)
 
 
-def teacher_ids(student_tokenizer, teacher_tokenizer, device: str = "cpu") -> torch.Tensor | None:
-    """The teacher's id of each student token id (``None`` when the two vocabularies are the same)."""
-    own, theirs = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    if own == theirs:
-        return None
-    table = torch.zeros(max(own.values()) + 1, dtype=torch.long)
-    for token, i in own.items():
-        table[i] = theirs[token]
-    return table.to(device)
+def common_width(enc, tokenizer, t_enc, t_tokenizer):
+    """Both batches padded to one width, each on its tokenizer's padding side: a text both split
+    alike then sits at the same positions in both (left padding moves the positions of models
+    that do not derive them from the mask, such as GPT-2)."""
+    width = max(enc["input_ids"].shape[1], t_enc["input_ids"].shape[1])
+    return _padded(enc, width, tokenizer), _padded(t_enc, width, t_tokenizer)
 
 
-def same_tokens(ids, mask, t_ids, t_mask, table: torch.Tensor) -> torch.Tensor:
-    """Per text: whether the student's tokens, in teacher ids, are the teacher's tokens (whatever
-    the padding side)."""
-    real, t_real = mask.bool(), t_mask.bool()
-    return torch.tensor([bool(real[r].sum() == t_real[r].sum()) and torch.equal(table[ids[r][real[r]]], t_ids[r][t_real[r]])
-                         for r in range(len(ids))], device=ids.device)
+def _padded(enc, width: int, tokenizer) -> dict:
+    extra = width - enc["input_ids"].shape[1]
+    if extra == 0:
+        return enc
+    pad = (extra, 0) if tokenizer.padding_side == "left" else (0, extra)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return {"input_ids": F.pad(enc["input_ids"], pad, value=pad_id), "attention_mask": F.pad(enc["attention_mask"], pad, value=0)}
 
 
 class _StopFlag:
