@@ -161,6 +161,18 @@ def test_ctrl_c_leaves_a_usable_checkpoint(student_dir, data_file, tiny_dirs, tm
     load_model(out)  # usable
 
 
+def distil_cut_student(student, teacher, tmp_path, *, steps: int):
+    """Save the cut ``student`` to tmp_path/cut and distil it into tmp_path/out on texts half of
+    which the cut leaves alone ("jazz quiz" is outside TEXTS' characters); the stage record."""
+    save_checkpoint(student, tmp_path / "cut")
+    data = tmp_path / "mixed.txt"
+    data.write_text("\n".join(t for i, w in enumerate(TEXTS) for t in (w, f"jazz quiz {i} {w[:9]}")))
+    _, record = finetune(load_model(tmp_path / "cut"), FinetuneConfig(
+        data=str(data), max_steps=steps, batch_size=8, max_length=32, lr=1e-2, save_every=0, train="all"),
+        output=tmp_path / "out", teacher=teacher, progress=False)
+    return record
+
+
 def test_a_vocabulary_cut_student_distils_from_its_full_vocabulary_teacher(tiny_dirs, tmp_path):
     from compressor.evaluation.fidelity import check_teacher
     from compressor.finetune import distillation_loss, same_tokens, teacher_ids
@@ -185,12 +197,7 @@ def test_a_vocabulary_cut_student_distils_from_its_full_vocabulary_teacher(tiny_
     # the cut leaves the text it covers exact (token terms on it alone); the other text differs
     assert parts["hidden"] < 1e-10 and parts["embedding"] > 1e-4
     # finetune runs on the cut student, each model reading with its own tokenizer, and learns
-    save_checkpoint(student, tmp_path / "cut")
-    data = tmp_path / "mixed.txt"
-    data.write_text("\n".join(t for i, w in enumerate(TEXTS) for t in (w, f"jazz quiz {i} {w[:9]}")))
-    trained, record = finetune(load_model(tmp_path / "cut"), FinetuneConfig(
-        data=str(data), max_steps=30, batch_size=8, max_length=32, lr=1e-2, save_every=0, train="all"),
-        output=tmp_path / "out", teacher=teacher, progress=False)
+    record = distil_cut_student(student, teacher, tmp_path, steps=30)
     assert record.metrics["loss_last"] < 0.8 * record.metrics["loss_first"]
     assert load_model(tmp_path / "out").tokenizer.get_vocab() == own
     # a student with tokens the teacher lacks is no cut of it
@@ -206,12 +213,7 @@ def test_a_vocabulary_cut_decoder_distils_with_kl_over_its_kept_tokens(family, t
 
     teacher, student = load_model(tiny_dirs[family]), load_model(tiny_dirs[family])
     prune_vocabulary(student, TEXTS)
-    save_checkpoint(student, tmp_path / "cut")
-    data = tmp_path / "mixed.txt"
-    data.write_text("\n".join(t for i, w in enumerate(TEXTS) for t in (w, f"jazz quiz {i} {w[:9]}")))
-    _, record = finetune(load_model(tmp_path / "cut"), FinetuneConfig(
-        data=str(data), max_steps=20, batch_size=8, max_length=32, lr=1e-2, save_every=0, train="all"),
-        output=tmp_path / "out", teacher=teacher, progress=False)
+    record = distil_cut_student(student, teacher, tmp_path, steps=20)
     history = record.metrics["history"]
     # every batch mixes texts the cut leaves alone with ones it changes: KL and hidden on the
     # first, where the cut student starts exact (KL over the kept tokens 0: the teacher's
