@@ -125,6 +125,13 @@ def _snapshot(loaded) -> dict:
     }
 
 
+def _alphabet(vocab: dict[str, int], kept: set[int]) -> set[int]:
+    """WordPiece's single-character pieces, word-start and continuation, of the kept tokens' characters."""
+    token_of = {i: t for t, i in vocab.items()}
+    chars = {c for i in kept if token_of[i] != "[UNK]" for c in token_of[i].removeprefix("##") or "#"}
+    return {vocab[p] for c in chars for p in (c, "##" + c) if p in vocab}
+
+
 def _check_pruned(loaded, before: dict, metrics: dict, tmp_path) -> None:
     tok, model, config = loaded.tokenizer, loaded.model, loaded.model.config
     new_vocab = tok.get_vocab()
@@ -137,8 +144,12 @@ def _check_pruned(loaded, before: dict, metrics: dict, tmp_path) -> None:
     assert metrics["kept_from_data"] == metrics["distinct_tokens"] == len(before["used"])
     assert metrics["vocab_after"] == len(new_vocab) == (
         metrics["kept_from_data"] + metrics["kept_special"] + metrics["kept_for_tokenizer"])
-    if metrics["tokenizer_model"] in ("WordLevel", "WordPiece"):  # exactly the tokens used + the specials
+    if metrics["tokenizer_model"] == "WordLevel":  # exactly the tokens used + the specials
         assert set(old_of_new) == kept and metrics["kept_for_tokenizer"] == 0
+    if metrics["tokenizer_model"] == "WordPiece":  # ... and their characters, as "c" and "##c"
+        alphabet = _alphabet(before["vocab"], kept)
+        assert set(old_of_new) == kept | alphabet
+        assert metrics["kept_for_tokenizer"] == len(alphabet - kept) > 0
     assert metrics["coverage"] == 1.0 and metrics["texts_tokenized_differently"] == 0
     assert metrics["params_removed"] == metrics["embedding_params_before"] - metrics["embedding_params_after"] > 0
 
@@ -258,6 +269,20 @@ def test_min_count_drops_rare_tokens(tiny_dirs):
     assert _outputs(loaded, [rare]).shape[1] == len(ids)
 
 
+def test_wordpiece_spells_a_dropped_word_instead_of_reading_unk():
+    # min_count drops "unbelievable" (used once); the alphabet of the kept words (a pangram) is
+    # kept as word starts and continuations, so the word still reads, letter by letter at worst
+    loaded = compressor.load(None)
+    word = "unbelievable"
+    assert loaded.tokenizer.tokenize(word) == [word]
+    metrics = prune_vocabulary(loaded, ["the quick brown fox jumps over a lazy dog"] * 5 + [word], min_count=5)
+    assert metrics["texts_tokenized_differently"] == 1
+    pieces = loaded.tokenizer.tokenize(word)
+    assert "[UNK]" not in pieces and len(pieces) > 1
+    assert "".join(p.removeprefix("##") for p in pieces) == word
+    assert loaded.tokenizer.tokenize("the lazy fox") == ["the", "lazy", "fox"]  # kept words as before
+
+
 def test_sharing_survives_vocabulary_pruning(tiny_dirs, tmp_path):
     loaded = compressor.load(tiny_dirs["bert"])
     loaded, _ = share(loaded, ShareConfig(plan="0-1,2-3", lora_rank=2, fidelity=False))
@@ -318,7 +343,8 @@ def test_minilm_embedding_shrinks_by_more_than_half(tmp_path):
     assert metrics["vocab_before"] == 30522 and metrics["tokenizer_model"] == "WordPiece"
     assert metrics["embedding_params_after"] < 0.5 * metrics["embedding_params_before"]
     assert metrics["params_before"] - metrics["params_after"] == metrics["params_removed"] > 0.4 * 11_720_448
-    assert metrics["vocab_after"] == metrics["distinct_tokens"] + metrics["kept_special"]
+    assert metrics["vocab_after"] == metrics["distinct_tokens"] + metrics["kept_special"] + metrics["kept_for_tokenizer"]
+    assert 0 < metrics["kept_for_tokenizer"] < 500  # the alphabet: a few hundred rows
     assert torch.equal(_outputs(loaded, DOMAIN), before["outputs"])  # bit for bit
     ids = loaded.tokenizer(texts)["input_ids"]
     assert max(max(i) for i in ids) < metrics["vocab_after"]

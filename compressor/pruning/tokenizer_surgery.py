@@ -5,8 +5,12 @@ gets exactly the same tokens as before. What must be kept for the tokenizer to r
 segmentation depends on its model (`tokenizer_needs`):
 
 * ``WordLevel``: the tokens used; nothing else.
-* ``WordPiece``: the tokens used. Greedy longest-match can only pick a kept piece where it
-  picked it before, since any longer kept piece was in the old vocabulary too.
+* ``WordPiece``: the tokens used, and the alphabet they are made of: each of their characters
+  as a word start and as a continuation (``a`` and ``##a``). Greedy longest-match can only
+  pick a kept piece where it picked it before, since any longer kept piece was in the old
+  vocabulary too; the alphabet changes nothing there, but a word whose pieces were dropped
+  (``min_count > 1``, or text outside the domain) still splits, down to its characters,
+  instead of reading as one ``[UNK]``.
 * ``BPE``: the tokens used, every token a merge producing a kept token starts from (closed
   recursively down to the characters), and the merges whose two parts and result are all
   kept, in their old order. A word then merges exactly as before: every merge it made is
@@ -21,7 +25,8 @@ segmentation depends on its model (`tokenizer_needs`):
 
 Text outside the domain still tokenizes, with what is kept: WordPiece splits a word into the
 kept pieces and maps a word it cannot split to ``[UNK]`` (as it did before for words outside
-its vocabulary); BPE falls back to shorter pieces, down to bytes for byte-level BPE and to the
+its vocabulary; with the alphabet kept, only words with characters the domain never used);
+BPE falls back to shorter pieces, down to bytes for byte-level BPE and to the
 unknown token otherwise; Unigram to the kept pieces, and the unknown token for characters no
 kept piece covers.
 
@@ -103,11 +108,31 @@ def tokenizer_needs(model_state: dict, pre_tokenizer: dict | None, kept: set[int
         Ids to keep, ``kept`` included for BPE, not for the other models.
     """
     kind = model_state["type"]
-    if kind in ("WordLevel", "WordPiece"):
+    if kind == "WordLevel":
         return set()
+    if kind == "WordPiece":
+        return _wordpiece_alphabet(model_state, kept)
     if kind == "Unigram":
         return _unigram_needs(model_state)
     return _bpe_needs(model_state, pre_tokenizer, kept)
+
+
+def _wordpiece_alphabet(model_state: dict, kept: set[int]) -> set[int]:
+    """The single-character pieces, word-start and continuation, of every character in ``kept``.
+
+    Without them a word with one dropped piece reads as ``[UNK]``, all of it: WordPiece gives
+    up on a word it cannot split to the end. A few hundred rows buy that it never does for the
+    domain's characters.
+    """
+    vocab: dict[str, int] = model_state["vocab"]
+    prefix = model_state.get("continuing_subword_prefix") or "##"
+    id_to_token = {i: t for t, i in vocab.items()}
+    chars = set()
+    for i in kept:
+        token = id_to_token.get(i)
+        if token is not None and token != model_state.get("unk_token"):
+            chars.update(token[len(prefix):] if token.startswith(prefix) and token != prefix else token)
+    return {vocab[p] for c in chars for p in (c, prefix + c) if p in vocab}
 
 
 def _unigram_needs(model_state: dict) -> set[int]:

@@ -73,9 +73,10 @@ def prune_vocabulary(loaded: LoadedModel, texts: list[str], *, min_count: int = 
         occurrences whose token is kept; 1.0 with ``min_count=1``); ``texts``,
         ``data_tokens`` (occurrences), ``distinct_tokens`` (distinct ids the text uses),
         ``kept_from_data``, ``kept_special`` (special/added/config tokens the text does not
-        use), ``kept_for_tokenizer`` (tokens kept only so the tokenizer works: BPE merge
-        parts, bytes, Unigram's lowest-scoring piece); ``texts_tokenized_differently`` (0 with
-        ``min_count=1``); ``config_ids_dropped`` (config token ids that name no token).
+        use), ``kept_for_tokenizer`` (tokens kept only so the tokenizer works: WordPiece's
+        alphabet, BPE merge parts, bytes, Unigram's lowest-scoring piece);
+        ``texts_tokenized_differently`` (0 with ``min_count=1``); ``config_ids_dropped``
+        (config token ids that name no token).
 
     Raises:
         DataError: ``texts`` is empty or holds no text.
