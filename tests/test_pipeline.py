@@ -65,14 +65,20 @@ def test_recipe_errors_name_their_line(tmp_path, text, line, message):
 
 def test_shipped_recipes_are_valid():
     names = {load_recipe(p).name for p in RECIPES.glob("*.yaml") if p.name != "manifest.yaml"}
-    assert {"demo", "demo-share", "quick", "baseline", "deploy", "prune-int8"} <= names
+    assert {"demo", "demo-depth", "demo-share", "quick", "baseline", "deploy", "prune-int8"} <= names
     demo = load_recipe(RECIPES / "demo.yaml")
-    assert [s.name for s in demo.stages] == ["prune", "finetune", "prune", "quantize", "export", "report"]
-    assert demo.stages[0].config.drop_layers == 2 and demo.stages[3].config.embedding_bits == 4
-    assert demo.stages[3].config.per_channel is True
+    assert [s.name for s in demo.stages] == ["prune", "prune", "finetune", "quantize", "export", "report"]
+    # 2 of 12 heads (round(0.17 * 12)) and half the FFN, then the vocabulary cut before distilling
+    assert demo.stages[0].config.heads == 0.17 and demo.stages[0].config.ffn == 0.5
+    assert round(demo.stages[0].config.heads * 12) == 2
+    assert demo.stages[1].config.vocab_min_count == 3 and demo.stages[1].config.vocab_from
+    assert demo.stages[3].config.embedding_bits == 4 and demo.stages[3].config.per_channel is True
     # a budget in steps, so that a busy machine trains the same model; the report scores the suite
-    assert demo.stages[1].config.max_steps == 3000 and demo.stages[1].config.max_minutes is None
+    assert demo.stages[2].config.max_steps == 3000 and demo.stages[2].config.max_minutes is None
     assert demo.stages[4].config.optimize == 2 and demo.stages[5].config.suite
+    depth = load_recipe(RECIPES / "demo-depth.yaml")
+    assert [s.name for s in depth.stages] == ["prune", "finetune", "prune", "quantize", "export", "report"]
+    assert depth.stages[0].config.drop_layers == 2
     shared = load_recipe(RECIPES / "demo-share.yaml")
     assert [s.name for s in shared.stages] == ["share", "prune", "finetune", "prune", "quantize", "export", "report"]
     assert shared.stages[0].config.groups == 5 and shared.stages[0].config.lora_rank == 0
