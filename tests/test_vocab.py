@@ -128,7 +128,7 @@ def _snapshot(loaded) -> dict:
 def _alphabet(vocab: dict[str, int], kept: set[int]) -> set[int]:
     """WordPiece's single-character pieces, word-start and continuation, of the kept tokens' characters."""
     token_of = {i: t for t, i in vocab.items()}
-    chars = {c for i in kept if token_of[i] != "[UNK]" for c in token_of[i].removeprefix("##") or "#"}
+    chars = {c for i in kept for c in token_of[i].removeprefix("##") or "#"}
     return {vocab[p] for c in chars for p in (c, "##" + c) if p in vocab}
 
 
@@ -147,7 +147,7 @@ def _check_pruned(loaded, before: dict, metrics: dict, tmp_path) -> None:
     if metrics["tokenizer_model"] == "WordLevel":  # exactly the tokens used + the specials
         assert set(old_of_new) == kept and metrics["kept_for_tokenizer"] == 0
     if metrics["tokenizer_model"] == "WordPiece":  # ... and their characters, as "c" and "##c"
-        alphabet = _alphabet(before["vocab"], kept)
+        alphabet = _alphabet(before["vocab"], before["used"] - before["specials"])
         assert set(old_of_new) == kept | alphabet
         assert metrics["kept_for_tokenizer"] == len(alphabet - kept) > 0
     assert metrics["coverage"] == 1.0 and metrics["texts_tokenized_differently"] == 0
@@ -281,6 +281,23 @@ def test_wordpiece_spells_a_dropped_word_instead_of_reading_unk():
     assert "[UNK]" not in pieces and len(pieces) > 1
     assert "".join(p.removeprefix("##") for p in pieces) == word
     assert loaded.tokenizer.tokenize("the lazy fox") == ["the", "lazy", "fox"]  # kept words as before
+
+
+def test_wordpiece_gives_up_where_it_gave_up_before():
+    # "abc" reads as [UNK]: greedy takes "ab", then finds no "##c". Cut to the used tokens plus
+    # the alphabet, "a" + "##bc" would split it; keeping "ab", the piece taken before giving up,
+    # makes the cut tokenizer give up at the same place
+    vocab = {t: i for i, t in enumerate(["[UNK]", "[CLS]", "[SEP]", "a", "##a", "ab", "##b", "##bc", "x"])}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    model = make_model("bert", vocab_size=len(vocab))
+    loaded = LoadedModel(model, tok, get_adapter(model), "tiny")
+    text = "abc xbc xa"
+    assert tok.tokenize(text) == ["[UNK]", "x", "##bc", "x", "##a"]
+    metrics = prune_vocabulary(loaded, [text])
+    assert loaded.tokenizer.tokenize(text) == ["[UNK]", "x", "##bc", "x", "##a"]
+    assert "ab" in loaded.tokenizer.get_vocab() and metrics["texts_tokenized_differently"] == 0
 
 
 def test_sharing_survives_vocabulary_pruning(tiny_dirs, tmp_path):

@@ -5,12 +5,14 @@ gets exactly the same tokens as before. What must be kept for the tokenizer to r
 segmentation depends on its model (`tokenizer_needs`):
 
 * ``WordLevel``: the tokens used; nothing else.
-* ``WordPiece``: the tokens used, and the alphabet they are made of: each of their characters
-  as a word start and as a continuation (``a`` and ``##a``). Greedy longest-match can only
-  pick a kept piece where it picked it before, since any longer kept piece was in the old
-  vocabulary too; the alphabet changes nothing there, but a word whose pieces were dropped
-  (``min_count > 1``, or text outside the domain) still splits, down to its characters,
-  instead of reading as one ``[UNK]``.
+* ``WordPiece``: the tokens used; the pieces greedy longest-match took in each domain word it
+  then gave up on (``[UNK]`` words); and the alphabet of the kept tokens: each character as a
+  word start and as a continuation (``a`` and ``##a``). Greedy longest-match can only pick a
+  kept piece where it picked it before, since any longer kept piece was in the old vocabulary
+  too; in a word that split, every piece it took is kept, and in an ``[UNK]`` word the pieces
+  up to where it gave up are kept, so it gives up at the same place. The alphabet then changes
+  no domain word, but a word whose pieces were dropped (``min_count > 1``, or text outside
+  the domain) still splits, down to its characters, instead of reading as one ``[UNK]``.
 * ``BPE``: the tokens used, every token a merge producing a kept token starts from (closed
   recursively down to the characters), and the merges whose two parts and result are all
   kept, in their old order. A word then merges exactly as before: every merge it made is
@@ -96,22 +98,26 @@ def _post_processor_ids(pp: dict | None) -> set[int]:
     return set(_remap_post_processor(pp, None)[1]) if pp else set()
 
 
-def tokenizer_needs(model_state: dict, pre_tokenizer: dict | None, kept: set[int]) -> set[int]:
+def tokenizer_needs(model_state: dict, pre_tokenizer: dict | None, kept: set[int],
+                    special: set[int] = frozenset()) -> set[int]:
     """Ids the tokenizer model needs beyond ``kept`` to segment the text as before (module notes).
 
     Args:
         model_state: The ``model`` entry of the tokenizer state.
         pre_tokenizer: Its ``pre_tokenizer`` entry (byte-level BPE keeps its byte alphabet).
         kept: The ids kept for their own sake.
+        special: The special and added ids among ``kept`` (WordPiece's alphabet leaves their
+            characters out: the pre-tokenizer never hands ``[CLS]``'s ``[`` to the model).
 
     Returns:
-        Ids to keep, ``kept`` included for BPE, not for the other models.
+        Ids to keep, ``kept`` included for BPE, not for the other models. WordPiece's dead
+        ends (`wordpiece_dead_ends`) need the text and are added by the caller.
     """
     kind = model_state["type"]
     if kind == "WordLevel":
         return set()
     if kind == "WordPiece":
-        return _wordpiece_alphabet(model_state, kept)
+        return _wordpiece_alphabet(model_state, kept - set(special))
     if kind == "Unigram":
         return _unigram_needs(model_state)
     return _bpe_needs(model_state, pre_tokenizer, kept)
@@ -125,14 +131,52 @@ def _wordpiece_alphabet(model_state: dict, kept: set[int]) -> set[int]:
     domain's characters.
     """
     vocab: dict[str, int] = model_state["vocab"]
-    prefix = model_state.get("continuing_subword_prefix") or "##"
+    prefix = model_state.get("continuing_subword_prefix", "##")
     id_to_token = {i: t for t, i in vocab.items()}
     chars = set()
     for i in kept:
         token = id_to_token.get(i)
-        if token is not None and token != model_state.get("unk_token"):
-            chars.update(token[len(prefix):] if token.startswith(prefix) and token != prefix else token)
+        if token is None or token == model_state.get("unk_token"):
+            continue
+        chars.update(token[len(prefix):] if prefix and token.startswith(prefix) and token != prefix else token)
     return {vocab[p] for c in chars for p in (c, prefix + c) if p in vocab}
+
+
+def wordpiece_dead_ends(tok, model_state: dict, texts: list[str]) -> set[int]:
+    """The pieces WordPiece took in each word of ``texts`` before giving up on it (``[UNK]``).
+
+    Kept, they make the pruned tokenizer give up at the same place: without them a shorter
+    kept piece (or the alphabet) could split a word the full vocabulary read as ``[UNK]``.
+    Greedy longest-match as the tokenizers library runs it, on the words its normalizer and
+    pre-tokenizer give.
+    """
+    backend = tok.backend_tokenizer
+    vocab: dict[str, int] = model_state["vocab"]
+    prefix = model_state.get("continuing_subword_prefix", "##")
+    max_chars = model_state.get("max_input_chars_per_word", 100)
+    words = set()
+    for text in texts:
+        if backend.normalizer is not None:
+            text = backend.normalizer.normalize_str(text)
+        if backend.pre_tokenizer is not None:
+            words.update(w for w, _ in backend.pre_tokenizer.pre_tokenize_str(text))
+        else:
+            words.add(text)
+    need: set[int] = set()
+    for word in words:
+        if len(word) > max_chars:  # read as [UNK] whole, before any piece is tried
+            continue
+        pieces, start = [], 0
+        while start < len(word):
+            end = len(word)
+            while end > start and (prefix if start else "") + word[start:end] not in vocab:
+                end -= 1
+            if end == start:  # a dead end: the word reads as [UNK]
+                need.update(vocab[p] for p in pieces)
+                break
+            pieces.append((prefix if start else "") + word[start:end])
+            start = end
+    return need
 
 
 def _unigram_needs(model_state: dict) -> set[int]:

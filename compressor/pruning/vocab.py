@@ -39,6 +39,7 @@ from .tokenizer_surgery import (
     special_ids,
     tokenizer_needs,
     tokenizer_state,
+    wordpiece_dead_ends,
 )
 
 if TYPE_CHECKING:
@@ -156,7 +157,9 @@ def _plan(tok, model, texts: list[str], min_count: int) -> VocabularyPlan:
     special = special_ids(tok, state, vocab)
     token_ids = set(vocab.values())
     special |= {i for i in model_token_ids(model) if i in token_ids}
-    for_tokenizer = tokenizer_needs(state["model"], state.get("pre_tokenizer"), from_data | special)
+    for_tokenizer = tokenizer_needs(state["model"], state.get("pre_tokenizer"), from_data | special, special)
+    if state["model"]["type"] == "WordPiece":
+        for_tokenizer |= wordpiece_dead_ends(tok, state["model"], texts)
     return VocabularyPlan(state, counts, encoded, min_count, from_data, special, for_tokenizer)
 
 
