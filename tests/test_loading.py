@@ -45,6 +45,8 @@ def test_bundled_minilm_is_the_default():
     assert (g.num_layers, g.hidden_size, g.num_heads, g.intermediate_size) == (6, 384, 12, 1536)
     assert loaded.pooling == "mean"
     assert loaded.name.startswith("all-MiniLM-L6-v2")
+    # by alias or by its folder (what a checkpoint records as its origin), named the same
+    assert load_model("bundled").name == load_model(loaded.source).name == loaded.name
     params = sum(p.numel() for p in loaded.model.parameters())
     assert 22_000_000 < params < 23_000_000  # 22.7M, as its model card says
     enc = loaded.tokenizer(["a real sentence"], return_tensors="pt")

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..adapters import declared_adapter
 from ..errors import ModelLoadError, UnsupportedModelError, first_line
-from ..hub import BUNDLED_ALIAS, BUNDLED_NAME, cached_or_reachable, resolve, st_modules
+from ..hub import BUNDLED_ALIAS, BUNDLED_NAME, bundled_model_dir, cached_or_reachable, resolve, st_modules
 from ..io import quiet
 from .loaded import LoadedModel, fit_tokenizer, load_config, load_tokenizer
 
@@ -68,6 +68,13 @@ def as_loaded(model: LoadedModel | str | os.PathLike | None, **kwargs: Any) -> L
     return model if isinstance(model, LoadedModel) else load_model(model, **kwargs)
 
 
+def _is_bundled(location: str) -> bool:
+    try:
+        return Path(location).resolve() == bundled_model_dir().resolve()
+    except ModelLoadError:  # the bundled package is not installed
+        return False
+
+
 def load_model(
     spec: str | os.PathLike | None = None,
     *,
@@ -94,8 +101,8 @@ def load_model(
             the adapter failed its mapping self-check on the loaded weights.
     """
     location, local = resolve(spec)
-    if spec is not None and str(spec) == BUNDLED_ALIAS:
-        spec = None
+    if spec is not None and (str(spec) == BUNDLED_ALIAS or (local and _is_bundled(location))):
+        spec = None  # the bundled model by its folder (a checkpoint's origin): named as the bundled model
     shown = str(spec) if spec is not None else BUNDLED_NAME
     if local:
         from .checkpoint import is_checkpoint, load_checkpoint
