@@ -207,6 +207,31 @@ def test_a_vocabulary_cut_student_distils_from_its_full_vocabulary_teacher(tiny_
         check_teacher(other, teacher)
 
 
+def test_a_vocabulary_cut_student_resumes_to_the_same_weights(tiny_dirs, tmp_path):
+    from compressor.pruning.vocab import prune_vocabulary
+
+    teacher, student = load_model(tiny_dirs["bert"]), load_model(tiny_dirs["bert"])
+    prune_vocabulary(student, TEXTS)
+    save_checkpoint(student, tmp_path / "cut")
+    data = tmp_path / "mixed.txt"
+    data.write_text("\n".join(t for i, w in enumerate(TEXTS) for t in (w, f"jazz quiz {i} {w[:9]}")))
+
+    def run(steps, out, resume=False):
+        start = load_model(out if resume else tmp_path / "cut")
+        return finetune(start, FinetuneConfig(data=str(data), max_steps=steps, batch_size=8, max_length=32, lr=1e-2,
+                                              save_every=0, train="all"),
+                        output=out, teacher=teacher, resume=resume, progress=False)
+
+    straight, _ = run(6, tmp_path / "a")
+    run(3, tmp_path / "b")
+    resumed, record = run(6, tmp_path / "b", resume=True)
+    assert record.metrics["steps"] == 6 and record.metrics["steps_this_run"] == 3
+    assert resumed.tokenizer.get_vocab() == student.tokenizer.get_vocab()  # still the cut vocabulary
+    w_resumed = weights(resumed)
+    for k, v in weights(straight).items():
+        torch.testing.assert_close(w_resumed[k], v, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_a_vocabulary_cut_decoder_distils_with_kl_over_its_kept_tokens(family, tiny_dirs, tmp_path):
     from compressor.pruning.vocab import prune_vocabulary
