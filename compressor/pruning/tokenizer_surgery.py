@@ -98,29 +98,30 @@ def _post_processor_ids(pp: dict | None) -> set[int]:
     return set(_remap_post_processor(pp, None)[1]) if pp else set()
 
 
-def tokenizer_needs(model_state: dict, pre_tokenizer: dict | None, kept: set[int],
-                    special: set[int] = frozenset()) -> set[int]:
+def tokenizer_needs(tok, state: dict, kept: set[int], special: set[int], unknown_texts: list[str]) -> set[int]:
     """Ids the tokenizer model needs beyond ``kept`` to segment the text as before (module notes).
 
     Args:
-        model_state: The ``model`` entry of the tokenizer state.
-        pre_tokenizer: Its ``pre_tokenizer`` entry (byte-level BPE keeps its byte alphabet).
+        tok: The fast tokenizer (WordPiece re-reads ``unknown_texts`` with its normalizer and
+            pre-tokenizer).
+        state: Its ``tokenizer.json`` state (`tokenizer_state`).
         kept: The ids kept for their own sake.
         special: The special and added ids among ``kept`` (WordPiece's alphabet leaves their
             characters out: the pre-tokenizer never hands ``[CLS]``'s ``[`` to the model).
+        unknown_texts: The domain texts that hold the unknown token (WordPiece's dead ends).
 
     Returns:
-        Ids to keep, ``kept`` included for BPE, not for the other models. WordPiece's dead
-        ends (`wordpiece_dead_ends`) need the text and are added by the caller.
+        Ids to keep, ``kept`` included for BPE, not for the other models.
     """
+    model_state = state["model"]
     kind = model_state["type"]
     if kind == "WordLevel":
         return set()
     if kind == "WordPiece":
-        return _wordpiece_alphabet(model_state, kept - set(special))
+        return _wordpiece_alphabet(model_state, kept - special) | _wordpiece_dead_ends(tok, model_state, unknown_texts)
     if kind == "Unigram":
         return _unigram_needs(model_state)
-    return _bpe_needs(model_state, pre_tokenizer, kept)
+    return _bpe_needs(model_state, state.get("pre_tokenizer"), kept)
 
 
 def _wordpiece_alphabet(model_state: dict, kept: set[int]) -> set[int]:
@@ -142,7 +143,7 @@ def _wordpiece_alphabet(model_state: dict, kept: set[int]) -> set[int]:
     return {vocab[p] for c in chars for p in (c, prefix + c) if p in vocab}
 
 
-def wordpiece_dead_ends(tok, model_state: dict, texts: list[str]) -> set[int]:
+def _wordpiece_dead_ends(tok, model_state: dict, texts: list[str]) -> set[int]:
     """The pieces WordPiece took in each word of ``texts`` before giving up on it (``[UNK]``).
 
     Kept, they make the pruned tokenizer give up at the same place: without them a shorter
@@ -168,13 +169,12 @@ def wordpiece_dead_ends(tok, model_state: dict, texts: list[str]) -> set[int]:
             continue
         pieces, start = [], 0
         while start < len(word):
-            end = len(word)
-            while end > start and (prefix if start else "") + word[start:end] not in vocab:
-                end -= 1
+            lead = prefix if start else ""
+            end = next((e for e in range(len(word), start, -1) if lead + word[start:e] in vocab), start)
             if end == start:  # a dead end: the word reads as [UNK]
                 need.update(vocab[p] for p in pieces)
                 break
-            pieces.append((prefix if start else "") + word[start:end])
+            pieces.append(lead + word[start:end])
             start = end
     return need
 

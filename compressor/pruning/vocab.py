@@ -39,7 +39,6 @@ from .tokenizer_surgery import (
     special_ids,
     tokenizer_needs,
     tokenizer_state,
-    wordpiece_dead_ends,
 )
 
 if TYPE_CHECKING:
@@ -157,9 +156,8 @@ def _plan(tok, model, texts: list[str], min_count: int) -> VocabularyPlan:
     special = special_ids(tok, state, vocab)
     token_ids = set(vocab.values())
     special |= {i for i in model_token_ids(model) if i in token_ids}
-    for_tokenizer = tokenizer_needs(state["model"], state.get("pre_tokenizer"), from_data | special, special)
-    if state["model"]["type"] == "WordPiece":
-        for_tokenizer |= wordpiece_dead_ends(tok, state["model"], texts)
+    unknown_texts = [t for t, ids in zip(texts, plain["input_ids"]) if tok.unk_token_id in ids]
+    for_tokenizer = tokenizer_needs(tok, state, from_data | special, special, unknown_texts)
     return VocabularyPlan(state, counts, encoded, min_count, from_data, special, for_tokenizer)
 
 
