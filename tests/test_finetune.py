@@ -334,3 +334,52 @@ def test_the_neighbour_loss_reads_only_how_each_text_ranks_and_spaces_its_neighb
     noisy = teacher + 0.3 * torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
     shuffled = teacher[torch.randperm(16, generator=torch.Generator().manual_seed(3))]
     assert 0 < float(neighbour_loss(noisy, teacher)) < float(neighbour_loss(shuffled, teacher))
+
+
+def test_data_from_several_sources_interleaves_them_and_leaves_out_the_holdout(tiny_dirs, tmp_path):
+    from compressor.finetune.data import load_training_data
+
+    a, b, held = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "held.txt"
+    a.write_text("\n".join(TEXTS[:10]))
+    b.write_text("\n".join(TEXTS[10:14]))
+    held.write_text("\n".join([TEXTS[1], TEXTS[11], "a text the data does not hold"]))
+    student = load_model(tiny_dirs["bert"])
+    data = load_training_data(student, FinetuneConfig(data=f"{a},{b}", holdout=str(held)))
+    assert data.texts == [TEXTS[0], TEXTS[10], TEXTS[2], TEXTS[12], TEXTS[3], TEXTS[13], *TEXTS[4:10]]
+    assert data.held_out == 2
+    # max_samples counts the texts trained on, after the holdout
+    assert load_training_data(student, FinetuneConfig(data=f"{a},{b}", holdout=str(held), max_samples=3)).texts == \
+        [TEXTS[0], TEXTS[10], TEXTS[2]]
+    with pytest.raises(ConfigError, match="the training data is empty once the 4 texts of --holdout are left out"):
+        load_training_data(student, FinetuneConfig(data=str(b), holdout=str(b)))
+
+
+def test_holdout_suite_leaves_out_exactly_the_test_splits_the_suite_scores(tiny_dirs, tmp_path):
+    from compressor.evaluation.suite import SuiteConfig, load_suite
+    from compressor.finetune.data import load_training_data
+
+    tasks = []
+    for name, n in (("alpha", 60), ("beta", 30)):
+        rows = [f"{name} text number {i} about {TEXTS[i % len(TEXTS)]}" for i in range(n)]
+        path = tmp_path / f"{name}.csv"
+        path.write_text("text,label\n" + "".join(f"{t},{'xy'[i % 2]}\n" for i, t in enumerate(rows)))
+        tasks.append(str(path))
+    config = FinetuneConfig(data=",".join(tasks), holdout="suite", suite_tasks=",".join(tasks), suite_train_size=30,
+                            suite_test_size=10)
+    data = load_training_data(load_model(tiny_dirs["bert"]), config)
+    suite = load_suite(SuiteConfig(suite_tasks=tasks, suite_train_size=30, suite_test_size=10, pool_size=10,
+                                   neighbours=3))
+    test_texts = {t for task in suite.tasks for t in task.test_texts}
+    assert len(test_texts) == 10 + 8  # beta's 30 rows split in the suite's proportion: 22 / 8
+    assert data.held_out == 18 and len(data.texts) == 90 - 18
+    assert not test_texts & set(data.texts)
+    assert {t for task in suite.tasks for t in task.train_texts} <= set(data.texts)
+
+
+def test_finetune_config_refusals():
+    with pytest.raises(ConfigError, match="--holdout names nothing"):
+        FinetuneConfig(holdout=" , ")
+    with pytest.raises(ConfigError, match="--label-column reads the labels of one data set"):
+        FinetuneConfig(data="a.csv,b.csv", label_column="label")
+    with pytest.raises(ConfigError, match="unknown suite task 'nonesuch'"):
+        FinetuneConfig(holdout="suite", suite_tasks=["nonesuch"])

@@ -75,6 +75,10 @@ def test_shipped_recipes_are_valid():
     assert demo.stages[3].config.embedding_bits == 4 and demo.stages[3].config.per_channel is True
     # a budget in steps, so that a busy machine trains the same model; the report scores the suite
     assert demo.stages[2].config.max_steps == 3000 and demo.stages[2].config.max_minutes is None
+    # it distils on the four data sets, never on a text the report's suite scores
+    assert demo.stages[2].config.data == demo.stages[1].config.vocab_from
+    assert demo.stages[2].config.holdout == "suite"
+    assert demo.stages[2].config.holdout_suite().suite_test_size == demo.stages[5].config.suite_test_size
     assert demo.stages[4].config.optimize == 2 and demo.stages[5].config.suite
     depth = load_recipe(RECIPES / "demo-depth.yaml")
     assert [s.name for s in depth.stages] == ["prune", "finetune", "prune", "quantize", "export", "report"]
@@ -227,3 +231,17 @@ def test_data_commands_print_json(tmp_path, monkeypatch):
     assert fetched.exit_code == 0, fetched.output
     assert json.loads(fetched.stdout) == {"name": "movie-snippets", "path": str(cached), "texts": 3,
                                           "labels": {"neg": 1, "pos": 2}}
+
+
+def test_a_finetune_must_hold_out_the_suite_its_report_scores(tmp_path):
+    report = "  - report: {suite: true, suite_train_size: 1000, suite_test_size: 500}\n"
+    path = write(tmp_path / "r.yaml", "stages:\n  - finetune:\n      holdout: suite\n" + report)
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    assert str(err.value) == (f"{path}:2: finetune holds out the suite's test splits of movie-snippets,sms-spam,trec,"
+                              "bbc-news at 2000/1000 (seed 0), and the report on line 4 scores movie-snippets,sms-spam,"
+                              "trec,bbc-news at 1000/500 (seed 0); give finetune the report's suite_tasks, "
+                              "suite_train_size and suite_test_size")
+    same = load_recipe(write(tmp_path / "same.yaml", "stages:\n  - finetune:\n      holdout: suite\n"
+                                                      "      suite_train_size: 1000\n      suite_test_size: 500\n" + report))
+    assert same.stages[0].config.holdout_suite().suite_test_size == 500

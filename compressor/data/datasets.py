@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import os
 import random
 import subprocess
@@ -396,6 +397,14 @@ def load_texts(spec: str, *, text_column: str | None = None, encoding: str = "ut
         return read_texts(found[0], text_column=text_column, encoding=found[1], limit=limit)
     texts, _ = _load_hub_dataset(spec, text_column, None, "train", need_labels=False)
     return texts[:limit] if limit else texts
+
+
+def load_texts_from(specs: str, *, text_column: str | None = None, encoding: str = "utf-8") -> list[str]:
+    """The texts of one or several comma-separated sources (files, packaged data sets, hub
+    dataset ids), interleaved one from each in turn, so that the first N texts hold every source."""
+    sources = [load_texts(spec.strip(), text_column=text_column, encoding=encoding)
+               for spec in specs.split(",") if spec.strip()]
+    return [t for group in itertools.zip_longest(*sources) for t in group if t is not None]
 
 
 def _load_hub_dataset(name: str, text_column: str | None, label_column: str | None, split: str,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..config import StageConfig, TextOptions, check_choice, check_int, check_positive, choice
 from ..errors import ConfigError
+from ..evaluation.suite import SUITE_TASKS, SuiteConfig
 
 #: What trains: the LoRA deltas; the deltas and every norm; or every parameter.
 TRAIN_MODES = ("lora", "lora+norms", "all")
@@ -19,7 +20,15 @@ class FinetuneConfig(TextOptions, StageConfig):
         teacher: The original model (folder, hub id or alias); default: the source
             recorded in the student's checkpoint.
         data: Training text: a file (txt, csv/tsv, jsonl), a packaged data set name
-            (``movie-snippets``) or a Hugging Face dataset id.
+            (``movie-snippets``) or a Hugging Face dataset id; several, comma-separated, are
+            interleaved.
+        holdout: Texts never trained on, left out of ``data`` wherever they occur: ``suite``
+            for the test splits the quality suite scores (``compress evaluate --suite`` with
+            the same ``suite_tasks``, ``suite_train_size`` and ``suite_test_size``), or files or
+            data sets (comma-separated) whose texts are left out.
+        suite_tasks: With ``holdout`` ``suite``: the suite's tasks.
+        suite_train_size: With ``holdout`` ``suite``: the suite's probe training examples per task.
+        suite_test_size: With ``holdout`` ``suite``: the suite's test examples per task.
         label_column: Column or key of the labels (adds cross-entropy for classifiers).
         train: What trains: ``lora``, ``lora+norms`` or ``all``.
         max_steps: Stop after this many optimizer steps (default 200 when no ``max_minutes``).
@@ -45,6 +54,10 @@ class FinetuneConfig(TextOptions, StageConfig):
 
     teacher: str | None = None
     data: str = "movie-snippets"
+    holdout: str | None = None
+    suite_tasks: list[str] = field(default_factory=lambda: list(SUITE_TASKS))
+    suite_train_size: int = 2000
+    suite_test_size: int = 1000
     label_column: str | None = None
     train: str = choice("lora+norms", TRAIN_MODES)
     max_steps: int | None = None
@@ -77,6 +90,13 @@ class FinetuneConfig(TextOptions, StageConfig):
                      "kl_weight", "label_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more", option=name)
+        if self.label_column is not None and "," in self.data:
+            raise ConfigError("--label-column reads the labels of one data set, and --data names several",
+                              option="label_column")
+        if self.holdout is not None and not self.holdout.strip(", "):
+            raise ConfigError("--holdout names nothing; give 'suite' or a data set", option="holdout")
+        if self.holdout == "suite":
+            self.suite_tasks = self.holdout_suite().suite_tasks  # checks the suite's options
         if self.device != "auto":
             from ..config import check_device
 
@@ -88,3 +108,11 @@ class FinetuneConfig(TextOptions, StageConfig):
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
+
+    def holdout_suite(self) -> SuiteConfig:
+        """The quality suite whose test splits ``holdout`` ``suite`` leaves out (seed 0, as the suite's)."""
+        tasks = self.suite_tasks
+        if isinstance(tasks, str):
+            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+        return SuiteConfig(suite_tasks=list(tasks), suite_train_size=self.suite_train_size,
+                           suite_test_size=self.suite_test_size)

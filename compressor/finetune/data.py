@@ -20,10 +20,12 @@ class TrainingData:
     Attributes:
         texts: The training texts, at most ``config.max_samples``.
         label_ids: Class index per text (``(n,)``), when a classifier learns from labels its head knows.
+        held_out: Texts of ``config.data`` left out because ``config.holdout`` holds them.
     """
 
     texts: list[str]
     label_ids: torch.Tensor | None = None
+    held_out: int = 0
 
     def batch(self, step: int, config: FinetuneConfig, tokenizer, device: str):
         """The tokenized texts of ``step`` on ``device`` and their class indices (or ``None``)."""
@@ -51,7 +53,8 @@ def load_training_data(student: LoadedModel, config: FinetuneConfig) -> Training
             (when asked for by name), or no text at all.
     """
     is_classifier = is_sequence_classifier(student.model)
-    texts, labels = _read_texts(config, want_labels=config.label_column is not None or (is_classifier and config.label_weight))
+    texts, labels, held_out = _read_texts(config, want_labels=config.label_column is not None
+                                          or (is_classifier and config.label_weight))
     if config.label_column is not None and not is_classifier:
         raise ConfigError("--label-column trains a classifier head, and the student has none; drop --label-column")
     label_ids = None
@@ -62,13 +65,26 @@ def load_training_data(student: LoadedModel, config: FinetuneConfig) -> Training
                               f"{sorted(str(v) for v in student.model.config.id2label.values())}")
         # labels the head does not know (and were not asked for by name): distil with KL only
     if len(texts) < 1:
-        raise ConfigError("the training data is empty")
-    return TrainingData(texts, label_ids)
+        raise ConfigError("the training data is empty" + (f" once the {held_out} texts of --holdout are left out"
+                                                          if held_out else ""))
+    return TrainingData(texts, label_ids, held_out)
 
 
-def _read_texts(config: FinetuneConfig, *, want_labels: bool) -> tuple[list[str], list | None]:
-    """The first ``max_samples`` texts of ``config.data``, and their labels when wanted and present."""
-    from ..data.datasets import load_labelled, load_texts
+def holdout_texts(config: FinetuneConfig) -> set[str]:
+    """The texts ``config.holdout`` names: the quality suite's test splits, or the texts of its data sets."""
+    from ..data.datasets import load_texts_from
+
+    if config.holdout == "suite":
+        from ..evaluation.suite import load_suite
+
+        return {t for task in load_suite(config.holdout_suite()).tasks for t in task.test_texts}
+    return set(load_texts_from(config.holdout, text_column=config.text_column, encoding=config.encoding))
+
+
+def _read_texts(config: FinetuneConfig, *, want_labels: bool) -> tuple[list[str], list | None, int]:
+    """The first ``max_samples`` texts of ``config.data`` that ``holdout`` does not hold, their
+    labels when wanted and present, and how many texts ``holdout`` left out."""
+    from ..data.datasets import load_labelled, load_texts_from
 
     texts = labels = None
     if want_labels:
@@ -81,8 +97,15 @@ def _read_texts(config: FinetuneConfig, *, want_labels: bool) -> tuple[list[str]
             # otherwise a classifier distils from unlabelled text too (KL on its logits), as it
             # does when a guessed label column holds ratings or ids rather than classes
     if texts is None:
-        texts = load_texts(config.data, text_column=config.text_column, encoding=config.encoding)
+        texts = load_texts_from(config.data, text_column=config.text_column, encoding=config.encoding)
+    held_out = 0
+    if config.holdout:
+        banned = holdout_texts(config)
+        keep = [i for i, t in enumerate(texts) if t not in banned]
+        held_out = len(texts) - len(keep)
+        texts = [texts[i] for i in keep]
+        labels = [labels[i] for i in keep] if labels is not None else None
     if config.max_samples:
         texts = texts[: config.max_samples]
         labels = labels[: config.max_samples] if labels is not None else None
-    return texts, labels
+    return texts, labels, held_out

@@ -235,6 +235,8 @@ class _Run:
             "stopped_by": reason,
             "device": self.device,
             "trainable_params": sum(p.numel() for p in state.trainable),
+            "texts": len(self.data.texts),
+            "held_out": self.data.held_out,
             "loss_first": sum(h["loss"] for h in history[:window]) / window if history else None,
             "loss_last": sum(h["loss"] for h in history[-window:]) / window if history else None,
             "seconds_per_step": seconds / len(done) if done else None,

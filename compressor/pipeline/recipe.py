@@ -203,6 +203,7 @@ def parse_recipe(node, *, source: str, base: Path, default_name: str) -> Recipe:
     recipe = Recipe(name=name, stages=stages, source=source, model=model,
                     description=_string(items, "description", source) or "")
     check_order(recipe)
+    check_holdout(recipe)
     return recipe
 
 
@@ -284,3 +285,26 @@ def rebuild(stages: list[dict[str, Any]]) -> list[StageSpec]:
 
 
 __all__ = ["Recipe", "StageSpec", "load_recipe", "parse_recipe", "rebuild"]
+
+
+def check_holdout(recipe: Recipe) -> None:
+    """A finetune that holds out the suite's test splits must hold out the ones a later report
+    scores: other tasks, sizes or seed would score texts the model was trained on."""
+    for i, spec in enumerate(recipe.stages):
+        if spec.name != "finetune" or spec.config.holdout != "suite":
+            continue
+        held = spec.config.holdout_suite()
+        for later in recipe.stages[i + 1 :]:
+            if later.name != "report" or not later.config.suite:
+                continue
+            scored = later.config
+            mine = (held.suite_tasks, held.suite_train_size, held.suite_test_size, held.seed)
+            theirs = (list(scored.suite_tasks), scored.suite_train_size, scored.suite_test_size, scored.seed)
+            if mine != theirs:
+                where = f"{recipe.source}:{spec.line}" if spec.line else recipe.source
+                raise ConfigError(
+                    f"{where}: finetune holds out the suite's test splits of {','.join(held.suite_tasks)} at "
+                    f"{held.suite_train_size}/{held.suite_test_size} (seed {held.seed}), and the report on line "
+                    f"{later.line} scores {','.join(scored.suite_tasks)} at {scored.suite_train_size}/"
+                    f"{scored.suite_test_size} (seed {scored.seed}); give finetune the report's suite_tasks, "
+                    "suite_train_size and suite_test_size")

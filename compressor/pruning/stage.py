@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import time
 
 import torch
@@ -84,12 +83,10 @@ def _read_texts(loaded: LoadedModel, config: PruneConfig) -> tuple[list[str], li
     """
     vocab_texts = None
     if config.vocab_from:
-        from ..data.datasets import load_texts
+        from ..data.datasets import load_texts_from
 
-        sources = [load_texts(spec.strip(), text_column=config.text_column, encoding=config.encoding)
-                   for spec in config.vocab_from.split(",") if spec.strip()]
         # interleaved, so that the calibration texts taken from the front come from every source
-        vocab_texts = [t for group in itertools.zip_longest(*sources) for t in group if t is not None]
+        vocab_texts = load_texts_from(config.vocab_from, text_column=config.text_column, encoding=config.encoding)
     if config.data is None and vocab_texts is not None:
         # A model cut to a domain's vocabulary is meant for that domain: calibrate and measure
         # fidelity on its text, not on general sentences whose rarer words it no longer has.
