@@ -37,8 +37,9 @@ def finetune(student, output, resume, overwrite, json_path, quiet, **options):
         return
     m = record.metrics
     loss = f"; loss {m['loss_first']:.4f} -> {m['loss_last']:.4f}" if m["loss_first"] is not None else "; no step ran"
+    held = f", {m['held_out']:,} held out" if m.get("held_out") else ""
     click.echo(f"{m['steps']} steps ({m['steps_this_run']} this run, stopped by {m['stopped_by']}) on {m['device']}, "
-               f"{record.seconds:.0f} s{loss}")
+               f"{record.seconds:.0f} s{loss}; {m['texts']:,} training texts{held}")
     if m["stopped_by"] == "interrupted":
         click.echo(f"interrupted: the checkpoint in {output} is usable; continue with --resume")
     click.echo(f"wrote {output}")

@@ -352,6 +352,13 @@ def test_data_from_several_sources_interleaves_them_and_leaves_out_the_holdout(t
         [TEXTS[0], TEXTS[10], TEXTS[2]]
     with pytest.raises(ConfigError, match="the training data is empty once the 4 texts of --holdout are left out"):
         load_training_data(student, FinetuneConfig(data=str(b), holdout=str(b)))
+    # the command says what it trained on, and the record keeps it
+    result = run(tiny_dirs["bert"], "--teacher", tiny_dirs["bert"], "--data", f"{a},{b}", "--holdout", held,
+                 "--train", "all", "--max-steps", 1, "--batch-size", 4, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "12 training texts, 2 held out" in result.output
+    metrics = json.loads((tmp_path / "out" / "finetune_report.json").read_text())["metrics"]
+    assert (metrics["texts"], metrics["held_out"]) == (12, 2)
 
 
 def test_holdout_suite_leaves_out_exactly_the_test_splits_the_suite_scores(tiny_dirs, tmp_path):
