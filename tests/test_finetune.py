@@ -390,3 +390,18 @@ def test_finetune_config_refusals():
         FinetuneConfig(data="a.csv,b.csv", label_column="label")
     with pytest.raises(ConfigError, match="unknown suite task 'nonesuch'"):
         FinetuneConfig(holdout="suite", suite_tasks=["nonesuch"])
+
+
+def test_holdout_refusals_and_a_resume_that_changes_it(student_dir, data_file, tiny_dirs, tmp_path):
+    with pytest.raises(ConfigError, match="--holdout suite stands alone"):
+        FinetuneConfig(holdout="suite,extra.txt")
+    with pytest.raises(ConfigError, match="--suite-test-size chooses the texts --holdout suite leaves out"):
+        FinetuneConfig(suite_test_size=500)
+    assert FinetuneConfig(holdout=" Suite ").holdout == "suite"
+    held = tmp_path / "held.txt"
+    held.write_text(TEXTS[0])
+    finetune(load_model(student_dir), config(data_file, tiny_dirs, max_steps=2, holdout=str(held)),
+             output=tmp_path / "out", progress=False)
+    with pytest.raises(ConfigError, match="--holdout"):
+        finetune(load_model(tmp_path / "out"), config(data_file, tiny_dirs, max_steps=4), output=tmp_path / "out",
+                 resume=True, progress=False)

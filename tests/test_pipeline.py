@@ -245,3 +245,24 @@ def test_a_finetune_must_hold_out_the_suite_its_report_scores(tmp_path):
     same = load_recipe(write(tmp_path / "same.yaml", "stages:\n  - finetune:\n      holdout: suite\n"
                                                       "      suite_train_size: 1000\n      suite_test_size: 500\n" + report))
     assert same.stages[0].config.holdout_suite().suite_test_size == 500
+
+
+def test_paths_inside_lists_are_read_from_the_recipes_folder_and_fingerprinted(tmp_path):
+    from compressor.pipeline.job import named_paths
+
+    for name in ("a.txt", "b.csv"):
+        (tmp_path / name).write_text("text,label\nsome text,x\n")
+    recipe = load_recipe(write(tmp_path / "r.yaml", "stages:\n  - finetune:\n      data: movie-snippets,a.txt\n"
+                                                    "      holdout: suite\n      suite_tasks: [b.csv, trec]\n"))
+    config = recipe.stages[0].config
+    assert config.data == f"movie-snippets,{(tmp_path / 'a.txt').resolve()}"
+    assert config.suite_tasks == [str((tmp_path / "b.csv").resolve()), "trec"]
+    assert named_paths(config.data) == [str((tmp_path / "a.txt").resolve())]
+    assert named_paths(config.suite_tasks) == [str((tmp_path / "b.csv").resolve())]
+
+
+def test_a_finetune_must_hold_out_the_suites_seed(tmp_path):
+    path = write(tmp_path / "r.yaml", "stages:\n  - finetune:\n      holdout: suite\n  - report: {suite: true, seed: 1}\n")
+    with pytest.raises(ConfigError, match=r"r.yaml:2: finetune holds out the suite's test splits of seed 0, and the "
+                                          r"report on line 4 scores those of seed 1; give the report seed 0"):
+        load_recipe(path)

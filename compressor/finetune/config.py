@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ..config import StageConfig, TextOptions, check_choice, check_int, check_positive, choice
 from ..errors import ConfigError
 from ..evaluation.suite import SUITE_TASKS, SuiteConfig
 
+#: The options that choose the texts ``holdout`` ``suite`` leaves out.
+SUITE_KEYS = ("suite_tasks", "suite_train_size", "suite_test_size")
 #: What trains: the LoRA deltas; the deltas and every norm; or every parameter.
 TRAIN_MODES = ("lora", "lora+norms", "all")
 
@@ -93,10 +96,27 @@ class FinetuneConfig(TextOptions, StageConfig):
         if self.label_column is not None and "," in self.data:
             raise ConfigError("--label-column reads the labels of one data set, and --data names several",
                               option="label_column")
-        if self.holdout is not None and not self.holdout.strip(", "):
-            raise ConfigError("--holdout names nothing; give 'suite' or a data set", option="holdout")
+        if self.holdout is not None:
+            self.holdout = self.holdout.strip()
+            specs = [spec.strip() for spec in self.holdout.split(",") if spec.strip()]
+            if not specs:
+                raise ConfigError("--holdout names nothing; give 'suite' or a data set", option="holdout")
+            if self.holdout.lower() == "suite":
+                self.holdout = "suite"
+            elif "suite" in (spec.lower() for spec in specs):
+                raise ConfigError("--holdout suite stands alone; leave out other texts with a file of them",
+                                  option="holdout")
+        if isinstance(self.suite_tasks, str):
+            self.suite_tasks = [t.strip() for t in self.suite_tasks.split(",") if t.strip()]
         if self.holdout == "suite":
             self.suite_tasks = self.holdout_suite().suite_tasks  # checks the suite's options
+        else:
+            for f in dataclasses.fields(self):
+                if f.name in SUITE_KEYS:
+                    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                    if getattr(self, f.name) != default:
+                        raise ConfigError(f"--{f.name.replace('_', '-')} chooses the texts --holdout suite leaves "
+                                          "out; add --holdout suite or drop it", option=f.name)
         if self.device != "auto":
             from ..config import check_device
 
@@ -111,8 +131,5 @@ class FinetuneConfig(TextOptions, StageConfig):
 
     def holdout_suite(self) -> SuiteConfig:
         """The quality suite whose test splits ``holdout`` ``suite`` leaves out (seed 0, as the suite's)."""
-        tasks = self.suite_tasks
-        if isinstance(tasks, str):
-            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-        return SuiteConfig(suite_tasks=list(tasks), suite_train_size=self.suite_train_size,
+        return SuiteConfig(suite_tasks=list(self.suite_tasks), suite_train_size=self.suite_train_size,
                            suite_test_size=self.suite_test_size)

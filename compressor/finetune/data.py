@@ -87,7 +87,7 @@ def _read_texts(config: FinetuneConfig, *, want_labels: bool) -> tuple[list[str]
     from ..data.datasets import load_labelled, load_texts_from
 
     texts = labels = None
-    if want_labels:
+    if want_labels and "," not in config.data:  # labels come from one data set (`FinetuneConfig`)
         try:
             texts, labels = load_labelled(config.data, text_column=config.text_column, label_column=config.label_column,
                                           encoding=config.encoding, classes=True)

@@ -14,12 +14,12 @@ import torch
 from ..errors import ConfigError, TrainingError
 from ..models import LoadedModel
 from ..models.manifest import is_lora_parameter
-from .config import FinetuneConfig
+from .config import SUITE_KEYS, FinetuneConfig
 
 STATE = "trainer_state.pt"
 #: Options a resumed run must share with the run it continues (the rest, budgets included, may change).
-RESUME_KEYS = ("data", "text_column", "label_column", "train", "lr", "weight_decay", "warmup_steps", "batch_size",
-               "max_length", "max_samples", "seed")
+RESUME_KEYS = ("data", "holdout", "text_column", "label_column", "train", "lr", "weight_decay", "warmup_steps",
+               "batch_size", "max_length", "max_samples", "seed")
 
 
 def check_resumable(output: str | Path) -> None:
@@ -114,7 +114,8 @@ class TrainingState:
             ConfigError: an option in `RESUME_KEYS` differs from the saved run's.
         """
         saved = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=False)
-        changed = [k for k in RESUME_KEYS if saved["config"].get(k) != getattr(self.config, k)]
+        keys = RESUME_KEYS + (SUITE_KEYS if self.config.holdout == "suite" else ())
+        changed = [k for k in keys if saved["config"].get(k) != getattr(self.config, k)]
         if changed:
             raise ConfigError(
                 "--resume continues the same run; these options differ from it: "

@@ -187,6 +187,18 @@ def model_identity(spec: str) -> dict[str, str]:
     return {"hub": location}
 
 
+def named_paths(value: Any) -> list[str]:
+    """The existing absolute paths an option names: itself, its comma-separated items or its list items."""
+    if isinstance(value, list):
+        items = value
+    elif isinstance(value, str):
+        items = [value, *value.split(",")]
+    else:
+        items = []
+    return [v for v in dict.fromkeys(x.strip() for x in items if isinstance(x, str))
+            if v and os.path.isabs(v) and os.path.exists(v)]
+
+
 def stage_keys(model_id: dict[str, str], stages: list[dict[str, Any]]) -> list[str]:
     """The hash of every stage: the model, the options of this stage and all before it, and the
     files those options name."""
@@ -194,8 +206,8 @@ def stage_keys(model_id: dict[str, str], stages: list[dict[str, Any]]) -> list[s
     keys = []
     for i, item in enumerate(stages):
         for value in item["options"].values():
-            if isinstance(value, str) and os.path.isabs(value) and os.path.exists(value):
-                files[value] = fingerprint(Path(value))
+            for name in named_paths(value):
+                files[name] = fingerprint(Path(name))
         content = {"format": FORMAT, "model": model_id, "stages": stages[: i + 1], "files": files}
         keys.append(hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest())
     return keys

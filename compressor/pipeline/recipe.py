@@ -147,7 +147,17 @@ def check_keys(items: dict, allowed: tuple[str, ...], source: str, what: str) ->
 
 
 def resolve_path(value: Any, base: Path) -> Any:
-    """A relative string that names an existing file or folder under ``base`` -> its absolute path."""
+    """A relative string that names an existing file or folder under ``base`` -> its absolute path;
+    so too each item of a list, and each item of a comma-separated list (``data: a.csv,b.csv``)."""
+    if isinstance(value, list):
+        return [resolve_path(item, base) for item in value]
+    if isinstance(value, str) and "," in value and resolve_path_item(value, base) == value:
+        return ",".join(resolve_path_item(item.strip(), base) for item in value.split(","))
+    return resolve_path_item(value, base)
+
+
+def resolve_path_item(value: Any, base: Path) -> Any:
+    """One relative string that names an existing file or folder under ``base`` -> its absolute path."""
     if isinstance(value, str) and value and not Path(value).is_absolute():
         candidate = base / value
         try:
@@ -300,8 +310,12 @@ def check_holdout(recipe: Recipe) -> None:
             scored = later.config
             mine = (held.suite_tasks, held.suite_train_size, held.suite_test_size, held.seed)
             theirs = (list(scored.suite_tasks), scored.suite_train_size, scored.suite_test_size, scored.seed)
+            where = f"{recipe.source}:{spec.line}" if spec.line else recipe.source
+            if mine[:3] == theirs[:3] and mine != theirs:
+                raise ConfigError(f"{where}: finetune holds out the suite's test splits of seed {held.seed}, and the "
+                                  f"report on line {later.line} scores those of seed {scored.seed}; give the report "
+                                  f"seed {held.seed}")
             if mine != theirs:
-                where = f"{recipe.source}:{spec.line}" if spec.line else recipe.source
                 raise ConfigError(
                     f"{where}: finetune holds out the suite's test splits of {','.join(held.suite_tasks)} at "
                     f"{held.suite_train_size}/{held.suite_test_size} (seed {held.seed}), and the report on line "
