@@ -13,6 +13,10 @@ def export_summary_rows(record) -> list[tuple[str, str]]:
         ("stored numbers", f"{record.params_after:,} for {record.params_before:,} unique parameters"),
         ("projections", f"{proj['on_weights']} on weights, {proj['on_weights'] - proj['float_on_weights']} of them quantized"),
     ]
+    trained = m["graph"].get("trained_grid")
+    if trained:
+        rows.append(("int4 blocks", f"{trained['weights']} weights already on their int4 grid (blocks of "
+                                    f"{trained['block_size']}, a --quantize-aware fine-tune's): stored as they are"))
     optimized = m["graph"].get("optimized")
     if optimized:
         fused = ", ".join(f"{n} {op}" for op, n in optimized["fused"].items()) or "nothing fused"

@@ -89,7 +89,7 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
     params, nbytes = unique_parameters(model)
     texts = calibration_texts(config.check_data, text_column=config.text_column, encoding=config.encoding)
     precision = quantize.mode if quantize else "fp32"
-    plan = int4_plan(loaded, model, quantize) if quantize is not None and quantize.calibrated else None
+    plan = int4_plan(loaded, model, quantize) if quantize is not None and quantize.mode == "int4" else None
 
     with staged_folder(output, overwrite=overwrite) as tmp:
         try:
@@ -106,7 +106,11 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
             input_names, quantized, stored, matmuls, check = _write(tmp, loaded, model, task, config, quantize, texts,
                                                                    params, ffn_down, plan)
         if plan is not None:
-            quantized["calibration"] = plan.info
+            info = dict(plan.info)
+            if "trained_grid" in info:  # blocks a quantization-aware fine-tune trained, stored as they are
+                quantized["trained_grid"] = info.pop("trained_grid")
+            if info:
+                quantized["calibration"] = info
         metrics: dict[str, Any] = {
             "model": loaded.name, "task": task, "ort_class": ORT_CLASSES[task], "precision": precision,
             "opset": config.opset, "inputs": input_names, "file_bytes": (tmp / MODEL_FILE).stat().st_size,
@@ -130,22 +134,39 @@ class OptimumCacheError(ExportError):
 
 
 def int4_plan(loaded: LoadedModel, model, quantize: QuantizeConfig):
-    """`gptq.plan_int4` for ``model``'s projections (the output head left out: its blocks are
-    ``quantize.embedding_bits``, `quantization.tables`) on
-    ``quantize.calibration`` (the packaged calibration text by default), one text per forward
-    pass (no padding to leave out)."""
-    from ..quantization.gptq import plan_int4
+    """What int4 needs decided in PyTorch (`gptq.Int4Plan`; ``None``: nothing, round-to-nearest
+    in onnxruntime's quantizer), the output head left out (its blocks are
+    ``quantize.embedding_bits``, `quantization.tables`):
 
+    * a model whose projections all lie on their int4 grids already (a ``--quantize-aware``
+      fine-tune's checkpoint): those blocks, stored as they are (``rtn``, ``rtn-asym`` and
+      ``gptq``, which would find no error to move; ``hqq`` refits its own);
+    * GPTQ's blocks and the projections ``int8_share`` keeps (`gptq.plan_int4`), on
+      ``quantize.calibration`` (the packaged calibration text by default), one text per forward
+      pass (no padding to leave out).
+    """
+    from ..quantization.gptq import Int4Plan, plan_int4, trained_blocks
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # of the copy traced
+    skip = [head] if head is not None else []
+    trained = trained_blocks(model, quantize.block_size, skip) if quantize.int4_method != "hqq" else None
+    gptq_blocks = quantize.int4_method == "gptq" and trained is None
+    if not (gptq_blocks or quantize.int8_share):
+        if trained is None:
+            return None
+        return Int4Plan(fitted=trained, info={"trained_grid": {"weights": len(trained), "block_size": quantize.block_size}})
     texts = calibration_texts(quantize.calibration, text_column=quantize.text_column, encoding=quantize.encoding,
                               limit=quantize.calibration_samples)
     batches = []
     for text in texts:
         enc = loaded.tokenizer(text, return_tensors="pt", truncation=True, max_length=quantize.max_length)
         batches.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # of the copy traced
-    plan = plan_int4(model, batches, quantize.block_size, gptq_blocks=quantize.int4_method == "gptq",
-                     int8_share=quantize.int8_share, skip=[head] if head is not None else [])
+    plan = plan_int4(model, batches, quantize.block_size, gptq_blocks=gptq_blocks,
+                     int8_share=quantize.int8_share, skip=skip)
     plan.info.update(calibration=quantize.calibration or "packaged calibration text", texts=len(texts))
+    if trained is not None:
+        plan.fitted.update(trained)
+        plan.info["trained_grid"] = {"weights": len(trained), "block_size": quantize.block_size}
     return plan
 
 

@@ -52,6 +52,12 @@ class FinetuneConfig(TextOptions, StageConfig):
         label_weight: Weight of the cross-entropy on labels (classifiers with labels).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         seed: Seed for data order, dropout and LoRA init; the same seed gives the same result on CPU.
+        quantize_aware: Train for an int4 export (``compress export --quantize int4``): every
+            step computes on the projections rounded to int4 blocks of ``block_size`` and updates
+            the float weights behind them (straight-through estimator); the checkpoint holds the
+            rounded weights, which the export stores as they are (`quantization.aware`).
+        block_size: With ``quantize_aware``: weights per int4 block, along each projection's
+            input dimension (the export's ``--block-size``; a power of two, at least 16).
         save_every: Write a resumable checkpoint every this many steps (0: only at the end).
     """
 
@@ -78,6 +84,8 @@ class FinetuneConfig(TextOptions, StageConfig):
     label_weight: float = 1.0
     device: str = "auto"
     seed: int = 0
+    quantize_aware: bool = False
+    block_size: int = 32
     save_every: int = 50
 
     def __post_init__(self):
@@ -93,6 +101,15 @@ class FinetuneConfig(TextOptions, StageConfig):
                      "kl_weight", "label_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more", option=name)
+        if not isinstance(self.quantize_aware, bool):
+            raise ConfigError(f"quantize_aware must be true or false, got {self.quantize_aware!r}", option="quantize_aware")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 16 \
+                or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"--block-size must be a power of two, at least 16, got {self.block_size!r}",
+                              option="block_size")
+        if self.block_size != 32 and not self.quantize_aware:
+            raise ConfigError("--block-size is the int4 blocks --quantize-aware trains for; add --quantize-aware "
+                              "or drop it", option="block_size")
         if self.label_column is not None and "," in self.data:
             raise ConfigError("--label-column reads the labels of one data set, and --data names several",
                               option="label_column")

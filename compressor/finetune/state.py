@@ -6,6 +6,7 @@ resumed run takes the same steps, on the same batches, as one that never stopped
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from .config import SUITE_KEYS, FinetuneConfig
 STATE = "trainer_state.pt"
 #: Options a resumed run must share with the run it continues (the rest, budgets included, may change).
 RESUME_KEYS = ("data", "holdout", "text_column", "label_column", "train", "lr", "weight_decay", "warmup_steps",
-               "batch_size", "max_length", "max_samples", "seed")
+               "batch_size", "max_length", "max_samples", "seed", "quantize_aware", "block_size")
 
 
 def check_resumable(output: str | Path) -> None:
@@ -85,8 +86,10 @@ class TrainingState:
         """Seed the global random state for a fresh run (a loaded state restores it instead)."""
         torch.manual_seed(self.config.seed)
 
-    def take_step(self, loss: torch.Tensor, parts: dict[str, float]) -> None:
-        """One optimizer step down ``loss``, recorded in the history with each term in ``parts``.
+    def take_step(self, loss: torch.Tensor, parts: dict[str, float], *, before_update=None) -> None:
+        """One optimizer step down ``loss``, recorded in the history with each term in ``parts``;
+        ``before_update`` is called between the backward pass and the update (a quantization-
+        aware run puts the float weights back there).
 
         Raises:
             TrainingError: the loss is not finite (the learning rate is too high).
@@ -95,6 +98,8 @@ class TrainingState:
             raise TrainingError(f"the loss became {float(loss)} at step {self.step + 1}; lower --lr")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if before_update is not None:
+            before_update()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
         self.optimizer.step()
         self.scheduler.step()
@@ -115,7 +120,9 @@ class TrainingState:
         """
         saved = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=False)
         keys = RESUME_KEYS + (SUITE_KEYS if self.config.holdout == "suite" else ())
-        changed = [k for k in keys if saved["config"].get(k) != getattr(self.config, k)]
+        # an option a run saved before it existed had its default
+        defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+        changed = [k for k in keys if saved["config"].get(k, defaults.get(k)) != getattr(self.config, k)]
         if changed:
             raise ConfigError(
                 "--resume continues the same run; these options differ from it: "

@@ -178,16 +178,45 @@ def finetune(
     for p in teacher.model.parameters():
         p.requires_grad_(False)
     state = TrainingState.start(student, config)
+    aware = _quantization_aware(student, config, output if resume else None)
     if resume:
         state.load(output)
     else:
         state.seed()
 
     run = _Run(student, teacher.model, data, state, output, device, start_time, teacher.tokenizer,
-               teacher_ids(student.tokenizer, teacher.tokenizer, device))
+               teacher_ids(student.tokenizer, teacher.tokenizer, device), aware)
     reason = _train(run, progress=progress)
     run.save(reason)
     return student, run.record(reason)
+
+
+def _quantization_aware(student: LoadedModel, config: FinetuneConfig, resumed: Path | None):
+    """The int4 weights ``--quantize-aware`` trains (the output head left out: the export keeps
+    it in 8-bit blocks), with the float weights a resumed run left; ``None`` without the option.
+
+    Raises:
+        ConfigError: the model has no projection a block wide, or a resume lacks its float weights.
+    """
+    if not config.quantize_aware:
+        return None
+    from ..quantization.aware import LATENT, QuantizationAware
+
+    model = student.model
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    aware = QuantizationAware(model, config.block_size, skip=[head] if head is not None else [])
+    if not len(aware):
+        raise ConfigError(f"--quantize-aware: {student.name} has no projection at least --block-size "
+                          f"{config.block_size} wide to train for int4")
+    if resumed is not None:
+        if not (resumed / LATENT).is_file():
+            raise ConfigError(f"--resume --quantize-aware needs {resumed / LATENT}, which the run being resumed "
+                              "did not write")
+        try:
+            aware.load(resumed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return aware
 
 
 def _load_teacher(student: LoadedModel, config: FinetuneConfig) -> LoadedModel:
@@ -221,6 +250,7 @@ class _Run:
     start_time: float  # the run's seconds include loading; its time budget does not
     teacher_tokenizer: object
     vocab_map: torch.Tensor | None  # teacher id of each student id after a vocabulary cut, else None
+    aware: object | None = None  # quantization.aware.QuantizationAware with --quantize-aware
 
     def record(self, reason: str) -> StageRecord:
         """The stage record as it stands: steps, losses, seconds per step, why it stopped."""
@@ -237,6 +267,8 @@ class _Run:
             "trainable_params": sum(p.numel() for p in state.trainable),
             "texts": len(self.data.texts),
             "held_out": self.data.held_out,
+            **({"quantize_aware": {"bits": 4, "block_size": self.aware.block_size, "weights": len(self.aware)}}
+               if self.aware is not None else {}),
             "loss_first": sum(h["loss"] for h in history[:window]) / window if history else None,
             "loss_last": sum(h["loss"] for h in history[-window:]) / window if history else None,
             "seconds_per_step": seconds / len(done) if done else None,
@@ -253,9 +285,15 @@ class _Run:
 
         def extras(staged: Path) -> None:  # written into the staged folder, so all land together
             self.state.save(staged)
+            if self.aware is not None:
+                self.aware.save(staged)  # the float weights behind the rounded ones, for --resume
             (staged / REPORT).write_text(report)
 
-        save_checkpoint(self.student, self.output, overwrite=True, extra_files=extras)
+        if self.aware is None:
+            save_checkpoint(self.student, self.output, overwrite=True, extra_files=extras)
+            return
+        with self.aware.rounded():  # the checkpoint is the int4 model
+            save_checkpoint(self.student, self.output, overwrite=True, extra_files=extras)
 
 
 def _train(run: _Run, *, progress: bool) -> str:
@@ -277,9 +315,11 @@ def _train(run: _Run, *, progress: bool) -> str:
                 if run.vocab_map is not None:  # the same texts in the teacher's own tokens
                     t_enc, _ = run.data.batch(state.step, config, run.teacher_tokenizer, run.device)
                     enc, t_enc = common_width(enc, student.tokenizer, t_enc, run.teacher_tokenizer)
-                with autocast:
-                    loss, parts = _batch_loss(run, enc, labels, is_encoder=is_encoder, t_enc=t_enc)
-                state.take_step(loss, parts)
+                with run.aware.rounded() if run.aware is not None else nullcontext():
+                    # forward and backward on the int4 weights, the update on the float ones
+                    with autocast:
+                        loss, parts = _batch_loss(run, enc, labels, is_encoder=is_encoder, t_enc=t_enc)
+                    state.take_step(loss, parts, before_update=run.aware.restore if run.aware is not None else None)
                 if bar is not None:
                     _show_progress(bar, state.history[-1]["loss"], config, loop_start)
                 if config.save_every and state.step % config.save_every == 0:

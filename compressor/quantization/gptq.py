@@ -195,14 +195,60 @@ def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Te
 def round_to_nearest(weight: torch.Tensor, block_size: int, bits: int = 4) -> torch.Tensor:
     """``weight`` (output dim x input dim) rounded to the nearest point of its blocks' grids
     (`block_grid`: a scale and an integer zero point per block, as MatMulNBits with zero points)."""
-    out = torch.empty_like(weight, dtype=torch.float32)
+    q, scales, zeros = rtn_blocks(weight, block_size, bits)
+    expand = torch.arange(weight.shape[1], device=weight.device) // block_size
+    return scales[:, expand] * (q[:, :weight.shape[1]].float() - zeros[:, expand])
+
+
+def rtn_blocks(weight: torch.Tensor, block_size: int, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest on `block_grid`'s grids, all blocks at once: ``(q, scales, zero points)``
+    as `gptq` returns them (``q`` float here, in ``[0, 2^bits)``; scales and zero points one per
+    row and block). A last, partial block takes its grid from its own columns, as onnxruntime's
+    quantizer does (its padding repeats a real column, which moves no minimum or maximum)."""
     levels = 2**bits - 1
-    for start in range(0, weight.shape[1], block_size):
-        block = weight[:, start:start + block_size].float()
-        scale, zero = block_grid(block, levels)
-        q = torch.clamp(torch.round(block / scale[:, None]) + zero[:, None], 0, levels)
-        out[:, start:start + block_size] = scale[:, None] * (q - zero[:, None])
-    return out
+    rows, cols = weight.shape
+    blocks = -(-cols // block_size)
+    w = weight.detach().float()
+    if blocks * block_size != cols:
+        w = torch.cat([w, w[:, -1:].expand(rows, blocks * block_size - cols)], dim=1)
+    w = w.reshape(rows, blocks, block_size)
+    low = w.amin(dim=2).clamp(max=0)
+    high = w.amax(dim=2).clamp(min=0)
+    flat = high == low
+    low, high = torch.where(flat, -torch.ones_like(low), low), torch.where(flat, torch.ones_like(high), high)
+    scales = (high - low) / levels
+    zeros = torch.round(-low / scales).clamp(0, levels)
+    q = torch.clamp(torch.round(w / scales[..., None]) + zeros[..., None], 0, levels)
+    return q.reshape(rows, blocks * block_size)[:, :cols], scales, zeros
+
+
+def on_grid(weight: torch.Tensor, block_size: int, bits: int = 4, tolerance: float = 1e-3) -> bool:
+    """Whether every number of ``weight`` lies on its block's `block_grid` point, within
+    ``tolerance`` of a grid step: the weights a quantization-aware fine-tune left
+    (`aware.QuantizationAware`), whose round-to-nearest changes nothing."""
+    q, scales, zeros = rtn_blocks(weight, block_size, bits)
+    expand = torch.arange(weight.shape[1], device=weight.device) // block_size
+    steps = scales[:, expand]
+    return bool(((weight.detach().float() - steps * (q - zeros[:, expand])).abs() <= tolerance * steps).all())
+
+
+def trained_blocks(model: torch.nn.Module, block_size: int, skip: Iterable[torch.nn.Module] = ()
+                   ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
+    """The int4 blocks ``model``'s projections at least a block wide already are, by
+    `weight_key`, as `gptq` returns them; ``None`` unless every one lies on its grid
+    (`on_grid`): a checkpoint a quantization-aware fine-tune wrote (`aware`), whose blocks an
+    export stores as they are instead of rounding them again."""
+    weights = [modules[0] for modules in projections(model, skip).values()]
+    weights = [_in_out(m).detach().float().cpu() for m in weights]
+    weights = [w for w in weights if w.shape[1] >= block_size]
+    if not weights or not all(on_grid(w, block_size) for w in weights):
+        return None
+    blocks = {}
+    for w in weights:
+        q, scales, zeros = rtn_blocks(w, block_size)
+        blocks[weight_key(w.T.numpy())] = (q.to(torch.uint8).numpy(), scales.numpy().astype(np.float32),
+                                           zeros.to(torch.uint8).numpy())
+    return blocks
 
 
 @dataclass

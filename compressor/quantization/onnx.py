@@ -125,7 +125,9 @@ def quantize_int4(path: Path, config: QuantizeConfig, plan=None) -> dict[str, An
               and len(inits[n.input[0]].dims) == 2]
     try:
         quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size,
-                                         is_symmetric=config.int4_method == "rtn", accuracy_level=config.accuracy_level,
+                                         # a trained grid's blocks have zero points (`gptq.trained_blocks`)
+                                         is_symmetric=config.int4_method == "rtn" and not (plan and plan.fitted),
+                                         accuracy_level=config.accuracy_level,
                                          nodes_to_exclude=narrow + eight, algo_config=_int4_algorithm(config))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

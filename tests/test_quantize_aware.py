@@ -1,0 +1,132 @@
+"""Quantization-aware fine-tuning (`compressor/quantization/aware.py`, ``finetune
+--quantize-aware``): the student trains on its int4 blocks, the checkpoint is those blocks, and an
+int4 export stores them as they are, so the ONNX file computes what the PyTorch checkpoint does."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from compressor.errors import ConfigError
+from compressor.export import ExportConfig, export
+from compressor.finetune import FinetuneConfig, finetune
+from compressor.models import load_model
+from compressor.onnx_graph import attribute
+from compressor.quantization import QuantizeConfig
+from compressor.quantization.gptq import block_grid, dequantize, on_grid, round_to_nearest, rtn_blocks
+
+TEXTS = [f"the {w} of sentence {i} is {w[::-1]}" for i, w in enumerate(["cat", "dog", "river", "music", "film", "tree"] * 12)]
+
+
+def test_blocks_at_once_are_the_grid_block_by_block_and_a_fixed_point():
+    """`rtn_blocks` (all blocks at once, a partial last block included) gives `block_grid`'s scales
+    and zero points block by block; rounding what it rounded changes nothing (`on_grid`), while
+    float weights are off the grid."""
+    torch.manual_seed(0)
+    weight = torch.randn(24, 72) * torch.rand(24, 1)  # 4 blocks of 16 and a half block
+    q, scales, zeros = rtn_blocks(weight, 16)
+    for b, start in enumerate(range(0, 72, 16)):
+        scale, zero = block_grid(weight[:, start:start + 16], 15)
+        torch.testing.assert_close(scales[:, b], scale, rtol=0, atol=0)
+        torch.testing.assert_close(zeros[:, b], zero, rtol=0, atol=0)
+    assert q.min() >= 0 and q.max() <= 15 and q.shape == weight.shape
+    rounded = round_to_nearest(weight, 16)
+    np.testing.assert_allclose(rounded.numpy(), dequantize(q.numpy(), scales.numpy(), zeros.numpy(), 16), atol=1e-6)
+    assert not on_grid(weight, 16) and on_grid(rounded, 16)
+    torch.testing.assert_close(round_to_nearest(rounded, 16), rounded, rtol=0, atol=1e-6)
+    assert not on_grid(rounded, 32)  # another block size is another grid
+
+
+def _config(teacher, data, **kw):
+    base = dict(teacher=str(teacher), data=str(data), max_steps=6, batch_size=8, max_length=32, lr=2e-3, train="all",
+                save_every=0, quantize_aware=True, block_size=16)
+    return FinetuneConfig(**{**base, **kw})
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    f = tmp_path / "train.txt"
+    f.write_text("\n".join(TEXTS))
+    return f
+
+
+def _projections(model):
+    return {n: m.weight.detach() for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.startswith("model.layers")}
+
+
+def test_quantize_aware_trains_on_the_blocks_and_the_export_stores_them(tiny_dirs, data_file, tmp_path):
+    """A tiny Llama, 6 steps with --quantize-aware: every projection of the checkpoint lies on its
+    int4 grid and moved from the original's rounding (the float weights behind it trained); an int4
+    export (default rtn) finds them there and stores those blocks, each MatMulNBits dequantizing to
+    the checkpoint's weight, so the export agrees with the checkpoint far better than a plain int4
+    export of a float model agrees with it."""
+    original = load_model(str(tiny_dirs["llama"]))
+    start = {n: w.detach().clone() for n, w in _projections(original.model).items()}
+    student, record = finetune(load_model(str(tiny_dirs["llama"])), _config(tiny_dirs["llama"], data_file),
+                               output=tmp_path / "qat", teacher=original, progress=False)
+    assert record.metrics["quantize_aware"] == {"bits": 4, "block_size": 16, "weights": 7 * 4}
+    saved = load_model(str(tmp_path / "qat"))
+    weights = _projections(saved.model)
+    assert all(on_grid(w, 16) for w in weights.values())
+    assert any(not torch.equal(w, round_to_nearest(start[n], 16)) for n, w in weights.items())
+    assert (tmp_path / "qat" / "quantize_aware.pt").is_file()
+
+    rec = export(saved, ExportConfig(check_lengths=[8, 32]), tmp_path / "onnx",
+                 quantize=QuantizeConfig("int4", block_size=16, accuracy_level=1))
+    graph = rec.metrics["graph"]
+    assert graph["trained_grid"] == {"weights": 28, "block_size": 16}
+    assert graph["gptq_weights"] == {"fitted": 28, "left_to_rtn": 0}
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and attribute(n, "bits") == 4
+                and "layers.0/self_attn/q_proj" in n.name)
+    b, scales, packed = (inits[name] for name in node.input[1:4])
+    q = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(b.shape[0], -1)
+    zeros = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(b.shape[0], -1)[:, :scales.shape[1]]
+    np.testing.assert_allclose(dequantize(q, scales, zeros, 16)[:, :weights["model.layers.0.self_attn.q_proj"].shape[1]],
+                               weights["model.layers.0.self_attn.q_proj"].numpy(), atol=1e-6)
+    plain = export(load_model(str(tiny_dirs["llama"])), ExportConfig(check_lengths=[8, 32]), tmp_path / "plain",
+                   quantize=QuantizeConfig("int4", block_size=16, accuracy_level=1))
+    assert "trained_grid" not in plain.metrics["graph"]
+    # (what is left: the embedding table and head in 8-bit blocks)
+    qat_gap, plain_gap = 1 - rec.metrics["check"]["mean_cosine"], 1 - plain.metrics["check"]["mean_cosine"]
+    assert qat_gap < 1e-4 and qat_gap < 0.2 * plain_gap, (qat_gap, plain_gap)
+
+
+def test_a_quantize_aware_resume_continues_the_float_weights(tiny_dirs, data_file, tmp_path):
+    """3 steps, then a resume to 6: the same rounded weights as 6 in one go (the float weights
+    behind the checkpoint's rounded ones were saved and restored); a resume without them, or one
+    that drops the option, is refused."""
+    teacher = load_model(str(tiny_dirs["llama"]))
+    straight, _ = finetune(load_model(str(tiny_dirs["llama"])), _config(tiny_dirs["llama"], data_file),
+                           output=tmp_path / "a", teacher=teacher, progress=False)
+    finetune(load_model(str(tiny_dirs["llama"])), _config(tiny_dirs["llama"], data_file, max_steps=3),
+             output=tmp_path / "b", teacher=teacher, progress=False)
+    resumed, rec = finetune(load_model(str(tmp_path / "b")), _config(tiny_dirs["llama"], data_file),
+                            output=tmp_path / "b", teacher=teacher, resume=True, progress=False)
+    assert rec.metrics["steps_this_run"] == 3
+    a, b = _projections(load_model(str(tmp_path / "a")).model), _projections(load_model(str(tmp_path / "b")).model)
+    for name, w in a.items():
+        torch.testing.assert_close(b[name], w, rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="--quantize-aware"):
+        finetune(load_model(str(tmp_path / "b")), _config(tiny_dirs["llama"], data_file, quantize_aware=False,
+                                                          block_size=32, max_steps=8),
+                 output=tmp_path / "b", teacher=teacher, resume=True, progress=False)
+    (tmp_path / "b" / "quantize_aware.pt").unlink()
+    with pytest.raises(ConfigError, match="quantize_aware.pt"):
+        finetune(load_model(str(tmp_path / "b")), _config(tiny_dirs["llama"], data_file, max_steps=8),
+                 output=tmp_path / "b", teacher=teacher, resume=True, progress=False)
+    assert json.loads((tmp_path / "b" / "finetune_report.json").read_text())["metrics"]["steps"] == 6
+
+
+def test_quantize_aware_options_are_checked():
+    with pytest.raises(ConfigError, match="--block-size must be a power of two"):
+        FinetuneConfig(quantize_aware=True, block_size=24)
+    with pytest.raises(ConfigError, match="add --quantize-aware"):
+        FinetuneConfig(block_size=64)
+    with pytest.raises(ConfigError, match="true or false"):
+        FinetuneConfig(quantize_aware="yes")
