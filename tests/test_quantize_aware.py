@@ -38,6 +38,13 @@ def test_blocks_at_once_are_the_grid_block_by_block_and_a_fixed_point():
     assert not on_grid(weight, 16) and on_grid(rounded, 16)
     torch.testing.assert_close(round_to_nearest(rounded, 16), rounded, rtol=0, atol=1e-6)
     assert not on_grid(rounded, 32)  # another block size is another grid
+    # a block whose zero point and largest number are both half-way cases (weights that already
+    # lay on another 4-bit grid): rounding half to even would take both down and leave 14 steps,
+    # which a second rounding would stretch to 15; its extremes stay on the grid's ends instead
+    tie = (torch.arange(16.0) - 6.5).repeat(2)[None, :] * 0.25
+    once = round_to_nearest(tie, 32)
+    assert on_grid(once, 32) and rtn_blocks(tie, 32)[0].max() == 15
+    torch.testing.assert_close(round_to_nearest(once, 32), once, rtol=0, atol=0)
 
 
 def _config(teacher, data, **kw):
@@ -78,7 +85,7 @@ def test_quantize_aware_trains_on_the_blocks_and_the_export_stores_them(tiny_dir
     rec = export(saved, ExportConfig(check_lengths=[8, 32]), tmp_path / "onnx",
                  quantize=QuantizeConfig("int4", block_size=16, accuracy_level=1))
     graph = rec.metrics["graph"]
-    assert graph["trained_grid"] == {"weights": 28, "block_size": 16}
+    assert graph["trained_grid"] == {"weights": 28, "off_grid": 0, "block_size": 16}
     assert graph["gptq_weights"] == {"fitted": 28, "left_to_rtn": 0}
     model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

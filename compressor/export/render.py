@@ -15,8 +15,9 @@ def export_summary_rows(record) -> list[tuple[str, str]]:
     ]
     trained = m["graph"].get("trained_grid")
     if trained:
+        off = f"; {trained['off_grid']} off it rounded" if trained.get("off_grid") else ""
         rows.append(("int4 blocks", f"{trained['weights']} weights already on their int4 grid (blocks of "
-                                    f"{trained['block_size']}, a --quantize-aware fine-tune's): stored as they are"))
+                                    f"{trained['block_size']}, a --quantize-aware fine-tune's): stored as they are{off}"))
     optimized = m["graph"].get("optimized")
     if optimized:
         fused = ", ".join(f"{n} {op}" for op, n in optimized["fused"].items()) or "nothing fused"

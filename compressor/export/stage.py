@@ -138,9 +138,10 @@ def int4_plan(loaded: LoadedModel, model, quantize: QuantizeConfig):
     in onnxruntime's quantizer), the output head left out (its blocks are
     ``quantize.embedding_bits``, `quantization.tables`):
 
-    * a model whose projections all lie on their int4 grids already (a ``--quantize-aware``
-      fine-tune's checkpoint): those blocks, stored as they are (``rtn``, ``rtn-asym`` and
-      ``gptq``, which would find no error to move; ``hqq`` refits its own);
+    * a model whose projections lie on their int4 grids already (a ``--quantize-aware``
+      fine-tune's checkpoint; `gptq.trained_blocks`): those blocks, stored as they are (``rtn``,
+      ``rtn-asym`` and ``gptq``, which would find no error to move; ``hqq`` refits its own), the
+      few off their grid rounded with zero points;
     * GPTQ's blocks and the projections ``int8_share`` keeps (`gptq.plan_int4`), on
       ``quantize.calibration`` (the packaged calibration text by default), one text per forward
       pass (no padding to leave out).
@@ -150,11 +151,13 @@ def int4_plan(loaded: LoadedModel, model, quantize: QuantizeConfig):
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # of the copy traced
     skip = [head] if head is not None else []
     trained = trained_blocks(model, quantize.block_size, skip) if quantize.int4_method != "hqq" else None
+    grid = None
+    if trained is not None:
+        trained, off = trained
+        grid = {"weights": len(trained), "off_grid": off, "block_size": quantize.block_size}
     gptq_blocks = quantize.int4_method == "gptq" and trained is None
     if not (gptq_blocks or quantize.int8_share):
-        if trained is None:
-            return None
-        return Int4Plan(fitted=trained, info={"trained_grid": {"weights": len(trained), "block_size": quantize.block_size}})
+        return None if trained is None else Int4Plan(fitted=trained, info={"trained_grid": grid})
     texts = calibration_texts(quantize.calibration, text_column=quantize.text_column, encoding=quantize.encoding,
                               limit=quantize.calibration_samples)
     batches = []
@@ -166,7 +169,7 @@ def int4_plan(loaded: LoadedModel, model, quantize: QuantizeConfig):
     plan.info.update(calibration=quantize.calibration or "packaged calibration text", texts=len(texts))
     if trained is not None:
         plan.fitted.update(trained)
-        plan.info["trained_grid"] = {"weights": len(trained), "block_size": quantize.block_size}
+        plan.info["trained_grid"] = grid
     return plan
 
 

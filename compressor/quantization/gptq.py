@@ -212,13 +212,18 @@ def rtn_blocks(weight: torch.Tensor, block_size: int, bits: int = 4) -> tuple[to
     if blocks * block_size != cols:
         w = torch.cat([w, w[:, -1:].expand(rows, blocks * block_size - cols)], dim=1)
     w = w.reshape(rows, blocks, block_size)
-    low = w.amin(dim=2).clamp(max=0)
-    high = w.amax(dim=2).clamp(min=0)
+    smallest, largest = w.amin(dim=2), w.amax(dim=2)
+    low, high = smallest.clamp(max=0), largest.clamp(min=0)
     flat = high == low
     low, high = torch.where(flat, -torch.ones_like(low), low), torch.where(flat, torch.ones_like(high), high)
     scales = (high - low) / levels
     zeros = torch.round(-low / scales).clamp(0, levels)
     q = torch.clamp(torch.round(w / scales[..., None]) + zeros[..., None], 0, levels)
+    # a block's extremes on the grid's ends: rounding each half-way case down (a tie, as on a
+    # model dequantized from 4 bits) could leave a 14-step block, which a second rounding would
+    # stretch to 15 steps; this way rounding what was rounded changes nothing (`on_grid`)
+    q = torch.where((w == smallest[..., None]) & (smallest < 0)[..., None], torch.zeros_like(q), q)
+    q = torch.where((w == largest[..., None]) & (largest > 0)[..., None], torch.full_like(q, levels), q)
     return q.reshape(rows, blocks * block_size)[:, :cols], scales, zeros
 
 
@@ -232,23 +237,30 @@ def on_grid(weight: torch.Tensor, block_size: int, bits: int = 4, tolerance: flo
     return bool(((weight.detach().float() - steps * (q - zeros[:, expand])).abs() <= tolerance * steps).all())
 
 
+#: Share of an int4 export's weights that must lie on their grids for `trained_blocks` to read the
+#: model as trained on them (one all-zero matrix of an ordinary model is on its grid too).
+TRAINED_SHARE = 0.9
+
+
 def trained_blocks(model: torch.nn.Module, block_size: int, skip: Iterable[torch.nn.Module] = ()
-                   ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
+                   ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], int] | None:
     """The int4 blocks ``model``'s projections at least a block wide already are, by
-    `weight_key`, as `gptq` returns them; ``None`` unless every one lies on its grid
-    (`on_grid`): a checkpoint a quantization-aware fine-tune wrote (`aware`), whose blocks an
-    export stores as they are instead of rounding them again."""
+    `weight_key`, as `gptq` returns them, and how many projections are not; ``None`` unless at
+    least `TRAINED_SHARE` of them lie on their grids (`on_grid`): a checkpoint a
+    quantization-aware fine-tune wrote (`aware`), whose blocks an export stores as they are
+    instead of rounding them again."""
     weights = [modules[0] for modules in projections(model, skip).values()]
     weights = [_in_out(m).detach().float().cpu() for m in weights]
     weights = [w for w in weights if w.shape[1] >= block_size]
-    if not weights or not all(on_grid(w, block_size) for w in weights):
+    gridded = [w for w in weights if on_grid(w, block_size)]
+    if not weights or len(gridded) < TRAINED_SHARE * len(weights):
         return None
     blocks = {}
-    for w in weights:
+    for w in gridded:
         q, scales, zeros = rtn_blocks(w, block_size)
         blocks[weight_key(w.T.numpy())] = (q.to(torch.uint8).numpy(), scales.numpy().astype(np.float32),
                                            zeros.to(torch.uint8).numpy())
-    return blocks
+    return blocks, len(weights) - len(gridded)
 
 
 @dataclass
