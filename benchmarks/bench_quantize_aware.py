@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_decoder_recovery import compress, held_out_split  # noqa: E402  (the same runner and split)
 
-ROUTES = {"plain": ("distil, then int4", []), "aware": ("quantization-aware distil, int4", ["--quantize-aware"])}
+ROUTES = {"plain": ("distil then int4", []), "aware": ("quantization-aware distil int4", ["--quantize-aware"])}
 
 
 def main() -> None:
@@ -59,22 +59,24 @@ def main() -> None:
     log: list[str] = []
     m = args.model
     train = held_out_split(work, args.test_size)
-    if not (work / "drop").exists():
-        compress("prune", m, "--drop-layers", str(args.drop), "-o", str(work / "drop"), log=log, env=env)
+    def step(done: Path, *command: str) -> None:  # run, or say it was reused
+        if done.exists():
+            log.append(f"$ compress {' '.join(command)}  # reused (made by an earlier run)")
+        else:
+            compress(*command, log=log, env=env)
+
+    step(work / "drop", "prune", m, "--drop-layers", str(args.drop), "-o", str(work / "drop"))
     seconds, finetuned = {}, {}
     for route in routes:
         out = work / f"drop-{route}"
-        if not (out / "finetune_report.json").exists():
-            compress("finetune", str(work / "drop"), "--teacher", m, "--data", str(train), "--train", "all",
-                     "--lr", str(args.lr), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
-                     "--max-length", str(args.max_length), *ROUTES[route][1], "--quiet", "-o", str(out),
-                     "--overwrite", log=log, env=env)
+        step(out / "finetune_report.json", "finetune", str(work / "drop"), "--teacher", m, "--data", str(train),
+             "--train", "all", "--lr", str(args.lr), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+             "--max-length", str(args.max_length), *ROUTES[route][1], "--quiet", "-o", str(out), "--overwrite")
         record = json.loads((out / "finetune_report.json").read_text())
         seconds[route] = record["seconds"]
         finetuned[route] = record["metrics"]
-        if not (work / f"{route}-int4" / "model.onnx").exists():
-            compress("export", str(out), "--quantize", "int4", "--optimize", "2", "-o", str(work / f"{route}-int4"),
-                     "--overwrite", log=log, env=env)
+        step(work / f"{route}-int4" / "model.onnx", "export", str(out), "--quantize", "int4", "--optimize", "2",
+             "-o", str(work / f"{route}-int4"), "--overwrite")
     names = [f"drop {args.drop} + {ROUTES[r][0]}" for r in routes]
     report_dir = work / "report"
     compress("report", *(str(work / f"{r}-int4") for r in routes), "--original", m, "--names", ",".join(names),
@@ -119,8 +121,7 @@ def main() -> None:
         lines.append(f"| {r['row']} | {r['perplexity']:.1f} | {r['perplexity_x']:.3f} | {r['decode_x']:.2f} | "
                      f"{r['size_x']:.3f} | {r['distillation_minutes']:.1f} min | {r['seconds_per_step']:.2f} | "
                      f"{'yes' if r['met'] else 'no'} |")
-    lines += ["", "Commands run by this invocation, in order (steps whose output existed were reused):", "", "```", *log,
-              "```"]
+    lines += ["", "Commands, in order:", "", "```", *log, "```"]
     (out / "bench_quantize_aware.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
