@@ -79,6 +79,8 @@ def test_quantize_aware_trains_on_the_blocks_and_the_export_stores_them(tiny_dir
     saved = load_model(str(tmp_path / "qat"))
     weights = _projections(saved.model)
     assert all(on_grid(w, 16) for w in weights.values())
+    returned = _projections(student.model)  # the student handed back is the checkpoint written
+    assert all(torch.equal(returned[n], w) for n, w in weights.items())
     assert any(not torch.equal(w, round_to_nearest(start[n], 16)) for n, w in weights.items())
     assert (tmp_path / "qat" / "quantize_aware.pt").is_file()
 
@@ -99,6 +101,14 @@ def test_quantize_aware_trains_on_the_blocks_and_the_export_stores_them(tiny_dir
     plain = export(load_model(str(tiny_dirs["llama"])), ExportConfig(check_lengths=[8, 32]), tmp_path / "plain",
                    quantize=QuantizeConfig("int4", block_size=16, accuracy_level=1))
     assert "trained_grid" not in plain.metrics["graph"]
+    # dequantized from the graph, every trained projection (not only the one above) is the checkpoint's
+    dequantized = [dequantize(np.stack([b & 0x0F, b >> 4], -1).reshape(b.shape[0], -1), sc,
+                              np.stack([z & 0x0F, z >> 4], -1).reshape(b.shape[0], -1)[:, :sc.shape[1]], 16)
+                   for b, sc, z in ((inits[n.input[1]], inits[n.input[2]], inits[n.input[3]]) for n in model.graph.node
+                                    if n.op_type == "MatMulNBits" and attribute(n, "bits") == 4 and len(n.input) > 3)]
+    assert len(dequantized) == 28
+    for w in weights.values():
+        assert any(d.shape[0] == w.shape[0] and d.shape[1] >= w.shape[1] and np.allclose(d[:, :w.shape[1]], w.numpy(), atol=1e-6) for d in dequantized)
     # (what is left: the embedding table and head in 8-bit blocks)
     qat_gap, plain_gap = 1 - rec.metrics["check"]["mean_cosine"], 1 - plain.metrics["check"]["mean_cosine"]
     assert qat_gap < 1e-4 and qat_gap < 0.2 * plain_gap, (qat_gap, plain_gap)
@@ -137,3 +147,24 @@ def test_quantize_aware_options_are_checked():
         FinetuneConfig(block_size=64)
     with pytest.raises(ConfigError, match="true or false"):
         FinetuneConfig(quantize_aware="yes")
+
+
+def test_an_export_keeps_trained_blocks_out_of_int8_and_refuses_what_would_round_them_again(tiny_dirs, tmp_path):
+    """A model on its int4 grid (blocks of 16): --int8-share takes none of its projections into
+    8 bits (they lose nothing in int4); --int4-method hqq (which would fit the blocks again) and
+    another --block-size are refused in one line, and write nothing."""
+    loaded = load_model(str(tiny_dirs["llama"]))
+    with torch.no_grad():
+        for w in _projections(loaded.model).values():
+            w.copy_(round_to_nearest(w, 16))
+    rec = export(loaded, ExportConfig(check_lengths=[8]), tmp_path / "share",
+                 quantize=QuantizeConfig("int4", block_size=16, int8_share=0.3, accuracy_level=1))
+    graph = rec.metrics["graph"]
+    assert graph["int8_block_matmuls"] == 0 and graph["trained_grid"]["weights"] == 28
+    assert graph["calibration"]["int8_projections"]["count"] == 0
+    with pytest.raises(ConfigError, match="--int4-method hqq would fit again"):
+        export(loaded, ExportConfig(check_lengths=[8]), tmp_path / "hqq",
+               quantize=QuantizeConfig("int4", block_size=16, int4_method="hqq"))
+    with pytest.raises(ConfigError, match="trained for int4 blocks of 16.*--block-size 16"):
+        export(loaded, ExportConfig(check_lengths=[8]), tmp_path / "b32", quantize=QuantizeConfig("int4", block_size=32))
+    assert not (tmp_path / "hqq").exists() and not (tmp_path / "b32").exists()

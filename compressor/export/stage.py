@@ -140,19 +140,28 @@ def int4_plan(loaded: LoadedModel, model, quantize: QuantizeConfig):
 
     * a model whose projections lie on their int4 grids already (a ``--quantize-aware``
       fine-tune's checkpoint; `gptq.trained_blocks`): those blocks, stored as they are (``rtn``,
-      ``rtn-asym`` and ``gptq``, which would find no error to move; ``hqq`` refits its own), the
-      few off their grid rounded with zero points;
+      ``rtn-asym`` and ``gptq``, which would find no error to move; ``hqq``, which would fit them
+      again, and another ``block_size`` than the model's are refused), never taken into
+      ``int8_share``, the few off their grid rounded with zero points;
     * GPTQ's blocks and the projections ``int8_share`` keeps (`gptq.plan_int4`), on
       ``quantize.calibration`` (the packaged calibration text by default), one text per forward
       pass (no padding to leave out).
     """
-    from ..quantization.gptq import Int4Plan, plan_int4, trained_blocks
+    from ..quantization.gptq import Int4Plan, plan_int4, trained_block_size, trained_blocks
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # of the copy traced
     skip = [head] if head is not None else []
-    trained = trained_blocks(model, quantize.block_size, skip) if quantize.int4_method != "hqq" else None
+    trained = trained_blocks(model, quantize.block_size, skip)
     grid = None
-    if trained is not None:
+    if trained is None:  # trained for other blocks? rounding them again would undo the training
+        size = trained_block_size(model, skip)
+        if size is not None and size != quantize.block_size:
+            raise ConfigError(f"{loaded.name} was trained for int4 blocks of {size} (finetune --quantize-aware); "
+                              f"export it with --block-size {size}")
+    else:
+        if quantize.int4_method == "hqq":
+            raise ConfigError(f"{loaded.name} was trained on its int4 blocks (finetune --quantize-aware), which "
+                              "--int4-method hqq would fit again; export with rtn (the default)")
         trained, off = trained
         grid = {"weights": len(trained), "off_grid": off, "block_size": quantize.block_size}
     gptq_blocks = quantize.int4_method == "gptq" and trained is None
@@ -165,7 +174,7 @@ def int4_plan(loaded: LoadedModel, model, quantize: QuantizeConfig):
         enc = loaded.tokenizer(text, return_tensors="pt", truncation=True, max_length=quantize.max_length)
         batches.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
     plan = plan_int4(model, batches, quantize.block_size, gptq_blocks=gptq_blocks,
-                     int8_share=quantize.int8_share, skip=skip)
+                     int8_share=quantize.int8_share, skip=skip, trained=trained or ())
     plan.info.update(calibration=quantize.calibration or "packaged calibration text", texts=len(texts))
     if trained is not None:
         plan.fitted.update(trained)

@@ -188,6 +188,8 @@ def finetune(
                teacher_ids(student.tokenizer, teacher.tokenizer, device), aware)
     reason = _train(run, progress=progress)
     run.save(reason)
+    if aware is not None:
+        aware.commit()  # the student returned is the int4 checkpoint written, not the float weights behind it
     return student, run.record(reason)
 
 

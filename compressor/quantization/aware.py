@@ -74,7 +74,8 @@ class QuantizationAware:
         """Put each weight's int4 rounding in its place, keeping the float weight aside."""
         if self._latent is not None:
             return
-        self._latent = [w.detach().clone() for w in self.weights]
+        latent = [w.detach().clone() for w in self.weights]
+        self._latent = latent  # before the first copy: `restore` then undoes a partial rounding
         for w, transposed in zip(self.weights, self._transposed):
             w.copy_(_rounded(w, self.block_size, transposed))
 
@@ -91,11 +92,18 @@ class QuantizationAware:
     @contextmanager
     def rounded(self):
         """Compute on the rounded weights inside; the float ones are back on leaving."""
-        self.round_weights()
         try:
+            self.round_weights()
             yield
         finally:
             self.restore()
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Leave the rounded weights in place for good (the end of a run: the model then is the
+        checkpoint it wrote)."""
+        self.round_weights()
+        self._latent = None
 
     def save(self, folder: Path) -> None:
         """Write the float weights (call while they are in place, or rounded: either way the

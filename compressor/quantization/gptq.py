@@ -263,6 +263,19 @@ def trained_blocks(model: torch.nn.Module, block_size: int, skip: Iterable[torch
     return blocks, len(weights) - len(gridded)
 
 
+def trained_block_size(model: torch.nn.Module, skip: Iterable[torch.nn.Module] = (),
+                       sizes: Iterable[int] = (16, 32, 64, 128, 256), sample: int = 3) -> int | None:
+    """The block size whose grid ``model``'s first ``sample`` projections lie on (a
+    quantization-aware fine-tune's, `aware`), or ``None``: what an export at another block size
+    tells its user instead of rounding the trained blocks away."""
+    weights = [_in_out(modules[0]).detach().float().cpu() for modules in projections(model, skip).values()]
+    for size in sizes:
+        chosen = [w for w in weights if w.shape[1] >= size][:sample]
+        if chosen and all(on_grid(w, size) for w in chosen):
+            return size
+    return None
+
+
 @dataclass
 class Int4Plan:
     """What calibration decided for an int4 export: GPTQ's blocks by `weight_key` (empty unless
@@ -274,15 +287,19 @@ class Int4Plan:
 
 
 def plan_int4(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], block_size: int, *,
-              gptq_blocks: bool, int8_share: float, skip: Iterable[torch.nn.Module] = ()) -> Int4Plan:
+              gptq_blocks: bool, int8_share: float, skip: Iterable[torch.nn.Module] = (),
+              trained: Iterable[str] = ()) -> Int4Plan:
     """Calibrate ``model``'s projections wider than one block on ``batches`` (one forward pass) and
     plan their int4: GPTQ's blocks if ``gptq_blocks``; with ``int8_share`` > 0, the projections
     whose int4 loses most of their output on this text (`relative_error` of round-to-nearest),
     taken in that order while they fit in ``int8_share`` of the int4 parameters, kept in int8 instead (the
     mixed precision llama.cpp's ``_M`` formats use: a few sensitive matrices at more bits).
 
-    Keys are `weight_key` of each projection's ONNX MatMul weight (the transpose of a ``Linear``'s).
+    Keys are `weight_key` of each projection's ONNX MatMul weight (the transpose of a ``Linear``'s);
+    ``trained`` ones (blocks a quantization-aware fine-tune trained, `trained_blocks`) lose nothing
+    in int4 and are never taken into int8.
     """
+    trained = set(trained)
     weights = {k: v for k, v in projections(model, skip).items() if _in_out(v[0]).shape[1] >= block_size}
     sums, tokens = hessians(model, batches, weights)
     plan = Int4Plan(info={"calibration_tokens": tokens})
@@ -295,7 +312,7 @@ def plan_int4(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], bl
         sizes[key] = w.numel()
         if gptq_blocks:
             plan.fitted[keys[key]] = gptq(w, sums[key].cpu(), block_size)
-        if int8_share > 0:
+        if int8_share > 0 and keys[key] not in trained:
             errors[key] = relative_error(w, round_to_nearest(w, block_size), sums[key].cpu())
     if gptq_blocks:
         plan.info["gptq_projections"] = len(plan.fitted)
