@@ -143,7 +143,7 @@ def test_a_quantize_aware_resume_continues_the_float_weights(tiny_dirs, data_fil
 def test_quantize_aware_options_are_checked():
     with pytest.raises(ConfigError, match="--block-size must be a power of two"):
         FinetuneConfig(quantize_aware=True, block_size=24)
-    with pytest.raises(ConfigError, match="add --quantize-aware"):
+    with pytest.raises(ConfigError, match="--quantize-aware or --embedding-bits trains for; add one"):
         FinetuneConfig(block_size=64)
     with pytest.raises(ConfigError, match="true or false"):
         FinetuneConfig(quantize_aware="yes")
@@ -168,3 +168,28 @@ def test_an_export_keeps_trained_blocks_out_of_int8_and_refuses_what_would_round
     with pytest.raises(ConfigError, match="trained for int4 blocks of 16.*--block-size 16"):
         export(loaded, ExportConfig(check_lengths=[8]), tmp_path / "b32", quantize=QuantizeConfig("int4", block_size=32))
     assert not (tmp_path / "hqq").exists() and not (tmp_path / "b32").exists()
+
+
+def test_embedding_bits_trains_the_tables_on_the_exports_blocks(tiny_dirs, data_file, tmp_path):
+    """--embedding-bits 4 on a tiny BERT (no --quantize-aware): the checkpoint's tables are their
+    own symmetric 4-bit blocks (`tables.quantize_rows` gives them back unchanged: the export stores
+    what was trained), its projections are left in float, and `round_rows` is `quantize_rows`."""
+    from compressor.quantization.aware import round_rows
+    from compressor.quantization.tables import quantize_rows
+
+    torch.manual_seed(0)
+    rows = torch.randn(10, 48)
+    np.testing.assert_allclose(round_rows(rows, 4, 16).numpy(), quantize_rows(rows.numpy(), 4, 16)[2], atol=0)
+    teacher = load_model(str(tiny_dirs["bert"]))
+    _, record = finetune(load_model(str(tiny_dirs["bert"])),
+                         _config(tiny_dirs["bert"], data_file, quantize_aware=False, embedding_bits=4),
+                         output=tmp_path / "t4", teacher=teacher, progress=False)
+    aware = record.metrics["quantize_aware"]
+    assert aware["weights"] == 0 and aware["table_bits"] == 4 and aware["tables"] == 3  # words, positions, types
+    saved = load_model(str(tmp_path / "t4")).model
+    tables = [m.weight.detach() for m in saved.modules() if isinstance(m, torch.nn.Embedding)]
+    for table in tables:
+        np.testing.assert_allclose(quantize_rows(table.numpy(), 4, 16)[2], table.numpy(), atol=1e-6)
+    assert not all(on_grid(m.weight.detach(), 16) for m in saved.modules() if isinstance(m, torch.nn.Linear))
+    with pytest.raises(ConfigError, match="--embedding-bits must be one of 4, 8"):
+        FinetuneConfig(embedding_bits=3)

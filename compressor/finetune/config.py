@@ -56,8 +56,13 @@ class FinetuneConfig(TextOptions, StageConfig):
             step computes on the projections rounded to int4 blocks of ``block_size`` and updates
             the float weights behind them (straight-through estimator); the checkpoint holds the
             rounded weights, which the export stores as they are (`quantization.aware`).
-        block_size: With ``quantize_aware``: weights per int4 block, along each projection's
-            input dimension (the export's ``--block-size``; a power of two, at least 16).
+        embedding_bits: Train for an export's ``--embedding-bits`` tables (4 or 8): every step
+            computes on the embedding tables rounded to the export's symmetric blocks of
+            ``block_size`` (a scale per block) and updates the float tables behind them; the
+            checkpoint holds the rounded tables, which the export's blocks reproduce.
+        block_size: With ``quantize_aware`` or ``embedding_bits``: weights per block, along each
+            projection's input dimension and each table's rows (the export's ``--block-size``;
+            a power of two, at least 16).
         save_every: Write a resumable checkpoint every this many steps (0: only at the end).
     """
 
@@ -85,6 +90,7 @@ class FinetuneConfig(TextOptions, StageConfig):
     device: str = "auto"
     seed: int = 0
     quantize_aware: bool = False
+    embedding_bits: int | None = choice(None, (4, 8))
     block_size: int = 32
     save_every: int = 50
 
@@ -107,8 +113,10 @@ class FinetuneConfig(TextOptions, StageConfig):
                 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"--block-size must be a power of two, at least 16, got {self.block_size!r}",
                               option="block_size")
-        if self.block_size != 32 and not self.quantize_aware:
-            raise ConfigError("--block-size is the int4 blocks --quantize-aware trains for; add --quantize-aware "
+        if self.embedding_bits is not None:
+            check_choice("embedding_bits", self.embedding_bits, (4, 8))
+        if self.block_size != 32 and not (self.quantize_aware or self.embedding_bits):
+            raise ConfigError("--block-size is the blocks --quantize-aware or --embedding-bits trains for; add one "
                               "or drop it", option="block_size")
         if self.label_column is not None and "," in self.data:
             raise ConfigError("--label-column reads the labels of one data set, and --data names several",

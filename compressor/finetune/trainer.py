@@ -200,16 +200,20 @@ def _quantization_aware(student: LoadedModel, config: FinetuneConfig, resumed: P
     Raises:
         ConfigError: the model has no projection a block wide, or a resume lacks its float weights.
     """
-    if not config.quantize_aware:
+    if not (config.quantize_aware or config.embedding_bits):
         return None
     from ..quantization.aware import LATENT, QuantizationAware
 
     model = student.model
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    aware = QuantizationAware(model, config.block_size, skip=[head] if head is not None else [])
-    if not len(aware):
+    aware = QuantizationAware(model, config.block_size, skip=[head] if head is not None else [],
+                              projections=config.quantize_aware, table_bits=config.embedding_bits)
+    if config.quantize_aware and not aware.projections:
         raise ConfigError(f"--quantize-aware: {student.name} has no projection at least --block-size "
                           f"{config.block_size} wide to train for int4")
+    if config.embedding_bits and not aware.tables:
+        raise ConfigError(f"--embedding-bits: {student.name} has no embedding table whose width is whole "
+                          f"--block-size {config.block_size} blocks")
     if resumed is not None:
         if not (resumed / LATENT).is_file():
             raise ConfigError(f"--resume --quantize-aware needs {resumed / LATENT}, which the run being resumed "
@@ -269,7 +273,9 @@ class _Run:
             "trainable_params": sum(p.numel() for p in state.trainable),
             "texts": len(self.data.texts),
             "held_out": self.data.held_out,
-            **({"quantize_aware": {"bits": 4, "block_size": self.aware.block_size, "weights": len(self.aware)}}
+            **({"quantize_aware": {"bits": 4, "block_size": self.aware.block_size, "weights": self.aware.projections,
+                                   **({"table_bits": self.aware.table_bits, "tables": self.aware.tables}
+                                      if self.aware.table_bits else {})}}
                if self.aware is not None else {}),
             "loss_first": sum(h["loss"] for h in history[:window]) / window if history else None,
             "loss_last": sum(h["loss"] for h in history[-window:]) / window if history else None,

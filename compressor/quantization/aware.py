@@ -11,6 +11,10 @@ input dimension, a scale and an integer zero point per block, onnxruntime's MatM
 zero points), recomputed from the float weights at every step, so the rounding the student
 learns is the rounding the export applies.
 
+``--embedding-bits`` does the same for the embedding tables, on the export's symmetric blocks
+(`tables.quantize_rows`): on a small encoder the vocabulary matrix is half the file, and its
+4-bit blocks cost the demo's MiniLM more of its neighbours than int8 of all its projections.
+
 The checkpoint holds the rounded weights: the PyTorch model is the int4 model in float32
 (``compress evaluate`` measures what the export will compute), and ``compress export --quantize
 int4`` finds every projection on its grid (`gptq.on_grid`) and stores those very blocks. The
@@ -52,6 +56,32 @@ def _rounded(weight: torch.Tensor, block_size: int, transposed: bool) -> torch.T
     return round_to_nearest(weight, block_size).to(weight.dtype)
 
 
+def table_weights(model: torch.nn.Module, block_size: int) -> list[torch.nn.Parameter]:
+    """The embedding tables an export with ``--embedding-bits`` stores as blocks: every
+    ``nn.Embedding`` whose width is whole blocks (a tied output head is the same tensor)."""
+    found, seen = [], set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and module.embedding_dim % block_size == 0 \
+                and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            found.append(module.weight)
+    return found
+
+
+def round_rows(rows: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
+    """`tables.quantize_rows`' symmetric blocks in torch: each block of ``block_size`` along a
+    row scaled so that its largest magnitude is ``2^(bits-1) - 1``, rounded, clipped to the
+    codes; what the export's ``GatherBlockQuantized`` and head ``MatMulNBits`` read back. The
+    largest magnitude lands on a code, so rounding what was rounded changes nothing."""
+    half = 2 ** (bits - 1)
+    n, k = rows.shape
+    blocks = rows.detach().float().reshape(n, k // block_size, block_size)
+    peak = blocks.abs().amax(dim=-1)
+    scales = torch.where(peak > 0, peak / (half - 1), torch.ones_like(peak))
+    codes = torch.clamp(torch.round(blocks / scales[..., None]), -half, half - 1)
+    return (codes * scales[..., None]).reshape(n, k).to(rows.dtype)
+
+
 class QuantizationAware:
     """The float weights behind a student's int4 blocks, swapped out while it computes.
 
@@ -59,11 +89,26 @@ class QuantizationAware:
     checkpoint (and `restore` after it).
     """
 
-    def __init__(self, model: torch.nn.Module, block_size: int, skip: Iterable[torch.nn.Module] = ()):
+    def __init__(self, model: torch.nn.Module, block_size: int, skip: Iterable[torch.nn.Module] = (), *,
+                 projections: bool = True, table_bits: int | None = None):
+        """Args:
+            model: The student.
+            block_size: Weights per block (the export's ``--block-size``).
+            skip: Modules whose projection weights are left alone (the output head).
+            projections: Round the projections to int4 blocks (`int4_weights`).
+            table_bits: Round the embedding tables to symmetric blocks of these bits (the
+                export's ``--embedding-bits``; `table_weights`); ``None``: leave them.
+        """
         self.block_size = block_size
+        self.table_bits = table_bits
         conv = {id(m.weight) for m in model.modules() if type(m).__name__ == "Conv1D"}
-        self.weights = int4_weights(model, block_size, skip)
-        self._transposed = [id(w) in conv for w in self.weights]
+        projected = int4_weights(model, block_size, skip) if projections else []
+        tables = [w for w in table_weights(model, block_size) if table_bits is not None
+                  and all(w is not p for p in projected)]
+        self.projections, self.tables = len(projected), len(tables)
+        self.weights = projected + tables
+        self._round = [(lambda w, t=id(w) in conv: _rounded(w, block_size, t)) for w in projected] + \
+                      [(lambda w: round_rows(w, table_bits, block_size)) for _ in tables]
         self._latent: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
@@ -76,8 +121,8 @@ class QuantizationAware:
             return
         latent = [w.detach().clone() for w in self.weights]
         self._latent = latent  # before the first copy: `restore` then undoes a partial rounding
-        for w, transposed in zip(self.weights, self._transposed):
-            w.copy_(_rounded(w, self.block_size, transposed))
+        for w, rounding in zip(self.weights, self._round):
+            w.copy_(rounding(w))
 
     @torch.no_grad()
     def restore(self) -> None:
