@@ -64,6 +64,14 @@ def held_out_split(work: Path, test_size: int) -> Path:
     return train
 
 
+def against_targets(rows: dict[str, dict], label: str) -> tuple[float, float, float]:
+    """A `compress report` row's perplexity over the original's, decode tokens/s over optimum
+    fp32's with-past export, and file size over that export's: the issue's three ratios."""
+    row, fp32 = rows[label], rows["optimum ONNX fp32"]
+    return (row["value"] / rows["original"]["value"], row["generation"]["decode_vs_optimum_fp32"],
+            row["size_bytes"] / fp32["size_bytes"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -125,14 +133,10 @@ def main() -> None:
     shutil.copy(report_dir / "report.md", real / "report_generation.md")
     shutil.copy(report_dir / "report.json", real / "report_generation.json")
 
-    fp32 = rows["optimum ONNX fp32"]
     targets = []
     for label, ppl_limit, size_limit in (("dense int4", 1.10, None),
                                          (f"{best.replace('-ft', '')} + distil int4", 1.5, 0.2)):
-        row = rows[label]
-        ppl = row["value"] / rows["original"]["value"]
-        decode = row["generation"]["decode_vs_optimum_fp32"]
-        size = row["size_bytes"] / fp32["size_bytes"]
+        ppl, decode, size = against_targets(rows, label)
         targets.append({"row": label, "perplexity_x": round(ppl, 3), "perplexity_target": ppl_limit,
                         "decode_x": round(decode, 2), "decode_target": 2.0, "size_x": round(size, 3),
                         "size_target": size_limit,

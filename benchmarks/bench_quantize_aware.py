@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_decoder_recovery import compress, held_out_split  # noqa: E402  (the same runner and split)
+from bench_decoder_recovery import against_targets, compress, held_out_split  # noqa: E402  (the same runner, split, ratios)
 
 ROUTES = {"plain": ("distil then int4", []), "aware": ("quantization-aware distil int4", ["--quantize-aware"])}
 
@@ -90,13 +90,11 @@ def main() -> None:
     shutil.copy(report_dir / "report.md", real / "report_quantize_aware.md")
     shutil.copy(report_dir / "report.json", real / "report_quantize_aware.json")
 
-    base, fp32 = rows["original"]["value"], rows["optimum ONNX fp32"]
+    base = rows["original"]["value"]
     results = []
     for route, label in zip(routes, names):
         row = rows[label]
-        ppl = row["value"] / base
-        decode = row["generation"]["decode_vs_optimum_fp32"]
-        size = row["size_bytes"] / fp32["size_bytes"]
+        ppl, decode, size = against_targets(rows, label)
         minutes = seconds[route] / 60
         results.append({"route": route, "row": label, "perplexity": round(row["value"], 2), "perplexity_x": round(ppl, 3),
                         "decode_x": round(decode, 2), "size_x": round(size, 3), "distillation_minutes": round(minutes, 1),

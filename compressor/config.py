@@ -187,6 +187,12 @@ def check_positive(name: str, value: int | float | None, *, allow_none: bool = F
         raise ConfigError(f"{flag(name)} must be a positive number, got {value!r}", option=name)
 
 
+def check_block_size(value, name: str = "block_size") -> None:
+    """Weights per quantization block: a power of two, at least 16 (what MatMulNBits takes)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+        raise ConfigError(f"{flag(name)} must be a power of two, at least 16, got {value!r}", option=name)
+
+
 def check_int(name: str, value, minimum: int, *, allow_none: bool = False) -> None:
     """An integer (not a bool) of at least ``minimum``."""
     if value is None and allow_none:

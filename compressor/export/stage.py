@@ -30,7 +30,7 @@ from ..data import calibration_texts
 from ..errors import CompressError, ConfigError, ExportError, ModelLoadError, UnsupportedModelError, first_line
 from ..io import check_writable, quiet, staged_folder, write_text_atomic
 from ..models import LoadedModel, unique_parameters
-from ..models.heads import pick_task
+from ..models.heads import output_heads, pick_task
 from ..models.pooling import SentenceEmbedding
 from ..onnx_graph import inline_identity_weights, stored_elements, weight_matmuls
 from ..quantization.config import QuantizeConfig
@@ -149,8 +149,7 @@ def int4_plan(loaded: LoadedModel, model, quantize: QuantizeConfig):
     """
     from ..quantization.gptq import Int4Plan, plan_int4, trained_block_size, trained_blocks
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # of the copy traced
-    skip = [head] if head is not None else []
+    skip = output_heads(model)  # of the copy traced
     trained = trained_blocks(model, quantize.block_size, skip)
     grid = None
     if trained is None:  # trained for other blocks? rounding them again would undo the training

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..config import StageConfig, TextOptions, check_choice, check_int, check_positive, choice
+from ..config import StageConfig, TextOptions, check_block_size, check_choice, check_int, check_positive, choice
 from ..errors import ConfigError
 from ..evaluation.suite import SUITE_TASKS, SuiteConfig
 
@@ -109,10 +109,7 @@ class FinetuneConfig(TextOptions, StageConfig):
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more", option=name)
         if not isinstance(self.quantize_aware, bool):
             raise ConfigError(f"quantize_aware must be true or false, got {self.quantize_aware!r}", option="quantize_aware")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 16 \
-                or self.block_size & (self.block_size - 1):
-            raise ConfigError(f"--block-size must be a power of two, at least 16, got {self.block_size!r}",
-                              option="block_size")
+        check_block_size(self.block_size)
         if self.embedding_bits is not None:
             check_choice("embedding_bits", self.embedding_bits, (4, 8))
         if self.block_size != 32 and not (self.quantize_aware or self.embedding_bits):

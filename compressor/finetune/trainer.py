@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..evaluation.fidelity import check_teacher, same_tokens, teacher_ids
 from ..models import LoadedModel, unique_parameters
-from ..models.heads import is_sequence_classifier
+from ..models.heads import is_sequence_classifier, output_heads
 from ..models.pooling import pool
 from ..record import StageRecord
 from .config import FinetuneConfig
@@ -205,8 +205,7 @@ def _quantization_aware(student: LoadedModel, config: FinetuneConfig, resumed: P
     from ..quantization.aware import LATENT, QuantizationAware
 
     model = student.model
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    aware = QuantizationAware(model, config.block_size, skip=[head] if head is not None else [],
+    aware = QuantizationAware(model, config.block_size, skip=output_heads(model),
                               projections=config.quantize_aware, table_bits=config.embedding_bits)
     if config.quantize_aware and not aware.projections:
         raise ConfigError(f"--quantize-aware: {student.name} has no projection at least --block-size "
@@ -297,10 +296,7 @@ class _Run:
                 self.aware.save(staged)  # the float weights behind the rounded ones, for --resume
             (staged / REPORT).write_text(report)
 
-        if self.aware is None:
-            save_checkpoint(self.student, self.output, overwrite=True, extra_files=extras)
-            return
-        with self.aware.rounded():  # the checkpoint is the int4 model
+        with self.aware.rounded() if self.aware is not None else nullcontext():  # the checkpoint: the int4 model
             save_checkpoint(self.student, self.output, overwrite=True, extra_files=extras)
 
 

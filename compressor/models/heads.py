@@ -14,6 +14,13 @@ def is_causal_lm(loaded) -> bool:
     return loaded.adapter.is_decoder and loaded.model.get_output_embeddings() is not None
 
 
+def output_heads(model) -> list:
+    """The model's output head as a list (empty without one): what int4 leaves out of its
+    projections, as the export stores the head (tied or not) in the tables' blocks."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [head] if head is not None else []
+
+
 #: The task names of optimum's exporters, by what the model's head computes.
 OPTIMUM_TASKS = {"classifier": "text-classification", "lm": "text-generation", "encoder": "feature-extraction"}
 

@@ -29,25 +29,17 @@ from pathlib import Path
 
 import torch
 
-from .gptq import projections, round_to_nearest
+from .gptq import int4_projections, round_to_nearest
 
 #: Where the float weights behind the rounded ones wait for a resume.
 LATENT = "quantize_aware.pt"
 
 
 def int4_weights(model: torch.nn.Module, block_size: int, skip: Iterable[torch.nn.Module] = ()) -> list[torch.nn.Parameter]:
-    """The weights an int4 export stores as blocks: every projection at least one block wide
-    (``(output, input)`` weights of ``nn.Linear``, a shared group's one ``base_layer``; GPT-2's
-    ``Conv1D`` stores ``(input, output)``) outside ``skip`` (the output head: 8-bit blocks)."""
-    found = []
-    for modules in projections(model, skip).values():
-        module = modules[0]
-        weight = module.base_layer.weight if isinstance(getattr(module, "base_layer", None), torch.nn.Linear) \
-            else module.weight
-        width = weight.shape[0] if type(module).__name__ == "Conv1D" else weight.shape[1]
-        if width >= block_size:
-            found.append(weight)
-    return found
+    """The weights an int4 export stores as blocks (`gptq.int4_projections`: every projection at
+    least one block wide, a shared group's one weight once) outside ``skip`` (the output head:
+    8-bit blocks)."""
+    return [modules[0].weight for modules in int4_projections(model, block_size, skip).values()]
 
 
 def _rounded(weight: torch.Tensor, block_size: int, transposed: bool) -> torch.Tensor:

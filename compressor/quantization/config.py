@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import StageConfig, TextFormat, check_choice, check_positive, choice
+from ..config import StageConfig, TextFormat, check_block_size, check_choice, check_positive, choice
 from ..errors import ConfigError
 
 #: ``int8``: dynamic (weights int8, activations quantized on the fly); ``int8-static``:
@@ -88,10 +88,7 @@ class QuantizeConfig(TextFormat, StageConfig):
             check_choice("embedding_bits", self.embedding_bits, EMBEDDING_BITS)
             if self.mode == "fp16":
                 raise ConfigError("--embedding-bits is for int8 and int4 exports' tables, not fp16", option="embedding_bits")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 16 \
-                or self.block_size & (self.block_size - 1):
-            raise ConfigError(f"--block-size must be a power of two, at least 16, got {self.block_size!r}",
-                              option="block_size")
+        check_block_size(self.block_size)
         for name in ("calibration_samples", "max_length"):
             check_positive(name, getattr(self, name))
         if self.mode == "int8-static" and not self.calibration:

@@ -108,8 +108,12 @@ def hessians(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
 def block_grid(block: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric per-row scale and integer zero point for ``block`` (rows x columns), the range
     widened to hold 0 (as the reference does, so the zero point is on the grid)."""
-    low = block.min(dim=1).values.clamp(max=0)
-    high = block.max(dim=1).values.clamp(min=0)
+    return _grid(block.min(dim=1).values, block.max(dim=1).values, levels)
+
+
+def _grid(smallest: torch.Tensor, largest: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`block_grid`'s scale and zero point from each block's smallest and largest number."""
+    low, high = smallest.clamp(max=0), largest.clamp(min=0)
     flat = high == low
     low, high = torch.where(flat, -torch.ones_like(low), low), torch.where(flat, torch.ones_like(high), high)
     scale = (high - low) / levels
@@ -195,9 +199,17 @@ def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Te
 def round_to_nearest(weight: torch.Tensor, block_size: int, bits: int = 4) -> torch.Tensor:
     """``weight`` (output dim x input dim) rounded to the nearest point of its blocks' grids
     (`block_grid`: a scale and an integer zero point per block, as MatMulNBits with zero points)."""
-    q, scales, zeros = rtn_blocks(weight, block_size, bits)
-    expand = torch.arange(weight.shape[1], device=weight.device) // block_size
-    return scales[:, expand] * (q[:, :weight.shape[1]].float() - zeros[:, expand])
+    return _dequantized(*rtn_blocks(weight, block_size, bits), block_size)
+
+
+def _dequantized(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The weight `rtn_blocks`' blocks stand for (`dequantize`, in torch)."""
+    return _columns(scales, q.shape[1], block_size) * (q - _columns(zeros, q.shape[1], block_size))
+
+
+def _columns(per_block: torch.Tensor, cols: int, block_size: int) -> torch.Tensor:
+    """A number per row and block spread over the block's columns."""
+    return per_block[:, torch.arange(cols, device=per_block.device) // block_size]
 
 
 def rtn_blocks(weight: torch.Tensor, block_size: int, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -213,11 +225,7 @@ def rtn_blocks(weight: torch.Tensor, block_size: int, bits: int = 4) -> tuple[to
         w = torch.cat([w, w[:, -1:].expand(rows, blocks * block_size - cols)], dim=1)
     w = w.reshape(rows, blocks, block_size)
     smallest, largest = w.amin(dim=2), w.amax(dim=2)
-    low, high = smallest.clamp(max=0), largest.clamp(min=0)
-    flat = high == low
-    low, high = torch.where(flat, -torch.ones_like(low), low), torch.where(flat, torch.ones_like(high), high)
-    scales = (high - low) / levels
-    zeros = torch.round(-low / scales).clamp(0, levels)
+    scales, zeros = _grid(smallest, largest, levels)
     q = torch.clamp(torch.round(w / scales[..., None]) + zeros[..., None], 0, levels)
     # a block's extremes on the grid's ends: rounding each half-way case down (a tie, as on a
     # model dequantized from 4 bits) could leave a 14-step block, which a second rounding would
@@ -231,15 +239,26 @@ def on_grid(weight: torch.Tensor, block_size: int, bits: int = 4, tolerance: flo
     """Whether every number of ``weight`` lies on its block's `block_grid` point, within
     ``tolerance`` of a grid step: the weights a quantization-aware fine-tune left
     (`aware.QuantizationAware`), whose round-to-nearest changes nothing."""
+    return _blocks_on_grid(weight, block_size, bits, tolerance) is not None
+
+
+def _blocks_on_grid(weight: torch.Tensor, block_size: int, bits: int = 4, tolerance: float = 1e-3):
+    """`rtn_blocks` of ``weight`` where it is `on_grid`, else ``None``."""
     q, scales, zeros = rtn_blocks(weight, block_size, bits)
-    expand = torch.arange(weight.shape[1], device=weight.device) // block_size
-    steps = scales[:, expand]
-    return bool(((weight.detach().float() - steps * (q - zeros[:, expand])).abs() <= tolerance * steps).all())
+    error = (weight.detach().float() - _dequantized(q, scales, zeros, block_size)).abs()
+    return (q, scales, zeros) if bool((error <= tolerance * _columns(scales, q.shape[1], block_size)).all()) else None
 
 
 #: Share of an int4 export's weights that must lie on their grids for `trained_blocks` to read the
 #: model as trained on them (one all-zero matrix of an ordinary model is on its grid too).
 TRAINED_SHARE = 0.9
+
+
+def int4_projections(model: torch.nn.Module, block_size: int, skip: Iterable[torch.nn.Module] = ()
+                     ) -> dict[int, list[torch.nn.Module]]:
+    """`projections` an int4 export stores as blocks: those at least one block wide (a narrower
+    one, a LoRA factor's rank side, would be mostly padding: int8)."""
+    return {k: v for k, v in projections(model, skip).items() if _in_out(v[0]).shape[1] >= block_size}
 
 
 def trained_blocks(model: torch.nn.Module, block_size: int, skip: Iterable[torch.nn.Module] = ()
@@ -249,18 +268,18 @@ def trained_blocks(model: torch.nn.Module, block_size: int, skip: Iterable[torch
     least `TRAINED_SHARE` of them lie on their grids (`on_grid`): a checkpoint a
     quantization-aware fine-tune wrote (`aware`), whose blocks an export stores as they are
     instead of rounding them again."""
-    weights = [modules[0] for modules in projections(model, skip).values()]
-    weights = [_in_out(m).detach().float().cpu() for m in weights]
-    weights = [w for w in weights if w.shape[1] >= block_size]
-    gridded = [w for w in weights if on_grid(w, block_size)]
-    if not weights or len(gridded) < TRAINED_SHARE * len(weights):
+    weights = [_in_out(modules[0]).detach().float().cpu() for modules in int4_projections(model, block_size, skip).values()]
+    blocks, gridded = {}, 0
+    for w in weights:
+        found = _blocks_on_grid(w, block_size)  # one rounding a weight, for the test and the blocks
+        if found is not None:
+            q, scales, zeros = found
+            gridded += 1
+            blocks[weight_key(w.T.numpy())] = (q.to(torch.uint8).numpy(), scales.numpy().astype(np.float32),
+                                               zeros.to(torch.uint8).numpy())
+    if not weights or gridded < TRAINED_SHARE * len(weights):
         return None
-    blocks = {}
-    for w in gridded:
-        q, scales, zeros = rtn_blocks(w, block_size)
-        blocks[weight_key(w.T.numpy())] = (q.to(torch.uint8).numpy(), scales.numpy().astype(np.float32),
-                                           zeros.to(torch.uint8).numpy())
-    return blocks, len(weights) - len(gridded)
+    return blocks, len(weights) - gridded
 
 
 def trained_block_size(model: torch.nn.Module, skip: Iterable[torch.nn.Module] = (),
@@ -300,7 +319,7 @@ def plan_int4(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], bl
     in int4 and are never taken into int8.
     """
     trained = set(trained)
-    weights = {k: v for k, v in projections(model, skip).items() if _in_out(v[0]).shape[1] >= block_size}
+    weights = int4_projections(model, block_size, skip)
     sums, tokens = hessians(model, batches, weights)
     plan = Int4Plan(info={"calibration_tokens": tokens})
     sizes, errors, keys = {}, {}, {}
