@@ -103,9 +103,6 @@ class QuantizationAware:
                       [(lambda w: round_rows(w, table_bits, block_size)) for _ in tables]
         self._latent: list[torch.Tensor] | None = None
 
-    def __len__(self) -> int:
-        return len(self.weights)
-
     @torch.no_grad()
     def round_weights(self) -> None:
         """Put each weight's int4 rounding in its place, keeping the float weight aside."""
