@@ -193,3 +193,89 @@ def test_embedding_bits_that_no_table_can_take_fail_in_one_line(tiny_dirs, tmp_p
                                    "--block-size", "64", "-o", str(out)])
     assert res.exit_code != 0 and not out.exists()
     assert len(res.stderr.strip().splitlines()) == 1 and "--embedding-bits 4" in res.stderr, res.stderr
+
+
+def test_a_lookup_only_tables_scales_are_stored_in_float16_and_read_back_exactly():
+    """An untied table's scales take 2 bytes each, behind a Cast: the lookup still gives the exact
+    rows `quantize_rows` computes, whose scales float16 holds; rounding them again changes nothing,
+    and a block of tiny values keeps them (its scale lifted to float16's smallest normal, not 0)."""
+    model, table, _ = _lookup_and_head(tied=False)
+    table[5, :16] = 1e-4  # a block whose scale (1.4e-5) is below float16's normal range
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(table, "table"))
+    block_quantize_tables(model, bits=4, block_size=16, accuracy_level=1, heads={"/lm_head/MatMul"})
+    kinds = {t.name: t.data_type for t in model.graph.initializer}
+    assert kinds["table_B4_scale"] == TensorProto.FLOAT16 and kinds["head_B4T_scale"] == TensorProto.FLOAT
+    dequantized = quantize_rows(table, 4, 16)[2]
+    np.testing.assert_array_equal(quantize_rows(dequantized, 4, 16)[2], dequantized)
+    assert np.all(dequantized[5, :16] > 0)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    embedded, _ = session.run(None, {"ids": np.array([[5, 0, 49]], np.int64), "x": np.zeros((1, HIDDEN), np.float32)})
+    np.testing.assert_array_equal(embedded[0], dequantized[[5, 0, 49]])
+
+
+def test_hot_rows_keep_the_most_used_tokens_in_8_bits():
+    """--embedding-hot-share: the most used 20% of the token table's rows in 8-bit blocks, the rest
+    in 4; every lookup gives exactly the row its own table holds (hot rows within an 8-bit half
+    step of the float row, 16x finer than 4 bits), and an unused row is never hot."""
+    from compressor.quantization.tables import dequantized_table, hot_row_order
+
+    model, table, _ = _lookup_and_head(tied=False)
+    counts = np.zeros(VOCAB, np.int64)
+    counts[[4, 9, 17, 30]] = [50, 40, 30, 20]  # four used tokens: 20% of 50 rows is 10, only 4 used
+    counts[40] = 100
+    done = block_quantize_tables(model, bits=4, block_size=16, accuracy_level=1, heads={"/lm_head/MatMul"},
+                                 row_counts=counts, hot_share=0.2, ids_input="ids")
+    hot = hot_row_order(counts, 0.2)
+    assert hot.tolist() == [40, 4, 9, 17, 30] and done["hot_rows"] == 5 and done["hot_tokens_read"] == 1.0
+    assert {t.name: t.data_type for t in model.graph.initializer}["table_slots"] == TensorProto.INT16  # 2 bytes a row
+    ids = np.array([[40, 4, 0, 49], [30, 3, 17, 1]], np.int64)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    embedded, _ = session.run(None, {"ids": ids, "x": np.zeros((1, HIDDEN), np.float32)})
+    expected = dequantized_table(table, 4, 16, hot)
+    np.testing.assert_array_equal(embedded, expected[ids])
+    step8 = np.abs(table[hot]).reshape(len(hot), -1, 16).max(-1) / 127 / 2
+    assert np.all(np.abs(expected[hot] - table[hot]).reshape(len(hot), -1, 16).max(-1) <= step8 * 1.01 + 1e-7)
+    cold = np.setdiff1d(np.arange(VOCAB), hot)
+    assert np.abs(expected[cold] - table[cold]).max() > 4 * np.abs(expected[hot] - table[hot]).max()
+
+
+def test_hot_rows_in_an_encoder_export_check_and_cost_less_than_an_8_bit_table(tiny_dirs, tmp_path):
+    """A tiny BERT exported int8 with 4-bit tables and 10% hot rows: the token table alone split
+    (positions and token types stay 4-bit), the check passing, the token table's bytes (its
+    blocks, scales and slots) between the 4-bit and the 8-bit table's."""
+    loaded = load_model(str(tiny_dirs["bert"]))
+    sizes, records = {}, {}
+    for name, bits, share in (("b4", 4, 0.0), ("hot", 4, 0.1), ("b8", 8, 0.0)):
+        records[name] = export(loaded, ExportConfig(check_lengths=[8, 32]), tmp_path / name,
+                               quantize=QuantizeConfig("int8", embedding_bits=bits, embedding_hot_share=share))
+        graph = onnx.load(str(tmp_path / name / "model.onnx"))
+        sizes[name] = sum(len(t.raw_data) for t in graph.graph.initializer
+                          if t.name.startswith("embeddings.word_embeddings.weight"))
+    tables = records["hot"].metrics["graph"]["tables"]
+    vocab = loaded.model.get_input_embeddings().weight.shape[0]
+    assert tables["hot_rows"] == round(0.1 * vocab) and tables["operators"]["GatherBlockQuantized"] == 4
+    assert tables["hot_rows_counted_on"] == "packaged calibration text"
+    from compressor.export.render import export_summary_rows
+
+    line = dict(export_summary_rows(records["hot"]))["embeddings"]
+    assert line.startswith("3 tables as 4-bit blocks of 32; the 13 most used token rows in 8 bits (") and \
+        line.endswith("of the tokens of packaged calibration text)"), line
+    assert records["hot"].metrics["check"]["mean_cosine"] >= records["b4"].metrics["check"]["mean_cosine"] - 1e-4
+    assert sizes["b4"] < sizes["hot"] < sizes["b8"]
+
+
+def test_hot_rows_are_checked_and_refused_where_a_head_reads_the_table(tiny_dirs, tmp_path):
+    for bad in (dict(embedding_bits=4, embedding_hot_share=1.0), dict(embedding_bits=8, embedding_hot_share=0.1),
+                dict(embedding_hot_share=0.1), dict(embedding_bits=4, embedding_hot_share="0.1")):
+        with pytest.raises(ConfigError, match="embedding-hot-share"):
+            QuantizeConfig("int8", **bad)
+    assert QuantizeConfig("int8", embedding_bits=4, embedding_hot_share=0.1, calibration="movie-snippets").calibration
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    out = tmp_path / "out"  # GPT-2 ties its table to the head: one set of blocks, one precision
+    res = CliRunner().invoke(cli, ["export", str(tiny_dirs["gpt2"]), "--quantize", "int4", "--embedding-bits", "4",
+                                   "--block-size", "16", "--embedding-hot-share", "0.1", "-o", str(out)])
+    assert res.exit_code != 0 and not out.exists()
+    assert len(res.stderr.strip().splitlines()) == 1 and "--embedding-hot-share" in res.stderr, res.stderr

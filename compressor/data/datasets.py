@@ -451,7 +451,11 @@ def train_test_split(texts: list[str], labels: list[str], train_size: int, test_
 def calibration_texts(data: str | Path | None, *, text_column: str | None = None, encoding: str = "utf-8",
                       limit: int | None = None) -> list[str]:
     """Calibration text: the texts of ``data`` (a file, a packaged data set such as
-    ``movie-snippets``, or a hub dataset id), or the built-in sentences when ``data`` is ``None``."""
+    ``movie-snippets``, a hub dataset id, or several of them comma-separated, interleaved as
+    `load_texts_from` does), or the built-in sentences when ``data`` is ``None``."""
+    if data is not None and "," in str(data) and not Path(data).exists():
+        texts = load_texts_from(str(data), text_column=text_column, encoding=encoding)
+        return texts[:limit] if limit else texts
     if data is not None:
         return load_texts(str(data), text_column=text_column, encoding=encoding, limit=limit)
     return default_calibration_texts()[:limit]

@@ -18,6 +18,12 @@ def export_summary_rows(record) -> list[tuple[str, str]]:
         off = f"; {trained['off_grid']} off it rounded" if trained.get("off_grid") else ""
         rows.append(("int4 blocks", f"{trained['weights']} weights already on their int4 grid (blocks of "
                                     f"{trained['block_size']}, a --quantize-aware fine-tune's): stored as they are{off}"))
+    tables = m["graph"].get("tables")
+    if tables:
+        hot = (f"; the {tables['hot_rows']:,} most used token rows in 8 bits ({tables['hot_tokens_read']:.0%} of the "
+               f"tokens of {tables['hot_rows_counted_on']})" if tables.get("hot_rows") else "")
+        rows.append(("embeddings", f"{tables['tables']} table{'s' * (tables['tables'] != 1)} as {tables['bits']}-bit "
+                                   f"blocks of {tables['block_size']}{hot}"))
     optimized = m["graph"].get("optimized")
     if optimized:
         fused = ", ".join(f"{n} {op}" for op, n in optimized["fused"].items()) or "nothing fused"

@@ -73,7 +73,7 @@ def prepare_graph(path: Path) -> dict[str, int]:
     return done
 
 
-def quantize_int4(path: Path, config: QuantizeConfig, plan=None) -> dict[str, Any]:
+def quantize_int4(path: Path, config: QuantizeConfig, plan=None, tokenizer=None) -> dict[str, Any]:
     """Weight-only int4 of the projections (onnxruntime's ``MatMulNBitsQuantizer``: blocks of
     ``config.block_size`` along the input dimension, symmetric for ``rtn``, with zero points otherwise, ``MatMulNBits`` nodes that compute at
     ``config.accuracy_level``; HQQ's float zero points carried as block-sum offsets beside
@@ -104,7 +104,7 @@ def quantize_int4(path: Path, config: QuantizeConfig, plan=None) -> dict[str, An
     # the embedding tables and the output head (whose logits int4 moves most) as blocks, a tied
     # pair stored once (`tables`; a MatMul on a table's transpose is a tied head wherever it is)
     heads = {n.name for n in model.graph.node if n.op_type == "MatMul" and n.output and n.output[0] in outputs}
-    tables_done = _tables(model, config, table_bits, heads=heads)
+    tables_done = _tables(model, config, table_bits, heads=heads, tokenizer=tokenizer)
     inits = {t.name: t for t in model.graph.initializer}
     # int8 instead of int4: a projection narrower than one block (a LoRA factor's rank side),
     # which would be mostly padding, and an output head the blocks above did not take
@@ -172,12 +172,14 @@ def quantize_int4(path: Path, config: QuantizeConfig, plan=None) -> dict[str, An
     return done
 
 
-def _tables(model, config: QuantizeConfig, bits: int, heads: set[str] | None = None) -> dict[str, Any]:
+def _tables(model, config: QuantizeConfig, bits: int, heads: set[str] | None = None, tokenizer=None) -> dict[str, Any]:
     """`tables.block_quantize_tables` on ``model`` with ``config``'s blocks; ``{}`` where this
     onnxruntime cannot read such tables or none fits, unless ``--embedding-bits`` asked for them.
+    With ``--embedding-hot-share``, ``tokenizer`` counts the calibration text's tokens.
 
     Raises:
-        ExportError: ``--embedding-bits`` given and no table could take it; or the rewrite failed.
+        ExportError: ``--embedding-bits`` given and no table could take it, or hot rows asked
+            for and no table could keep them; or the rewrite failed.
     """
     asked = config.embedding_bits is not None
     if not supported_tables():
@@ -187,15 +189,37 @@ def _tables(model, config: QuantizeConfig, bits: int, heads: set[str] | None = N
             raise ExportError("--embedding-bits needs an onnxruntime whose GatherBlockQuantized reads uint8 blocks "
                               f"with a bits attribute; this one ({onnxruntime.__version__}) does not")
         return {}
+    counts = None
+    if config.embedding_hot_share:
+        if tokenizer is None:
+            raise ExportError("--embedding-hot-share needs the model's tokenizer to count the calibration text's tokens")
+        counts = token_counts(tokenizer, calibration_texts(config.calibration, text_column=config.text_column,
+                                                           encoding=config.encoding), config.max_length)
     try:
         done = block_quantize_tables(model, bits=bits, block_size=config.block_size,
-                                     accuracy_level=config.accuracy_level, heads=heads)
+                                     accuracy_level=config.accuracy_level, heads=heads, row_counts=counts,
+                                     hot_share=config.embedding_hot_share)
     except Exception as e:  # noqa: BLE001  (whatever the graph holds that the rewrite did not expect)
         raise ExportError(f"storing the embedding tables as {bits}-bit blocks failed: {first_line(e, with_type=True)}") from None
     if asked and not done.get("tables"):
         raise ExportError(f"--embedding-bits {bits}: no embedding table of this graph is a float matrix whose width "
                           f"is whole --block-size {config.block_size} blocks and that only lookups read")
+    if config.embedding_hot_share and "hot_rows" not in done:
+        raise ExportError("--embedding-hot-share: no token table here that only lookups of the input ids read "
+                          "(a table an output head reads too keeps one precision)")
+    if counts is not None:
+        done["hot_rows_counted_on"] = config.calibration or "packaged calibration text"
     return done
+
+
+def token_counts(tokenizer, texts: list[str], max_length: int) -> np.ndarray:
+    """How often ``texts`` use each token id, special tokens included, each text cut to
+    ``max_length`` tokens as the model reads it."""
+    counts = np.zeros(len(tokenizer), dtype=np.int64)
+    for start in range(0, len(texts), 1000):
+        for ids in tokenizer(texts[start:start + 1000], truncation=True, max_length=max_length)["input_ids"]:
+            np.add.at(counts, np.asarray(ids, dtype=np.int64), 1)
+    return counts
 
 
 def _use_fitted_blocks(model, keys: dict[str, str], fitted: dict, block_size: int) -> dict[str, int]:
@@ -248,7 +272,7 @@ def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None,
     Args:
         folder: An export folder (model.onnx, config.json, tokenizer files).
         config: The quantization options.
-        tokenizer: Tokenizes calibration text (``int8-static`` only).
+        tokenizer: Tokenizes calibration text (``int8-static``; ``embedding_hot_share`` counts its tokens).
         input_names: The model's input names (``int8-static`` only).
         dynamic_scopes: ``int8-static`` only: qualified module names (``encoder.layer.0.output.dense``)
             whose MatMuls get dynamic activation ranges instead of static ones: the FFN
@@ -265,12 +289,12 @@ def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None,
         onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), str(path))
         return done
     if config.mode == "int4":
-        done.update(quantize_int4(path, config, plan))
+        done.update(quantize_int4(path, config, plan, tokenizer))
         return done
     was_fused = fused(path)  # before the tables' blocks, which are com.microsoft nodes too
     if config.embedding_bits is not None:  # the tables as blocks, before int8 of the rest
         model = onnx.load(str(path))
-        tables = _tables(model, config, config.embedding_bits)
+        tables = _tables(model, config, config.embedding_bits, tokenizer=tokenizer)
         if tables:
             onnx.save(model, str(path))
             done["tables"] = tables
