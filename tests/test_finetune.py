@@ -405,3 +405,34 @@ def test_holdout_refusals_and_a_resume_that_changes_it(student_dir, data_file, t
     with pytest.raises(ConfigError, match="--holdout"):
         finetune(load_model(tmp_path / "out"), config(data_file, tiny_dirs, max_steps=4), output=tmp_path / "out",
                  resume=True, progress=False)
+
+
+def test_the_learning_rate_schedules(student_dir, data_file, tiny_dirs, tmp_path):
+    """--lr-schedule: the warm-up, then the rate held, or decayed to 0 at --max-steps (linear,
+    half cosine); the optimizer follows it step by step; a decay needs --max-steps, and a resume
+    that moves --max-steps (where the decay ends) is refused."""
+    from compressor.finetune.state import lr_factor
+
+    def factors(schedule):
+        c = FinetuneConfig(lr_schedule=schedule, max_steps=110, warmup_steps=10)
+        return [lr_factor(c, s) for s in range(110)]
+
+    const, linear, cosine = factors("constant"), factors("linear"), factors("cosine")
+    assert linear[:10] == const[:10] == cosine[:10] == [(s + 1) / 10 for s in range(10)]
+    assert const[10:] == [1.0] * 100
+    assert linear[10] == 1.0 and linear[60] == pytest.approx(0.5) and linear[-1] == pytest.approx(0.01)
+    assert cosine[10] == 1.0 and cosine[60] == pytest.approx(0.5) and 0 < cosine[-1] < linear[-1]
+    assert all(a > b for a, b in zip(linear[10:], linear[11:]))
+
+    _, record = finetune(load_model(student_dir), config(data_file, tiny_dirs, lr_schedule="linear", warmup_steps=2),
+                         output=tmp_path / "lin", progress=False)
+    with pytest.raises(ConfigError, match="lr-schedule linear decays to 0 at --max-steps"):
+        FinetuneConfig(lr_schedule="linear", max_steps=None, max_minutes=1.0)
+    with pytest.raises(ConfigError, match="lr-schedule"):
+        FinetuneConfig(lr_schedule="step")
+    with pytest.raises(ConfigError, match="--max-steps \\(was 6\\)"):
+        finetune(load_model(tmp_path / "lin"), config(data_file, tiny_dirs, lr_schedule="linear", warmup_steps=2,
+                                                      max_steps=12), output=tmp_path / "lin", resume=True, progress=False)
+    state = torch.load(tmp_path / "lin" / "trainer_state.pt", weights_only=False)
+    assert state["scheduler"]["_last_lr"][0] == pytest.approx(5e-3 * lr_factor(FinetuneConfig(
+        lr_schedule="linear", max_steps=6, warmup_steps=2), 6))

@@ -13,6 +13,9 @@ from ..evaluation.suite import SUITE_TASKS, SuiteConfig
 SUITE_KEYS = ("suite_tasks", "suite_train_size", "suite_test_size")
 #: What trains: the LoRA deltas; the deltas and every norm; or every parameter.
 TRAIN_MODES = ("lora", "lora+norms", "all")
+#: The learning rate after the warm-up: held, or decayed to 0 at ``max_steps`` (linearly, as
+#: Hugging Face's Trainer does by default, or along a half cosine).
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -36,7 +39,10 @@ class FinetuneConfig(TextOptions, StageConfig):
         train: What trains: ``lora``, ``lora+norms`` or ``all``.
         max_steps: Stop after this many optimizer steps (default 200 when no ``max_minutes``).
         max_minutes: Stop after this much training time (whichever limit comes first).
-        lr: AdamW learning rate.
+        lr: AdamW learning rate (the peak, after ``warmup_steps``).
+        lr_schedule: After the warm-up: ``constant``, or ``linear`` / ``cosine`` decay to 0 at
+            ``max_steps`` (which it needs). A decayed run ends on weights the last, smallest
+            steps settled rather than wherever a full-size step left them.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up of the learning rate.
         batch_size: Texts per step.
@@ -56,6 +62,12 @@ class FinetuneConfig(TextOptions, StageConfig):
             step computes on the projections rounded to int4 blocks of ``block_size`` and updates
             the float weights behind them (straight-through estimator); the checkpoint holds the
             rounded weights, which the export stores as they are (`quantization.aware`).
+        int8_aware: Train for an int8 export (``compress export --quantize int8 --per-channel``):
+            every step computes each projection on its weight rounded to int8 with a scale per
+            output channel and on its input rounded as dynamic int8 rounds it at run time
+            (uint8, one scale for the whole tensor), updating the float weights behind them
+            (`quantization.aware`); the checkpoint holds the rounded weights. A short run of it
+            after float distillation is meant to win back what int8 costs.
         embedding_bits: Train for an export's ``--embedding-bits`` tables (4 or 8): every step
             computes on the embedding tables rounded to the export's symmetric blocks of
             ``block_size`` (a scale per block) and updates the float tables behind them; the
@@ -77,6 +89,7 @@ class FinetuneConfig(TextOptions, StageConfig):
     max_steps: int | None = None
     max_minutes: float | None = None
     lr: float = 1e-3
+    lr_schedule: str = choice("constant", LR_SCHEDULES)
     weight_decay: float = 0.0
     warmup_steps: int = 10
     batch_size: int = 32
@@ -90,12 +103,17 @@ class FinetuneConfig(TextOptions, StageConfig):
     device: str = "auto"
     seed: int = 0
     quantize_aware: bool = False
+    int8_aware: bool = False
     embedding_bits: int | None = choice(None, (4, 8))
     block_size: int = 32
     save_every: int = 50
 
     def __post_init__(self):
         check_choice("train", self.train, TRAIN_MODES)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.lr_schedule != "constant" and self.max_steps is None:
+            raise ConfigError(f"--lr-schedule {self.lr_schedule} decays to 0 at --max-steps; give --max-steps",
+                              option="lr_schedule")
         if self.max_steps is None and self.max_minutes is None:
             self.max_steps = 200
         check_int("max_steps", self.max_steps, 1, allow_none=True)
@@ -107,8 +125,12 @@ class FinetuneConfig(TextOptions, StageConfig):
                      "kl_weight", "label_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more", option=name)
-        if not isinstance(self.quantize_aware, bool):
-            raise ConfigError(f"quantize_aware must be true or false, got {self.quantize_aware!r}", option="quantize_aware")
+        for name in ("quantize_aware", "int8_aware"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}", option=name)
+        if self.quantize_aware and self.int8_aware:
+            raise ConfigError("--quantize-aware trains for int4 blocks and --int8-aware for int8: choose one",
+                              option="int8_aware")
         check_block_size(self.block_size)
         if self.embedding_bits is not None:
             check_choice("embedding_bits", self.embedding_bits, (4, 8))

@@ -7,7 +7,9 @@ resumed run takes the same steps, on the same batches, as one that never stopped
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,7 +22,19 @@ from .config import SUITE_KEYS, FinetuneConfig
 STATE = "trainer_state.pt"
 #: Options a resumed run must share with the run it continues (the rest, budgets included, may change).
 RESUME_KEYS = ("data", "holdout", "text_column", "label_column", "train", "lr", "weight_decay", "warmup_steps",
-               "batch_size", "max_length", "max_samples", "seed", "quantize_aware", "embedding_bits", "block_size")
+               "batch_size", "max_length", "max_samples", "seed", "quantize_aware", "int8_aware", "embedding_bits", "block_size",
+               "lr_schedule")
+
+
+def lr_factor(config: FinetuneConfig, step: int) -> float:
+    """The learning rate at ``step`` (0-based) as a share of ``config.lr``: a linear warm-up over
+    ``warmup_steps``, then ``lr_schedule``: ``constant``, or ``linear`` / ``cosine`` decay to 0
+    at ``max_steps``."""
+    warmup = max(1, config.warmup_steps)
+    if step < warmup or config.lr_schedule == "constant":
+        return min(1.0, (step + 1) / warmup)
+    left = max(0.0, (config.max_steps - step) / max(1, config.max_steps - warmup))
+    return left if config.lr_schedule == "linear" else 0.5 * (1 - math.cos(math.pi * left))
 
 
 def check_resumable(output: str | Path) -> None:
@@ -55,7 +69,7 @@ class TrainingState:
         config: The run's options; saved so a resume can refuse changed ones (`RESUME_KEYS`).
         trainable: The parameters the optimizer updates (`select_trainable`).
         optimizer: AdamW over ``trainable``.
-        scheduler: Linear warm-up of the learning rate over ``config.warmup_steps``.
+        scheduler: The learning rate over the steps (`lr_factor`).
         step: Optimizer steps taken, over all runs.
         history: One entry per step: ``step``, ``loss`` and each loss term.
         start_step: The step this run started from (not saved: a loaded state starts at its step).
@@ -78,8 +92,7 @@ class TrainingState:
         """
         trainable = select_trainable(student, config.train)
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-        warmup = max(1, config.warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, config))
         return cls(config, trainable, optimizer, scheduler)
 
     def seed(self) -> None:
@@ -122,6 +135,8 @@ class TrainingState:
         keys = RESUME_KEYS + (SUITE_KEYS if self.config.holdout == "suite" else ())
         # an option a run saved before it existed had its default
         defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+        if self.config.lr_schedule != "constant":  # the decay ends at max_steps: another would jump the rate
+            keys += ("max_steps",)
         changed = [k for k in keys if saved["config"].get(k, defaults.get(k)) != getattr(self.config, k)]
         if changed:
             raise ConfigError(
