@@ -193,3 +193,67 @@ def test_embedding_bits_trains_the_tables_on_the_exports_blocks(tiny_dirs, data_
     assert not all(on_grid(m.weight.detach(), 16) for m in saved.modules() if isinstance(m, torch.nn.Linear))
     with pytest.raises(ConfigError, match="--embedding-bits must be one of 4, 8"):
         FinetuneConfig(embedding_bits=3)
+
+
+def test_int8_aware_rounds_inputs_as_dynamic_int8_does_and_weights_per_channel():
+    """`fake_uint8` is onnxruntime's DynamicQuantizeLinear then DequantizeLinear (a real session,
+    on a tensor that holds no 0 and one whose range is all negative), with the gradient passing
+    straight through; `int8_channels` puts each output channel on codes -127..127 of its own
+    scale, within half a step of the float weight, and rounding it again changes nothing."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from compressor.quantization.aware import fake_uint8, int8_channels
+
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    torch.manual_seed(0)
+    for x in (torch.randn(4, 7, 48) * 3 + 1, -torch.rand(5, 32) - 0.5):
+        expected = session.run(None, {"x": x.numpy()})[0]
+        np.testing.assert_allclose(fake_uint8(x).numpy(), expected, rtol=0, atol=1e-6)
+    x = torch.randn(3, 16, requires_grad=True)
+    (fake_uint8(x) * torch.arange(16.0)).sum().backward()
+    torch.testing.assert_close(x.grad, torch.arange(16.0).expand(3, 16))
+
+    weight = torch.randn(12, 40) * torch.rand(12, 1)
+    rounded = int8_channels(weight)
+    step = weight.abs().amax(1, keepdim=True) / 127
+    assert torch.all((rounded - weight).abs() <= step / 2 + 1e-7)
+    codes = rounded / step
+    torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(int8_channels(weight.T, transposed=True), rounded.T)
+    torch.testing.assert_close(int8_channels(rounded), rounded, rtol=0, atol=1e-7)
+
+
+def test_an_int8_aware_run_trains_on_int8_and_writes_its_rounded_weights(tiny_dirs, data_file, tmp_path):
+    """--int8-aware on a tiny BERT: the run's record says 8 bits; the checkpoint keeps the float
+    projections (the export's per-channel int8 rounds them as training did: every int8 weight in the
+    ONNX graph, dequantized, is `int8_channels` of a checkpoint weight) and the returned student
+    is that checkpoint; the export checks; it cannot be combined with --quantize-aware."""
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    from compressor.quantization.aware import int8_channels
+
+    student, record = finetune(load_model(tiny_dirs["bert"]), _config(tiny_dirs["bert"], data_file, quantize_aware=False,
+                                                                      int8_aware=True, block_size=32),
+                               output=tmp_path / "out", progress=False)
+    assert record.metrics["quantize_aware"]["bits"] == 8 and record.metrics["quantize_aware"]["weights"] >= 6 * 2
+    saved = load_model(tmp_path / "out")
+    linears = [m for m in saved.adapter.blocks(saved.model).modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and not any(torch.equal(int8_channels(m.weight), m.weight) for m in linears)
+    assert all(torch.equal(a, b) for a, b in zip(saved.model.state_dict().values(), student.model.state_dict().values()))
+    for m in linears:  # onnxruntime's own per-channel rounding of the float weight is the one trained on
+        w = m.weight.detach().numpy()
+        for row, expected in zip(w[:3], int8_channels(m.weight)[:3]):
+            zero, scale, codes = quantize_data(row, onnx.TensorProto.INT8, symmetric=True)
+            assert zero == 0
+            np.testing.assert_allclose(codes.astype(np.float32) * scale, expected.numpy(), rtol=1e-6, atol=1e-7)
+    exported = export(saved, ExportConfig(check_lengths=[8, 32]), tmp_path / "onnx",
+                      quantize=QuantizeConfig("int8", per_channel=True))
+    assert exported.metrics["check"]["mean_cosine"] >= 0.9
+    with pytest.raises(ConfigError, match="choose one"):
+        _config(tiny_dirs["bert"], data_file, int8_aware=True)

@@ -200,14 +200,17 @@ def _quantization_aware(student: LoadedModel, config: FinetuneConfig, resumed: P
     Raises:
         ConfigError: the model has no projection a block wide, or a resume lacks its float weights.
     """
-    if not (config.quantize_aware or config.embedding_bits):
+    if not (config.quantize_aware or config.int8_aware or config.embedding_bits):
         return None
     from ..quantization.aware import LATENT, QuantizationAware
 
     model = student.model
     aware = QuantizationAware(model, config.block_size, skip=output_heads(model),
-                              projections=config.quantize_aware, table_bits=config.embedding_bits)
-    if config.quantize_aware and not aware.projections:
+                              projections=config.quantize_aware, table_bits=config.embedding_bits,
+                              int8=config.int8_aware)
+    if (config.quantize_aware or config.int8_aware) and not aware.projections:
+        if config.int8_aware:
+            raise ConfigError(f"--int8-aware: {student.name} has no projection outside its output head")
         raise ConfigError(f"--quantize-aware: {student.name} has no projection at least --block-size "
                           f"{config.block_size} wide to train for int4")
     if config.embedding_bits and not aware.tables:
@@ -272,7 +275,8 @@ class _Run:
             "trainable_params": sum(p.numel() for p in state.trainable),
             "texts": len(self.data.texts),
             "held_out": self.data.held_out,
-            **({"quantize_aware": {"bits": 4, "block_size": self.aware.block_size, "weights": self.aware.projections,
+            **({"quantize_aware": {"bits": self.aware.bits, "block_size": self.aware.block_size,
+                                   "weights": self.aware.projections,
                                    **({"table_bits": self.aware.table_bits, "tables": self.aware.tables}
                                       if self.aware.table_bits else {})}}
                if self.aware is not None else {}),
@@ -296,7 +300,7 @@ class _Run:
                 self.aware.save(staged)  # the float weights behind the rounded ones, for --resume
             (staged / REPORT).write_text(report)
 
-        with self.aware.rounded() if self.aware is not None else nullcontext():  # the checkpoint: the int4 model
+        with self.aware.as_stored() if self.aware is not None else nullcontext():  # the checkpoint: the int4 model
             save_checkpoint(self.student, self.output, overwrite=True, extra_files=extras)
 
 

@@ -15,7 +15,15 @@ learns is the rounding the export applies.
 (`tables.quantize_rows`): on a small encoder the vocabulary matrix is half the file, and its
 4-bit blocks cost the demo's MiniLM more of its neighbours than int8 of all its projections.
 
-The checkpoint holds the rounded weights: the PyTorch model is the int4 model in float32
+``--int8-aware`` does it for an int8 export (onnxruntime's dynamic int8, which the demo ships):
+each projection's weight rounded to int8 with a scale per output channel, and its input rounded as
+``DynamicQuantizeLinear`` rounds it at run time (uint8, one scale and zero point for the whole
+tensor, from its own minimum and maximum with 0 kept in range; `fake_uint8`). The activations'
+one scale per tensor is most of what int8 costs an encoder's neighbours, and only a student that
+saw it while training can make up for it.
+
+The checkpoint holds the rounded weights (an int8 run's projections excepted, which the export's
+int8 rounds as training did): the PyTorch model is the int4 model in float32
 (``compress evaluate`` measures what the export will compute), and ``compress export --quantize
 int4`` finds every projection on its grid (`gptq.on_grid`) and stores those very blocks. The
 float weights behind them are kept beside the trainer state, so ``--resume`` continues them.
@@ -30,6 +38,7 @@ from pathlib import Path
 import torch
 
 from .gptq import int4_projections, round_to_nearest
+from .gptq import projections as all_projections
 
 #: Where the float weights behind the rounded ones wait for a resume.
 LATENT = "quantize_aware.pt"
@@ -46,6 +55,26 @@ def _rounded(weight: torch.Tensor, block_size: int, transposed: bool) -> torch.T
     if transposed:  # Conv1D: blocks along its first dimension, the input
         return round_to_nearest(weight.T, block_size).T.to(weight.dtype)
     return round_to_nearest(weight, block_size).to(weight.dtype)
+
+
+def int8_channels(weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """``weight`` rounded as onnxruntime's per-channel symmetric int8 rounds it: a scale per
+    output channel of its largest magnitude over 127, codes in [-127, 127]
+    (``transposed``: a Conv1D, whose output channels are its columns)."""
+    w = weight.detach().float()
+    peak = w.abs().amax(dim=0 if transposed else 1, keepdim=True)
+    scale = torch.where(peak > 0, peak / 127, torch.ones_like(peak))
+    return (torch.clamp(torch.round(w / scale), -127, 127) * scale).to(weight.dtype)
+
+
+def fake_uint8(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``DynamicQuantizeLinear`` rounds it (uint8; the scale and zero point of the whole
+    tensor from its minimum and maximum, 0 always in range), the gradient passing straight through."""
+    low, high = x.detach().amin().clamp(max=0), x.detach().amax().clamp(min=0)
+    scale = ((high - low) / 255).clamp(min=torch.finfo(torch.float32).tiny)
+    zero = torch.round(-low / scale)
+    q = (torch.clamp(torch.round(x.detach() / scale) + zero, 0, 255) - zero) * scale
+    return x + (q.to(x.dtype) - x).detach()
 
 
 def table_weights(model: torch.nn.Module, block_size: int) -> list[torch.nn.Parameter]:
@@ -70,6 +99,8 @@ def round_rows(rows: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
     blocks = rows.detach().float().reshape(n, k // block_size, block_size)
     peak = blocks.abs().amax(dim=-1)
     scales = torch.where(peak > 0, peak / (half - 1), torch.ones_like(peak))
+    # as float16 holds them (`tables.half_scales`)
+    scales = scales.clamp(torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max).half().float()
     codes = torch.clamp(torch.round(blocks / scales[..., None]), -half, half - 1)
     return (codes * scales[..., None]).reshape(n, k).to(rows.dtype)
 
@@ -82,7 +113,7 @@ class QuantizationAware:
     """
 
     def __init__(self, model: torch.nn.Module, block_size: int, skip: Iterable[torch.nn.Module] = (), *,
-                 projections: bool = True, table_bits: int | None = None):
+                 projections: bool = True, table_bits: int | None = None, int8: bool = False):
         """Args:
             model: The student.
             block_size: Weights per block (the export's ``--block-size``).
@@ -90,28 +121,43 @@ class QuantizationAware:
             projections: Round the projections to int4 blocks (`int4_weights`).
             table_bits: Round the embedding tables to symmetric blocks of these bits (the
                 export's ``--embedding-bits``; `table_weights`); ``None``: leave them.
+            int8: Instead of int4 blocks, every projection outside ``skip`` in int8 with a scale
+                per output channel (`int8_channels`), its input as dynamic int8 (`fake_uint8`)
+                while inside `rounded`.
         """
         self.block_size = block_size
         self.table_bits = table_bits
+        self.bits = 8 if int8 else 4
         conv = {id(m.weight) for m in model.modules() if type(m).__name__ == "Conv1D"}
-        projected = int4_weights(model, block_size, skip) if projections else []
+        shared = all_projections(model, skip) if int8 else {}
+        self._inputs_of = [m for modules in shared.values() for m in modules]  # the modules whose inputs round
+        if int8:
+            projected = [modules[0].weight for modules in shared.values()]
+        else:
+            projected = int4_weights(model, block_size, skip) if projections else []
         tables = [w for w in table_weights(model, block_size) if table_bits is not None
                   and all(w is not p for p in projected)]
         self.projections, self.tables = len(projected), len(tables)
         self.weights = projected + tables
-        self._round = [(lambda w, t=id(w) in conv: _rounded(w, block_size, t)) for w in projected] + \
+        # an int8 run's checkpoint keeps its projections float: the export's int8 rounds them
+        # from the float weights exactly as `int8_channels` did
+        self._float_in_checkpoint = [int8] * len(projected) + [False] * len(tables)
+        round_weight = (lambda w, t: int8_channels(w, t)) if int8 else (lambda w, t: _rounded(w, block_size, t))
+        self._round = [(lambda w, t=id(w) in conv: round_weight(w, t)) for w in projected] + \
                       [(lambda w: round_rows(w, table_bits, block_size)) for _ in tables]
         self._latent: list[torch.Tensor] | None = None
 
     @torch.no_grad()
-    def round_weights(self) -> None:
-        """Put each weight's int4 rounding in its place, keeping the float weight aside."""
+    def round_weights(self, *, stored_only: bool = False) -> None:
+        """Put each weight's rounding in its place, keeping the float weight aside
+        (``stored_only``: only those the checkpoint holds rounded)."""
         if self._latent is not None:
             return
         latent = [w.detach().clone() for w in self.weights]
         self._latent = latent  # before the first copy: `restore` then undoes a partial rounding
-        for w, rounding in zip(self.weights, self._round):
-            w.copy_(rounding(w))
+        for w, rounding, keep in zip(self.weights, self._round, self._float_in_checkpoint):
+            if not (stored_only and keep):
+                w.copy_(rounding(w))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -125,18 +171,33 @@ class QuantizationAware:
 
     @contextmanager
     def rounded(self):
-        """Compute on the rounded weights inside; the float ones are back on leaving."""
+        """Compute on the rounded weights inside (and, for int8, on rounded inputs); the float
+        weights are back on leaving."""
+        hooks = [m.register_forward_pre_hook(lambda _, args: (fake_uint8(args[0]), *args[1:]))
+                 for m in self._inputs_of]
         try:
             self.round_weights()
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.restore()
+
+    @contextmanager
+    def as_stored(self):
+        """The weights as the checkpoint holds them, inside: rounded, but for an int8 run's
+        projections, which stay float."""
+        try:
+            self.round_weights(stored_only=True)
             yield
         finally:
             self.restore()
 
     @torch.no_grad()
     def commit(self) -> None:
-        """Leave the rounded weights in place for good (the end of a run: the model then is the
-        checkpoint it wrote)."""
-        self.round_weights()
+        """Leave the checkpoint's weights in place for good (the end of a run: the model then is
+        the checkpoint it wrote)."""
+        self.round_weights(stored_only=True)
         self._latent = None
 
     def save(self, folder: Path) -> None:
