@@ -71,7 +71,7 @@ def test_shipped_recipes_are_valid():
     # 2 of 12 heads (round(0.17 * 12)) and half the FFN, then the vocabulary cut before distilling
     assert demo.stages[0].config.heads == 0.17 and demo.stages[0].config.ffn == 0.5
     assert round(demo.stages[0].config.heads * 12) == 2
-    assert demo.stages[1].config.vocab_min_count == 3 and demo.stages[1].config.vocab_from
+    assert demo.stages[1].config.vocab_min_count == 2 and demo.stages[1].config.vocab_from
     assert demo.stages[3].config.embedding_bits == 4 and demo.stages[3].config.per_channel is True
     # a budget in steps, so that a busy machine trains the same model; the report scores the suite
     assert demo.stages[2].config.max_steps == 3000 and demo.stages[2].config.max_minutes is None

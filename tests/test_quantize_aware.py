@@ -231,8 +231,8 @@ def test_int8_aware_rounds_inputs_as_dynamic_int8_does_and_weights_per_channel()
 
 def test_an_int8_aware_run_trains_on_int8_and_writes_its_rounded_weights(tiny_dirs, data_file, tmp_path):
     """--int8-aware on a tiny BERT: the run's record says 8 bits; the checkpoint keeps the float
-    projections (the export's per-channel int8 rounds them as training did: every int8 weight in the
-    ONNX graph, dequantized, is `int8_channels` of a checkpoint weight) and the returned student
+    projections (the export's per-channel int8 rounds them as training did: onnxruntime's own
+    rounding of a checkpoint weight is `int8_channels` of it) and the returned student
     is that checkpoint; the export checks; it cannot be combined with --quantize-aware."""
     from onnxruntime.quantization.quant_utils import quantize_data
 

@@ -221,12 +221,13 @@ def test_hot_rows_keep_the_most_used_tokens_in_8_bits():
 
     model, table, _ = _lookup_and_head(tied=False)
     counts = np.zeros(VOCAB, np.int64)
-    counts[[4, 9, 17, 30]] = [50, 40, 30, 20]  # four used tokens: 20% of 50 rows is 10, only 4 used
-    counts[40] = 100
+    counts[[4, 9, 17, 30]] = [50, 40, 30, 20]
+    counts[40] = 100  # five used tokens: 20% of 50 rows is 10, only 5 used
     done = block_quantize_tables(model, bits=4, block_size=16, accuracy_level=1, heads={"/lm_head/MatMul"},
                                  row_counts=counts, hot_share=0.2, ids_input="ids")
     hot = hot_row_order(counts, 0.2)
     assert hot.tolist() == [40, 4, 9, 17, 30] and done["hot_rows"] == 5 and done["hot_tokens_read"] == 1.0
+    assert len(hot_row_order(np.array([3, 2, 5, 1]), 0.9)) == 3  # never every row: the 4-bit table keeps one
     assert {t.name: t.data_type for t in model.graph.initializer}["table_slots"] == TensorProto.INT16  # 2 bytes a row
     ids = np.array([[40, 4, 0, 49], [30, 3, 17, 1]], np.int64)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

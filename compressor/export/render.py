@@ -19,7 +19,7 @@ def export_summary_rows(record) -> list[tuple[str, str]]:
         rows.append(("int4 blocks", f"{trained['weights']} weights already on their int4 grid (blocks of "
                                     f"{trained['block_size']}, a --quantize-aware fine-tune's): stored as they are{off}"))
     tables = m["graph"].get("tables")
-    if tables:
+    if tables and tables.get("tables"):
         hot = (f"; the {tables['hot_rows']:,} most used token rows in 8 bits ({tables['hot_tokens_read']:.0%} of the "
                f"tokens of {tables['hot_rows_counted_on']})" if tables.get("hot_rows") else "")
         rows.append(("embeddings", f"{tables['tables']} table{'s' * (tables['tables'] != 1)} as {tables['bits']}-bit "

@@ -66,8 +66,10 @@ class FinetuneConfig(TextOptions, StageConfig):
             every step computes each projection on its weight rounded to int8 with a scale per
             output channel and on its input rounded as dynamic int8 rounds it at run time
             (uint8, one scale for the whole tensor), updating the float weights behind them
-            (`quantization.aware`); the checkpoint holds the rounded weights. A short run of it
-            after float distillation is meant to win back what int8 costs.
+            (`quantization.aware`); the checkpoint keeps the float projections, which the
+            export rounds as training did. The output head stays float in training (an int8
+            export rounds a decoder's head too). On the demo's MiniLM 200 steps of it gained
+            nothing over 200 float steps (reports/demo/levers.md).
         embedding_bits: Train for an export's ``--embedding-bits`` tables (4 or 8): every step
             computes on the embedding tables rounded to the export's symmetric blocks of
             ``block_size`` (a scale per block) and updates the float tables behind them; the
@@ -111,11 +113,11 @@ class FinetuneConfig(TextOptions, StageConfig):
     def __post_init__(self):
         check_choice("train", self.train, TRAIN_MODES)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.max_steps is None and self.max_minutes is None:
+            self.max_steps = 200
         if self.lr_schedule != "constant" and self.max_steps is None:
             raise ConfigError(f"--lr-schedule {self.lr_schedule} decays to 0 at --max-steps; give --max-steps",
                               option="lr_schedule")
-        if self.max_steps is None and self.max_minutes is None:
-            self.max_steps = 200
         check_int("max_steps", self.max_steps, 1, allow_none=True)
         check_positive("max_minutes", self.max_minutes, allow_none=True)
         for name in ("lr", "batch_size", "max_length"):

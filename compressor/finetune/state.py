@@ -141,7 +141,7 @@ class TrainingState:
         if changed:
             raise ConfigError(
                 "--resume continues the same run; these options differ from it: "
-                + ", ".join(f"--{k.replace('_', '-')} (was {saved['config'].get(k)!r})" for k in changed)
+                + ", ".join(f"--{k.replace('_', '-')} (was {saved['config'].get(k, defaults.get(k))!r})" for k in changed)
             )
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])

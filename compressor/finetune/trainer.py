@@ -189,13 +189,14 @@ def finetune(
     reason = _train(run, progress=progress)
     run.save(reason)
     if aware is not None:
-        aware.commit()  # the student returned is the int4 checkpoint written, not the float weights behind it
+        aware.commit()  # the student returned is the checkpoint written, not the float weights behind it
     return student, run.record(reason)
 
 
 def _quantization_aware(student: LoadedModel, config: FinetuneConfig, resumed: Path | None):
-    """The int4 weights ``--quantize-aware`` trains (the output head left out: the export keeps
-    it in 8-bit blocks), with the float weights a resumed run left; ``None`` without the option.
+    """The rounded weights ``--quantize-aware`` (int4 blocks), ``--int8-aware`` (int8 per channel,
+    inputs as dynamic int8) and ``--embedding-bits`` (the tables) train on (the output head left
+    out), with the float weights a resumed run left; ``None`` without any of them.
 
     Raises:
         ConfigError: the model has no projection a block wide, or a resume lacks its float weights.
@@ -218,8 +219,8 @@ def _quantization_aware(student: LoadedModel, config: FinetuneConfig, resumed: P
                           f"--block-size {config.block_size} blocks")
     if resumed is not None:
         if not (resumed / LATENT).is_file():
-            raise ConfigError(f"--resume --quantize-aware needs {resumed / LATENT}, which the run being resumed "
-                              "did not write")
+            raise ConfigError(f"--resume of a quantization-aware run needs {resumed / LATENT}, which the run "
+                              "being resumed did not write")
         try:
             aware.load(resumed)
         except ValueError as e:
@@ -300,7 +301,7 @@ class _Run:
                 self.aware.save(staged)  # the float weights behind the rounded ones, for --resume
             (staged / REPORT).write_text(report)
 
-        with self.aware.as_stored() if self.aware is not None else nullcontext():  # the checkpoint: the int4 model
+        with self.aware.as_stored() if self.aware is not None else nullcontext():  # the checkpoint: the rounded model
             save_checkpoint(self.student, self.output, overwrite=True, extra_files=extras)
 
 

@@ -106,10 +106,11 @@ def round_rows(rows: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
 
 
 class QuantizationAware:
-    """The float weights behind a student's int4 blocks, swapped out while it computes.
+    """The float weights behind a student's rounded ones (int4 blocks, int8 channels, table
+    blocks), swapped out while it computes.
 
-    Use `rounded` around each step's forward and backward; `round_weights` before writing a
-    checkpoint (and `restore` after it).
+    Use `rounded` around each step's forward and backward, `as_stored` around writing a
+    checkpoint, `commit` at the end of a run.
     """
 
     def __init__(self, model: torch.nn.Module, block_size: int, skip: Iterable[torch.nn.Module] = (), *,
@@ -173,9 +174,10 @@ class QuantizationAware:
     def rounded(self):
         """Compute on the rounded weights inside (and, for int8, on rounded inputs); the float
         weights are back on leaving."""
-        hooks = [m.register_forward_pre_hook(lambda _, args: (fake_uint8(args[0]), *args[1:]))
-                 for m in self._inputs_of]
+        hooks = []
         try:
+            hooks.extend(m.register_forward_pre_hook(lambda _, args: (fake_uint8(args[0]), *args[1:]))
+                         for m in self._inputs_of)
             self.round_weights()
             yield
         finally:

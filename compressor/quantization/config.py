@@ -67,7 +67,7 @@ class QuantizeConfig(TextFormat, StageConfig):
             the tokens ``calibration`` text uses most (counted over all its texts; the packaged
             calibration text by default), in 8-bit blocks instead (0: none). A token's error
             costs as often as it is read: on the demo's cut MiniLM the most used 10% of rows are
-            85% of the text read. Not for a table an output head reads too.
+            80% of the text read. Not for a table an output head reads too.
         min_cosine: The export fails if its outputs' mean cosine to PyTorch's is below this
             (default per mode: `MIN_COSINE`).
     """

@@ -205,6 +205,9 @@ def _tables(model, config: QuantizeConfig, bits: int, heads: set[str] | None = N
         raise ExportError(f"--embedding-bits {bits}: no embedding table of this graph is a float matrix whose width "
                           f"is whole --block-size {config.block_size} blocks and that only lookups read")
     if config.embedding_hot_share and "hot_rows" not in done:
+        if counts is not None and round(config.embedding_hot_share * len(counts)) < 1:
+            raise ExportError(f"--embedding-hot-share {config.embedding_hot_share:g} keeps no row of a "
+                              f"{len(counts):,}-token table; give a larger share")
         raise ExportError("--embedding-hot-share: no token table here that only lookups of the input ids read "
                           "(a table an output head reads too keeps one precision)")
     if counts is not None:

@@ -70,16 +70,17 @@ def quantize_rows(rows: np.ndarray, bits: int, block_size: int) -> tuple[np.ndar
 def half_scales(scales: np.ndarray) -> np.ndarray:
     """``scales`` (float32) rounded to the nearest float16, which is how a lookup-only table stores
     them. One below float16's smallest normal number, 6.1e-5 (a block whose values are all under
-    4e-4), is lifted to it: that block's codes are never clipped, and its values under 3e-5 round
-    to 0."""
+    4e-4 at 4 bits, 7.8e-3 at 8), is lifted to it: that block's codes are never clipped, and its
+    values under 3e-5 round to 0."""
     tiny, top = np.finfo(np.float16).tiny, np.finfo(np.float16).max
     return np.clip(scales, tiny, top).astype(np.float16).astype(np.float32)
 
 
 def hot_row_order(counts: np.ndarray, share: float) -> np.ndarray:
     """The rows ``hot_rows`` keeps in 8 bits: the ``share`` of all rows whose ``counts`` are
-    highest (ties to the lower id), none of them unused (count 0)."""
-    wanted = min(int(round(share * len(counts))), int(np.count_nonzero(counts)))
+    highest (ties to the lower id), none of them unused (count 0), and never all of them (the
+    4-bit table keeps at least one row for the lookups of the others to read)."""
+    wanted = min(int(round(share * len(counts))), int(np.count_nonzero(counts)), len(counts) - 1)
     return np.argsort(-np.asarray(counts), kind="stable")[:wanted]
 
 
