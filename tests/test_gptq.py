@@ -97,7 +97,7 @@ def test_a_gptq_export_stores_the_fitted_blocks_once_per_shared_weight(tiny_dirs
 def test_gptq_options_are_checked(tiny_dirs, tmp_path):
     QuantizeConfig("int4", int4_method="gptq", calibration="movie-snippets")  # its own calibration text
     QuantizeConfig("int4", int8_share=0.3, calibration="movie-snippets")  # ranks the projections on it
-    with pytest.raises(ConfigError, match="only used by int8-static, and by int4 with --int4-method gptq or --int8-share"):
+    with pytest.raises(ConfigError, match="only used by int8-static, by int4 with --int4-method gptq or --int8-share, and by --embedding-hot-share"):
         QuantizeConfig("int4", int4_method="rtn", calibration="movie-snippets")
     for bad in (1.0, -0.1, True):
         with pytest.raises(ConfigError, match="--int8-share must be in"):
