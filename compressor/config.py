@@ -187,6 +187,12 @@ def check_positive(name: str, value: int | float | None, *, allow_none: bool = F
         raise ConfigError(f"{flag(name)} must be a positive number, got {value!r}", option=name)
 
 
+def check_share(name: str, value) -> None:
+    """A share of something to keep or move: a number (not a bool) in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"{flag(name)} must be in [0, 1), got {value!r}", option=name)
+
+
 def check_block_size(value, name: str = "block_size") -> None:
     """Weights per quantization block: a power of two, at least 16 (what MatMulNBits takes)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):

@@ -143,7 +143,7 @@ class QuantizationAware:
         # an int8 run's checkpoint keeps its projections float: the export's int8 rounds them
         # from the float weights exactly as `int8_channels` did
         self._float_in_checkpoint = [int8] * len(projected) + [False] * len(tables)
-        round_weight = (lambda w, t: int8_channels(w, t)) if int8 else (lambda w, t: _rounded(w, block_size, t))
+        round_weight = int8_channels if int8 else (lambda w, t: _rounded(w, block_size, t))
         self._round = [(lambda w, t=id(w) in conv: round_weight(w, t)) for w in projected] + \
                       [(lambda w: round_rows(w, table_bits, block_size)) for _ in tables]
         self._latent: list[torch.Tensor] | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import StageConfig, TextFormat, check_block_size, check_choice, check_positive, choice
+from ..config import StageConfig, TextFormat, check_block_size, check_choice, check_positive, check_share, choice
 from ..errors import ConfigError
 
 #: ``int8``: dynamic (weights int8, activations quantized on the fly); ``int8-static``:
@@ -96,9 +96,8 @@ class QuantizeConfig(TextFormat, StageConfig):
             if self.mode == "fp16":
                 raise ConfigError("--embedding-bits is for int8 and int4 exports' tables, not fp16", option="embedding_bits")
         check_block_size(self.block_size)
+        check_share("embedding_hot_share", self.embedding_hot_share)
         share = self.embedding_hot_share
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
-            raise ConfigError(f"--embedding-hot-share must be in [0, 1), got {share!r}", option="embedding_hot_share")
         if share and self.embedding_bits != 4:
             raise ConfigError("--embedding-hot-share keeps some rows of a 4-bit table in 8 bits: it needs "
                               "--embedding-bits 4", option="embedding_hot_share")
@@ -107,9 +106,7 @@ class QuantizeConfig(TextFormat, StageConfig):
         if self.mode == "int8-static" and not self.calibration:
             raise ConfigError("--quantize int8-static needs --calibration DATA (text to measure activation ranges on)",
                               option="calibration")
-        if isinstance(self.int8_share, bool) or not isinstance(self.int8_share, (int, float)) \
-                or not 0 <= self.int8_share < 1:
-            raise ConfigError(f"--int8-share must be in [0, 1), got {self.int8_share!r}", option="int8_share")
+        check_share("int8_share", self.int8_share)
         if self.int8_share and self.mode != "int4":
             raise ConfigError(f"--int8-share keeps some of an int4 export's projections in int8; not for {self.mode}",
                               option="int8_share")
