@@ -24,6 +24,11 @@ def export_summary_rows(record) -> list[tuple[str, str]]:
                f"tokens of {tables['hot_rows_counted_on']})" if tables.get("hot_rows") else "")
         rows.append(("embeddings", f"{tables['tables']} table{'s' * (tables['tables'] != 1)} as {tables['bits']}-bit "
                                    f"blocks of {tables['block_size']}{hot}"))
+    per_token = m["graph"].get("per_token_inputs")
+    if per_token is not None:
+        rows.append(("activations", f"int8 with a range per token at {per_token} projection input"
+                                    f"{'s' * (per_token != 1)}" if per_token else
+                                    "int8 with one range per tensor: no projection input could take one per token"))
     optimized = m["graph"].get("optimized")
     if optimized:
         fused = ", ".join(f"{n} {op}" for op, n in optimized["fused"].items()) or "nothing fused"

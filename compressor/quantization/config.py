@@ -68,6 +68,10 @@ class QuantizeConfig(TextFormat, StageConfig):
             calibration text by default), in 8-bit blocks instead (0: none). A token's error
             costs as often as it is read: on the demo's cut MiniLM the most used 10% of rows are
             80% of the text read. Not for a table an output head reads too.
+        per_token: ``int8`` (and ``int8-static``'s dynamic FFN down-projections): round each
+            projection's input with a range per token (row) instead of one for the whole
+            tensor (`per_token.py`): a few outlier tokens no longer set every token's step.
+            ``QAttention``'s input and the products of two activations keep their one range.
         min_cosine: The export fails if its outputs' mean cosine to PyTorch's is below this
             (default per mode: `MIN_COSINE`).
     """
@@ -84,6 +88,7 @@ class QuantizeConfig(TextFormat, StageConfig):
     int8_share: float = 0.0
     embedding_bits: int | None = choice(None, EMBEDDING_BITS)
     embedding_hot_share: float = 0.0
+    per_token: bool = False
     min_cosine: float | None = None
 
     def __post_init__(self):
@@ -121,6 +126,11 @@ class QuantizeConfig(TextFormat, StageConfig):
             raise ConfigError(f"per_channel must be true or false, got {self.per_channel!r}", option="per_channel")
         if self.mode == "fp16" and self.per_channel:
             raise ConfigError("--per-channel is for int8 scales, not fp16", option="per_channel")
+        if not isinstance(self.per_token, bool):
+            raise ConfigError(f"per_token must be true or false, got {self.per_token!r}", option="per_token")
+        if self.per_token and self.mode not in ("int8", "int8-static"):
+            raise ConfigError(f"--per-token rounds int8's dynamic activations per token; not for {self.mode}",
+                              option="per_token")
         if self.min_cosine is None:
             self.min_cosine = MIN_COSINE[self.mode]
         if isinstance(self.min_cosine, bool) or not isinstance(self.min_cosine, (int, float)) or not -1 <= self.min_cosine <= 1:

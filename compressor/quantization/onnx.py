@@ -320,6 +320,12 @@ def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None,
             shutil.move(Path(tmp) / "ort_config.json", folder / "ort_config.json")
         else:
             done.update(_quantize_static(path, Path(tmp), preset, config, tokenizer, input_names, dynamic_scopes))
+    if config.per_token:
+        from .per_token import per_token_inputs
+
+        model = onnx.load(str(path))
+        done["per_token_inputs"] = per_token_inputs(model)
+        onnx.save(model, str(path))
     return done
 
 

@@ -1,0 +1,172 @@
+"""Per-token activation ranges for dynamic int8 (``compress export --quantize int8 --per-token``).
+
+onnxruntime's dynamic int8 rounds each projection's input with one scale and zero point for the
+whole tensor, from its minimum and maximum (``DynamicQuantizeLinear``): one range for every
+token of every text in the batch. A few tokens with large activations (the separator, a
+punctuation mark: Bondarenko et al., 2021) set the step for all the others, and a text's
+embedding depends on the texts it happens to be batched with. Token-wise ranges (ZeroQuant, Yao
+et al., 2022; LLM.int8(), Dettmers et al., 2022) give each row its own scale. They apply to the
+products of an activation and a weight; ``QAttention`` (onnxruntime's fused int8 attention)
+takes one input scale, and the attention scores of an unfused graph (two activations
+multiplied) keep the quantizer's one range per tensor, so the batch still matters, less.
+
+onnxruntime's ``MatMulInteger`` takes one zero point for its whole input, so the rows are
+rounded symmetrically: each row's scale is its largest magnitude over 127, around the one zero
+point 128 (``QuantizeLinear`` along the rows of the input seen as a matrix), and the row's scale
+multiplies the product's row afterwards::
+
+    DynamicQuantizeLinear(x) -> MatMulInteger -> Cast -> Mul(x_scale * w_scale)
+    becomes
+    Reshape(x, [-1, K]) -> ReduceMax / ReduceMin -> s = max|row| / 127
+    QuantizeLinear(x, s, 128, axis 0) -> MatMulInteger(zero point 128) -> Cast -> Mul(w_scale)
+    -> Mul(s per row) -> Reshape(back to x's leading dimensions)
+
+The weights, their per-channel scales and their sharing are untouched: only how the input is
+rounded changes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..onnx_graph import initializers
+
+#: The zero point every row is rounded around (uint8: codes 1..255 for -127..127 steps).
+ZERO_POINT = 128
+
+
+def _consumers(nodes: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
+    found: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in node.input:
+            if name:
+                found.setdefault(name, []).append(node)
+    return found
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _projections(node: onnx.NodeProto, consumers: dict, inits: dict, outputs: set[str]) -> list[tuple] | None:
+    """``(MatMulInteger, Cast, output Mul, scale Mul, weight scale)`` of every product reading
+    the ``DynamicQuantizeLinear`` ``node``; ``None`` when anything else reads its outputs
+    (``QAttention``, a product of two activations, a graph output) or a product is not a 2-D
+    weight's."""
+    quantized, scale, zero = node.output
+    if outputs & set(node.output):
+        return None
+    found = []
+    for m in consumers.get(quantized, []):
+        if m.op_type != "MatMulInteger" or m.input[0] != quantized or (len(m.input) > 2 and m.input[2] != zero) \
+                or m.input[1] not in inits or len(inits[m.input[1]].dims) != 2:
+            return None
+        casts = consumers.get(m.output[0], [])
+        if len(casts) != 1 or casts[0].op_type != "Cast" or m.output[0] in outputs or casts[0].output[0] in outputs:
+            return None
+        muls = consumers.get(casts[0].output[0], [])
+        if len(muls) != 1 or muls[0].op_type != "Mul":
+            return None
+        other = [name for name in muls[0].input if name != casts[0].output[0]]
+        scale_mul = next((n for n in consumers.get(scale, []) if n.op_type == "Mul" and n.output[0] in other), None)
+        if scale_mul is None or scale_mul.output[0] in outputs \
+                or any(reader is not muls[0] for reader in consumers.get(scale_mul.output[0], [])):
+            return None
+        weight_scale = next(name for name in scale_mul.input if name != scale)
+        found.append((m, casts[0], muls[0], scale_mul, weight_scale))
+    users = {id(n) for entry in found for n in (entry[0], entry[3])}
+    if not found or any(id(n) not in users for n in consumers.get(scale, []) + consumers.get(zero, [])):
+        return None
+    return found
+
+
+def per_token_inputs(model: onnx.ModelProto) -> int:
+    """Give every ``DynamicQuantizeLinear`` whose readers are all ``MatMulInteger`` products with
+    a weight (an initializer) a range per row (per token) instead of one per tensor, in place.
+    Returns how many inputs now have per-token ranges."""
+    opset = _opset(model)
+    if opset < 13:  # QuantizeLinear along an axis, Unsqueeze's axes as an input
+        return 0
+    inits = initializers(model)
+    nodes = list(model.graph.node)  # one set of node objects: the bookkeeping below keys on them
+    consumers = _consumers(nodes)
+    outputs = {o.name for o in model.graph.output}
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # id(old node) -> the nodes in its place
+    removed: set[int] = set()
+    constants: dict[str, np.ndarray] = {}
+
+    def const(name: str, value: np.ndarray) -> str:
+        constants[name] = value
+        return name
+
+    def reduce(op: str, x: str, out: str) -> onnx.NodeProto:
+        if opset >= 18:
+            return helper.make_node(op, [x, const("per_token_axis1", np.array([1], np.int64))], [out], keepdims=0)
+        return helper.make_node(op, [x], [out], axes=[1], keepdims=0)
+
+    done = 0
+    for node in nodes:
+        if node.op_type != "DynamicQuantizeLinear" or node.domain not in ("", "ai.onnx"):
+            continue
+        products = _projections(node, consumers, inits, outputs)
+        if products is None:
+            continue
+        widths = {inits[m.input[1]].dims[0] for m, *_ in products}
+        if len(widths) != 1:
+            continue
+        k = widths.pop()
+        x, tag = node.input[0], node.output[0]
+        rows, scale, quantized = f"{tag}_rows", f"{tag}_row_scale", f"{tag}_per_token"
+        new = [
+            helper.make_node("Reshape", [x, const(f"per_token_shape_{k}", np.array([-1, k], np.int64))], [rows]),
+            reduce("ReduceMax", rows, f"{tag}_row_max"),
+            reduce("ReduceMin", rows, f"{tag}_row_min"),
+            helper.make_node("Neg", [f"{tag}_row_min"], [f"{tag}_row_neg_min"]),
+            helper.make_node("Max", [f"{tag}_row_max", f"{tag}_row_neg_min",
+                                     const("per_token_tiny", np.array(np.finfo(np.float32).tiny * 127, np.float32))],
+                             [f"{tag}_row_peak"]),
+            helper.make_node("Mul", [f"{tag}_row_peak", const("per_token_inv127", np.array(1 / 127, np.float32))], [scale]),
+            helper.make_node("Shape", [scale], [f"{tag}_row_count"]),
+            helper.make_node("Expand", [const("per_token_zero_1", np.array([ZERO_POINT], np.uint8)), f"{tag}_row_count"],
+                             [f"{tag}_row_zero"]),
+            helper.make_node("QuantizeLinear", [rows, scale, f"{tag}_row_zero"], [quantized], axis=0),
+            helper.make_node("Unsqueeze", [scale, const("per_token_axis1", np.array([1], np.int64))], [f"{tag}_row_scale_2d"]),
+            helper.make_node("Shape", [x], [f"{tag}_shape"]),
+            helper.make_node("Slice", [f"{tag}_shape", const("per_token_zero_i64", np.array([0], np.int64)),
+                                       const("per_token_minus1", np.array([-1], np.int64))], [f"{tag}_lead"]),
+        ]
+        replaced[id(node)] = new
+        for m, cast, mul, scale_mul, weight_scale in products:
+            n = inits[m.input[1]].dims[1]
+            m.input[0] = quantized
+            zero = const("per_token_zero_point", np.array(ZERO_POINT, np.uint8))
+            if len(m.input) > 2:
+                m.input[2] = zero
+            else:
+                m.input.append(zero)
+            out = mul.output[0]
+            mul.input[:] = [cast.output[0], weight_scale]
+            mul.output[0] = f"{out}_per_token_rows"
+            replaced[id(mul)] = [
+                mul,
+                helper.make_node("Mul", [mul.output[0], f"{tag}_row_scale_2d"], [f"{out}_per_token_scaled"]),
+                helper.make_node("Concat", [f"{tag}_lead", const(f"per_token_width_{n}", np.array([n], np.int64))],
+                                 [f"{out}_per_token_shape"], axis=0),
+                helper.make_node("Reshape", [f"{out}_per_token_scaled", f"{out}_per_token_shape"], [out]),
+            ]
+            removed.add(id(scale_mul))
+        done += 1
+    if not done:
+        return 0
+    order = []
+    for node in nodes:
+        if id(node) in removed:
+            continue
+        order += replaced.get(id(node), [node])
+    del model.graph.node[:]
+    model.graph.node.extend(order)
+    model.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in constants.items()
+                                   if name not in inits)
+    return done
