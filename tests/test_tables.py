@@ -16,7 +16,7 @@ from compressor.export import ExportConfig, export
 from compressor.models import load_model
 from compressor.models.stats import unique_parameters
 from compressor.quantization import QuantizeConfig
-from compressor.quantization.tables import block_quantize_tables, quantize_rows, supported
+from compressor.quantization.tables import block_quantize_tables, half_scales, quantize_rows, supported
 
 pytestmark = pytest.mark.skipif(not supported(), reason="this onnxruntime's GatherBlockQuantized takes no uint8 blocks")
 
@@ -51,8 +51,16 @@ def test_a_tied_head_and_its_table_read_one_set_of_blocks_exactly(bits):
     nodes = {n.op_type: n for n in model.graph.node}
     assert nodes["GatherBlockQuantized"].input[0] == nodes["MatMulNBits"].input[1]  # the same bytes
     _, _, dequantized = quantize_rows(table, bits, 16)
-    half_step = np.repeat(np.abs(table).reshape(VOCAB, -1, 16).max(-1) / (2 ** (bits - 1) - 1) / 2, 16, axis=1)
-    assert np.all(np.abs(dequantized - table) <= half_step + 1e-6) and not dequantized[3].any()
+    # each block's scale searched: never more squared error than round-to-nearest over the
+    # block's peak (whose every value is within half a step), and less on the whole
+    half = 2 ** (bits - 1)
+    blocks = table.reshape(VOCAB, -1, 16)
+    step = half_scales(np.maximum(np.abs(blocks).max(-1, keepdims=True), 1e-30) / (half - 1))  # as stored
+    nearest = np.clip(np.rint(blocks / step), -half, half - 1) * step
+    assert np.all(np.abs(nearest - blocks) <= step * 0.502)
+    error, nearest_error = (np.square(d - blocks).sum(-1) for d in (dequantized.reshape(blocks.shape), nearest))
+    assert np.all(error <= nearest_error) and (bits == 8 or error.sum() < 0.9 * nearest_error.sum())
+    assert not dequantized[3].any()
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     ids = np.array([[0, 3, 49], [7, 7, 1]], dtype=np.int64)

@@ -91,16 +91,28 @@ def table_weights(model: torch.nn.Module, block_size: int) -> list[torch.nn.Para
 
 def round_rows(rows: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
     """`tables.quantize_rows`' symmetric blocks in torch: each block of ``block_size`` along a
-    row scaled so that its largest magnitude is ``2^(bits-1) - 1``, rounded, clipped to the
-    codes; what the export's ``GatherBlockQuantized`` and head ``MatMulNBits`` read back. The
-    largest magnitude lands on a code, so rounding what was rounded changes nothing."""
+    row on the scale of `tables.SCALE_FRACTIONS` x (its largest magnitude over
+    ``2^(bits-1) - 1``) that leaves the least squared error, rounded, clipped to the codes; what
+    the export's ``GatherBlockQuantized`` and head ``MatMulNBits`` read back. The largest
+    magnitude lands on a code, so rounding what was rounded changes nothing."""
+    from .tables import SCALE_FRACTIONS
+
     half = 2 ** (bits - 1)
     n, k = rows.shape
     blocks = rows.detach().float().reshape(n, k // block_size, block_size)
     peak = blocks.abs().amax(dim=-1)
-    scales = torch.where(peak > 0, peak / (half - 1), torch.ones_like(peak))
-    # as float16 holds them (`tables.half_scales`)
-    scales = scales.clamp(torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max).half().float()
+    base = torch.where(peak > 0, peak / (half - 1), torch.ones_like(peak))
+    tiny, top = torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max
+    scales = error = None
+    for fraction in SCALE_FRACTIONS:
+        # as float16 holds them (`tables.half_scales`)
+        s = (base * fraction if fraction != 1 else base).clamp(tiny, top).half().float()
+        e = (blocks - torch.clamp(torch.round(blocks / s[..., None]), -half, half - 1) * s[..., None]).square().sum(-1)
+        if scales is None:
+            scales, error = s, e
+        else:
+            better = e < error
+            scales, error = torch.where(better, s, scales), torch.where(better, e, error)
     codes = torch.clamp(torch.round(blocks / scales[..., None]), -half, half - 1)
     return (codes * scales[..., None]).reshape(n, k).to(rows.dtype)
 
