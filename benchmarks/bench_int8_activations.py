@@ -197,6 +197,8 @@ def variants(roles: tuple[str, ...]) -> list[tuple[str, dict, bool, int | None, 
     for role in roles:
         rows.append((f"the export, {role} inputs per token, symmetric", {**tensor, role: "token-sym"}, True, 4, ()))
     rows.append(("the export, every input per token, symmetric", {r: "token-sym" for r in roles}, True, 4, ()))
+    shipped = {**tensor, **{r: "token-sym" for r in roles if r != "qkv"}}  # QAttention keeps its range
+    rows.append(("the export with --per-token (every input but Q/K/V's per token, symmetric)", shipped, True, 4, ()))
     for role in roles:
         rows.append((f"the export, {role} smoothed (SmoothQuant, alpha 0.5)", tensor, True, 4, (role,)))
     rows.append(("the export, every group smoothed", tensor, True, 4, roles))

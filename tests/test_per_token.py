@@ -50,13 +50,21 @@ def _int8_channels(w: np.ndarray) -> np.ndarray:
     return np.clip(np.round(w / scale), -127, 127) * scale
 
 
-@pytest.mark.parametrize("per_channel,opset,readers", [(True, 17, 1), (False, 17, 1), (True, 18, 3)])
-def test_each_row_is_rounded_with_its_own_largest_magnitude(tmp_path, per_channel, opset, readers):
+@pytest.mark.parametrize("per_channel,opset,readers,contrib", [(True, 17, 1, False), (False, 17, 1, False),
+                                                                (True, 18, 3, False), (True, 17, 3, True)])
+def test_each_row_is_rounded_with_its_own_largest_magnitude(tmp_path, per_channel, opset, readers, contrib):
     model, w = _quantized_matmul(tmp_path, per_channel, opset, readers=readers)
+    if contrib:  # a graph with onnxruntime's contrib operators in it already (as the O2-fused one)
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        model.graph.node.append(helper.make_node("Gelu", ["x"], ["gelu"], domain="com.microsoft"))
+        model.graph.output.append(helper.make_tensor_value_info("gelu", TensorProto.FLOAT, None))
     assert per_token_inputs(model) == 1  # one input, however many products read it
-    onnx.checker.check_model(model)
+    if not contrib:  # onnx's checker knows no contrib operator
+        onnx.checker.check_model(model)
     ops = [n.op_type for n in model.graph.node]
-    assert "DynamicQuantizeLinear" not in ops and ops.count("MatMulInteger") == readers
+    product = "MatMulIntegerToFloat" if contrib else "MatMulInteger"
+    assert "DynamicQuantizeLinear" not in ops and ops.count(product) == readers
+    assert contrib or not any(n.domain == "com.microsoft" for n in model.graph.node)  # standard operators stay so
     x = np.random.default_rng(1).standard_normal((2, 5, K)).astype(np.float32)
     x[0, 1] *= 40  # one outlier token
     x[1, 2] = 0.0  # and a row of zeros: a scale that must not divide by zero
@@ -117,21 +125,31 @@ def test_a_batched_weight_keeps_its_range(tmp_path):
     assert per_token_inputs(model) == 0
 
 
-def test_an_encoders_projections_read_per_token_inputs_and_it_is_still_the_model(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("which", ["all", "ffn-down"])
+def test_an_encoders_projections_read_per_token_inputs_and_it_is_still_the_model(tiny_dirs, tmp_path, which):
     loaded = load_model(str(tiny_dirs["bert"]))
     layers = loaded.model.config.num_hidden_layers
-    record = export(loaded, ExportConfig(), tmp_path / "out", quantize=QuantizeConfig("int8", per_channel=True, per_token=True))
+    record = export(loaded, ExportConfig(), tmp_path / "out", quantize=QuantizeConfig("int8", per_channel=True, per_token=which))
     graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
     ops = [n.op_type for n in graph.graph.node]
     # per layer: the input of Q, K and V (one for the three), of the attention output, FFN in
     # and FFN out; the attention scores' two products (Q K^T, softmax V) multiply two
-    # activations, not a weight, and keep optimum's one range per tensor
-    assert record.metrics["graph"]["per_token_inputs"] == 4 * layers == ops.count("QuantizeLinear")
-    assert ops.count("DynamicQuantizeLinear") == 4 * layers and ops.count("MatMulInteger") == 8 * layers
+    # activations, not a weight, and keep optimum's one range per tensor (4 inputs)
+    per_layer = 4 if which == "all" else 1
+    assert record.metrics["graph"]["per_token_inputs"] == per_layer * layers == ops.count("QuantizeLinear")
+    assert ops.count("DynamicQuantizeLinear") == (8 - per_layer) * layers and ops.count("MatMulInteger") == 8 * layers
+    if which == "ffn-down":  # the rows rounded per token are the FFN's intermediate width
+        reshapes = {tuple(numpy_helper.to_array(t)) for t in graph.graph.initializer if t.name.startswith("per_token_shape_")}
+        assert reshapes == {(-1, loaded.model.config.intermediate_size)}
     assert record.metrics["check"]["mean_cosine"] > 0.99  # the export's own check against PyTorch
 
 
 @pytest.mark.parametrize("mode", ["int4", "fp16"])
 def test_per_token_is_refused_where_there_are_no_dynamic_int8_inputs(mode):
     with pytest.raises(ConfigError, match="--per-token"):
-        QuantizeConfig(mode, per_token=True)
+        QuantizeConfig(mode, per_token="all")
+
+
+def test_per_token_takes_all_or_the_ffn_down_projections():
+    with pytest.raises(ConfigError, match="per.token"):
+        QuantizeConfig("int8", per_token="some")

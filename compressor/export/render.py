@@ -26,8 +26,9 @@ def export_summary_rows(record) -> list[tuple[str, str]]:
                                    f"blocks of {tables['block_size']}{hot}"))
     per_token = m["graph"].get("per_token_inputs")
     if per_token is not None:
+        which = " (the FFN down-projections')" if m["graph"].get("per_token") == "ffn-down" else ""
         rows.append(("activations", f"int8 with a range per token at {per_token} projection input"
-                                    f"{'s' * (per_token != 1)}" if per_token else
+                                    f"{'s' * (per_token != 1)}{which}" if per_token else
                                     "int8 with one range per tensor: no projection input could take one per token"))
     optimized = m["graph"].get("optimized")
     if optimized:

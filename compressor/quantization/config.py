@@ -26,6 +26,10 @@ ACCURACY_LEVELS = (1, 2, 3, 4)
 #: to its inputs on calibration text, with integer zero points: the fast kernel; `gptq.py`).
 #: (onnxruntime's k-quant prints to stdout and fails on the exported graphs in 1.32.)
 INT4_METHODS = ("rtn", "rtn-asym", "hqq", "gptq")
+#: Which int8 projection inputs ``per_token`` rounds with a range per token: every one that can
+#: take it, or only the FFN down-projections' (the GELU / SwiGLU outputs, whose outlier tokens
+#: cost int8 the most; a third of the extra time).
+PER_TOKEN = ("all", "ffn-down")
 #: Bits of embedding tables stored as blocks (int4's default 8; `tables.TABLE_BITS`).
 EMBEDDING_BITS = (8, 4)
 
@@ -68,10 +72,11 @@ class QuantizeConfig(TextFormat, StageConfig):
             calibration text by default), in 8-bit blocks instead (0: none). A token's error
             costs as often as it is read: on the demo's cut MiniLM the most used 10% of rows are
             80% of the text read. Not for a table an output head reads too.
-        per_token: ``int8`` (and ``int8-static``'s dynamic FFN down-projections): round each
-            projection's input with a range per token (row) instead of one for the whole
-            tensor (`per_token.py`): a few outlier tokens no longer set every token's step.
-            ``QAttention``'s input and the products of two activations keep their one range.
+        per_token: ``int8`` (and ``int8-static``'s dynamic FFN down-projections): round the
+            inputs of ``all`` projections, or of the ``ffn-down`` projections only, with a range
+            per token (row) instead of one for the whole tensor (`per_token.py`): a few outlier
+            tokens no longer set every token's step. ``QAttention``'s input and the products of
+            two activations keep their one range. ``None``: one range per tensor.
         min_cosine: The export fails if its outputs' mean cosine to PyTorch's is below this
             (default per mode: `MIN_COSINE`).
     """
@@ -88,7 +93,7 @@ class QuantizeConfig(TextFormat, StageConfig):
     int8_share: float = 0.0
     embedding_bits: int | None = choice(None, EMBEDDING_BITS)
     embedding_hot_share: float = 0.0
-    per_token: bool = False
+    per_token: str | None = choice(None, PER_TOKEN)
     min_cosine: float | None = None
 
     def __post_init__(self):
@@ -126,8 +131,8 @@ class QuantizeConfig(TextFormat, StageConfig):
             raise ConfigError(f"per_channel must be true or false, got {self.per_channel!r}", option="per_channel")
         if self.mode == "fp16" and self.per_channel:
             raise ConfigError("--per-channel is for int8 scales, not fp16", option="per_channel")
-        if not isinstance(self.per_token, bool):
-            raise ConfigError(f"per_token must be true or false, got {self.per_token!r}", option="per_token")
+        if self.per_token is not None:
+            check_choice("per_token", self.per_token, PER_TOKEN)
         if self.per_token and self.mode not in ("int8", "int8-static"):
             raise ConfigError(f"--per-token rounds int8's dynamic activations per token; not for {self.mode}",
                               option="per_token")

@@ -278,9 +278,10 @@ def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None,
         config: The quantization options.
         tokenizer: Tokenizes calibration text (``int8-static``; ``embedding_hot_share`` counts its tokens).
         input_names: The model's input names (``int8-static`` only).
-        dynamic_scopes: ``int8-static`` only: qualified module names (``encoder.layer.0.output.dense``)
-            whose MatMuls get dynamic activation ranges instead of static ones: the FFN
-            down-projections, whose inputs have outliers.
+        dynamic_scopes: Qualified module names (``encoder.layer.0.output.dense``) of the FFN
+            down-projections, whose inputs have outliers: ``int8-static`` gives their MatMuls
+            dynamic activation ranges instead of static ones, ``per_token="ffn-down"`` ranges
+            per token.
         plan: ``int4`` only: what calibration decided (`gptq.plan_int4`): GPTQ's blocks, the
             projections kept in int8.
     """
@@ -324,7 +325,8 @@ def quantize_onnx(folder: str | Path, config: QuantizeConfig, *, tokenizer=None,
         from .per_token import per_token_inputs
 
         model = onnx.load(str(path))
-        done["per_token_inputs"] = per_token_inputs(model)
+        done["per_token_inputs"] = per_token_inputs(model, dynamic_scopes if config.per_token == "ffn-down" else None)
+        done["per_token"] = config.per_token
         onnx.save(model, str(path))
     return done
 
