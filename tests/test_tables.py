@@ -288,3 +288,19 @@ def test_hot_rows_are_checked_and_refused_where_a_head_reads_the_table(tiny_dirs
                                    "--block-size", "16", "--embedding-hot-share", "0.1", "-o", str(out)])
     assert res.exit_code != 0 and not out.exists()
     assert len(res.stderr.strip().splitlines()) == 1 and "--embedding-hot-share" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_searched_block_scales_round_what_was_rounded_to_itself_in_numpy_and_torch(bits):
+    """A block whose peak was clipped onto the lowest code (-8, -128) finds its own scale again,
+    so a table trained on its blocks is stored as trained; torch's rounding is numpy's."""
+    import torch
+
+    from compressor.quantization.aware import round_rows
+
+    rng = np.random.default_rng(bits)
+    rows = rng.standard_t(3, (64, 64)).astype(np.float32)  # heavy tails: clipped peaks
+    rows[::3, 5] = -np.abs(rows).max() * 2  # negative peaks
+    once = quantize_rows(rows, bits, 16)[2]
+    np.testing.assert_array_equal(quantize_rows(once, bits, 16)[2], once)
+    np.testing.assert_array_equal(round_rows(torch.from_numpy(rows), bits, 16).numpy(), once)

@@ -91,11 +91,12 @@ def table_weights(model: torch.nn.Module, block_size: int) -> list[torch.nn.Para
 
 def round_rows(rows: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
     """`tables.quantize_rows`' symmetric blocks in torch: each block of ``block_size`` along a
-    row on the scale of `tables.SCALE_FRACTIONS` x (its largest magnitude over
-    ``2^(bits-1) - 1``) that leaves the least squared error, rounded, clipped to the codes; what
-    the export's ``GatherBlockQuantized`` and head ``MatMulNBits`` read back. The largest
-    magnitude lands on a code, so rounding what was rounded changes nothing."""
-    from .tables import SCALE_FRACTIONS
+    row on the scale of `tables.scale_fractions` x (its largest magnitude over
+    ``2^(bits-1) - 1``) that leaves the least squared error (summed in float64, as there),
+    rounded, clipped to the codes; what the export's ``GatherBlockQuantized`` and head
+    ``MatMulNBits`` read back. A rounded block's scale is among those tried, so rounding what
+    was rounded changes nothing."""
+    from .tables import scale_fractions
 
     half = 2 ** (bits - 1)
     n, k = rows.shape
@@ -104,10 +105,10 @@ def round_rows(rows: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
     base = torch.where(peak > 0, peak / (half - 1), torch.ones_like(peak))
     tiny, top = torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max
     scales = error = None
-    for fraction in SCALE_FRACTIONS:
+    for fraction in scale_fractions(bits):
         # as float16 holds them (`tables.half_scales`)
         s = (base * fraction if fraction != 1 else base).clamp(tiny, top).half().float()
-        e = (blocks - torch.clamp(torch.round(blocks / s[..., None]), -half, half - 1) * s[..., None]).square().sum(-1)
+        e = (blocks - torch.clamp(torch.round(blocks / s[..., None]), -half, half - 1) * s[..., None]).double().square().sum(-1)
         if scales is None:
             scales, error = s, e
         else:

@@ -76,7 +76,7 @@ class QuantizeConfig(TextFormat, StageConfig):
             inputs of ``all`` projections, or of the ``ffn-down`` projections only, with a range
             per token (row) instead of one for the whole tensor (`per_token.py`): a few outlier
             tokens no longer set every token's step. ``QAttention``'s input and the products of
-            two activations keep their one range. ``None``: one range per tensor.
+            two activations keep their one range. Unset: one range per tensor.
         min_cosine: The export fails if its outputs' mean cosine to PyTorch's is below this
             (default per mode: `MIN_COSINE`).
     """

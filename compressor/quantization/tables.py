@@ -51,28 +51,39 @@ def supported() -> bool:
 
 #: The block scales `quantize_rows` tries, as fractions of the round-to-nearest one (largest
 #: magnitude over 2^(bits-1) - 1): clipping a block's few largest values buys a finer step for
-#: the rest. 7/8 is there: at 4 bits it maps a negative peak onto the code -8.
+#: the rest (`scale_fractions` adds the one that maps a negative peak onto the code -2^(bits-1)).
 SCALE_FRACTIONS = tuple(1 - i / 40 for i in range(13))  # 1.0, 0.975, ..., 0.7
+
+
+def scale_fractions(bits: int) -> tuple[float, ...]:
+    """`SCALE_FRACTIONS` and (2^(bits-1) - 1) / 2^(bits-1): 7/8 at 4 bits, 127/128 at 8, the
+    scale of a block whose peak was rounded onto the lowest code, so that rounding a rounded
+    block again finds its own scale."""
+    half = 2 ** (bits - 1)
+    extra = (half - 1) / half
+    return SCALE_FRACTIONS + (() if any(abs(f - extra) < 1e-12 for f in SCALE_FRACTIONS) else (extra,))
 
 
 def quantize_rows(rows: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Symmetric blocks of ``rows`` (N x K, K a multiple of ``block_size``) along K: ``(packed
     blocks (N, K / block_size, block_size * bits / 8) uint8, scales (N, K / block_size) float32,
     the dequantized rows)``. Codes are offset by 2^(bits-1), the zero point both operators assume
-    when none is given. Each block's scale is the one of `SCALE_FRACTIONS` x (its largest
-    magnitude over 2^(bits-1) - 1) whose rounding leaves the least squared error (the first on a
-    tie): never more error than round-to-nearest over the peak, about a fifth less at 4 bits on
-    normally distributed rows, for the same bytes. A block's largest magnitude lands on a code
-    (7 or -8 at 4 bits), so rounding what was rounded changes nothing."""
+    when none is given. Each block's scale is the one of `scale_fractions` x (its largest
+    magnitude over 2^(bits-1) - 1) whose rounding leaves the least squared error (summed in
+    float64, the first on a tie; `aware.round_rows` chooses alike): never more error than
+    round-to-nearest over the peak, about a fifth less at 4 bits on normally distributed rows,
+    for the same bytes. A rounded block's largest magnitude is a code of its scale (7 or -8 at 4
+    bits), whose fraction is among those tried, so rounding what was rounded changes nothing."""
     n, k = rows.shape
     half = 2 ** (bits - 1)
     blocks = rows.astype(np.float32).reshape(n, k // block_size, block_size)
     peak = np.abs(blocks).max(axis=-1)
     base = np.where(peak > 0, peak / (half - 1), 1.0)
     scales, error = None, None
-    for fraction in SCALE_FRACTIONS:
+    for fraction in scale_fractions(bits):
         s = half_scales(base * fraction if fraction != 1 else base)
-        e = np.square(blocks - np.clip(np.rint(blocks / s[..., None]), -half, half - 1) * s[..., None]).sum(-1)
+        diff = blocks - np.clip(np.rint(blocks / s[..., None]), -half, half - 1) * s[..., None]
+        e = np.square(diff.astype(np.float64)).sum(-1)  # float64: the same choice as torch's on near-ties
         if scales is None:
             scales, error = s, e
         else:
