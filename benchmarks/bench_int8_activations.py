@@ -60,9 +60,6 @@ def per_token_int8(x):
     return torch.clamp(torch.round(x / scale), -128, 127) * scale
 
 
-ROUNDING = {"tensor": None, "token": per_token_uint8, "token-sym": per_token_int8}
-
-
 #: The export's projections by what their input is: Q, K and V read one input (one ``QAttention``
 #: in the O2-fused int8 graph), the others one each.
 GROUPS = {"qkv": ("query", "key", "value"), "attn_out": ("attn_out",), "ffn_in": ("ffn_gate", "ffn_in"),
@@ -144,7 +141,7 @@ def rounded(loaded, inputs: dict[str, str], weights: bool, table_bits: int | Non
                 saved.append((w, w.detach().clone()))
                 w.copy_(round_rows(w, table_bits, block_size))
     for role, how in inputs.items():
-        fn = ROUNDING[how] or fake_uint8
+        fn = {"tensor": fake_uint8, "token": per_token_uint8, "token-sym": per_token_int8}[how]
         s = smooth.get(role)
         if s is not None:
             fn = (lambda x, fn=fn, s=s: fn(x / s) * s)
@@ -160,25 +157,15 @@ def rounded(loaded, inputs: dict[str, str], weights: bool, table_bits: int | Non
                 w.copy_(value)
 
 
-def report_embedder(loaded, batch_size: int = 64, max_length: int = 64):
-    """Sentence embeddings as `compress report` computes them: batches in the given order."""
-    import torch
-    import torch.nn.functional as F
+def report_embedder(loaded):
+    """Sentence embeddings exactly as `compress report` computes them (`report.measure.sentence_embeddings`
+    on a `TorchRunner`: batches of 64 in the given order, 64 tokens at most)."""
+    from compressor.report.config import ReportConfig
+    from compressor.report.measure import sentence_embeddings
+    from compressor.report.runners import TorchRunner
 
-    from compressor.data.text import batches
-    from compressor.models.pooling import pool
-
-    base = loaded.adapter.base(loaded.model).eval()
-
-    @torch.no_grad()
-    def embed(texts):
-        out = []
-        for enc in batches(loaded.tokenizer, texts, batch_size, max_length, "cpu"):
-            hidden = base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-            out.append(F.normalize(pool(hidden, enc["attention_mask"], loaded.pooling).float(), dim=-1))
-        return torch.cat(out)
-
-    return embed
+    runner, config = TorchRunner(loaded, loaded.name), ReportConfig()
+    return lambda texts: sentence_embeddings(runner, texts, config)
 
 
 def variants(roles: tuple[str, ...]) -> list[tuple[str, dict, bool, int | None, tuple[str, ...]]]:

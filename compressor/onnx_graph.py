@@ -28,6 +28,23 @@ def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in model.graph.initializer}
 
 
+def consumers(nodes) -> dict[str, list[onnx.NodeProto]]:
+    """Value name -> the ``nodes`` that read it (empty optional inputs left out)."""
+    found: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in node.input:
+            if name:
+                found.setdefault(name, []).append(node)
+    return found
+
+
+def in_scopes(name: str, scopes: tuple[str, ...]) -> bool:
+    """Whether node ``name`` (``/encoder/layer.0/output/dense/MatMul``) lies inside one of the
+    modules ``scopes`` (qualified PyTorch names, ``encoder.layer.0.output.dense``): the exporter
+    names a node after the module that made it, so dots and slashes are read alike."""
+    return name.strip("/").replace("/", ".").startswith(tuple(f"{scope}." for scope in scopes))
+
+
 def inline_identity_weights(model: onnx.ModelProto) -> int:
     """Feed consumers of ``Identity(initializer)`` from the initializer directly; drop the Identity.
 

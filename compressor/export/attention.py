@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..onnx_graph import attribute, drop_unused_initializers, read_values, runtime_schema
+from ..onnx_graph import attribute, consumers, drop_unused_initializers, read_values, runtime_schema
 
 _MS = "com.microsoft"
 
@@ -89,10 +89,7 @@ class _Graph:
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.producer = {out: n for n in model.graph.node for out in n.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in model.graph.node:
-            for name in n.input:
-                self.consumers.setdefault(name, []).append(n)
+        self.consumers = consumers(model.graph.node)
         self.inits = {i.name: i for i in model.graph.initializer}
         self.inputs = {i.name for i in model.graph.input}
         self.outputs = {o.name for o in model.graph.output}

@@ -104,16 +104,14 @@ def round_rows(rows: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
     peak = blocks.abs().amax(dim=-1)
     base = torch.where(peak > 0, peak / (half - 1), torch.ones_like(peak))
     tiny, top = torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max
-    scales = error = None
+    scales, error = torch.ones_like(base), torch.full(base.shape, torch.inf, dtype=torch.float64)
     for fraction in scale_fractions(bits):
-        # as float16 holds them (`tables.half_scales`)
-        s = (base * fraction if fraction != 1 else base).clamp(tiny, top).half().float()
-        e = (blocks - torch.clamp(torch.round(blocks / s[..., None]), -half, half - 1) * s[..., None]).double().square().sum(-1)
-        if scales is None:
-            scales, error = s, e
-        else:
-            better = e < error
-            scales, error = torch.where(better, s, scales), torch.where(better, e, error)
+        s = (base * fraction).clamp(tiny, top).half().float()  # as float16 holds them (`tables.half_scales`)
+        # in place: this runs on every step of a table-aware fine-tune
+        diff = torch.div(blocks, s[..., None]).round_().clamp_(-half, half - 1).mul_(s[..., None]).sub_(blocks)
+        e = diff.double().square_().sum(-1)
+        better = e < error
+        scales, error = torch.where(better, s, scales), torch.where(better, e, error)
     codes = torch.clamp(torch.round(blocks / scales[..., None]), -half, half - 1)
     return (codes * scales[..., None]).reshape(n, k).to(rows.dtype)
 

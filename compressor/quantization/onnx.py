@@ -34,7 +34,7 @@ from onnx import numpy_helper
 from ..data import calibration_texts
 from ..data.text import fit_length
 from ..errors import ExportError, first_line
-from ..onnx_graph import attribute, gemm_to_matmul, inline_identity_weights
+from ..onnx_graph import attribute, gemm_to_matmul, in_scopes, inline_identity_weights
 from .config import QuantizeConfig
 from .tables import block_quantize_tables
 from .tables import supported as supported_tables
@@ -398,14 +398,9 @@ def _quantize_static(path: Path, tmp: Path, preset, config: QuantizeConfig, toke
 
 
 def scoped_matmuls(model: onnx.ModelProto, scopes: tuple[str, ...]) -> list[str]:
-    """Names of the MatMul nodes inside the modules ``scopes`` (qualified PyTorch names).
-
-    The exporter names a node after the module that made it, ``/encoder/layer.0/output/dense/MatMul``
-    for ``encoder.layer.0.output.dense``, so dots and slashes are read alike.
-    """
-    prefixes = tuple(f"{scope}." for scope in scopes)
-    return [n.name for n in model.graph.node
-            if n.op_type == "MatMul" and n.name.strip("/").replace("/", ".").startswith(prefixes)]
+    """Names of the MatMul nodes inside the modules ``scopes`` (qualified PyTorch names;
+    `onnx_graph.in_scopes`)."""
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and in_scopes(n.name, scopes)]
 
 
 def model_inputs(tokenizer, texts: list[str], max_length: int, input_names, *, padding: bool | str = True) -> dict[str, np.ndarray]:

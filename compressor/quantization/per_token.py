@@ -36,19 +36,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..onnx_graph import initializers
+from ..onnx_graph import consumers as readers
+from ..onnx_graph import in_scopes, initializers
 
 #: The zero point every row is rounded around (uint8: codes 1..255 for -127..127 steps).
 ZERO_POINT = 128
-
-
-def _consumers(nodes: list[onnx.NodeProto]) -> dict[str, list[onnx.NodeProto]]:
-    found: dict[str, list[onnx.NodeProto]] = {}
-    for node in nodes:
-        for name in node.input:
-            if name:
-                found.setdefault(name, []).append(node)
-    return found
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -87,12 +79,6 @@ def _projections(node: onnx.NodeProto, consumers: dict, inits: dict, outputs: se
     return found
 
 
-def in_scopes(name: str, scopes: tuple[str, ...]) -> bool:
-    """Whether node ``name`` (``/encoder/layer.0/output/dense/MatMul_quant``) lies inside one of
-    the modules ``scopes`` (qualified PyTorch names): the exporter names nodes after modules."""
-    return name.strip("/").replace("/", ".").startswith(tuple(f"{scope}." for scope in scopes))
-
-
 def per_token_inputs(model: onnx.ModelProto, scopes: tuple[str, ...] | None = None) -> int:
     """Give every ``DynamicQuantizeLinear`` whose readers are all ``MatMulInteger`` products with
     a weight (an initializer) a range per row (per token) instead of one per tensor, in place;
@@ -103,7 +89,7 @@ def per_token_inputs(model: onnx.ModelProto, scopes: tuple[str, ...] | None = No
         return 0
     inits = initializers(model)
     nodes = list(model.graph.node)  # one set of node objects: the bookkeeping below keys on them
-    consumers = _consumers(nodes)
+    consumers = readers(nodes)
     outputs = {o.name for o in model.graph.output}
     # a graph that already needs onnxruntime's contrib operators (fused attention, block tables)
     # takes its MatMulIntegerToFloat too; one of standard operators only stays so

@@ -60,8 +60,7 @@ def scale_fractions(bits: int) -> tuple[float, ...]:
     scale of a block whose peak was rounded onto the lowest code, so that rounding a rounded
     block again finds its own scale."""
     half = 2 ** (bits - 1)
-    extra = (half - 1) / half
-    return SCALE_FRACTIONS + (() if any(abs(f - extra) < 1e-12 for f in SCALE_FRACTIONS) else (extra,))
+    return tuple(dict.fromkeys(SCALE_FRACTIONS + ((half - 1) / half,)))  # 7/8 is one of them already
 
 
 def quantize_rows(rows: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -79,16 +78,13 @@ def quantize_rows(rows: np.ndarray, bits: int, block_size: int) -> tuple[np.ndar
     blocks = rows.astype(np.float32).reshape(n, k // block_size, block_size)
     peak = np.abs(blocks).max(axis=-1)
     base = np.where(peak > 0, peak / (half - 1), 1.0)
-    scales, error = None, None
+    scales, error = np.ones_like(base), np.full(base.shape, np.inf)
     for fraction in scale_fractions(bits):
-        s = half_scales(base * fraction if fraction != 1 else base)
+        s = half_scales(base * fraction)
         diff = blocks - np.clip(np.rint(blocks / s[..., None]), -half, half - 1) * s[..., None]
         e = np.square(diff.astype(np.float64)).sum(-1)  # float64: the same choice as torch's on near-ties
-        if scales is None:
-            scales, error = s, e
-        else:
-            better = e < error
-            scales, error = np.where(better, s, scales), np.where(better, e, error)
+        better = e < error
+        scales, error = np.where(better, s, scales), np.where(better, e, error)
     codes = (np.clip(np.rint(blocks / scales[..., None]), -half, half - 1) + half).astype(np.uint8)
     dequantized = ((codes.astype(np.float32) - half) * scales[..., None]).reshape(n, k)
     if bits == 4:  # two codes a byte, the first in the low half
