@@ -52,19 +52,19 @@ def main() -> None:
 
     import torch
 
-    from compressor.evaluation.evaluate import EvaluateConfig, load_split
+    from compressor.evaluation import EvaluateConfig, load_split
     from compressor.models import load_model
     from compressor.report.config import ReportConfig
     from compressor.report.generation import generation
-    from compressor.report.measure import task_metric
-    from compressor.report.runners import OnnxRunner, TorchRunner
+    from compressor.report.stage import task_metric
+    from compressor.report.backends import OnnxBackend, TorchBackend
 
     torch.set_num_threads(args.threads)
     config = ReportConfig(test_size=args.test_size, max_length=args.max_length, threads=args.threads,
                           prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, generation_repeats=args.repeats)
     split = load_split(EvaluateConfig(data=config.data, train_size=config.train_size, test_size=config.test_size,
                                       max_length=config.max_length), need_labels=False)
-    original = task_metric(TorchRunner(load_model(args.model), "original"), split, config)["value"]
+    original = task_metric(TorchBackend(load_model(args.model), "original"), split, config)["value"]
     print(f"original perplexity {original:.2f}", file=sys.stderr, flush=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_int4_"))
     exe = Path(sys.executable).parent / "compress"
@@ -88,7 +88,7 @@ def main() -> None:
         if done.returncode != 0:
             rows.append({"variant": variant, "error": (done.stderr.strip().splitlines() or ["?"])[-1]})
             continue
-        runners.append(OnnxRunner(folder, variant, threads=args.threads))
+        runners.append(OnnxBackend(folder, variant, threads=args.threads))
         ppl = task_metric(runners[-1], split, config)["value"]
         size = (folder / "model.onnx").stat().st_size + sum(p.stat().st_size for p in folder.glob("*.onnx_data"))
         rows.append({"variant": variant, "method": method, "block_size": int(block), "accuracy_level": int(level),

@@ -41,7 +41,7 @@ def main() -> None:
     import torch
 
     from compressor.data.datasets import load_labelled, train_test_split
-    from compressor.evaluation.fidelity import fidelity
+    from compressor.fidelity import fidelity
     from compressor.evaluation.probe import embed, probe_accuracy
     from compressor.finetune import FinetuneConfig, finetune
     from compressor.models import load_model

@@ -34,7 +34,7 @@ def main() -> None:
     import torch
 
     from compressor.analysis import AnalyzeConfig, analyze
-    from compressor.analysis.analyze import plan_string
+    from compressor.analysis import plan_string
     from compressor.models import load_model
     from compressor.sharing import ShareConfig, save_checkpoint, share
 

@@ -17,7 +17,7 @@ from cli.options import (
     overwrite_option,
 )
 from compressor.config import flag, option_specs
-from compressor.evaluation.evaluate import EvaluateConfig
+from compressor.evaluation.config import EvaluateConfig
 from compressor.evaluation.suite import SuiteConfig
 
 #: Options of plain evaluation that the suite does not read (it has its own tasks and splits).

@@ -195,7 +195,7 @@ def test_sharing_a_layer_with_its_permuted_copy_measures_no_damage(tiny_dirs):
 
     from compressor.adapters.alignment import permute_weights
     from compressor.analysis.validate import averaged_copy
-    from compressor.evaluation.fidelity import fidelity
+    from compressor.fidelity import fidelity
     from compressor.models import load_model
     from test_alignment import random_permutation
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from compressor.errors import ConfigError
-from compressor.evaluation.fidelity import fidelity
+from compressor.fidelity import fidelity
 from compressor.finetune import FinetuneConfig, finetune
 from compressor.models import load_model
 from compressor.sharing import ShareConfig, save_checkpoint, share
@@ -174,7 +174,7 @@ def distil_cut_student(student, teacher, tmp_path, *, steps: int):
 
 
 def test_a_vocabulary_cut_student_distils_from_its_full_vocabulary_teacher(tiny_dirs, tmp_path):
-    from compressor.evaluation.fidelity import check_teacher
+    from compressor.fidelity import check_teacher
     from compressor.finetune import distillation_loss, same_tokens, teacher_ids
     from compressor.pruning.vocab import prune_vocabulary
 
@@ -325,7 +325,7 @@ def test_the_neighbour_loss_reads_only_how_each_text_ranks_and_spaces_its_neighb
     """Zero for the teacher's own embeddings at any scale (cosines do not see it) and after a
     rotation (which keeps every cosine); positive once the neighbours change, and larger the more
     they do."""
-    from compressor.finetune.trainer import neighbour_loss
+    from compressor.finetune.stage import neighbour_loss
 
     teacher = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
     rotation, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(1)))

@@ -16,7 +16,7 @@ import compressor
 ROOT = Path(compressor.__file__).parent
 
 #: The core every stage may use; it imports no stage.
-CORE = {"errors", "io", "config", "record", "contract", "hub", "onnx_graph", "adapters", "models", "data"}
+CORE = {"errors", "io", "config", "record", "contract", "fidelity", "hub", "onnx", "grids", "adapters", "models", "data"}
 #: The stages (one subpackage each); they import the core and, without cycles, each other.
 STAGES = {"analysis", "evaluation", "sharing", "pruning", "finetune", "quantization", "export"}
 #: What runs stages: the report (every stage side by side) and recipes / batches.

@@ -15,7 +15,7 @@ from cli.options import build_config, config_options
 from compressor.analysis.config import AnalyzeConfig
 from compressor.config import TextOptions, field_help, option_specs
 from compressor.errors import ConfigError
-from compressor.evaluation.evaluate import EvaluateConfig
+from compressor.evaluation.config import EvaluateConfig
 from compressor.export.config import ExportConfig
 from compressor.finetune.config import FinetuneConfig
 from compressor.pipeline import stages

@@ -1,6 +1,6 @@
 """Layer-similarity analysis: weights (raw and aligned), activations, and a sharing plan."""
 
-from .analyze import analyze, plan_string, similarity_for_grouping
+from .stage import analyze, plan_string, similarity_for_grouping
 from .config import METRICS, AnalyzeConfig
 from .grouping import best_partition, best_partitions, group_fit, partition_score
 

@@ -32,7 +32,7 @@ def run_analyze(model, config: AnalyzeConfig, output: str | Path | None = None, 
             slow part, not after it).
     """
     from ..models import as_loaded
-    from .analyze import analyze
+    from .stage import analyze
     from .render import markdown_report, save_heatmaps
 
     json_file = json_path if json_path != "-" else None

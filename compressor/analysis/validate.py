@@ -101,7 +101,7 @@ def validate_plans(loaded, metrics: dict, k: int, texts: list[str], *, batch_siz
         blocks after it), ``plan`` or ``dropped``, ``predicted`` (the grouping score; for a drop,
         1 - the mean Block Influence of the dropped layers) and ``measured``.
     """
-    from ..evaluation.fidelity import fidelity
+    from ..fidelity import fidelity
 
     grouping = Grouping.from_dict(metrics["grouping"])
     influence = metrics.get("activations", {}).get("block_influence")

@@ -1,7 +1,8 @@
 """Measuring a model: task metrics (`evaluate`), fidelity to the original (`fidelity.fidelity`), and
 the quality suite (`suite`: several tasks and neighbour agreement, on any embedding function)."""
 
-from .evaluate import TASKS, EvaluateConfig, evaluate, load_split, pick_task
+from .config import TASKS, EvaluateConfig
+from .stage import evaluate, load_split, pick_task
 from .suite import (
            SUITE_TASKS,
            SuiteConfig,

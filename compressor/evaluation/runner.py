@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import CompressError, ConfigError
 from ..io import check_writable, staged_folder, write_text_atomic
 from ..record import StageRecord
-from .evaluate import EvaluateConfig
+from .config import EvaluateConfig
 from .suite import SuiteConfig
 
 
@@ -37,7 +37,7 @@ def evaluate_models(models: list, config: EvaluateConfig, *, teacher=None, log=N
         ConfigError: the models need different metrics (say, an encoder and a causal LM).
     """
     from ..models import as_loaded
-    from .evaluate import evaluate, load_split, pick_task
+    from .stage import evaluate, load_split, pick_task
 
     loaded = [as_loaded(m) for m in models]
     ref = as_loaded(teacher) if teacher is not None else (loaded[0] if len(loaded) > 1 else None)
@@ -73,7 +73,7 @@ def suite_models(models: list, config: EvaluateConfig, suite: SuiteConfig, *, lo
         DataError: a task that cannot be fetched or read (before any model is scored).
     """
     from ..models import as_loaded, unique_parameters
-    from .evaluate import pick_task
+    from .stage import pick_task
     from .suite import compare, load_suite, model_embedder, suite_scores
 
     loaded = [as_loaded(m) for m in models]

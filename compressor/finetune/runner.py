@@ -22,7 +22,7 @@ def run_finetune(student, config: FinetuneConfig, output: str | Path, *, resume:
         OutputExistsError: ``output`` exists and neither ``overwrite`` nor ``resume`` is set.
     """
     from ..models import as_loaded
-    from .trainer import check_resumable, finetune
+    from .stage import check_resumable, finetune
 
     if resume:
         check_resumable(output)

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ConfigError, TrainingError
 from ..models import LoadedModel
-from ..models.manifest import is_lora_parameter
+from ..models.sharing_manifest import is_lora_parameter
 from .config import SUITE_KEYS, FinetuneConfig
 
 STATE = "trainer_state.pt"

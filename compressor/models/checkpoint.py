@@ -25,7 +25,7 @@ from ..adapters.checks import prove
 from ..errors import ModelLoadError, first_line
 from ..io import staged_folder, write_text_atomic
 from .loaded import LoadedModel, fit_tokenizer, load_config, load_tokenizer
-from .manifest import SharingManifest
+from .sharing_manifest import SharingManifest
 
 MANIFEST = "compress.json"
 FORMAT = "compress-checkpoint"

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from ..adapters.checks import AdapterChecks
-    from .manifest import SharingManifest
+    from .sharing_manifest import SharingManifest
 
 
 @dataclass

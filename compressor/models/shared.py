@@ -11,7 +11,7 @@ The delta stays a separate branch (never merged into the weight): merging would 
 layer its own matrix and undo the sharing.
 
 `install_shared` builds the shared modules, both when layers are shared and when a checkpoint
-is loaded, so the two always agree (what they record is `compressor.models.manifest`).
+is loaded, so the two always agree (what they record is `compressor.models.sharing_manifest`).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Any
 from ..analysis.config import AnalyzeConfig
 from ..config import StageConfig
 from ..errors import ConfigError
-from ..evaluation.evaluate import EvaluateConfig
+from ..evaluation.config import EvaluateConfig
 from ..export.config import ExportConfig
 from ..finetune.config import FinetuneConfig
 from ..pruning.config import PruneConfig
@@ -166,7 +166,7 @@ def run_finetune(run: StageRun) -> StageRecord:
     """A compressed checkpoint, as ``compress finetune`` writes it; an unfinished run continues
     from its last saved step (``--resume``). The teacher is the original the student records."""
     from ..finetune.runner import run_finetune as finetune
-    from ..finetune.trainer import STATE
+    from ..finetune.stage import STATE
 
     resume = run.resume and (run.output / STATE).is_file()
     record = finetune(run.model, run.config, run.output, resume=resume, overwrite=True, progress=run.progress)

@@ -135,7 +135,7 @@ def _prune_units(loaded: LoadedModel, config: PruneConfig, texts: list[str]) -> 
 
 def _fidelity(loaded: LoadedModel, original: LoadedModel, texts: list[str], config: PruneConfig) -> dict:
     """Fidelity of the pruned model to ``original`` (the model as it came in) on ``texts``."""
-    from ..evaluation.fidelity import fidelity
+    from ..fidelity import fidelity
 
     result = fidelity(loaded, original, texts, batch_size=config.batch_size, max_length=config.max_length,
                       device=config.device)

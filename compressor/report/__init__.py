@@ -8,7 +8,7 @@ __all__ = ["ReportConfig", "report"]
 
 def __getattr__(name):  # torch and onnxruntime load on first use
     if name == "report":
-        from .measure import report
+        from .stage import report
 
         return report
     raise AttributeError(name)

@@ -125,7 +125,7 @@ def _measure(kind: str, path: str, threads: int, prompt_tokens: int, new_tokens:
         model, tokenizer = loaded.model.float().eval(), loaded.tokenizer
     else:
         from ..models.loading import load_tokenizer
-        from .runners import load_generator
+        from .backends import load_generator
 
         model, tokenizer = load_generator(path, threads), load_tokenizer(path)
     greedy(model, prompt(tokenizer, prompt_tokens), new_tokens, tokenizer.pad_token_id)

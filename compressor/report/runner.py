@@ -29,7 +29,7 @@ def run_report(original, variants: list[tuple[str, str]], config: ReportConfig, 
         OutputExistsError: ``output`` exists and ``overwrite`` is not set (before any work).
     """
     from ..models import as_loaded
-    from .measure import report
+    from .stage import report
     from .render import chart, markdown
 
     for _, folder in variants:

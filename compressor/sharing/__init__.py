@@ -4,11 +4,11 @@ from ..models.checkpoint import MANIFEST, is_checkpoint, load_checkpoint, save_c
 from .config import INITS, LORA_INITS, SHARE_GROUPS, ShareConfig, parse_plan
 
 
-def __getattr__(name):  # merge.py imports torch; load it on first use so `compress --help` stays instant
+def __getattr__(name):  # stage.py imports torch; load it on first use so `compress --help` stays instant
     if name in ("share", "NO_RECOVERY_NOTE"):
-        from . import merge
+        from . import stage
 
-        return getattr(merge, name)
+        return getattr(stage, name)
     raise AttributeError(name)
 
 

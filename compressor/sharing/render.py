@@ -28,7 +28,7 @@ def share_summary_rows(record) -> list[tuple[str, str]]:
 
 
 def fidelity_rows(f: dict | None) -> list[tuple[str, str]]:
-    """(label, value) rows for a fidelity result (`compressor.evaluation.fidelity`)."""
+    """(label, value) rows for a fidelity result (`compressor.fidelity`)."""
     if not f:
         return []
     rows = [("embedding cosine to original", f"{f['embedding_cosine']:.4f} on {f['num_texts']} texts")]

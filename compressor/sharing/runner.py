@@ -22,7 +22,7 @@ def run_share(model, config: ShareConfig, output: str | Path, *, overwrite: bool
     """
     from ..models import as_loaded
     from ..models.checkpoint import save_checkpoint
-    from .merge import share
+    from .stage import share
     from .render import share_reports
 
     check_writable(output, overwrite=overwrite, folder=True)

@@ -29,7 +29,7 @@ from ..models import LoadedModel
 from ..models.pooling import pool
 from .config import ReportConfig
 from .generation import generation, peak_memory
-from .runners import OnnxRunner, Runner, TorchRunner
+from .backends import OnnxBackend, Backend, TorchBackend
 
 #: Row labels of the baselines.
 BASELINE_FP32, BASELINE_INT8 = "optimum ONNX fp32", "optimum ONNX int8"
@@ -109,7 +109,7 @@ def optimized_baselines(fp32: Path, folder: Path) -> dict[str, Path]:
     return {BASELINE_O2_FP32: o2, BASELINE_O2_INT8: o2_int8}
 
 
-def latency(runners: list[Runner], config: ReportConfig, texts: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+def latency(runners: list[Backend], config: ReportConfig, texts: list[str]) -> dict[str, dict[str, dict[str, float]]]:
     """``label -> batch size -> {p50_ms, p90_ms, throughput}`` at ``config.seq_len`` tokens."""
     torch.set_num_threads(config.threads)
     result: dict[str, dict[str, dict[str, float]]] = {r.label: {} for r in runners}
@@ -131,7 +131,7 @@ def latency(runners: list[Runner], config: ReportConfig, texts: list[str]) -> di
     return result
 
 
-def sentence_embeddings(runner: Runner, texts: list[str], config: ReportConfig) -> torch.Tensor:
+def sentence_embeddings(runner: Backend, texts: list[str], config: ReportConfig) -> torch.Tensor:
     out = []
     for enc in batches(runner.tokenizer, texts, config.batch_size, config.max_length, "cpu"):
         hidden = runner(dict(enc)).float()
@@ -139,7 +139,7 @@ def sentence_embeddings(runner: Runner, texts: list[str], config: ReportConfig) 
     return torch.cat(out)
 
 
-def task_metric(runner: Runner, split, config: ReportConfig) -> dict[str, Any]:
+def task_metric(runner: Backend, split, config: ReportConfig) -> dict[str, Any]:
     """The metric `compress evaluate` reports for the row's task (probe accuracy, classifier
     accuracy or perplexity), plus what fidelity needs (embeddings or predictions)."""
     from types import SimpleNamespace
@@ -191,7 +191,7 @@ def check_request(original: LoadedModel, config: ReportConfig) -> str:
     return task
 
 
-def step_generation(runners: list[Runner], rows: list[dict[str, Any]], config: ReportConfig, step) -> None:
+def step_generation(runners: list[Backend], rows: list[dict[str, Any]], config: ReportConfig, step) -> None:
     """A causal LM's generation figures into ``row["generation"]``: speed in turns, then each
     row's peak memory in a fresh process."""
     step(f"generation of {len(runners)} rows, taking turns: batch 1, {config.prompt_tokens}-token prompt, "
@@ -204,7 +204,7 @@ def step_generation(runners: list[Runner], rows: list[dict[str, Any]], config: R
             row["generation"].update(peak_memory(runner, config))
 
 
-def step_suite(runners: list[Runner], rows: list[dict[str, Any]], config: ReportConfig, step) -> None:
+def step_suite(runners: list[Backend], rows: list[dict[str, Any]], config: ReportConfig, step) -> None:
     """Score every row on the quality suite (the same texts for all) into ``row["suite"]``; the
     first row, the original, is the reference of neighbour agreement and retained (against
     itself: 1.0, computed, not assumed)."""
@@ -267,7 +267,7 @@ def report(original: LoadedModel, variants: list[tuple[str, str]], config: Repor
         original's (``of_original``), fidelity, and speed and size against optimum's int8 (and
         O2 int8); with ``config.suite``, ``suite``; for a causal LM, ``generation``.
     """
-    from ..evaluation.evaluate import EvaluateConfig, load_split
+    from ..evaluation import EvaluateConfig, load_split
     from ..models import load_model
 
     start = time.perf_counter()
@@ -277,17 +277,17 @@ def report(original: LoadedModel, variants: list[tuple[str, str]], config: Repor
         if log is not None:
             log.emit("report_step", step=text)
 
-    runners: list[Runner] = [TorchRunner(original, "original")]
+    runners: list[Backend] = [TorchBackend(original, "original")]
     task = runners[0].task
     if config.baselines:
         step("exporting the baselines the way optimum does (ONNX fp32, then int8)")
         for label, folder in optimum_baselines(original, work / "baselines", task).items():
-            runners.append(OnnxRunner(folder, label, threads=config.threads, pooling=original.pooling))
+            runners.append(OnnxBackend(folder, label, threads=config.threads, pooling=original.pooling))
     for label, path in variants:
         if Path(path, "model.onnx").is_file():
-            runner: Runner = OnnxRunner(path, label, threads=config.threads, pooling=original.pooling)
+            runner: Backend = OnnxBackend(path, label, threads=config.threads, pooling=original.pooling)
         else:
-            runner = TorchRunner(load_model(path), label)
+            runner = TorchBackend(load_model(path), label)
         if runner.task != task:
             raise CompressError(f"{label} computes {runner.task}, the original {task}; compare like with like")
         runners.append(runner)

@@ -1,6 +1,6 @@
 """One interface over the things a report measures: a PyTorch model or an ONNX folder.
 
-A runner takes a tokenized batch and returns the model's main output (token states for an
+A backend takes a tokenized batch and returns the model's main output (token states for an
 encoder, logits for a classifier or a causal LM), so that latency, the task metric and fidelity
 are measured the same way for every row.
 """
@@ -15,7 +15,7 @@ import torch
 from ..errors import CompressError, first_line
 
 
-class Runner:
+class Backend:
     """A model under measurement.
 
     Attributes:
@@ -47,7 +47,7 @@ class Runner:
         raise NotImplementedError
 
 
-class TorchRunner(Runner):
+class TorchBackend(Backend):
     """A `LoadedModel` in PyTorch fp32 on the CPU."""
 
     def __init__(self, loaded, label: str):
@@ -76,7 +76,7 @@ class TorchRunner(Runner):
         return self.model
 
 
-class OnnxRunner(Runner):
+class OnnxBackend(Backend):
     """An export folder (model.onnx + config.json + tokenizer) in an onnxruntime CPU session."""
 
     def __init__(self, folder: str | Path, label: str, *, threads: int, pooling: str = "mean"):
@@ -85,7 +85,7 @@ class OnnxRunner(Runner):
         from transformers import AutoConfig
 
         from ..models.loading import load_tokenizer
-        from ..onnx_graph import stored_elements
+        from ..onnx.graph import stored_elements
 
         folder = Path(folder)
         file = folder / "model.onnx"

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..evaluation.fidelity import check_teacher, same_tokens, teacher_ids
+from ..fidelity import check_teacher, same_tokens, teacher_ids
 from ..models import LoadedModel, unique_parameters
 from ..models.heads import is_sequence_classifier, output_heads
 from ..models.pooling import pool
@@ -203,7 +203,7 @@ def _quantization_aware(student: LoadedModel, config: FinetuneConfig, resumed: P
     """
     if not (config.quantize_aware or config.int8_aware or config.embedding_bits):
         return None
-    from ..quantization.aware import LATENT, QuantizationAware
+    from ..grids.aware import LATENT, QuantizationAware
 
     model = student.model
     aware = QuantizationAware(model, config.block_size, skip=output_heads(model),

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..data.text import batches
-from ..errors import ConfigError
-from ..models.pooling import pool
+from .data.text import batches
+from .errors import ConfigError
+from .models.pooling import pool
 
 
 def check_teacher(student, teacher) -> None:

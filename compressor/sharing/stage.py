@@ -19,7 +19,7 @@ from ..adapters.base import ATTENTION_ROLES, FFN_ROLES
 from ..data import calibration_texts
 from ..errors import ConfigError
 from ..models import LoadedModel, unique_parameters
-from ..models.manifest import SharingManifest, is_lora_parameter
+from ..models.sharing_manifest import SharingManifest, is_lora_parameter
 from ..models.shared import install_shared
 from ..record import StageRecord
 from .config import ShareConfig, parse_plan
@@ -114,7 +114,7 @@ def share(loaded: LoadedModel, config: ShareConfig) -> tuple[LoadedModel, StageR
         **_energy_metrics(energy, config),
     }
     if original is not None:
-        from ..evaluation.fidelity import fidelity
+        from ..fidelity import fidelity
 
         metrics["fidelity"] = fidelity(loaded, original, texts, batch_size=config.batch_size,
                                        max_length=config.max_length, device=config.device)
