@@ -110,3 +110,30 @@ def test_help_says_what_an_option_does_not_what_a_run_measured(path):
 ])
 def test_the_scan_tells_a_measurement_note_from_a_description(text, noted):
     assert any(re.search(pattern, text) for pattern in MEASUREMENT_NOTES.values()) is noted
+
+
+def _examples() -> list[tuple[str, str]]:
+    """``(where, command line)`` for every ``compress ...`` line in the README's and the docs'
+    bash blocks."""
+    pages = [docs.ROOT / "README.md", *sorted(docs.DOCS.glob("*.md"))]
+    found = []
+    for page in pages:
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+            for line in block.splitlines():
+                line = line.split("#", 1)[0].strip()
+                if line.startswith("compress "):
+                    found.append((page.name, line))
+    return found
+
+
+def test_every_example_uses_options_its_command_has():
+    examples = _examples()
+    assert len(examples) > 40
+    wrong = []
+    for where, line in examples:
+        words = line.split("|", 1)[0].split()[1:]  # up to a pipe into another program
+        path = words[0] if words[0] in cli.commands and words[0] != "data" else " ".join(words[:2])
+        cmd = docs.commands()[path]
+        names = {o for p in cmd.get_params(click.Context(cmd)) for o in (*p.opts, *p.secondary_opts)}
+        wrong += [f"{where}: {line}: {w}" for w in words if w.startswith("-") and w != "-" and w.split("=")[0] not in names]
+    assert wrong == []
