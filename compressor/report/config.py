@@ -16,7 +16,7 @@ class ReportConfig(SuiteConfig):
 
     Attributes:
         threads: Intra-op threads for every row (PyTorch and onnxruntime alike; an ONNX row's
-            generate loop runs its own PyTorch glue on one, `generation.generation`).
+            generate loop runs its own PyTorch work between steps on one).
         batch_sizes: Batch sizes latency is measured at.
         seq_len: Tokens per sequence in the latency runs (texts truncated or padded to it).
         warmup: Untimed runs per row and batch size before the timed ones.
