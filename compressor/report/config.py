@@ -15,8 +15,8 @@ class ReportConfig(SuiteConfig):
     on the quality suite of ``compress evaluate --suite`` (its options are the suite's).
 
     Attributes:
-        threads: Intra-op threads for every row (PyTorch and onnxruntime alike; an ONNX row's
-            generate loop runs its own PyTorch work between steps on one).
+        threads: Intra-op threads for every row (PyTorch and onnxruntime alike; the PyTorch work
+            of an ONNX row's generate loop runs on one thread).
         batch_sizes: Batch sizes latency is measured at.
         seq_len: Tokens per sequence in the latency runs (texts truncated or padded to it).
         warmup: Untimed runs per row and batch size before the timed ones.
