@@ -34,7 +34,19 @@ def _terminate(signum, frame):
 
 
 class CompressGroup(click.Group):
-    """Turns user errors raised anywhere in a command into one clear line."""
+    """Turns user errors raised anywhere in a command into one clear line; a declared stage
+    without a command of its own is a command too (`cli.stages`), registered before or after import."""
+
+    def list_commands(self, ctx):
+        from cli.stages import declared_stages
+
+        return sorted(set(super().list_commands(ctx)) | set(declared_stages()))
+
+    def get_command(self, ctx, cmd_name):
+        from cli.stages import stage_command
+
+        # the registry first: a stage declared again (in a test) gets its command built again
+        return stage_command(cmd_name) or super().get_command(ctx, cmd_name)
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
@@ -131,9 +143,10 @@ from cli import export as _export  # noqa: E402,F401
 from cli import finetune as _finetune  # noqa: E402,F401
 from cli import inspect as _inspect  # noqa: E402,F401
 from cli import pipeline as _pipeline  # noqa: E402,F401
-from cli import prune as _prune  # noqa: E402,F401
 from cli import report as _report  # noqa: E402,F401
-from cli import share as _share  # noqa: E402,F401
+from cli.stages import declared_commands  # noqa: E402
+
+cli.commands.update(declared_commands())  # share, prune, ...: the stages declared so far
 
 if __name__ == "__main__":
     main()

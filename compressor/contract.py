@@ -11,7 +11,7 @@ and the ``compress <name>`` command are built from that declaration::
         return run_prune(run.model, run.config, run.output, overwrite=run.overwrite,
                          trust_remote_code=run.trust_remote_code)
 
-    STAGE = StageSpec("prune", PruneConfig, run, writes="model", summary=summary,
+    STAGE = Stage("prune", PruneConfig, run, writes="model", summary=summary,
                       help="Prune MODEL structurally ...", output_help="Folder for the pruned checkpoint.",
                       key_metrics=("metrics.fidelity.embedding_cosine",))
 
@@ -56,7 +56,8 @@ class StageRun:
         trust_remote_code: The checkpoint's own Python code may run.
         fed: Configs of the stages that feed this one, by stage name (``{"quantize": ...}``).
         records: The records of the job's earlier stages, in order.
-        progress: Show progress bars and steps.
+        progress: Show progress bars.
+        log: Where a long stage's steps go (an `EventLog`; ``None``: nowhere).
     """
 
     config: StageConfig
@@ -69,13 +70,14 @@ class StageRun:
     fed: dict[str, StageConfig] = field(default_factory=dict)
     records: list[StageRecord] = field(default_factory=list)
     progress: bool = False
+    log: Any = None
 
 
 StageRunner = Callable[[StageRun], StageRecord]
 
 
 @dataclass(frozen=True)
-class StageSpec:
+class Stage:
     """A stage, declared once: recipes, the registry and its command are built from this.
 
     Attributes:
@@ -127,8 +129,3 @@ class StageSpec:
         """A ``compress <name>`` command is generated from this declaration."""
         return self.run is not None and not self.own_command
 
-
-def aligned_rows(rows: list[tuple[str, str]]) -> str:
-    """A summary as aligned ``label  value`` lines."""
-    width = max((len(k) for k, _ in rows), default=0)
-    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)

@@ -16,11 +16,13 @@ import compressor
 ROOT = Path(compressor.__file__).parent
 
 #: The core every stage may use; it imports no stage.
-CORE = {"errors", "io", "config", "record", "contract", "fidelity", "hub", "onnx", "grids", "adapters", "models", "data"}
-#: The stages (one subpackage each); they import the core and, without cycles, each other.
+CORE = {"errors", "io", "config", "record", "contract", "fidelity", "layer_groups", "render", "hub", "onnx", "grids", "adapters", "models", "data"}
+#: The stages (one subpackage each): siblings on the core, none imports another (but `SIBLING_EDGES`).
 STAGES = {"analysis", "evaluation", "sharing", "pruning", "finetune", "quantization", "export"}
 #: What runs stages: the report (every stage side by side) and recipes / batches.
 TOP = {"report", "pipeline"}
+#: The one stage-to-stage import allowed: export quantizes what it exports.
+SIBLING_EDGES = {("export", "quantization")}
 
 
 def module_name(path: Path) -> str:
@@ -127,6 +129,16 @@ def test_stages_do_not_import_what_runs_them():
     upward = [f"{m}:{line} imports {t}" for m, targets in edges.items() if subpackage(m) in STAGES
               for t, _, line in targets if subpackage(t) in TOP]
     assert not upward, upward
+
+
+def test_no_stage_imports_another_stage():
+    """What two stages need lives in the core; a stage that uses another's result is composed
+    above both (`compressor.pipeline.compose`)."""
+    _, edges = graph()
+    across = [f"{m}:{line} imports {t}" for m, targets in edges.items() if subpackage(m) in STAGES
+              for t, _, line in targets if subpackage(t) in STAGES and subpackage(t) != subpackage(m)
+              and (subpackage(m), subpackage(t)) not in SIBLING_EDGES]
+    assert not across, across
 
 
 def test_no_module_imports_a_private_name_of_another():

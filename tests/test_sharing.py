@@ -148,10 +148,29 @@ def test_fidelity_is_reported(tiny_dirs):
 
 
 def test_plan_from_analysis(tiny_dirs):
+    from compressor.pipeline.compose import share as share_after_analysis  # the analysis runs above sharing
+
     loaded = load_model(tiny_dirs["bert"])
-    _, record = share(loaded, ShareConfig(groups=2, max_samples=8, fidelity=False))
+    _, record = share_after_analysis(loaded, ShareConfig(groups=2, max_samples=8, fidelity=False))
     assert len(record.metrics["plan"]) == 2
     assert record.metrics["plan_source"].startswith("best contiguous 2 groups")
+
+
+def test_groups_from_an_analysis_file_is_the_plan_the_analysis_gives(tiny_dirs, tmp_path):
+    from compressor.analysis import AnalyzeConfig, analyze
+    from compressor.pipeline.compose import share as share_after_analysis
+
+    _, analysis = analyze(load_model(tiny_dirs["bert"]), AnalyzeConfig(max_samples=8))
+    file = tmp_path / "analysis.json"
+    file.write_text(json.dumps(analysis.to_dict()))
+    _, from_file = share(load_model(tiny_dirs["bert"]), ShareConfig(groups=3, analysis=str(file), fidelity=False))
+    _, analyzed = share_after_analysis(load_model(tiny_dirs["bert"]), ShareConfig(groups=3, max_samples=8, fidelity=False))
+    assert from_file.metrics["plan"] == analyzed.metrics["plan"] == analysis.metrics["grouping"]["by_groups"]["3"]["groups"]
+    assert from_file.metrics["plan_source"] == f"best contiguous 3 groups by cka in {file}"
+    with pytest.raises(ConfigError, match="give --analysis"):  # the sharing stage alone runs no analysis
+        share(load_model(tiny_dirs["bert"]), ShareConfig(groups=3, fidelity=False))
+    with pytest.raises(ConfigError, match="add --groups"):
+        ShareConfig(plan="0-3", analysis=str(file))
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import StageConfig, TextOptions, check_choice, check_device, check_int, check_positive, choice
-
-#: Similarities the grouping can be driven by.
-METRICS = ("cka", "angular", "aligned-weight", "raw-weight")
+from ..layer_groups import METRICS
 
 
 @dataclass

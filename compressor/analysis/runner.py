@@ -1,6 +1,7 @@
 """The analysis stage on folders: a model in, ``analysis.json``, ``analysis.md`` and heatmaps out.
 
-`compress analyze` and a recipe's ``analyze`` stage both run `run_analyze`.
+`compress analyze` and a recipe's ``analyze`` stage both run `run_analyze`; `STAGE` declares the stage
+(its command, with ``--markdown`` and ``--plots``, is written in ``cli/analyze.py``).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..contract import StageRun, Stage
 from ..io import check_distinct, check_writable, staged_folder, write_text_atomic
 from ..record import StageRecord
 from .config import AnalyzeConfig
@@ -59,3 +61,13 @@ def run_analyze(model, config: AnalyzeConfig, output: str | Path | None = None, 
             save_heatmaps(record.metrics, tmp)
         written.append(str(Path(plots_dir)))
     return record, written
+
+
+def run(run: StageRun) -> StageRecord:
+    """``analysis.json`` and ``analysis.md``, as ``compress analyze -o`` writes them (no heatmaps)."""
+    record, _ = run_analyze(run.model, run.config, run.output, plots=False, overwrite=run.overwrite,
+                            trust_remote_code=run.trust_remote_code)
+    return record
+
+
+STAGE = Stage("analyze", AnalyzeConfig, run, key_metrics=("metrics.grouping.plan",), own_command=True)

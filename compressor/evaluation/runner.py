@@ -1,7 +1,8 @@
 """The evaluation stage on folders: models in, their records side by side out.
 
 `compress evaluate` runs `evaluate_models` (``--suite``: `suite_models`); a recipe's ``evaluate``
-stage runs `run_evaluate`.
+stage runs `run_evaluate`; `STAGE` declares the stage (its command, which scores several models,
+is written in ``cli/evaluate.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..contract import StageRun, Stage
 from ..errors import CompressError, ConfigError
 from ..io import check_writable, staged_folder, write_text_atomic
 from ..record import StageRecord
@@ -125,3 +127,13 @@ def run_evaluate(model, config: EvaluateConfig, output: str | Path, *, overwrite
     with staged_folder(output, overwrite=overwrite) as tmp:
         write_text_atomic(tmp / "evaluate.json", json.dumps(record.to_dict(), indent=2))
     return record
+
+
+def run(run: StageRun) -> StageRecord:
+    """``evaluate.json``; with fidelity to the original the model records, if it is not the original."""
+    return run_evaluate(run.model, run.config, run.output, overwrite=run.overwrite)
+
+
+STAGE = Stage("evaluate", EvaluateConfig, run,
+                  key_metrics=("metrics.accuracy", "metrics.macro_f1", "metrics.perplexity",
+                               "metrics.fidelity.embedding_cosine"), own_command=True)

@@ -75,7 +75,7 @@ def holdout_texts(config: FinetuneConfig) -> set[str]:
     from ..data.datasets import load_texts_from
 
     if config.holdout == "suite":
-        from ..evaluation.suite import load_suite
+        from ..data.suite import load_suite
 
         return {t for task in load_suite(config.holdout_suite()).tasks for t in task.test_texts}
     return set(load_texts_from(config.holdout, text_column=config.text_column, encoding=config.encoding))

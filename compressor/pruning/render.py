@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..sharing.render import MIB, fidelity_rows
+from ..render import MIB, fidelity_rows
 
 
 def prune_summary_rows(record) -> list[tuple[str, str]]:

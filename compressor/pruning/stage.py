@@ -102,7 +102,7 @@ def _read_texts(loaded: LoadedModel, config: PruneConfig) -> tuple[list[str], li
 
 def _drop_layers(loaded: LoadedModel, config: PruneConfig, texts: list[str]) -> dict:
     """Drop the ``config.drop_layers`` blocks of lowest Block Influence on ``texts``."""
-    from ..analysis.activations import collect_block_outputs
+    from ..models.block_outputs import collect_block_outputs
 
     influence = collect_block_outputs(loaded, texts, max_length=config.max_length, batch_size=config.batch_size,
                                       max_tokens=16, device=config.device).block_influence

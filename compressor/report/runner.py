@@ -1,6 +1,7 @@
 """The report stage on folders: variants in, ``report.md``/``.json``/``.png`` out.
 
-`compress report` and a recipe's ``report`` stage both run `run_report`.
+`compress report` and a recipe's ``report`` stage both run `run_report`; `STAGE` declares the stage
+(its command, which measures several variants, is written in ``cli/report.py``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..contract import StageRun, Stage
 from ..errors import ConfigError
 from ..io import check_writable, staged_folder, write_text_atomic
 from ..record import StageRecord
@@ -66,3 +68,26 @@ def report_record(original, config: ReportConfig, result: dict[str, Any]) -> Sta
                                metrics={"metric": result["metric"], "last_row": summary, "rows": len(result["rows"])})
     record.seconds = result["seconds"]
     return record
+
+
+def run(run: StageRun) -> StageRecord:
+    """``report.md``/``.json``/``.png`` as ``compress report`` writes them: the job's exports
+    (every earlier stage folder holding a model.onnx) or, with none, the job's last model,
+    against the original the model records and optimum's baselines."""
+    from ..models import load_model
+
+    exports = sorted(p for p in run.job_folder.iterdir() if p.is_dir() and (p / "model.onnx").is_file()
+                     and p.name < run.output.name)
+    last = load_model(run.model)
+    original = load_model(last.origin) if last.origin and last.origin != last.source else last
+    variants = [(p.name, str(p)) for p in exports] or ([] if original is last else [(Path(run.model).name, run.model)])
+    # the report takes minutes: its steps go where the job's progress goes
+    result, _ = run_report(original, variants, run.config, run.output, overwrite=run.overwrite, log=run.log)
+    return report_record(original, run.config, result)
+
+
+STAGE = Stage("report", ReportConfig, run, own_command=True,
+                  key_metrics=("metrics.last_row.of_original", "metrics.last_row.speedup_vs_optimum_int8",
+                               "metrics.last_row.size_vs_optimum_int8", "metrics.last_row.speedup_vs_optimum_o2_int8",
+                               "metrics.last_row.size_vs_optimum_o2_int8", "metrics.last_row.suite_retained",
+                               "metrics.last_row.neighbour_agreement", "metrics.last_row.decode_tokens_per_s"))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..adapters import ROLES
-from ..analysis.config import METRICS
+from ..layer_groups import METRICS, Grouping
 from ..config import StageConfig, TextOptions, check_choice, check_device, check_int, check_positive, choice
 from ..errors import ConfigError
 
@@ -27,6 +27,9 @@ class ShareConfig(TextOptions, StageConfig):
         plan: The groups themselves: ``"0-1,2-3,4-5"`` (ranges or single layers, comma
             separated), a list of lists of layer indices, or the path of a JSON file holding
             such a list (or an ``analysis.json`` from `compress analyze`).
+        analysis: An ``analysis.json`` from `compress analyze`: with ``groups``, the plan is
+            its best contiguous partition into that many groups (by the similarity it was
+            analyzed with) and no analysis runs.
         share: Which sublayers are shared: ``attention``, ``ffn`` or single roles (``query``,
             ``ffn_in``...). Each layer always keeps its own norms and biases.
         init: How the shared weight starts: ``aligned-mean`` (permute each member's FFN neurons
@@ -46,6 +49,7 @@ class ShareConfig(TextOptions, StageConfig):
 
     groups: int | None = None
     plan: str | list[list[int]] | None = None
+    analysis: str | None = None
     share: list[str] = field(default_factory=lambda: ["attention", "ffn"])
     init: str = choice("aligned-mean", INITS)
     lora_rank: int = 0
@@ -63,6 +67,9 @@ class ShareConfig(TextOptions, StageConfig):
             raise ConfigError("give either --groups K or --plan, not both" if self.groups is not None
                               else "give --groups K or --plan \"0-1,2-3,...\"")
         check_int("groups", self.groups, 1, allow_none=True)
+        if self.analysis is not None and self.groups is None:
+            raise ConfigError("--analysis gives the plan for --groups K; add --groups, or pass the file as --plan "
+                              "for the plan it recommends", option="analysis")
         if isinstance(self.share, str):
             self.share = [s.strip() for s in self.share.split(",") if s.strip()]
         self.share = list(self.share)
@@ -126,6 +133,20 @@ def parse_plan(plan: str | list, num_layers: int) -> list[list[int]]:
     return sorted((sorted(g) for g in groups), key=lambda g: g[0])
 
 
+def grouping_from_file(path: str | Path) -> Grouping:
+    """The `Grouping` an ``analysis.json`` from `compress analyze` holds.
+
+    Raises:
+        ConfigError: no such file, not JSON, or no grouping in it.
+    """
+    data = _read_json(Path(path), "analysis file")
+    try:
+        return Grouping.from_dict(data["metrics"]["grouping"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"analysis file {path} holds no grouping (write one with `compress analyze -o`)",
+                          option="analysis") from None
+
+
 def _plan_from_string(text: str) -> list[list[int]]:
     groups = []
     for part in text.split(","):
@@ -143,13 +164,17 @@ def _plan_from_string(text: str) -> list[list[int]]:
     return groups
 
 
-def _plan_from_file(path: Path) -> list:
+def _read_json(path: Path, what: str):
     if not path.is_file():
-        raise ConfigError(f"plan file {path} does not exist")
+        raise ConfigError(f"{what} {path} does not exist")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"plan file {path} is not valid JSON: {e}") from None
+        raise ConfigError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def _plan_from_file(path: Path) -> list:
+    data = _read_json(path, "plan file")
     if isinstance(data, dict):
         # an analysis.json from `compress analyze`, or {"plan": [[...], ...]}
         if "plan" in data and isinstance(data["plan"], list):

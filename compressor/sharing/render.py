@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from ..analysis.grouping import plan_string
-
-MIB = 1024 * 1024
+from ..layer_groups import plan_string
+from ..render import MIB, fidelity_rows
 
 
 def share_summary_rows(record) -> list[tuple[str, str]]:
@@ -24,18 +23,6 @@ def share_summary_rows(record) -> list[tuple[str, str]]:
     if "lora_energy_kept_mean" in m:
         rows.append(("residual energy kept by LoRA", f"{m['lora_energy_kept_mean']:.1%} (mean over layers and sublayers)"))
     rows += fidelity_rows(m.get("fidelity"))
-    return rows
-
-
-def fidelity_rows(f: dict | None) -> list[tuple[str, str]]:
-    """(label, value) rows for a fidelity result (`compressor.fidelity`)."""
-    if not f:
-        return []
-    rows = [("embedding cosine to original", f"{f['embedding_cosine']:.4f} on {f['num_texts']} texts")]
-    if "next_token_kl" in f:
-        rows.append(("next-token KL to original", f"{f['next_token_kl']:.4f} nats/token"))
-    if f.get("hidden_state_error") is not None:
-        rows.append(("hidden-state error per layer", " ".join(f"{e:.3f}" for e in f["hidden_state_error"])))
     return rows
 
 

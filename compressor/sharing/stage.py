@@ -18,11 +18,12 @@ from ..adapters.alignment import (
 from ..adapters.base import ATTENTION_ROLES, FFN_ROLES
 from ..data import calibration_texts
 from ..errors import ConfigError
+from ..layer_groups import Grouping
 from ..models import LoadedModel, unique_parameters
 from ..models.sharing_manifest import SharingManifest, is_lora_parameter
 from ..models.shared import install_shared
 from ..record import StageRecord
-from .config import ShareConfig, parse_plan
+from .config import ShareConfig, grouping_from_file, parse_plan
 
 #: Printed with every share that has no recovery training behind it.
 NO_RECOVERY_NOTE = (
@@ -72,7 +73,8 @@ def _align_group(adapter, blocks, group, geometry, roles) -> None:
         adapter.load_block_weights(blocks[layer], *permute_weights(w, b, perm, geometry), geometry)
 
 
-def share(loaded: LoadedModel, config: ShareConfig) -> tuple[LoadedModel, StageRecord]:
+def share(loaded: LoadedModel, config: ShareConfig, *,
+          grouping: Grouping | None = None) -> tuple[LoadedModel, StageRecord]:
     """Merge the model's layers into groups that share their linear weights.
 
     The model is changed in place: in every group of two or more layers, each shared linear
@@ -83,6 +85,9 @@ def share(loaded: LoadedModel, config: ShareConfig) -> tuple[LoadedModel, StageR
     Args:
         loaded: A dense model (see `compressor.models.load_model`).
         config: The plan, what to share, how to initialise, LoRA rank.
+        grouping: For ``config.groups`` without ``config.analysis``: the grouping an analysis of
+            this model recommends, whose best partition into ``groups`` is the plan
+            (`compressor.pipeline.compose.share` runs that analysis first).
 
     Returns:
         The shared model (``loaded.sharing`` holds the manifest a checkpoint needs) and a record
@@ -90,14 +95,15 @@ def share(loaded: LoadedModel, config: ShareConfig) -> tuple[LoadedModel, StageR
         residual its delta keeps, and fidelity to the original on calibration text.
 
     Raises:
-        ConfigError: a bad plan, more groups than layers, a rank above a matrix size, or a
-            selection that splits a fused module. Nothing is changed then.
+        ConfigError: a bad plan, more groups than layers, a rank above a matrix size, a
+            selection that splits a fused module, or ``groups`` with neither an analysis file
+            nor a ``grouping``. Nothing is changed then.
     """
     start = time.perf_counter()
-    roles, modules = _check_selection(loaded, config)
+    roles, modules = check_selection(loaded, config)
     texts = (calibration_texts(config.data, text_column=config.text_column, encoding=config.encoding,
                                limit=config.max_samples) if config.fidelity else None)  # read first: a bad file fails at once
-    plan, plan_source = _resolve_plan(loaded, config)
+    plan, plan_source = _resolve_plan(loaded, config, grouping)
     original = copy.deepcopy(loaded) if config.fidelity else None
     params_before, bytes_before = unique_parameters(loaded.model)
 
@@ -126,8 +132,12 @@ def share(loaded: LoadedModel, config: ShareConfig) -> tuple[LoadedModel, StageR
     return loaded, record
 
 
-def _check_selection(loaded: LoadedModel, config: ShareConfig) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
-    """The roles and module paths to share, after every check that needs no data; changes nothing."""
+def check_selection(loaded: LoadedModel, config: ShareConfig) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """The roles and module paths to share, after every check that needs no data; changes nothing.
+
+    Raises:
+        ConfigError: as `share` does, before its slow part.
+    """
     if loaded.sharing is not None:
         raise ConfigError(f"{loaded.name} is already shared; share the original dense model")
     adapter = loaded.adapter
@@ -141,29 +151,23 @@ def _check_selection(loaded: LoadedModel, config: ShareConfig) -> tuple[tuple[st
     return roles, modules
 
 
-def _resolve_plan(loaded: LoadedModel, config: ShareConfig) -> tuple[list[list[int]], str]:
-    """``(plan, plan_source)``: the plan given, or the best contiguous groups by an analysis."""
+def _resolve_plan(loaded: LoadedModel, config: ShareConfig,
+                  grouping: Grouping | None) -> tuple[list[list[int]], str]:
+    """``(plan, plan_source)``: the plan given, or the best contiguous groups of an analysis."""
+    n = len(loaded.adapter.blocks(loaded.model))
     if config.plan is not None:
-        return parse_plan(config.plan, len(loaded.adapter.blocks(loaded.model))), "given"
-    plan = _plan_from_analysis(loaded, config)
-    loaded.model.cpu()  # the analysis ran on config.device; the surgery works on the CPU
-    return plan, f"best contiguous {config.groups} groups by {config.plan_metric}"
-
-
-def _plan_from_analysis(loaded: LoadedModel, config: ShareConfig) -> list[list[int]]:
-    """The groups `analyze` recommends for ``config.groups`` by ``config.plan_metric``."""
-    from ..analysis import AnalyzeConfig, analyze
-    from ..analysis.grouping import Grouping
-
-    weight_metric = config.plan_metric.endswith("weight")
-    analysis_config = AnalyzeConfig(
-        groups=config.groups, metric=config.plan_metric, weights=weight_metric, activations=not weight_metric,
-        data=config.data, text_column=config.text_column, encoding=config.encoding,
-        max_samples=config.max_samples, max_length=config.max_length, batch_size=config.batch_size,
-        device=config.device,
-    )
-    _, record = analyze(loaded, analysis_config)
-    return Grouping.from_dict(record.metrics["grouping"]).recommended.groups
+        return parse_plan(config.plan, n), "given"
+    if config.analysis is not None:
+        grouping, source = grouping_from_file(config.analysis), f" in {config.analysis}"
+    elif grouping is None:
+        raise ConfigError("--groups K takes its plan from an analysis: give --analysis analysis.json (from "
+                          "`compress analyze -o`), or run `compress share`, which analyzes first", option="groups")
+    else:
+        source = ""
+    if config.groups not in grouping.by_groups:
+        raise ConfigError(f"the analysis{source} has no partition into {config.groups} groups", option="groups")
+    plan = parse_plan(grouping.by_groups[config.groups].groups, n)
+    return plan, f"best contiguous {config.groups} groups by {grouping.metric}{source}"
 
 
 @torch.no_grad()
