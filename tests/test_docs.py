@@ -137,3 +137,25 @@ def test_every_example_uses_options_its_command_has():
         names = {o for p in cmd.get_params(click.Context(cmd)) for o in (*p.opts, *p.secondary_opts)}
         wrong += [f"{where}: {line}: {w}" for w in words if w.startswith("-") and w != "-" and w.split("=")[0] not in names]
     assert wrong == []
+
+
+def test_every_link_in_the_readme_and_docs_points_at_a_file_that_exists():
+    pages = [docs.ROOT / "README.md", *sorted(docs.DOCS.glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            path, _, anchor = target.partition("#")
+            file = page.parent / path
+            if not file.exists():
+                broken.append(f"{page.name}: {target}")
+            elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert broken == []
+
+
+def _anchors(page) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as -."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
