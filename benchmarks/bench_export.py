@@ -41,8 +41,8 @@ def bert_base_sizes(work: Path) -> dict:
 
     from compressor.export import ExportConfig, export
     from compressor.models import bundled_model_dir, load_model
-    from compressor.quantization import QuantizeConfig
-    from compressor.report.measure import optimum_baselines
+    from compressor.quantization import method_config
+    from compressor.report.stage import optimum_baselines
     from compressor.sharing import ShareConfig, share
 
     torch.manual_seed(0)
@@ -58,7 +58,7 @@ def bert_base_sizes(work: Path) -> dict:
     for label, folder in baselines.items():
         result[label] = (folder / "model.onnx").stat().st_size
     for mode in ("fp32", "int8"):
-        q = QuantizeConfig(mode) if mode != "fp32" else None
+        q = method_config(mode) if mode != "fp32" else None
         rec = export(shared, ExportConfig(check_lengths=[8, 128]), work / f"shared-{mode}", quantize=q)
         result[f"shared 3 groups ONNX {mode}"] = rec.metrics["file_bytes"]
         result[f"shared 3 groups ONNX {mode} projections"] = rec.metrics["projections"]
@@ -68,9 +68,9 @@ def bert_base_sizes(work: Path) -> dict:
     import onnx
     from optimum.onnxruntime import ORTQuantizer
 
-    from compressor.export.stage import export_onnx
-    from compressor.onnx_graph import weight_matmuls
-    from compressor.quantization.onnx import optimum_preset
+    from compressor.export.optimum import export_onnx
+    from compressor.onnx.graph import weight_matmuls
+    from compressor.quantization.presets import optimum_preset
 
     raw = work / "shared-optimum-quantizer"
     export_onnx(shared.model, "feature-extraction", 17, raw / "model.onnx")
@@ -89,14 +89,14 @@ def minilm_exports(models: Path, work: Path) -> list[tuple[str, str]]:
     from compressor.export import ExportConfig, export
     from compressor.models import load_model
     from compressor.pruning import PruneConfig, prune
-    from compressor.quantization import QuantizeConfig
+    from compressor.quantization import method_config
 
     variants = []
     for name in ("shared3-lora16", "pruned-h25-f50"):
         if not (models / name / "compress.json").is_file():
             raise SystemExit(f"{models / name} is missing: run benchmarks/build_export_variants.py first")
         loaded = load_model(str(models / name))
-        export(loaded, ExportConfig(), work / f"{name}-int8", quantize=QuantizeConfig("int8"))
+        export(loaded, ExportConfig(), work / f"{name}-int8", quantize=method_config("int8"))
         variants.append((f"{name} int8", str(work / f"{name}-int8")))
         if name.startswith("shared"):
             # the movie snippets are the domain: keep the tokens they use (min_count 1: outputs on
@@ -105,7 +105,7 @@ def minilm_exports(models: Path, work: Path) -> list[tuple[str, str]]:
                 cut, _ = prune(load_model(str(models / name)),
                                PruneConfig(vocab_from="movie-snippets", vocab_min_count=min_count, fidelity=False))
                 folder = work / f"{name}-vocab{min_count}-int8"
-                export(cut, ExportConfig(), folder, quantize=QuantizeConfig("int8"))
+                export(cut, ExportConfig(), folder, quantize=method_config("int8"))
                 variants.append((f"{name} vocab>={min_count} int8", str(folder)))
     return variants
 

@@ -7,7 +7,7 @@ with one scale and zero point for the whole input tensor, from that tensor's min
 (``DynamicQuantizeLinear``). One range per tensor means one range for every token of every text in
 the batch: a few outlier tokens set the step for all the others, and a text's embedding depends on
 the texts it was batched with. This benchmark rounds a model's projections in PyTorch exactly as
-that export does (`compressor.quantization.aware`: `int8_channels`, `fake_uint8`), one kind of
+that export does (`compressor.grids.aware`: `int8_channels`, `fake_uint8`), one kind of
 projection at a time and with other activation ranges, and scores each variant with the quality
 suite as ``compress report --suite`` does (texts in batches of 64, 64 tokens at most, in the
 suite's order), against the original in float:
@@ -121,7 +121,7 @@ def rounded(loaded, inputs: dict[str, str], weights: bool, table_bits: int | Non
     the embedding tables as ``table_bits`` blocks."""
     import torch
 
-    from compressor.quantization.aware import fake_uint8, int8_channels, round_rows, table_weights
+    from compressor.grids.aware import fake_uint8, int8_channels, round_rows, table_weights
 
     saved, hooks = [], []
     roles = role_modules(loaded)
@@ -158,13 +158,13 @@ def rounded(loaded, inputs: dict[str, str], weights: bool, table_bits: int | Non
 
 
 def report_embedder(loaded):
-    """Sentence embeddings exactly as `compress report` computes them (`report.measure.sentence_embeddings`
-    on a `TorchRunner`: batches of 64 in the given order, 64 tokens at most)."""
+    """Sentence embeddings exactly as `compress report` computes them (`report.stage.sentence_embeddings`
+    on a `TorchBackend`: batches of 64 in the given order, 64 tokens at most)."""
     from compressor.report.config import ReportConfig
-    from compressor.report.measure import sentence_embeddings
-    from compressor.report.runners import TorchRunner
+    from compressor.report.stage import sentence_embeddings
+    from compressor.report.backends import TorchBackend
 
-    runner, config = TorchRunner(loaded, loaded.name), ReportConfig()
+    runner, config = TorchBackend(loaded, loaded.name), ReportConfig()
     return lambda texts: sentence_embeddings(runner, texts, config)
 
 

@@ -39,10 +39,11 @@ def build_variants(work: Path) -> tuple[list[tuple[str, str]], dict]:
 
     from compressor.data import calibration_texts
     from compressor.export import ExportConfig, export
-    from compressor.export.stage import check_export, ffn_down_scopes
+    from compressor.export.stage import ffn_down_scopes
+    from compressor.export.verify import check_export
     from compressor.models import load_model
-    from compressor.quantization import QuantizeConfig
-    from compressor.quantization.onnx import quantize_onnx
+    from compressor.quantization import method_config
+    from compressor.quantization.stage import quantize_onnx
 
     loaded = load_model(None)
     fp32 = work / "fp32"
@@ -58,7 +59,7 @@ def build_variants(work: Path) -> tuple[list[tuple[str, str]], dict]:
         folder = work / label.split(" (")[0].replace(" ", "-")
         shutil.copytree(fp32, folder)
         # min_cosine -1: measure the check's cosine without failing on it
-        q = QuantizeConfig("int8-static", calibration=CALIBRATION, per_channel=per_channel, min_cosine=-1.0)
+        q = method_config("int8-static", calibration=CALIBRATION, per_channel=per_channel, min_cosine=-1.0)
         done = quantize_onnx(folder, q, tokenizer=loaded.tokenizer, input_names=inputs,
                              dynamic_scopes=scopes if dynamic else ())
         (folder / "export_report.json").unlink()  # the fp32 export's: the report reads the graph instead

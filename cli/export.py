@@ -1,4 +1,10 @@
-"""`compress export`: an ONNX folder optimum loads, checked against PyTorch, optionally quantized."""
+"""`compress export`: an ONNX folder optimum loads, checked against PyTorch, optionally quantized.
+
+Its flags are the export config's and, under ``--quantize``, every registered quantization
+method's (`compressor.quantization.config.method_option_specs`), read from the registry each
+time the command is parsed or its help shown: a method registered after import has its name and
+its options here too.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +13,71 @@ import json
 import click
 
 from cli.main import cli, echo_rows, emit_result
-from cli.options import build_config, check_json, checkpoint_outputs, config_options
+from cli.options import build_config, check_json, checkpoint_outputs, click_option, config_options, plain
 from compressor.export.config import ExportConfig
-from compressor.quantization.config import QuantizeConfig
 
-#: The quantization mode is --quantize and off by default: an export is fp32 unless asked; the
-#: text options read both the check's and the calibration's text.
-_FLAGS = {"mode": "--quantize", "per_channel": "--per-channel/--per-tensor", "max_length": "--calibration-max-length"}
+#: Click settings of the quantization flags that differ from their specs: off unless asked (an
+#: export is fp32 by default), and the text options' help names both readers of text.
 _OVERRIDES = {
     "mode": {"default": None, "show_default": False,
-             "help": "int8: dynamic; int8-static: activation ranges calibrated on --calibration; int4: weight-only "
-                     "blocks (MatMulNBits; --block-size, --accuracy-level); fp16: half precision, for GPU targets."},
-    "per_channel": {"default": None, "show_default": False},
-    "min_cosine": {"help": "int8/int4/fp16: lowest allowed mean cosine to PyTorch's outputs (default 0.90 int8, "
-                           "0.80 int4, 0.999 fp16)."},
+             "help": "Quantize the export with this method (see the options below that name it); off by default."},
     "text_column": {"help": "Column (csv/tsv) or key (jsonl) holding the text of --check-data and --calibration."},
     "encoding": {"help": "Text encoding of --check-data and --calibration.", "show_default": True},
 }
 
 
-@cli.command()
+def quantization_options(declared: set[str]) -> list[click.Option]:
+    """The ``--quantize`` choice and the registered methods' options (those not declared by the
+    export config already), as click options; each option's help names the methods it is for."""
+    from compressor.quantization.config import method_option_specs
+
+    specs = [s for s in method_option_specs() if s.name not in declared]
+    fields = {s.name for s in specs} | declared
+    options = []
+    for spec in specs:
+        override = dict(_OVERRIDES.get(spec.name, {}))
+        if spec.name == "mode":
+            spec_flag = "--quantize"
+        else:
+            spec_flag = None
+            if spec.methods and "help" not in override:
+                override["help"] = f"[{', '.join(spec.methods)}] {plain(spec.help, fields)}"
+            if spec.name == "min_cosine":  # each method's own default, from the registry
+                from compressor.quantization.config import methods
+
+                defaults = ", ".join(f"{cls.default_min_cosine:g} {name}" for name, cls in methods().items())
+                override["help"] = f"{plain(spec.help, fields)} Defaults: {defaults}."
+        decorate = click_option(spec, name=spec_flag, fields=fields, **override)
+        options.extend(decorate(lambda: None).__click_params__)
+    return options
+
+
+class ExportCommand(click.Command):
+    """A command whose quantization options come from the method registry when it is used (made
+    once per state of the registry: click tells options apart by identity while parsing)."""
+
+    _made: tuple = ((), [])
+
+    @property
+    def params(self) -> list[click.Parameter]:
+        from compressor.quantization.config import methods
+
+        state = tuple(methods().items())
+        if self._made[0] != state:
+            declared = {p.name for p in self._params}
+            # after the export config's options, before --fp16 and the output options
+            split = next((i for i, p in enumerate(self._params) if p.name == "fp16"), len(self._params))
+            self._made = (state, self._params[:split] + quantization_options(declared) + self._params[split:])
+        return self._made[1]
+
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:
+        self._params, self._made = value, ((), [])
+
+
+@cli.command(cls=ExportCommand)
 @click.argument("model", required=False)
-@config_options(ExportConfig, QuantizeConfig, names=_FLAGS, overrides=_OVERRIDES)
+@config_options(ExportConfig, overrides={k: v for k, v in _OVERRIDES.items() if k != "mode"})
 @click.option("--fp16", is_flag=True, help="Half-precision weights and compute, for GPU targets (as --quantize fp16).")
 @checkpoint_outputs("Folder for model.onnx, config.json and the tokenizer.")
 def export(model, output, fp16, json_path, overwrite, trust_remote_code, **options):
@@ -36,7 +85,7 @@ def export(model, output, fp16, json_path, overwrite, trust_remote_code, **optio
 
     The folder is loaded back through optimum and compared with PyTorch on real text at several
     lengths before it is written; an export past the tolerance fails (exit 1) and writes nothing.
-    Weights that layers share are stored once, also after int8 quantization.
+    Weights that layers share are stored once, also after quantization.
     """
     from compressor.errors import ConfigError
     from compressor.export.render import export_summary_rows

@@ -51,7 +51,7 @@ def shown(value: Any) -> Any:
 def click_option(spec: OptionSpec, *, name: str | None = None, fields: set[str] = frozenset(), **override) -> Callable:
     """The click option for one config field; ``override`` replaces any of its settings, and
     ``fields`` are the command's other options, which the help may name."""
-    name = name or flag(spec.name)
+    name = name or spec.flag or flag(spec.name)
     settings: dict[str, Any] = {"help": plain(spec.help, fields), "show_default": spec.default is not None}
     if spec.kind == "bool":
         decls = [name if "/" in name else f"{name}/--no-{name[2:]}", spec.name]

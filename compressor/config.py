@@ -83,6 +83,9 @@ class OptionSpec:
         default: The default value (``None``: not set).
         help: The field's entry in its class docstring, on one line.
         choices: The allowed values, where the field is a `choice`.
+        flag: The CLI flag where it is not `flag(name)` (``field(metadata={"flag": ...})``).
+        methods: Where a config class stands for several (quantization methods): the ones that
+            take the option, ``None`` for all.
     """
 
     name: str
@@ -90,14 +93,24 @@ class OptionSpec:
     default: Any
     help: str
     choices: tuple | None = None
+    flag: str | None = None
+    methods: tuple | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for key in ("flag", "methods"):  # said only where they say something
+            if data[key] is None:
+                del data[key]
+        return data
 
 
 def option_specs(cls: type) -> list[OptionSpec]:
     """The options of a config class, one per field: the class's own first, then those it
-    inherits (the text options), each class's in declaration order."""
+    inherits (the text options), each class's in declaration order. A class that stands for
+    several (the quantization methods' base) lists its options itself (``__option_specs__``)."""
+    custom = getattr(cls, "__option_specs__", None)
+    if custom is not None and (found := custom()) is not None:
+        return found
     hints = typing.get_type_hints(cls)
     helps = field_help(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -114,7 +127,7 @@ def option_specs(cls: type) -> list[OptionSpec]:
         else:
             default = None
         specs.append(OptionSpec(f.name, _kind(hints[f.name]), default, helps.get(f.name, ""),
-                                f.metadata.get("choices")))
+                                f.metadata.get("choices"), f.metadata.get("flag")))
     return specs
 
 

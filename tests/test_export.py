@@ -27,10 +27,10 @@ from cli.main import cli
 from compressor.errors import ConfigError
 from compressor.export import ExportConfig, export
 from compressor.models import load_model, unique_parameters
-from compressor.onnx_graph import attribute
+from compressor.onnx.graph import attribute
 from compressor.models.shared import SharedLinear
 from compressor.pruning import PruneConfig, prune
-from compressor.quantization import QuantizeConfig
+from compressor.quantization import method_config
 from compressor.sharing import ShareConfig, share
 
 #: Every declared family (each tiny model exports in about a second).
@@ -103,7 +103,7 @@ def read_graph(folder: Path) -> onnx.ModelProto:
 
 
 def weight_ops(graph: onnx.ModelProto) -> dict[str, int]:
-    """Projections counted from the graph itself (independently of compressor.onnx_graph).
+    """Projections counted from the graph itself (independently of compressor.onnx.graph).
 
     ``float``: MatMul/Gemm with a floating-point weight matrix (a >= 2-d initializer reached
     directly or through Identity nodes); ``int8``: int8 ops whose weight is an 8-bit initializer,
@@ -155,7 +155,7 @@ def exported(tiny_dirs, tmp_path_factory):
     def get(family: str, mode: str = "fp32"):
         if (family, mode) not in cache:
             folder = root / f"{family}-{mode}"
-            q = None if mode == "fp32" else QuantizeConfig(mode)
+            q = None if mode == "fp32" else method_config(mode)
             cache[family, mode] = export(load_model(str(tiny_dirs[family])), ExportConfig(), folder, quantize=q), folder
         return cache[family, mode]
 
@@ -254,7 +254,7 @@ def test_shared_weights_stored_once_lora_unmerged_and_quantized(family, tiny_dir
             folder = tmp_path / f"r{rank}-{mode}"
             # (the generation check is another test's subject; here only what the file stores)
             record = export(loaded, ExportConfig(generation_check=0), folder,
-                            quantize=None if mode == "fp32" else QuantizeConfig(mode))
+                            quantize=None if mode == "fp32" else method_config(mode))
             graph = read_graph(folder)
             # the model's numbers: every initializer but the quantizer's scales and zero points
             stored = sum(int(np.prod(t.dims)) for t in graph.graph.initializer
@@ -353,7 +353,7 @@ def test_int8_static_calibrated_on_a_text_file(family, tiny_dirs, exported, tmp_
     lora = family == "bert"
     if lora:  # shared groups with LoRA: the branches of a down-projection read its outliers too
         loaded, _ = share(loaded, ShareConfig(plan="0-1,2-3", lora_rank=2, fidelity=False))
-    q = QuantizeConfig("int8-static", calibration=str(data))
+    q = method_config("int8-static", calibration=str(data))
     assert q.per_channel  # int8-static's default; int8 keeps optimum's per-tensor preset
     record = export(loaded, ExportConfig(), tmp_path / "static", quantize=q)
     m = record.metrics
@@ -382,7 +382,7 @@ def test_int8_static_on_minilm_keeps_the_outputs(tmp_path):
     data = tmp_path / "calibration.txt"
     data.write_text("\n".join(CALIBRATION * 4) + "\n")
     record = export(loaded, ExportConfig(), tmp_path / "static",
-                    quantize=QuantizeConfig("int8-static", calibration=str(data), calibration_samples=32))
+                    quantize=method_config("int8-static", calibration=str(data), calibration_samples=32))
     assert record.metrics["graph"]["dynamic_matmuls"] == 6
     assert record.metrics["check"]["mean_cosine"] > 0.95
 
@@ -530,7 +530,7 @@ def test_int4_stores_each_shared_weight_once_in_blocks_and_checks_itself(family,
 
     loaded, _ = share(load_model(str(tiny_dirs[family])), ShareConfig(plan="0-1,2-3", lora_rank=2, fidelity=False))
     unique, _ = unique_parameters(loaded.model)
-    record = export(loaded, ExportConfig(), tmp_path / "int4", quantize=QuantizeConfig("int4", block_size=16))
+    record = export(loaded, ExportConfig(), tmp_path / "int4", quantize=method_config("int4", block_size=16))
     m = record.metrics
     assert m["precision"] == "int4" and m["graph"]["block_size"] == 16 and m["graph"]["int4_matmuls"] > 0
     assert m["projections"]["float_on_weights"] == 0 and m["check"]["mean_cosine"] >= 0.8
@@ -554,7 +554,7 @@ def test_int4_methods_fit_the_blocks_their_own_way(tiny_dirs, tmp_path):
     cosine = {}
     for method in ("rtn", "rtn-asym", "hqq"):
         record = export(loaded, ExportConfig(check_lengths=[8, 32]), tmp_path / method,
-                        quantize=QuantizeConfig("int4", block_size=16, int4_method=method))
+                        quantize=method_config("int4", block_size=16, int4_method=method))
         assert record.metrics["graph"]["method"] == method and record.metrics["graph"]["int4_matmuls"] > 0
         nbits = [n for n in read_graph(tmp_path / method).graph.node if n.op_type == "MatMulNBits"]
         # the projections' 4-bit blocks (the head and tables are 8-bit symmetric blocks in every method)
@@ -571,11 +571,11 @@ def test_int4_methods_fit_the_blocks_their_own_way(tiny_dirs, tmp_path):
 
 def test_int4_options_are_checked():
     with pytest.raises(ConfigError, match="power of two"):
-        QuantizeConfig("int4", block_size=24)
+        method_config("int4", block_size=24)
     with pytest.raises(ConfigError, match="accuracy_level|accuracy-level"):
-        QuantizeConfig("int4", accuracy_level=5)
+        method_config("int4", accuracy_level=5)
     with pytest.raises(ConfigError, match="int4_method|int4-method"):
-        QuantizeConfig("int4", int4_method="awq")
+        method_config("int4", int4_method="awq")
 
 
 def _check_chunk_after_cache(path: Path, model) -> None:
@@ -647,7 +647,7 @@ def test_a_decoder_export_fuses_norms_and_rotary_and_still_generates(tiny_dirs, 
             assert torch.equal(got, shared.model.generate(**batch, **kwargs))
     _check_chunk_after_cache(tmp_path / "fp32" / "model.onnx", shared.model)
 
-    int4 = export(shared, ExportConfig(check_lengths=[8], optimize=2), tmp_path / "int4", quantize=QuantizeConfig("int4", block_size=16))
+    int4 = export(shared, ExportConfig(check_lengths=[8], optimize=2), tmp_path / "int4", quantize=method_config("int4", block_size=16))
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "int4" / "model.onnx"), load_external_data=False).graph.node)
     assert ops["MatMulNBits"] > 0 and ops["RotaryEmbedding"] == 2 * layers and int4.metrics["check"]["mean_cosine"] > 0.95
 

@@ -16,9 +16,9 @@ from cli.main import cli
 from compressor.errors import ConfigError
 from compressor.export import ExportConfig, export
 from compressor.models import load_model
-from compressor.onnx_graph import attribute
-from compressor.quantization import QuantizeConfig
-from compressor.quantization.gptq import dequantize, gptq, pack_matmul_nbits, round_to_nearest
+from compressor.onnx.graph import attribute
+from compressor.quantization import method_config
+from compressor.grids.gptq import dequantize, gptq, pack_matmul_nbits, round_to_nearest
 from compressor.sharing import ShareConfig, share
 
 
@@ -67,9 +67,9 @@ def test_a_gptq_export_stores_the_fitted_blocks_once_per_shared_weight(tiny_dirs
     zero points does on the same model."""
     shared, _ = share(load_model(str(tiny_dirs["llama"])), ShareConfig(plan="0-1,2-3", lora_rank=0, fidelity=False))
     gptq_record = export(shared, ExportConfig(check_lengths=[8, 32]), tmp_path / "gptq",
-                         quantize=QuantizeConfig("int4", block_size=16, int4_method="gptq", accuracy_level=1))
+                         quantize=method_config("int4", block_size=16, int4_method="gptq", accuracy_level=1))
     rtn_record = export(shared, ExportConfig(check_lengths=[8, 32]), tmp_path / "rtn",
-                        quantize=QuantizeConfig("int4", block_size=16, int4_method="rtn-asym", accuracy_level=1))
+                        quantize=method_config("int4", block_size=16, int4_method="rtn-asym", accuracy_level=1))
     graph = gptq_record.metrics["graph"]
     assert graph["gptq_weights"]["fitted"] == graph["int4_matmuls"] // 2 > 0  # two layers a weight
     assert graph["gptq_weights"]["left_to_rtn"] == 0 and graph["calibration"]["calibration_tokens"] > 1000
@@ -95,15 +95,15 @@ def test_a_gptq_export_stores_the_fitted_blocks_once_per_shared_weight(tiny_dirs
 
 
 def test_gptq_options_are_checked(tiny_dirs, tmp_path):
-    QuantizeConfig("int4", int4_method="gptq", calibration="movie-snippets")  # its own calibration text
-    QuantizeConfig("int4", int8_share=0.3, calibration="movie-snippets")  # ranks the projections on it
+    method_config("int4", int4_method="gptq", calibration="movie-snippets")  # its own calibration text
+    method_config("int4", int8_share=0.3, calibration="movie-snippets")  # ranks the projections on it
     with pytest.raises(ConfigError, match="only used by int8-static, by int4 with --int4-method gptq or --int8-share, and by --embedding-hot-share"):
-        QuantizeConfig("int4", int4_method="rtn", calibration="movie-snippets")
+        method_config("int4", int4_method="rtn", calibration="movie-snippets")
     for bad in (1.0, -0.1, True):
         with pytest.raises(ConfigError, match="--int8-share must be in"):
-            QuantizeConfig("int4", int8_share=bad)
+            method_config("int4", int8_share=bad)
     with pytest.raises(ConfigError, match="not for int8"):
-        QuantizeConfig("int8", int8_share=0.2)
+        method_config("int8", int8_share=0.2)
     res = CliRunner().invoke(cli, ["export", str(tiny_dirs["llama"]), "--quantize", "int4", "--int4-method", "gptq",
                                    "--calibration", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "out")])
     assert res.exit_code != 0 and not (tmp_path / "out").exists()
@@ -118,9 +118,9 @@ def test_int8_share_keeps_the_projections_int4_hurts_most_in_int8(tiny_dirs, tmp
     plain int4 does."""
     loaded = load_model(str(tiny_dirs["llama"]))
     mixed = export(loaded, ExportConfig(check_lengths=[8, 32]), tmp_path / "mixed",
-                   quantize=QuantizeConfig("int4", block_size=16, int8_share=0.3, accuracy_level=1))
+                   quantize=method_config("int4", block_size=16, int8_share=0.3, accuracy_level=1))
     plain = export(loaded, ExportConfig(check_lengths=[8, 32]), tmp_path / "plain",
-                   quantize=QuantizeConfig("int4", block_size=16, accuracy_level=1))
+                   quantize=method_config("int4", block_size=16, accuracy_level=1))
     kept = mixed.metrics["graph"]["calibration"]["int8_projections"]
     assert 0 < kept["share_kept"] <= 0.3 and kept["count"] > 0
     assert kept["lowest_error_kept"] >= kept["highest_error_int4"]

@@ -21,7 +21,7 @@ from compressor.finetune.config import FinetuneConfig
 from compressor.pipeline import stages
 from compressor.pipeline.recipe import load_recipe
 from compressor.pruning.config import PruneConfig
-from compressor.quantization.config import QuantizeConfig
+from compressor.quantization.config import QuantMethod
 from compressor.report.config import ReportConfig
 from compressor.sharing.config import ShareConfig
 
@@ -31,7 +31,7 @@ COMMANDS = {
     "prune": (PruneConfig,),
     "finetune": (FinetuneConfig,),
     "evaluate": (EvaluateConfig,),
-    "export": (ExportConfig, QuantizeConfig),
+    "export": (ExportConfig, QuantMethod),
     "report": (ReportConfig,),
 }
 

@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from compressor.errors import ConfigError
 from compressor.export import ExportConfig, export
 from compressor.models import load_model
-from compressor.quantization import QuantizeConfig
-from compressor.quantization.per_token import per_token_inputs
+from compressor.quantization import method_config
+from compressor.onnx.per_token import per_token_inputs
 
 K, N = 48, 24
 
@@ -129,7 +129,7 @@ def test_a_batched_weight_keeps_its_range(tmp_path):
 def test_an_encoders_projections_read_per_token_inputs_and_it_is_still_the_model(tiny_dirs, tmp_path, which):
     loaded = load_model(str(tiny_dirs["bert"]))
     layers = loaded.model.config.num_hidden_layers
-    record = export(loaded, ExportConfig(), tmp_path / "out", quantize=QuantizeConfig("int8", per_channel=True, per_token=which))
+    record = export(loaded, ExportConfig(), tmp_path / "out", quantize=method_config("int8", per_channel=True, per_token=which))
     graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
     ops = [n.op_type for n in graph.graph.node]
     # per layer: the input of Q, K and V (one for the three), of the attention output, FFN in
@@ -147,9 +147,9 @@ def test_an_encoders_projections_read_per_token_inputs_and_it_is_still_the_model
 @pytest.mark.parametrize("mode", ["int4", "fp16"])
 def test_per_token_is_refused_where_there_are_no_dynamic_int8_inputs(mode):
     with pytest.raises(ConfigError, match="--per-token"):
-        QuantizeConfig(mode, per_token="all")
+        method_config(mode, per_token="all")
 
 
 def test_per_token_takes_all_or_the_ffn_down_projections():
     with pytest.raises(ConfigError, match="per.token"):
-        QuantizeConfig("int8", per_token="some")
+        method_config("int8", per_token="some")

@@ -14,9 +14,9 @@ from compressor.errors import ConfigError
 from compressor.export import ExportConfig, export
 from compressor.finetune import FinetuneConfig, finetune
 from compressor.models import load_model
-from compressor.onnx_graph import attribute
-from compressor.quantization import QuantizeConfig
-from compressor.quantization.gptq import block_grid, dequantize, on_grid, round_to_nearest, rtn_blocks
+from compressor.onnx.graph import attribute
+from compressor.quantization import method_config
+from compressor.grids.gptq import block_grid, dequantize, on_grid, round_to_nearest, rtn_blocks
 
 TEXTS = [f"the {w} of sentence {i} is {w[::-1]}" for i, w in enumerate(["cat", "dog", "river", "music", "film", "tree"] * 12)]
 
@@ -85,7 +85,7 @@ def test_quantize_aware_trains_on_the_blocks_and_the_export_stores_them(tiny_dir
     assert (tmp_path / "qat" / "quantize_aware.pt").is_file()
 
     rec = export(saved, ExportConfig(check_lengths=[8, 32]), tmp_path / "onnx",
-                 quantize=QuantizeConfig("int4", block_size=16, accuracy_level=1))
+                 quantize=method_config("int4", block_size=16, accuracy_level=1))
     graph = rec.metrics["graph"]
     assert graph["trained_grid"] == {"weights": 28, "off_grid": 0, "block_size": 16}
     assert graph["gptq_weights"] == {"fitted": 28, "left_to_rtn": 0}
@@ -99,7 +99,7 @@ def test_quantize_aware_trains_on_the_blocks_and_the_export_stores_them(tiny_dir
     np.testing.assert_allclose(dequantize(q, scales, zeros, 16)[:, :weights["model.layers.0.self_attn.q_proj"].shape[1]],
                                weights["model.layers.0.self_attn.q_proj"].numpy(), atol=1e-6)
     plain = export(load_model(str(tiny_dirs["llama"])), ExportConfig(check_lengths=[8, 32]), tmp_path / "plain",
-                   quantize=QuantizeConfig("int4", block_size=16, accuracy_level=1))
+                   quantize=method_config("int4", block_size=16, accuracy_level=1))
     assert "trained_grid" not in plain.metrics["graph"]
     # dequantized from the graph, every trained projection (not only the one above) is the checkpoint's
     dequantized = [dequantize(np.stack([b & 0x0F, b >> 4], -1).reshape(b.shape[0], -1), sc,
@@ -158,15 +158,15 @@ def test_an_export_keeps_trained_blocks_out_of_int8_and_refuses_what_would_round
         for w in _projections(loaded.model).values():
             w.copy_(round_to_nearest(w, 16))
     rec = export(loaded, ExportConfig(check_lengths=[8]), tmp_path / "share",
-                 quantize=QuantizeConfig("int4", block_size=16, int8_share=0.3, accuracy_level=1))
+                 quantize=method_config("int4", block_size=16, int8_share=0.3, accuracy_level=1))
     graph = rec.metrics["graph"]
     assert graph["int8_block_matmuls"] == 0 and graph["trained_grid"]["weights"] == 28
     assert graph["calibration"]["int8_projections"]["count"] == 0
     with pytest.raises(ConfigError, match="--int4-method hqq would fit again"):
         export(loaded, ExportConfig(check_lengths=[8]), tmp_path / "hqq",
-               quantize=QuantizeConfig("int4", block_size=16, int4_method="hqq"))
+               quantize=method_config("int4", block_size=16, int4_method="hqq"))
     with pytest.raises(ConfigError, match="trained for int4 blocks of 16.*--block-size 16"):
-        export(loaded, ExportConfig(check_lengths=[8]), tmp_path / "b32", quantize=QuantizeConfig("int4", block_size=32))
+        export(loaded, ExportConfig(check_lengths=[8]), tmp_path / "b32", quantize=method_config("int4", block_size=32))
     assert not (tmp_path / "hqq").exists() and not (tmp_path / "b32").exists()
 
 
@@ -174,8 +174,8 @@ def test_embedding_bits_trains_the_tables_on_the_exports_blocks(tiny_dirs, data_
     """--embedding-bits 4 on a tiny BERT (no --quantize-aware): the checkpoint's tables are their
     own symmetric 4-bit blocks (`tables.quantize_rows` gives them back unchanged: the export stores
     what was trained), its projections are left in float, and `round_rows` is `quantize_rows`."""
-    from compressor.quantization.aware import round_rows
-    from compressor.quantization.tables import quantize_rows
+    from compressor.grids.aware import round_rows
+    from compressor.grids.rows import quantize_rows
 
     torch.manual_seed(0)
     rows = torch.randn(10, 48)
@@ -203,7 +203,7 @@ def test_int8_aware_rounds_inputs_as_dynamic_int8_does_and_weights_per_channel()
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from compressor.quantization.aware import fake_uint8, int8_channels
+    from compressor.grids.aware import fake_uint8, int8_channels
 
     graph = helper.make_graph(
         [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
@@ -236,7 +236,7 @@ def test_an_int8_aware_run_trains_on_int8_and_writes_its_rounded_weights(tiny_di
     is that checkpoint; the export checks; it cannot be combined with --quantize-aware."""
     from onnxruntime.quantization.quant_utils import quantize_data
 
-    from compressor.quantization.aware import int8_channels
+    from compressor.grids.aware import int8_channels
 
     student, record = finetune(load_model(tiny_dirs["bert"]), _config(tiny_dirs["bert"], data_file, quantize_aware=False,
                                                                       int8_aware=True, block_size=32),
@@ -253,7 +253,7 @@ def test_an_int8_aware_run_trains_on_int8_and_writes_its_rounded_weights(tiny_di
             assert zero == 0
             np.testing.assert_allclose(codes.astype(np.float32) * scale, expected.numpy(), rtol=1e-6, atol=1e-7)
     exported = export(saved, ExportConfig(check_lengths=[8, 32]), tmp_path / "onnx",
-                      quantize=QuantizeConfig("int8", per_channel=True))
+                      quantize=method_config("int8", per_channel=True))
     assert exported.metrics["check"]["mean_cosine"] >= 0.9
     with pytest.raises(ConfigError, match="choose one"):
         _config(tiny_dirs["bert"], data_file, int8_aware=True)

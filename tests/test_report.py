@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from cli.main import cli
 from compressor.export import ExportConfig, export
 from compressor.models import load_model
-from compressor.quantization import QuantizeConfig
+from compressor.quantization import method_config
 from compressor.sharing import ShareConfig, save_checkpoint, share
 
 
@@ -35,7 +35,7 @@ def labelled_csv(path, rows=60):
 def test_report_compares_variants_with_the_original_and_optimums_baselines(tiny_dirs, tmp_path):
     original = str(tiny_dirs["bert"])
     int8 = tmp_path / "int8"
-    export(load_model(original), ExportConfig(), int8, quantize=QuantizeConfig("int8"))
+    export(load_model(original), ExportConfig(), int8, quantize=method_config("int8"))
     shared, _ = share(load_model(original), ShareConfig(plan="0-1,2-3", fidelity=False))
     save_checkpoint(shared, tmp_path / "shared")
     data = labelled_csv(tmp_path / "reviews.csv")
@@ -118,7 +118,7 @@ def test_report_refuses_bad_input_and_writes_nothing(tiny_dirs, tmp_path):
 def test_report_scores_every_row_on_the_quality_suite(tiny_dirs, tmp_path):
     original = str(tiny_dirs["bert"])
     int8 = tmp_path / "int8"
-    export(load_model(original), ExportConfig(check_lengths=[8]), int8, quantize=QuantizeConfig("int8"))
+    export(load_model(original), ExportConfig(check_lengths=[8]), int8, quantize=method_config("int8"))
     tasks = f"{labelled_csv(tmp_path / 'a.csv')},{labelled_csv(tmp_path / 'b.csv', rows=80)}"
     out = tmp_path / "report"
     res = CliRunner().invoke(cli, [
@@ -190,7 +190,7 @@ def test_report_on_a_decoder_whose_tokenizer_has_no_pad_token(tmp_path):
     tokenizer.pad_token = None
     tokenizer.save_pretrained(folder)
     int8 = tmp_path / "int8"
-    export(load_model(folder), ExportConfig(check_lengths=[8]), int8, quantize=QuantizeConfig("int8"))
+    export(load_model(folder), ExportConfig(check_lengths=[8]), int8, quantize=method_config("int8"))
     out = tmp_path / "report"
     res = CliRunner().invoke(cli, [
         "report", str(int8), "-o", str(out), "--original", str(folder), "--repeats", "1", "--warmup", "1",

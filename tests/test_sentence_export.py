@@ -15,7 +15,7 @@ from cli.main import cli
 from compressor.export import ExportConfig, export
 from compressor.export.sentence import reference_embeddings
 from compressor.models import load_model
-from compressor.quantization import QuantizeConfig
+from compressor.quantization import method_config
 from compressor.sharing import ShareConfig, save_checkpoint, share
 
 TEXTS = ["The film is a joy from start to finish.", "A dull, lifeless script.",
@@ -76,11 +76,11 @@ def test_shared_encoder_export_runs_in_sentence_transformers_as_in_pytorch(tiny_
 def test_a_model_that_does_not_normalize_gets_no_normalize_module(tiny_dirs, tmp_path):
     out = tmp_path / "onnx"
     record = export(load_model(st_folder(tiny_dirs, tmp_path, pooling="mean", normalize=False)),
-                    ExportConfig(check_lengths=[8]), out, quantize=QuantizeConfig("int8"))
+                    ExportConfig(check_lengths=[8]), out, quantize=method_config("int8"))
     st = record.metrics["check"]["sentence_transformers"]
     assert st["modules"] == ["Transformer", "Pooling"] and not (out / "2_Normalize").exists()
     assert st["norm_max"] - st["norm_min"] > 1e-3  # norms are the model's own
-    assert st["needs"] == {"mean_cosine": QuantizeConfig("int8").min_cosine} and st["mean_cosine"] >= st["needs"]["mean_cosine"]
+    assert st["needs"] == {"mean_cosine": method_config("int8").min_cosine} and st["mean_cosine"] >= st["needs"]["mean_cosine"]
 
 
 def test_pooling_in_graph_outputs_the_sentence_embedding_in_plain_onnxruntime(tiny_dirs, tmp_path):
@@ -155,7 +155,7 @@ def test_optimized_export_fuses_attention_and_keeps_shared_weights_once(tiny_dir
     assert abs(fp32.params_after - plain.params_after) <= 2 * 1024  # the optimizer's odd constant aside
 
     int8 = export(compressed, ExportConfig(check_lengths=[8, 32], optimize=2), tmp_path / "int8",
-                  quantize=QuantizeConfig("int8"))
+                  quantize=method_config("int8"))
     graph = onnx.load(str(tmp_path / "int8" / "model.onnx"))
     ops = {n.op_type for n in graph.graph.node}
     assert "QAttention" in ops and "Attention" not in ops

@@ -1,5 +1,5 @@
 """Embedding tables and output heads as weight-only blocks in int4 exports
-(`compressor/quantization/tables.py`): a tied head and its table read one set of blocks, each
+(`compressor/onnx/tables.py`): a tied head and its table read one set of blocks, each
 operator computes exactly what the blocks dequantize to, and a tied decoder's int4 file stores the
 vocabulary matrix once."""
 
@@ -15,8 +15,9 @@ from compressor.errors import ConfigError
 from compressor.export import ExportConfig, export
 from compressor.models import load_model
 from compressor.models.stats import unique_parameters
-from compressor.quantization import QuantizeConfig
-from compressor.quantization.tables import block_quantize_tables, half_scales, quantize_rows, supported
+from compressor.quantization import method_config
+from compressor.grids.rows import half_scales, quantize_rows
+from compressor.onnx.tables import block_quantize_tables, supported
 
 pytestmark = pytest.mark.skipif(not supported(), reason="this onnxruntime's GatherBlockQuantized takes no uint8 blocks")
 
@@ -115,7 +116,7 @@ def test_a_tied_decoders_int4_file_stores_its_vocabulary_matrix_once(tiny_dirs, 
     sizes = {}
     for bits in (8, 4):
         record = export(loaded, ExportConfig(check_lengths=[8, 32]), tmp_path / str(bits),
-                        quantize=QuantizeConfig("int4", block_size=16, embedding_bits=bits))
+                        quantize=method_config("int4", block_size=16, embedding_bits=bits))
         m = record.metrics
         assert m["graph"]["tables"]["tied"] == 1 and m["check"]["mean_cosine"] >= 0.8
         assert m["stored_numbers"] <= unique * 1.01 + 1024  # the tied matrix once (it was unique + vocab x hidden)
@@ -137,7 +138,7 @@ def test_int8_with_4_bit_tables_is_smaller_and_still_checks_itself(optimize, tin
     records = {}
     for bits in (None, 4):
         records[bits] = export(loaded, ExportConfig(check_lengths=[8, 32], optimize=optimize), tmp_path / str(bits),
-                               quantize=QuantizeConfig("int8", embedding_bits=bits))
+                               quantize=method_config("int8", embedding_bits=bits))
     m = records[4].metrics
     assert m["graph"]["tables"]["tables"] == 3 and m["graph"]["tables"]["bits"] == 4  # words, positions, token types
     assert m["projections"]["float_on_weights"] == 0 and m["check"]["mean_cosine"] >= 0.9
@@ -151,10 +152,10 @@ def test_int8_with_4_bit_tables_is_smaller_and_still_checks_itself(optimize, tin
 
 def test_embedding_bits_are_checked():
     with pytest.raises(ConfigError, match="embedding-bits"):
-        QuantizeConfig("int4", embedding_bits=2)
+        method_config("int4", embedding_bits=2)
     with pytest.raises(ConfigError, match="embedding-bits"):
-        QuantizeConfig("fp16", embedding_bits=4)
-    assert QuantizeConfig("int4").embedding_bits is None  # int4 takes 8, int8 the quantizer's own tables
+        method_config("fp16", embedding_bits=4)
+    assert method_config("int4").embedding_bits is None  # int4 takes 8, int8 the quantizer's own tables
 
 
 def test_a_projection_shaped_like_a_table_is_no_head():
@@ -225,7 +226,7 @@ def test_hot_rows_keep_the_most_used_tokens_in_8_bits():
     """--embedding-hot-share: the most used 20% of the token table's rows in 8-bit blocks, the rest
     in 4; every lookup gives exactly the row its own table holds (hot rows within an 8-bit half
     step of the float row, 16x finer than 4 bits), and an unused row is never hot."""
-    from compressor.quantization.tables import dequantized_table, hot_row_order
+    from compressor.grids.rows import dequantized_table, hot_row_order
 
     model, table, _ = _lookup_and_head(tied=False)
     counts = np.zeros(VOCAB, np.int64)
@@ -256,7 +257,7 @@ def test_hot_rows_in_an_encoder_export_check_and_cost_less_than_an_8_bit_table(t
     sizes, records = {}, {}
     for name, bits, share in (("b4", 4, 0.0), ("hot", 4, 0.1), ("b8", 8, 0.0)):
         records[name] = export(loaded, ExportConfig(check_lengths=[8, 32]), tmp_path / name,
-                               quantize=QuantizeConfig("int8", embedding_bits=bits, embedding_hot_share=share))
+                               quantize=method_config("int8", embedding_bits=bits, embedding_hot_share=share))
         graph = onnx.load(str(tmp_path / name / "model.onnx"))
         sizes[name] = sum(len(t.raw_data) for t in graph.graph.initializer
                           if t.name.startswith("embeddings.word_embeddings.weight"))
@@ -277,8 +278,8 @@ def test_hot_rows_are_checked_and_refused_where_a_head_reads_the_table(tiny_dirs
     for bad in (dict(embedding_bits=4, embedding_hot_share=1.0), dict(embedding_bits=8, embedding_hot_share=0.1),
                 dict(embedding_hot_share=0.1), dict(embedding_bits=4, embedding_hot_share="0.1")):
         with pytest.raises(ConfigError, match="embedding-hot-share"):
-            QuantizeConfig("int8", **bad)
-    assert QuantizeConfig("int8", embedding_bits=4, embedding_hot_share=0.1, calibration="movie-snippets").calibration
+            method_config("int8", **bad)
+    assert method_config("int8", embedding_bits=4, embedding_hot_share=0.1, calibration="movie-snippets").calibration
     from click.testing import CliRunner
 
     from cli.main import cli
@@ -296,7 +297,7 @@ def test_searched_block_scales_round_what_was_rounded_to_itself_in_numpy_and_tor
     so a table trained on its blocks is stored as trained; torch's rounding is numpy's."""
     import torch
 
-    from compressor.quantization.aware import round_rows
+    from compressor.grids.aware import round_rows
 
     rng = np.random.default_rng(bits)
     rows = rng.standard_t(3, (64, 64)).astype(np.float32)  # heavy tails: clipped peaks

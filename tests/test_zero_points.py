@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compressor.onnx_graph import ZERO_POINT_OFFSET, weight_matmuls
-from compressor.quantization.zero_points import fold_float_zero_points
+from compressor.onnx.graph import ZERO_POINT_OFFSET, weight_matmuls
+from compressor.onnx.zero_points import fold_float_zero_points
 
 
 def _blocks(rng, n: int, k: int, block: int):

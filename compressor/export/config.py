@@ -48,7 +48,7 @@ class ExportConfig(TextFormat, StageConfig):
             fusion (optimum's O2); int8 quantizes the fused graph, not with int4 or int8-static.
             Decoders (onnxruntime's own optimizer; optimum's takes no Llama-style model): 1 RMSNorm
             (with the residual add) or LayerNorm fusion, 2 also rotary embeddings and each
-            layer's attention as ``GroupQueryAttention`` in optimum's cache layout (`attention.py`);
+            layer's attention as ``GroupQueryAttention`` in optimum's cache layout;
             int8 or int4 quantize the fused graph. Shared weights stay stored
             once (the fusions' copies are merged); the export is checked on the optimized graph.
     """

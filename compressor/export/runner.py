@@ -1,7 +1,8 @@
 """The export stage on folders: a model in, an ONNX folder optimum loads out.
 
 `compress export` and a recipe's ``export`` stage both run `run_export`; `quantize_config`
-turns the command's quantization flags into the options of the export's quantization.
+turns the flat options of a command or a recipe into the quantization method's config, the
+split read from the configs themselves (`quantization.config.method_option_specs`).
 """
 
 from __future__ import annotations
@@ -9,35 +10,36 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..config import flag, option_specs
+from ..config import TextFormat, flag, option_specs
 from ..errors import ConfigError
-from ..quantization.config import QuantizeConfig
+from ..quantization.config import QuantMethod, method_config, method_option_specs, methods
 from ..record import StageRecord
 from .config import ExportConfig
 
-#: QuantizeConfig fields that are not quantization options of their own (the mode picks one;
-#: the text format is the export's too).
-_NOT_QUANTIZATION = ("mode", "text_column", "encoding")
 
-
-def quantize_config(mode: str | None, values: dict[str, Any]) -> QuantizeConfig | None:
-    """The quantization of an export from ``mode`` (``None``: fp32) and the other
-    `QuantizeConfig` values in ``values``.
+def quantize_config(mode: str | None, values: dict[str, Any]) -> QuantMethod | None:
+    """The quantization of an export from ``mode`` (``None``: fp32) and the options in
+    ``values`` (a command's parsed flags: every method's options, each at its flat default when
+    not given; other keys are ignored).
 
     Raises:
-        ConfigError: a quantization option set away from its default without a mode (it would
-            be ignored), or a bad value.
+        ConfigError: an option given (away from its default) that the method does not take, or
+            any without a mode (it would be ignored); or a bad value.
     """
-    specs = [s for s in option_specs(QuantizeConfig) if s.name in values]
+    text = {s.name for s in option_specs(TextFormat)}
+    specs = [s for s in method_option_specs() if s.name in values and s.name != "mode"]
+    given = [s.name for s in specs if s.name not in text and values[s.name] != s.default]
     if mode is None:
-        given = [s.name for s in specs if s.name not in _NOT_QUANTIZATION and values[s.name] != s.default]
         if given:
             raise ConfigError(f"{', '.join(flag(n) for n in given)} apply to --quantize or --fp16", option=given[0])
         return None
-    return QuantizeConfig.from_dict({**{s.name: values[s.name] for s in specs}, "mode": mode})
+    own = {s.name for s in option_specs(methods()[mode])} if mode in methods() else set()
+    # the method's own options as given (or at their flat defaults), the others only where given:
+    # then the method refuses them by name
+    return method_config(mode, **{s.name: values[s.name] for s in specs if s.name in own or s.name in given})
 
 
-def run_export(model, config: ExportConfig, output: str | Path, *, quantize: QuantizeConfig | None = None,
+def run_export(model, config: ExportConfig, output: str | Path, *, quantize: QuantMethod | None = None,
                overwrite: bool = False, trust_remote_code: bool = False) -> StageRecord:
     """Export ``model`` (a `LoadedModel`, folder, hub id or alias) to ``output``, quantized if
     ``quantize`` is given; see `compressor.export.export`."""

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..onnx_graph import ZERO_POINT_OFFSET, attribute, drop_unused_initializers
+from .graph import ZERO_POINT_OFFSET, attribute, drop_unused_initializers
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 

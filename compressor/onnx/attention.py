@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..onnx_graph import attribute, consumers, drop_unused_initializers, read_values, runtime_schema
+from .graph import attribute, consumers, drop_unused_initializers, read_values, runtime_schema
 
 _MS = "com.microsoft"
 

@@ -96,7 +96,7 @@ def round_rows(rows: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
     rounded, clipped to the codes; what the export's ``GatherBlockQuantized`` and head
     ``MatMulNBits`` read back. A rounded block's scale is among those tried, so rounding what
     was rounded changes nothing."""
-    from .tables import scale_fractions
+    from .rows import scale_fractions
 
     half = 2 ** (bits - 1)
     n, k = rows.shape

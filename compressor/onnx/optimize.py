@@ -33,7 +33,7 @@ import onnx
 
 from ..errors import ExportError, first_line
 from ..io import quiet
-from ..onnx_graph import merge_identical_initializers, stored_elements
+from .graph import merge_identical_initializers, stored_elements
 
 #: The fused operators an optimized graph is described by.
 FUSED_OPS = ("Attention", "SkipLayerNormalization", "LayerNormalization", "BiasGelu", "FastGelu", "Gelu",
@@ -41,14 +41,16 @@ FUSED_OPS = ("Attention", "SkipLayerNormalization", "LayerNormalization", "BiasG
              "RotaryEmbedding", "GroupQueryAttention")
 
 
-def optimize_graph(folder: Path, level: int, file_name: str = "model.onnx") -> dict[str, Any]:
-    """Optimize ``folder/file_name`` in place at ``level`` (1 or 2) and merge the copies the
-    fusions made of shared weights.
+def optimize_graph(model: onnx.ModelProto, level: int, folder: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """An encoder's graph optimized at ``level`` (1 or 2) by optimum's ``ORTOptimizer``, and the
+    copies the fusions made of shared weights merged. ``folder`` holds the export's config.json
+    (which optimum reads); its optimizer's ``ort_config.json`` is written there.
 
     Returns:
-        ``{"level", "fused": {op: count}, "copies_merged", "numbers_merged"}``: the copies are
-        initializers with another's contents (the fused weights of shared layers, and the
-        optimizer's own repeated shape constants), the numbers what merging them saved.
+        The optimized model and ``{"level", "fused": {op: count}, "copies_merged",
+        "numbers_merged"}``: the copies are initializers with another's contents (the fused
+        weights of shared layers, and the optimizer's own repeated shape constants), the numbers
+        what merging them saved.
 
     Raises:
         ExportError: onnxruntime's optimizer cannot handle this model type.
@@ -56,31 +58,31 @@ def optimize_graph(folder: Path, level: int, file_name: str = "model.onnx") -> d
     from optimum.onnxruntime import ORTOptimizer
     from optimum.onnxruntime.configuration import OptimizationConfig
 
-    path = folder / file_name
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # optimum reads and writes files
+        tmp = Path(tmp)
+        onnx.save(model, str(tmp / "model.onnx"))
+        shutil.copy(folder / "config.json", tmp / "config.json")
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet("", "optimum", "onnxruntime"):
                 warnings.simplefilter("ignore")
-                optimizer = ORTOptimizer.from_pretrained(folder, file_names=[file_name])
-                optimizer.optimize(OptimizationConfig(optimization_level=level), save_dir=tmp)
+                optimizer = ORTOptimizer.from_pretrained(tmp, file_names=["model.onnx"])
+                optimizer.optimize(OptimizationConfig(optimization_level=level), save_dir=tmp / "out")
         except Exception as e:  # noqa: BLE001 - optimum's refusal of a model type, onnxruntime's of a graph
             raise ExportError(f"onnxruntime's graph optimizer (level {level}) cannot optimize this model: "
                               f"{first_line(e)}") from None
-        optimized = next(Path(tmp).glob("*_optimized.onnx"))
-        model = onnx.load(str(optimized))
-        before = stored_elements(model)
-        merged = merge_identical_initializers(model)
-        onnx.save(model, str(path))
-        if (Path(tmp) / "ort_config.json").is_file():
-            shutil.move(Path(tmp) / "ort_config.json", folder / "ort_config.json")
-    return _described(model, level, merged, before)
+        model = onnx.load(str(next((tmp / "out").glob("*_optimized.onnx"))))
+        if (tmp / "out" / "ort_config.json").is_file():
+            shutil.move(tmp / "out" / "ort_config.json", folder / "ort_config.json")
+    before = stored_elements(model)
+    merged = merge_identical_initializers(model)
+    return model, _described(model, level, merged, before)
 
 
-def optimize_decoder_graph(folder: Path, level: int, model_type: str, positions: int | None,
-                           file_name: str = "model.onnx") -> dict[str, Any]:
-    """Fuse a decoder's normalizations (and, at level 2, its rotary embeddings and attention) in
-    ``folder/file_name`` in place with onnxruntime's optimizer, and merge the copies of shared
-    weights; what `optimize_graph` returns.
+def optimize_decoder_graph(model: onnx.ModelProto, level: int, model_type: str, positions: int | None,
+                           folder: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Fuse a decoder's normalizations (and, at level 2, its rotary embeddings and attention)
+    with onnxruntime's optimizer (which reads a file: it is written in a scratch folder inside
+    ``folder``), and merge the copies of shared weights; what `optimize_graph` returns.
 
     The rotary fusion stores cos/sin tables for 131,072 positions (34 MB at head size 64); they
     are cut to the model's ``positions``, which is exact for every position the model takes.
@@ -96,10 +98,12 @@ def optimize_decoder_graph(folder: Path, level: int, model_type: str, positions:
     options.enable_attention = False  # expects onnxruntime's own exports; ours is `attention.py`
     options.enable_embed_layer_norm = False  # would change the graph's inputs
     options.enable_rotary_embeddings = level >= 2
-    path = folder / file_name
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet("", "onnxruntime"):
+        with tempfile.TemporaryDirectory(dir=folder) as tmp, warnings.catch_warnings(), \
+                contextlib.redirect_stdout(io.StringIO()), quiet("", "onnxruntime"):
             warnings.simplefilter("ignore")
+            path = Path(tmp) / "model.onnx"
+            onnx.save(model, str(path))
             optimizer = optimize_model(str(path), model_type=kind, num_heads=0, hidden_size=0, opt_level=0,
                                        optimization_options=options)
     except Exception as e:  # noqa: BLE001 - onnxruntime's optimizer on a graph it does not know
@@ -114,8 +118,7 @@ def optimize_decoder_graph(folder: Path, level: int, model_type: str, positions:
         fuse_group_query_attention(model)
     before = stored_elements(model)
     merged = merge_identical_initializers(model)
-    onnx.save(model, str(path))
-    return _described(model, level, merged, before)
+    return model, _described(model, level, merged, before)
 
 
 def _cut_rotary_tables(model, positions: int) -> None:

@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..data.text import fit_length
+
 #: Nodes that multiply by a weight matrix (``Attention``: onnxruntime's fused attention, which
 #: holds the query, key and value projections as one weight).
 WEIGHT_OPS = ("MatMul", "Gemm", "Attention")
@@ -242,3 +244,57 @@ def weight_matmuls(model: onnx.ModelProto) -> dict[str, int]:
             qdq += 1
     return {"matmuls": sum(counts[op] for op in WEIGHT_OPS), "quantized": sum(counts[op] for op in QUANTIZED_OPS) + qdq,
             "on_weights": on_weights, "float_on_weights": float_on_weights}
+
+
+# ---- feeding a graph -------------------------------------------------------------------------
+
+
+def scoped_matmuls(model: onnx.ModelProto, scopes: tuple[str, ...]) -> list[str]:
+    """Names of the MatMul nodes inside the modules ``scopes`` (qualified PyTorch names;
+    `onnx_graph.in_scopes`)."""
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and in_scopes(n.name, scopes)]
+
+
+def model_inputs(tokenizer, texts: list[str], max_length: int, input_names, *, padding: bool | str = True) -> dict[str, np.ndarray]:
+    """The ONNX feed for ``texts`` (see `onnx_feed`)."""
+    enc = tokenizer(texts, truncation=True, max_length=fit_length(tokenizer, max_length), padding=padding, return_tensors="np")
+    return onnx_feed(enc, input_names)
+
+
+def graph_inputs(graph) -> dict[str, tuple[list[int | None], np.dtype]]:
+    """A graph's inputs: name -> (dims, a named or unknown dim as ``None``; numpy dtype)."""
+    from onnx import helper
+
+    inputs = {}
+    for value in graph.graph.input:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        inputs[value.name] = (dims, helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+    return inputs
+
+
+def onnx_feed(arrays, inputs) -> dict[str, np.ndarray]:
+    """The model's named inputs as int64 arrays from a tokenizer's output: token types filled
+    with zeros where the tokenizer gives none, position ids as optimum's ORTModelForCausalLM
+    computes them (counting real tokens only), and an empty KV cache for a decoder exported with
+    one (``past_key_values.*``: the prefill step).
+
+    Args:
+        arrays: The tokenizer's output.
+        inputs: The graph's input names, or `graph_inputs` (needed for a KV cache's shapes).
+    """
+    feed = {k: np.asarray(v, dtype=np.int64) for k, v in arrays.items() if k in inputs}
+    if "token_type_ids" in inputs and "token_type_ids" not in feed:
+        feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+    if "position_ids" in inputs:
+        mask = feed.get("attention_mask", np.ones_like(feed["input_ids"]))
+        feed["position_ids"] = np.where(mask == 0, 1, np.cumsum(mask, axis=-1) - 1).astype(np.int64)
+    for name in inputs:
+        if name.startswith("past_key_values."):
+            if not isinstance(inputs, dict):
+                raise ValueError(f"{name}: give graph_inputs(graph) to feed a KV cache")
+            dims, dtype = inputs[name]
+            # (batch, key/value heads, past length 0, head dim)
+            shape = [feed["input_ids"].shape[0], dims[1] or 1, 0, dims[3] or 1]
+            feed[name] = np.zeros(shape, dtype=dtype)
+    return feed

@@ -36,8 +36,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..onnx_graph import consumers as readers
-from ..onnx_graph import in_scopes, initializers
+from .graph import consumers as readers
+from .graph import in_scopes, initializers
 
 #: The zero point every row is rounded around (uint8: codes 1..255 for -127..127 steps).
 ZERO_POINT = 128
