@@ -45,7 +45,8 @@ def main() -> None:
     from compressor.evaluation.probe import embed, probe_accuracy
     from compressor.finetune import FinetuneConfig, finetune
     from compressor.models import load_model
-    from compressor.sharing import ShareConfig, share
+    from compressor.pipeline.compose import share  # --groups K: plans with the analysis first
+    from compressor.sharing import ShareConfig
 
     texts, labels = load_labelled("movie-snippets")
     tr_x, tr_y, te_x, te_y = train_test_split(texts, labels, 4000, 2000, seed=0)

@@ -36,7 +36,8 @@ def build(name: str, out: Path, minutes: float | None) -> dict:
     from compressor.finetune import FinetuneConfig, finetune
     from compressor.models import load_model
     from compressor.pruning import PruneConfig, prune
-    from compressor.sharing import ShareConfig, share
+    from compressor.pipeline.compose import share  # --groups K: plans with the analysis first
+    from compressor.sharing import ShareConfig
 
     recipe, ft_options = VARIANTS[name]
     ft_options = dict(ft_options)
