@@ -3,7 +3,7 @@
 Stages are functions ``model, record = stage(model, config)`` in the subpackages
 (`compressor.analysis`, `compressor.sharing`, ...), each with a runner on folders
 (``runner.py``) that the CLI and recipes share. They stand on a small core (errors, io,
-config, record, hub, onnx_graph, adapters, models, data) that imports no stage; `report` and
+config, record, hub, onnx, grids, adapters, models, data) that imports no stage; `report` and
 `pipeline` run the stages. `tests/test_layout.py` keeps it so. Importing this package is cheap:
 torch and transformers load only when a model does.
 """

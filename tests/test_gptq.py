@@ -1,4 +1,4 @@
-"""GPTQ int4 (`compressor/quantization/gptq.py`): the fitted blocks beat round-to-nearest on the
+"""GPTQ int4 (`compressor/grids/gptq.py`): the fitted blocks beat round-to-nearest on the
 output error they minimize, onnxruntime's MatMulNBits runs them exactly as they dequantize, and an
 export with ``--int4-method gptq`` stores exactly those blocks, shared weights once."""
 

@@ -169,3 +169,46 @@ def test_help_imports_no_torch():
             "CliRunner().invoke(cli, ['--help']); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+#: Calls that rewrite an ONNX graph: building nodes or attributes, or editing a graph's lists.
+_GRAPH_BUILDERS = {"make_node", "make_attribute", "make_opsetid", "make_graph", "make_model", "CopyFrom"}
+_GRAPH_LISTS = {"node", "initializer", "opset_import", "attribute", "input", "output"}
+
+
+def graph_rewrites(path: Path) -> list[tuple[int, str]]:
+    """``(line, what)`` for every ONNX graph rewrite in ``path``: a node, attribute or model
+    built, a tensor copied over, a graph's node / initializer / opset list edited or cut."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            attr, owner = node.func.attr, node.func.value
+            if attr in _GRAPH_BUILDERS:
+                found.append((node.lineno, attr))
+            elif attr in {"append", "extend", "insert", "remove", "pop"} and isinstance(owner, ast.Attribute) \
+                    and owner.attr in _GRAPH_LISTS and isinstance(owner.value, ast.Attribute | ast.Name) \
+                    and (getattr(owner.value, "attr", None) == "graph" or owner.attr == "attribute"):
+                found.append((node.lineno, f"{owner.attr}.{attr}"))
+        elif isinstance(node, ast.Delete):
+            for target in node.targets:
+                if isinstance(target, ast.Subscript) and isinstance(target.value, ast.Attribute) \
+                        and target.value.attr in _GRAPH_LISTS:
+                    found.append((node.lineno, f"del {target.value.attr}[...]"))
+    return sorted(found)
+
+
+def test_onnx_graph_passes_live_in_compressor_onnx():
+    """Every rewrite of an exported graph is a pass in `compressor.onnx` (one home, each tested
+    there); stages call passes, they do not edit graphs themselves."""
+    outside = [f"{path.relative_to(ROOT.parent)}:{line} {what}" for path in ROOT.rglob("*.py")
+               if "onnx" not in path.relative_to(ROOT).parts[:1] for line, what in graph_rewrites(path)]
+    assert not outside, outside
+
+
+def test_the_graph_rewrite_finder_finds_rewrites(tmp_path):
+    code = tmp_path / "m.py"
+    code.write_text("import onnx\ndef f(model, node):\n    model.graph.node.insert(0, node)\n"
+                    "    node.attribute.append(onnx.helper.make_attribute('a', 1))\n    del model.graph.initializer[:]\n"
+                    "    items = []\n    items.append(1)\n")
+    assert graph_rewrites(code) == [(3, "node.insert"), (4, "attribute.append"), (4, "make_attribute"),
+                                    (5, "del initializer[...]")]

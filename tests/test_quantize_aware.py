@@ -1,4 +1,4 @@
-"""Quantization-aware fine-tuning (`compressor/quantization/aware.py`, ``finetune
+"""Quantization-aware fine-tuning (`compressor/grids/aware.py`, ``finetune
 --quantize-aware``): the student trains on its int4 blocks, the checkpoint is those blocks, and an
 int4 export stores them as they are, so the ONNX file computes what the PyTorch checkpoint does."""
 

@@ -13,29 +13,43 @@ def export_summary_rows(record) -> list[tuple[str, str]]:
         ("stored numbers", f"{record.params_after:,} for {record.params_before:,} unique parameters"),
         ("projections", f"{proj['on_weights']} on weights, {proj['on_weights'] - proj['float_on_weights']} of them quantized"),
     ]
-    trained = m["graph"].get("trained_grid")
+    rows += _graph_rows(m["graph"]) + _check_rows(m, check)
+    rows.append(("time", f"{record.seconds:.1f} s"))
+    return rows
+
+
+def _graph_rows(graph: dict) -> list[tuple[str, str]]:
+    """What the passes and the quantization did to the graph, where it says anything."""
+    rows = []
+    trained = graph.get("trained_grid")
     if trained:
         off = f"; {trained['off_grid']} off it rounded" if trained.get("off_grid") else ""
         rows.append(("int4 blocks", f"{trained['weights']} weights already on their int4 grid (blocks of "
                                     f"{trained['block_size']}, a --quantize-aware fine-tune's): stored as they are{off}"))
-    tables = m["graph"].get("tables")
+    tables = graph.get("tables")
     if tables and tables.get("tables"):
         hot = (f"; the {tables['hot_rows']:,} most used token rows in 8 bits ({tables['hot_tokens_read']:.0%} of the "
                f"tokens of {tables['hot_rows_counted_on']})" if tables.get("hot_rows") else "")
         rows.append(("embeddings", f"{tables['tables']} table{'s' * (tables['tables'] != 1)} as {tables['bits']}-bit "
                                    f"blocks of {tables['block_size']}{hot}"))
-    per_token = m["graph"].get("per_token_inputs")
+    per_token = graph.get("per_token_inputs")
     if per_token is not None:
-        which = " (the FFN down-projections')" if m["graph"].get("per_token") == "ffn-down" else ""
+        which = " (the FFN down-projections')" if graph.get("per_token") == "ffn-down" else ""
         rows.append(("activations", f"int8 with a range per token at {per_token} projection input"
                                     f"{'s' * (per_token != 1)}{which}" if per_token else
                                     "int8 with one range per tensor: no projection input could take one per token"))
-    optimized = m["graph"].get("optimized")
+    optimized = graph.get("optimized")
     if optimized:
         fused = ", ".join(f"{n} {op}" for op, n in optimized["fused"].items()) or "nothing fused"
         rows.append(("optimized", f"onnxruntime level {optimized['level']}: {fused}; "
                                   f"{optimized['copies_merged']} identical initializers stored once "
                                   f"({optimized['numbers_merged']:,} numbers saved)"))
+    return rows
+
+
+def _check_rows(m: dict, check: dict) -> list[tuple[str, str]]:
+    """The export's checks, each threshold beside the number it applies to."""
+    rows = []
     lengths = ", ".join(str(b["length"]) for b in check["batches"])
     # a record only exists for an export that passed (a failing one raises), but the line says
     # so in words, with each threshold beside the number it applies to
@@ -64,7 +78,6 @@ def export_summary_rows(record) -> list[tuple[str, str]]:
         rows.append(("generation check", f"greedy, {generation['new_tokens']} new tokens with the KV cache, "
                                          f"{generation['prompts']} prompts: {generation['token_agreement']:.0%} of "
                                          f"tokens as PyTorch's ({'passed' if generation['passed'] else 'failed'})"))
-    rows.append(("time", f"{record.seconds:.1f} s"))
     return rows
 
 

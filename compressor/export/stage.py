@@ -198,7 +198,8 @@ def graph_passes(graph: onnx.ModelProto, folder: Path, job: _Job, input_names: l
         with quiet("", "optimum"):  # onnxruntime's advice to pre-process goes to the root logger
             graph, done = quantize_graph(graph, quantize, context)
     else:
-        done = {"identity_inlined": inline_identity_weights(graph)}
+        graph, inlined = inline_identity_weights(graph)
+        done = {"identity_inlined": inlined}
     if tied is not None:
         done["tied_head_stored_once"] = tied
     if optimized is not None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..config import StageConfig, TextOptions, check_block_size, check_choice, check_int, check_positive, choice
 from ..errors import ConfigError
-from ..evaluation.suite import SUITE_TASKS, SuiteConfig
+from ..data.suite import SUITE_TASKS, SuiteConfig
 
 #: The options that choose the texts ``holdout`` ``suite`` leaves out.
 SUITE_KEYS = ("suite_tasks", "suite_train_size", "suite_test_size")
@@ -61,15 +61,15 @@ class FinetuneConfig(TextOptions, StageConfig):
         quantize_aware: Train for an int4 export (``compress export --quantize int4``): every
             step computes on the projections rounded to int4 blocks of ``block_size`` and updates
             the float weights behind them (straight-through estimator); the checkpoint holds the
-            rounded weights, which the export stores as they are (`quantization.aware`).
+            rounded weights, which the export stores as they are.
         int8_aware: Train for an int8 export (``compress export --quantize int8 --per-channel``):
             every step computes each projection on its weight rounded to int8 with a scale per
             output channel and on its input rounded as dynamic int8 rounds it at run time
-            (uint8, one scale for the whole tensor), updating the float weights behind them
-            (`quantization.aware`); the checkpoint keeps the float projections, which the
+            (uint8, one scale for the whole tensor), updating the float weights behind them;
+            the checkpoint keeps the float projections, which the
             export rounds as training did. The output head stays float in training (an int8
-            export rounds a decoder's head too). On the demo's MiniLM 200 steps of it gained
-            nothing over 200 float steps (reports/demo/levers.md).
+            export rounds a decoder's head too). Try it when an int8 export loses more than
+            the float checkpoint does; compare with as many float steps (docs/finetune.md).
         embedding_bits: Train for an export's ``--embedding-bits`` tables (4 or 8): every step
             computes on the embedding tables rounded to the export's symmetric blocks of
             ``block_size`` (a scale per block) and updates the float tables behind them; the

@@ -259,7 +259,7 @@ class _Run:
     start_time: float  # the run's seconds include loading; its time budget does not
     teacher_tokenizer: object
     vocab_map: torch.Tensor | None  # teacher id of each student id after a vocabulary cut, else None
-    aware: object | None = None  # quantization.aware.QuantizationAware with --quantize-aware
+    aware: object | None = None  # grids.aware.QuantizationAware with --quantize-aware
 
     def record(self, reason: str) -> StageRecord:
         """The stage record as it stands: steps, losses, seconds per step, why it stopped."""

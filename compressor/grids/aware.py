@@ -12,7 +12,7 @@ zero points), recomputed from the float weights at every step, so the rounding t
 learns is the rounding the export applies.
 
 ``--embedding-bits`` does the same for the embedding tables, on the export's symmetric blocks
-(`tables.quantize_rows`): on a small encoder the vocabulary matrix is half the file, and its
+(`rows.quantize_rows`): on a small encoder the vocabulary matrix is half the file, and its
 4-bit blocks cost the demo's MiniLM more of its neighbours than int8 of all its projections.
 
 ``--int8-aware`` does it for an int8 export (onnxruntime's dynamic int8, which the demo ships):
@@ -90,8 +90,8 @@ def table_weights(model: torch.nn.Module, block_size: int) -> list[torch.nn.Para
 
 
 def round_rows(rows: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
-    """`tables.quantize_rows`' symmetric blocks in torch: each block of ``block_size`` along a
-    row on the scale of `tables.scale_fractions` x (its largest magnitude over
+    """`rows.quantize_rows`' symmetric blocks in torch: each block of ``block_size`` along a
+    row on the scale of `rows.scale_fractions` x (its largest magnitude over
     ``2^(bits-1) - 1``) that leaves the least squared error (summed in float64, as there),
     rounded, clipped to the codes; what the export's ``GatherBlockQuantized`` and head
     ``MatMulNBits`` read back. A rounded block's scale is among those tried, so rounding what
@@ -106,7 +106,7 @@ def round_rows(rows: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
     tiny, top = torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max
     scales, error = torch.ones_like(base), torch.full(base.shape, torch.inf, dtype=torch.float64)
     for fraction in scale_fractions(bits):
-        s = (base * fraction).clamp(tiny, top).half().float()  # as float16 holds them (`tables.half_scales`)
+        s = (base * fraction).clamp(tiny, top).half().float()  # as float16 holds them (`rows.half_scales`)
         # in place: this runs on every step of a table-aware fine-tune
         diff = torch.div(blocks, s[..., None]).round_().clamp_(-half, half - 1).mul_(s[..., None]).sub_(blocks)
         e = diff.double().square_().sum(-1)

@@ -33,7 +33,7 @@ from .graph import attribute, consumers, drop_unused_initializers, read_values, 
 _MS = "com.microsoft"
 
 
-def fuse_group_query_attention(model: onnx.ModelProto) -> int:
+def fuse_group_query_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Replace each layer's attention in ``model`` (in place) by ``GroupQueryAttention``.
 
     Returns:
@@ -41,14 +41,14 @@ def fuse_group_query_attention(model: onnx.ModelProto) -> int:
     """
     names = {i.name for i in model.graph.input}
     if not {"attention_mask", "input_ids"} <= names or not _runtime_takes_it():
-        return 0
+        return model, 0
     graph = _Graph(model)
     if any(name.startswith(_Sequence.prefix) for name in graph.producer):
-        return 0  # fused already
+        return model, 0  # fused already
     fused = [match for node in list(model.graph.node) if node.op_type == "Softmax"
              if (match := _match(graph, node)) is not None]
     if not fused:
-        return 0
+        return model, 0
     backup = onnx.ModelProto()
     backup.CopyFrom(model)
     seq = _Sequence(model, "attention_mask", "input_ids")
@@ -58,10 +58,10 @@ def fuse_group_query_attention(model: onnx.ModelProto) -> int:
         _drop_dead_nodes(model)
     except _Cycle:  # a value the fused attention writes is read before it (an unforeseen reader)
         model.CopyFrom(backup)
-        return 0
+        return model, 0
     if not any(op.domain == _MS for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(_MS, 1))
-    return len(fused)
+    return model, len(fused)
 
 
 #: GroupQueryAttention's inputs the fusion feeds: the mask as ``attention_bias`` and

@@ -47,7 +47,7 @@ def in_scopes(name: str, scopes: tuple[str, ...]) -> bool:
     return name.strip("/").replace("/", ".").startswith(tuple(f"{scope}." for scope in scopes))
 
 
-def inline_identity_weights(model: onnx.ModelProto) -> int:
+def inline_identity_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Feed consumers of ``Identity(initializer)`` from the initializer directly; drop the Identity.
 
     Returns the number of Identity nodes removed. Identities whose output is a graph output stay.
@@ -66,10 +66,10 @@ def inline_identity_weights(model: onnx.ModelProto) -> int:
                 node.input[i] = rename[name]
     for node in dropped:
         model.graph.node.remove(node)
-    return len(dropped)
+    return model, len(dropped)
 
 
-def merge_identical_initializers(model: onnx.ModelProto) -> int:
+def merge_identical_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Store initializers with identical contents (type, shape and bytes) once, every node reading
     the first. onnxruntime's attention fusion concatenates each layer's query, key and value
     weights into one new initializer per layer, so the layers of a shared group get copies of the
@@ -85,7 +85,7 @@ def merge_identical_initializers(model: onnx.ModelProto) -> int:
         else:
             first[key] = init.name
     if not rename:
-        return 0
+        return model, 0
     for node in model.graph.node:
         for i, name in enumerate(node.input):
             if name in rename:
@@ -93,10 +93,10 @@ def merge_identical_initializers(model: onnx.ModelProto) -> int:
     keep = [t for t in model.graph.initializer if t.name not in rename]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
-    return len(rename)
+    return model, len(rename)
 
 
-def gemm_to_matmul(model: onnx.ModelProto) -> int:
+def gemm_to_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Rewrite ``Gemm(x, W, b)`` on a weight initializer as ``MatMul(x, W) + b``.
 
     GPT-2's Conv1D exports as Gemm, which onnxruntime's dynamic quantizer does not handle; as a
@@ -132,7 +132,7 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
             model.graph.node.insert(index + offset, new)
         rewritten += 1
     drop_unused_initializers(model)
-    return rewritten
+    return model, rewritten
 
 
 def read_values(nodes) -> set[str]:
@@ -251,7 +251,7 @@ def weight_matmuls(model: onnx.ModelProto) -> dict[str, int]:
 
 def scoped_matmuls(model: onnx.ModelProto, scopes: tuple[str, ...]) -> list[str]:
     """Names of the MatMul nodes inside the modules ``scopes`` (qualified PyTorch names;
-    `onnx_graph.in_scopes`)."""
+    `in_scopes`)."""
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and in_scopes(n.name, scopes)]
 
 

@@ -48,7 +48,7 @@ def replace_blocks(model: onnx.ModelProto, blocks: dict[str, tuple[np.ndarray, .
             continue
         for name, array in zip(node.input[1:4], blocks[weight]):
             if tuple(inits[name].dims) != array.shape:
-                raise ValueError(f"the blocks for {weight} have shape {array.shape}, onnxruntime's "
+                raise ValueError(f"blocks for {weight} have shape {array.shape}, onnxruntime's "
                                  f"{tuple(inits[name].dims)}")
             inits[name].CopyFrom(numpy_helper.from_array(array, name))
         done.add(weight)

@@ -74,7 +74,7 @@ def optimize_graph(model: onnx.ModelProto, level: int, folder: Path) -> tuple[on
         if (tmp / "out" / "ort_config.json").is_file():
             shutil.move(tmp / "out" / "ort_config.json", folder / "ort_config.json")
     before = stored_elements(model)
-    merged = merge_identical_initializers(model)
+    model, merged = merge_identical_initializers(model)
     return model, _described(model, level, merged, before)
 
 
@@ -115,9 +115,9 @@ def optimize_decoder_graph(model: onnx.ModelProto, level: int, model_type: str, 
     if level >= 2:
         from .attention import fuse_group_query_attention
 
-        fuse_group_query_attention(model)
+        model, _ = fuse_group_query_attention(model)
     before = stored_elements(model)
-    merged = merge_identical_initializers(model)
+    model, merged = merge_identical_initializers(model)
     return model, _described(model, level, merged, before)
 
 

@@ -79,36 +79,19 @@ def _projections(node: onnx.NodeProto, consumers: dict, inits: dict, outputs: se
     return found
 
 
-def per_token_inputs(model: onnx.ModelProto, scopes: tuple[str, ...] | None = None) -> int:
+def per_token_inputs(model: onnx.ModelProto, scopes: tuple[str, ...] | None = None) -> tuple[onnx.ModelProto, int]:
     """Give every ``DynamicQuantizeLinear`` whose readers are all ``MatMulInteger`` products with
     a weight (an initializer) a range per row (per token) instead of one per tensor, in place;
     with ``scopes``, only those whose products all lie inside these modules (`in_scopes`).
     Returns how many inputs now have per-token ranges."""
     opset = _opset(model)
     if opset < 13:  # QuantizeLinear along an axis, Unsqueeze's axes as an input
-        return 0
-    inits = initializers(model)
-    nodes = list(model.graph.node)  # one set of node objects: the bookkeeping below keys on them
-    consumers = readers(nodes)
+        return model, 0
+    rewrite = _Rewrite(model, opset)
+    inits, consumers = rewrite.inits, readers(rewrite.nodes)
     outputs = {o.name for o in model.graph.output}
-    # a graph that already needs onnxruntime's contrib operators (fused attention, block tables)
-    # takes its MatMulIntegerToFloat too; one of standard operators only stays so
-    contrib = any(n.domain == "com.microsoft" for n in nodes)
-    replaced: dict[int, list[onnx.NodeProto]] = {}  # id(old node) -> the nodes in its place
-    removed: set[int] = set()
-    constants: dict[str, np.ndarray] = {}
-
-    def const(name: str, value: np.ndarray) -> str:
-        constants[name] = value
-        return name
-
-    def reduce(op: str, x: str, out: str) -> onnx.NodeProto:
-        if opset >= 18:
-            return helper.make_node(op, [x, const("per_token_axis1", np.array([1], np.int64))], [out], keepdims=0)
-        return helper.make_node(op, [x], [out], axes=[1], keepdims=0)
-
     done = 0
-    for node in nodes:
+    for node in rewrite.nodes:
         if node.op_type != "DynamicQuantizeLinear" or node.domain not in ("", "ai.onnx"):
             continue
         products = _projections(node, consumers, inits, outputs)
@@ -117,10 +100,45 @@ def per_token_inputs(model: onnx.ModelProto, scopes: tuple[str, ...] | None = No
         widths = {inits[m.input[1]].dims[0] for m, *_ in products}
         if len(widths) != 1:
             continue
-        k = widths.pop()
+        quantized, row_scale, lead = rewrite.rows(node, widths.pop())
+        for product in products:
+            rewrite.product(product, quantized, row_scale, lead)
+        done += 1
+    if done:
+        rewrite.write()
+    return model, done
+
+
+class _Rewrite:
+    """The nodes of one graph's per-token rewrite, written in place of the old ones at the end."""
+
+    def __init__(self, model: onnx.ModelProto, opset: int):
+        self.model, self.opset = model, opset
+        self.inits = initializers(model)
+        self.nodes = list(model.graph.node)  # one set of node objects: the bookkeeping keys on them
+        # a graph that already needs onnxruntime's contrib operators (fused attention, block
+        # tables) takes its MatMulIntegerToFloat too; one of standard operators only stays so
+        self.contrib = any(n.domain == "com.microsoft" for n in self.nodes)
+        self.replaced: dict[int, list[onnx.NodeProto]] = {}  # id(old node) -> the nodes in its place
+        self.removed: set[int] = set()
+        self.constants: dict[str, np.ndarray] = {}
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.constants[name] = value
+        return name
+
+    def reduce(self, op: str, x: str, out: str) -> onnx.NodeProto:
+        if self.opset >= 18:
+            return helper.make_node(op, [x, self.const("per_token_axis1", np.array([1], np.int64))], [out], keepdims=0)
+        return helper.make_node(op, [x], [out], axes=[1], keepdims=0)
+
+    def rows(self, node: onnx.NodeProto, k: int) -> tuple[str, str, str]:
+        """In place of ``node``: its input as rows of ``k``, each quantized symmetrically around
+        the zero point ``MatMulInteger`` takes; ``(quantized rows, 2-d row scales, leading shape)``."""
+        const, reduce = self.const, self.reduce
         x, tag = node.input[0], node.output[0]
         rows, scale, quantized = f"{tag}_rows", f"{tag}_row_scale", f"{tag}_per_token"
-        new = [
+        self.replaced[id(node)] = [
             helper.make_node("Reshape", [x, const(f"per_token_shape_{k}", np.array([-1, k], np.int64))], [rows]),
             reduce("ReduceMax", rows, f"{tag}_row_max"),
             reduce("ReduceMin", rows, f"{tag}_row_min"),
@@ -138,45 +156,45 @@ def per_token_inputs(model: onnx.ModelProto, scopes: tuple[str, ...] | None = No
             helper.make_node("Slice", [f"{tag}_shape", const("per_token_zero_i64", np.array([0], np.int64)),
                                        const("per_token_minus1", np.array([-1], np.int64))], [f"{tag}_lead"]),
         ]
-        replaced[id(node)] = new
-        for m, cast, mul, scale_mul, weight_scale in products:
-            n = inits[m.input[1]].dims[1]
-            zero = const("per_token_zero_point", np.array(ZERO_POINT, np.uint8))
-            out = mul.output[0]
-            if contrib:  # one kernel for the product and its weight scales, no int32 tensor between
-                b_zero = m.input[3] if len(m.input) > 3 else ""
-                product = helper.make_node(
-                    "MatMulIntegerToFloat", [quantized, m.input[1], const("per_token_one", np.array(1.0, np.float32)),
-                                             weight_scale, zero, b_zero], [f"{out}_per_token_rows"],
-                    name=f"{m.name}_per_token", domain="com.microsoft")
-                removed.update((id(m), id(cast)))
-                head = [product]
+        return quantized, f"{tag}_row_scale_2d", f"{tag}_lead"
+
+    def product(self, product: tuple, quantized: str, row_scale: str, lead: str) -> None:
+        """One product of the quantized rows with its weight, scaled by each row's scale after it
+        and reshaped back (one ``MatMulIntegerToFloat`` in a graph with contrib operators)."""
+        m, cast, mul, scale_mul, weight_scale = product
+        n = self.inits[m.input[1]].dims[1]
+        zero = self.const("per_token_zero_point", np.array(ZERO_POINT, np.uint8))
+        out = mul.output[0]
+        if self.contrib:  # one kernel for the product and its weight scales, no int32 tensor between
+            b_zero = m.input[3] if len(m.input) > 3 else ""
+            head = [helper.make_node(
+                "MatMulIntegerToFloat", [quantized, m.input[1], self.const("per_token_one", np.array(1.0, np.float32)),
+                                         weight_scale, zero, b_zero], [f"{out}_per_token_rows"],
+                name=f"{m.name}_per_token", domain="com.microsoft")]
+            self.removed.update((id(m), id(cast)))
+        else:
+            m.input[0] = quantized
+            if len(m.input) > 2:
+                m.input[2] = zero
             else:
-                m.input[0] = quantized
-                if len(m.input) > 2:
-                    m.input[2] = zero
-                else:
-                    m.input.append(zero)
-                mul.input[:] = [cast.output[0], weight_scale]
-                mul.output[0] = f"{out}_per_token_rows"
-                head = [mul]
-            replaced[id(mul)] = head + [
-                helper.make_node("Mul", [f"{out}_per_token_rows", f"{tag}_row_scale_2d"], [f"{out}_per_token_scaled"]),
-                helper.make_node("Concat", [f"{tag}_lead", const(f"per_token_width_{n}", np.array([n], np.int64))],
-                                 [f"{out}_per_token_shape"], axis=0),
-                helper.make_node("Reshape", [f"{out}_per_token_scaled", f"{out}_per_token_shape"], [out]),
-            ]
-            removed.add(id(scale_mul))
-        done += 1
-    if not done:
-        return 0
-    order = []
-    for node in nodes:
-        if id(node) in removed:
-            continue
-        order += replaced.get(id(node), [node])
-    del model.graph.node[:]
-    model.graph.node.extend(order)
-    model.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in constants.items()
-                                   if name not in inits)
-    return done
+                m.input.append(zero)
+            mul.input[:] = [cast.output[0], weight_scale]
+            mul.output[0] = f"{out}_per_token_rows"
+            head = [mul]
+        self.replaced[id(mul)] = head + [
+            helper.make_node("Mul", [f"{out}_per_token_rows", row_scale], [f"{out}_per_token_scaled"]),
+            helper.make_node("Concat", [lead, self.const(f"per_token_width_{n}", np.array([n], np.int64))],
+                             [f"{out}_per_token_shape"], axis=0),
+            helper.make_node("Reshape", [f"{out}_per_token_scaled", f"{out}_per_token_shape"], [out]),
+        ]
+        self.removed.add(id(scale_mul))
+
+    def write(self) -> None:
+        order = []
+        for node in self.nodes:
+            if id(node) not in self.removed:
+                order += self.replaced.get(id(node), [node])
+        del self.model.graph.node[:]
+        self.model.graph.node.extend(order)
+        self.model.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in self.constants.items()
+                                            if name not in self.inits)

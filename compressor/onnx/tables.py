@@ -48,7 +48,7 @@ def supported() -> bool:
 
 def block_quantize_tables(model: onnx.ModelProto, *, bits: int, block_size: int, accuracy_level: int,
                           heads: set[str] | None = None, row_counts: np.ndarray | None = None,
-                          hot_share: float = 0.0, ids_input: str = "input_ids") -> dict[str, Any]:
+                          hot_share: float = 0.0, ids_input: str = "input_ids") -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Store ``model``'s embedding tables and output heads as ``bits``-bit blocks, in place.
 
     Args:
@@ -72,24 +72,57 @@ def block_quantize_tables(model: onnx.ModelProto, *, bits: int, block_size: int,
     Returns what was done: tables, lookups, heads and tied pairs stored as blocks, and the hot
     rows kept.
     """
-    inits = {t.name: t for t in model.graph.initializer}
-    floats = onnx.TensorProto.FLOAT
+    blocks = _Blocks(model, bits, block_size)
+    tables, head_nodes, table_of = _replaceable(model, blocks, heads)
+    replaced, tied = {}, 0  # a replaced node's first output -> the nodes in its place
+    for head in head_nodes:
+        rows_of = table_of.get(head.input[1])
+        tied += rows_of is not None
+        blob, scale, n, k = blocks.stored_for(rows_of, False) if rows_of else blocks.stored_for(head.input[1], True)
+        replaced[head.output[0]] = [helper.make_node(
+            "MatMulNBits", [head.input[0], blob, scale], list(head.output), name=f"{head.name}_Q{bits}",
+            domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level)]
+    headless = {g.input[0] for g in tables} - {table_of.get(n.input[1]) for n in head_nodes}  # tables no head reads
+    hot_table, hot_rows, counts = None, None, None
+    if hot_share and row_counts is not None and bits < 8:
+        token_tables = {g.input[0] for g in tables if g.input[1] == ids_input and g.input[0] in headless}
+        if len(token_tables) == 1:
+            hot_table = next(iter(token_tables))
+            counts = np.zeros(blocks.inits[hot_table].dims[0], dtype=np.int64)
+            used = np.asarray(row_counts)[: len(counts)]
+            counts[: len(used)] = used
+            hot_rows = hot_row_order(counts, hot_share)
+            hot_table = hot_table if len(hot_rows) else None
+    for table in tables:
+        name = table.input[0]
+        if name == hot_table:
+            nodes, k = blocks.hot_lookup(table, hot_rows)
+        else:
+            nodes, k = blocks.lookup(table, lookup_only=name in headless)
+        replaced[table.output[0]] = nodes + blocks.reshaped(table, k)
+    if not replaced:
+        return model, {}
+    blocks.write(replaced)
+    return model, {"bits": bits, "block_size": block_size, "tables": len({t.input[0] for t in tables}),
+                   "lookups": len(tables), "heads": len(head_nodes), "tied": tied,
+                   "stored_matrices": len(blocks.stored) + len(blocks.split),
+                   **({"hot_rows": blocks.split[hot_table][3], "hot_bits": 8,
+                       "hot_tokens_read": float(counts[hot_rows].sum() / max(1, counts.sum()))} if blocks.split else {}),
+                   "operators": dict(Counter(n.op_type for ns in replaced.values() for n in ns
+                                             if n.op_type in ("MatMulNBits", "GatherBlockQuantized")))}
+
+
+def _replaceable(model: onnx.ModelProto, blocks: _Blocks, heads: set[str] | None):
+    """The lookups and heads to store as blocks: ``(table Gathers, head MatMuls, tied head weight
+    -> the table it is the transpose of)``. One initializer both gathered and multiplied by is
+    left alone (its rows and its columns would need blocks of their own), and a weight is replaced
+    only when every node that reads it is: otherwise its float copy would stay beside the blocks."""
+    inits = blocks.inits
     # how many nodes read each value (a node's subgraphs included: such a reader is never replaced)
     readers = Counter(name for node in model.graph.node for name in read_values([node]))
-
-    def fits(name: str, hidden_axis: int) -> bool:
-        t = inits.get(name)
-        return t is not None and t.data_type == floats and len(t.dims) == 2 and t.dims[hidden_axis] % block_size == 0
-
-    gathers = [n for n in model.graph.node if n.op_type == "Gather" and attribute(n, "axis", 0) == 0 and fits(n.input[0], 1)]
-    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.output and fits(n.input[1], 0)]
-    arrays: dict[str, np.ndarray] = {}
-
-    def array(name: str) -> np.ndarray:
-        if name not in arrays:
-            arrays[name] = numpy_helper.to_array(inits[name])
-        return arrays[name]
-
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and attribute(n, "axis", 0) == 0
+               and blocks.fits(n.input[0], 1)]
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.output and blocks.fits(n.input[1], 0)]
     table_of = {}  # a tied head's weight -> the table it is the transpose of
     if heads is not None:
         shapes: dict[tuple, list[str]] = {}  # GPT-2's token and position tables can have one shape
@@ -99,12 +132,10 @@ def block_quantize_tables(model: onnx.ModelProto, *, bits: int, block_size: int,
         for node in matmuls:
             weight = node.input[1]
             for table in shapes.get(tuple(inits[weight].dims)[::-1], []):
-                if weight != table and weight not in table_of and np.array_equal(array(table), array(weight).T):
+                if weight != table and weight not in table_of and np.array_equal(blocks.array(table),
+                                                                                  blocks.array(weight).T):
                     table_of[weight] = table
     head_nodes = [n for n in matmuls if heads is not None and (n.name in heads or n.input[1] in table_of)]
-    # one initializer both gathered and multiplied by is left alone (its rows and its columns
-    # would need blocks of their own), and a weight is replaced only when every node that reads
-    # it is: otherwise its float copy would stay beside the blocks
     looked_up = {g.input[0] for g in gathers}
     head_nodes = [n for n in head_nodes if n.input[1] not in looked_up]
     users = Counter(g.input[0] for g in gathers) + Counter(n.input[1] for n in head_nodes)
@@ -113,123 +144,131 @@ def block_quantize_tables(model: onnx.ModelProto, *, bits: int, block_size: int,
     kept_tables = {g.input[0] for g in tables}
     head_nodes = [n for n in head_nodes if n.input[1] in whole and (n.input[1] not in table_of
                                                                      or table_of[n.input[1]] in kept_tables)]
+    return tables, head_nodes, table_of
 
-    # one set of blocks per distinct matrix, keyed by (initializer, whether its rows are the transpose)
-    stored: dict[tuple[str, bool], tuple[str, str, int, int]] = {}  # -> (blocks, scales, rows, hidden)
-    new_inits, replaced = [], {}  # a replaced node's first output -> the nodes in its place
-    tied = 0
 
-    def blocks_for(name: str, transposed: bool) -> tuple[str, str, int, int]:
+class _Blocks:
+    """The block tables being written into one graph: each distinct matrix's blocks stored once,
+    each stored scale's float32 3-d form made once, the new initializers in the order made."""
+
+    def __init__(self, model: onnx.ModelProto, bits: int, block_size: int):
+        self.model, self.bits, self.block_size = model, bits, block_size
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.arrays: dict[str, np.ndarray] = {}
+        self.new_inits: list = []
+        # (initializer, whether its rows are the transpose) -> (blocks, scales, rows, hidden)
+        self.stored: dict[tuple[str, bool], tuple[str, str, int, int]] = {}
+        self.split: dict[str, tuple] = {}  # the hot table -> (slots, hot blocks, cold blocks, hot count)
+        self.scales_3d: dict[str, str] = {}  # a stored scale -> its float32, 3-d form
+        self.scale_halved: dict[str, bool] = {}  # a stored scale -> kept as float16 behind a Cast
+
+    def fits(self, name: str, hidden_axis: int) -> bool:
+        t = self.inits.get(name)
+        return t is not None and t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 \
+            and t.dims[hidden_axis] % self.block_size == 0
+
+    def array(self, name: str) -> np.ndarray:
+        if name not in self.arrays:
+            self.arrays[name] = numpy_helper.to_array(self.inits[name])
+        return self.arrays[name]
+
+    def stored_for(self, name: str, transposed: bool) -> tuple[str, str, int, int]:
+        """The blocks of ``name`` (its transpose's rows for an untied head), made on first use."""
         key = (name, transposed)
-        if key not in stored:
-            rows = array(name).T if transposed else array(name)
-            codes, scales, _ = quantize_rows(rows, bits, block_size)
-            base = f"{name}_B{bits}{'T' if transposed else ''}"
-            new_inits.extend([numpy_helper.from_array(codes, base), numpy_helper.from_array(scales, f"{base}_scale")])
-            stored[key] = (base, f"{base}_scale", rows.shape[0], rows.shape[1])
-        return stored[key]
+        if key not in self.stored:
+            rows = self.array(name).T if transposed else self.array(name)
+            codes, scales, _ = quantize_rows(rows, self.bits, self.block_size)
+            base = f"{name}_B{self.bits}{'T' if transposed else ''}"
+            self.new_inits.extend([numpy_helper.from_array(codes, base),
+                                   numpy_helper.from_array(scales, f"{base}_scale")])
+            self.stored[key] = (base, f"{base}_scale", rows.shape[0], rows.shape[1])
+        return self.stored[key]
 
-    for head in head_nodes:
-        weight = head.input[1]
-        rows_of = table_of.get(weight)
-        tied += rows_of is not None
-        blob, scale, n, k = blocks_for(rows_of, False) if rows_of else blocks_for(weight, True)
-        replaced[head.output[0]] = [helper.make_node(
-            "MatMulNBits", [head.input[0], blob, scale], list(head.output), name=f"{head.name}_Q{bits}",
-            domain="com.microsoft", K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level)]
-    headless = kept_tables - {table_of.get(n.input[1]) for n in head_nodes}  # tables no head reads
-    hot_table = None
-    if hot_share and row_counts is not None and bits < 8:
-        token_tables = {g.input[0] for g in tables if g.input[1] == ids_input and g.input[0] in headless}
-        hot_table = next(iter(token_tables)) if len(token_tables) == 1 else None
-    if hot_table is not None:
-        counts = np.zeros(inits[hot_table].dims[0], dtype=np.int64)
-        used = np.asarray(row_counts)[: len(counts)]
-        counts[: len(used)] = used
-        hot_rows = hot_row_order(counts, hot_share)
-        hot_table = hot_table if len(hot_rows) else None
-    scales_done: dict[str, str] = {}  # a stored scale -> its float32, 3-d form (one Cast and Reshape each)
-
-    def scales_3d(scale: str, n: int, k: int) -> tuple[str, list]:
-        if scale in scales_done:
-            return scales_done[scale], []
+    def scale_input(self, scale: str, n: int, k: int) -> tuple[str, list]:
+        """A stored scale as GatherBlockQuantized reads it (float32, the blocks' rank; onnxruntime
+        folds the Cast and Reshape at load) and the nodes that make it, the first time."""
+        if scale in self.scales_3d:
+            return self.scales_3d[scale], []
         nodes, source = [], scale
-        if scale_halved.get(scale):
-            nodes.append(helper.make_node("Cast", [scale], [f"{scale}/float"], name=f"{scale}/float", to=floats))
+        if self.scale_halved.get(scale):
+            nodes.append(helper.make_node("Cast", [scale], [f"{scale}/float"], name=f"{scale}/float",
+                                          to=onnx.TensorProto.FLOAT))
             source = f"{scale}/float"
-        # GatherBlockQuantized's scales have the blocks' rank; onnxruntime folds this Reshape at load
-        new_inits.append(numpy_helper.from_array(np.array([n, k // block_size, 1], dtype=np.int64), f"{scale}/shape3"))
+        self.new_inits.append(numpy_helper.from_array(np.array([n, k // self.block_size, 1], dtype=np.int64),
+                                                      f"{scale}/shape3"))
         nodes.append(helper.make_node("Reshape", [source, f"{scale}/shape3"], [f"{scale}/3d"], name=f"{scale}/3d"))
-        scales_done[scale] = f"{scale}/3d"
-        return scales_done[scale], nodes
+        self.scales_3d[scale] = f"{scale}/3d"
+        return self.scales_3d[scale], nodes
 
-    scale_halved: dict[str, bool] = {}
-    split: dict[str, tuple] = {}  # the hot table -> (slots, hot blocks, cold blocks, hot count)
-    for table in tables:
-        name = table.input[0]
+    def lookup(self, table: onnx.NodeProto, lookup_only: bool) -> tuple[list, int]:
+        """The nodes of a lookup from one block table: ``(nodes up to the blocks, hidden size)``."""
+        blob, scale, n, k = self.stored_for(table.input[0], False)
+        self.scale_halved.setdefault(scale, lookup_only)
+        scale3, nodes = self.scale_input(scale, n, k)
+        nodes.append(helper.make_node("GatherBlockQuantized", [blob, table.input[1], scale3],
+                                      [f"{table.output[0]}/blocks"], name=f"{table.output[0]}_Q{self.bits}",
+                                      domain="com.microsoft", bits=self.bits, block_size=self.block_size,
+                                      gather_axis=0, quantize_axis=2))
+        return nodes, k
+
+    def hot_lookup(self, table: onnx.NodeProto, hot_rows: np.ndarray) -> tuple[list, int]:
+        """The nodes of a lookup from the hot (8-bit) and cold tables: each id's slot says which."""
+        name, base, bits = table.input[0], table.output[0], self.bits
+        if name not in self.split:
+            self.split[name] = _split_blocks(self.array(name), hot_rows, bits, self.block_size, name, self.new_inits)
+            for part in self.split[name][1:3]:
+                self.scale_halved[part[1]] = True
+        slots, hot, cold, _ = self.split[name]
+        k = hot[3]
+        hot_scale, nodes = self.scale_input(hot[1], hot[2], k)
+        cold_scale, more = self.scale_input(cold[1], cold[2], k)
+        nodes += more
+        slot, in_hot, first, rest, hot_q, cold_q = (f"{base}/{s}" for s in ("slot", "in_hot", "hot_id", "cold_id",
+                                                                              "hot_blocks", "cold_blocks"))
+        return nodes + [
+            helper.make_node("Gather", [slots, table.input[1]], [f"{slot}/stored"], name=f"{slot}/stored"),
+            helper.make_node("Cast", [f"{slot}/stored"], [slot], name=slot, to=onnx.TensorProto.INT32),
+            helper.make_node("Less", [slot, f"{slots}/hot"], [f"{in_hot}/ids"], name=f"{in_hot}/ids"),
+            helper.make_node("Unsqueeze", [f"{in_hot}/ids", f"{slots}/axes"], [in_hot], name=in_hot),
+            helper.make_node("Min", [slot, f"{slots}/last_hot"], [first], name=first),
+            helper.make_node("Sub", [slot, f"{slots}/hot"], [f"{rest}/shifted"], name=f"{rest}/shifted"),
+            helper.make_node("Max", [f"{rest}/shifted", f"{slots}/zero"], [rest], name=rest),
+            helper.make_node("GatherBlockQuantized", [hot[0], first, hot_scale], [hot_q], name=f"{base}_Q8",
+                             domain="com.microsoft", bits=8, block_size=self.block_size, gather_axis=0, quantize_axis=2),
+            helper.make_node("GatherBlockQuantized", [cold[0], rest, cold_scale], [cold_q], name=f"{base}_Q{bits}",
+                             domain="com.microsoft", bits=bits, block_size=self.block_size, gather_axis=0,
+                             quantize_axis=2),
+            helper.make_node("Where", [in_hot, hot_q, cold_q], [f"{base}/blocks"], name=f"{base}/blocks"),
+        ], k
+
+    def reshaped(self, table: onnx.NodeProto, k: int) -> list:
+        """The gathered blocks back in the lookup's own shape: (index shape..., hidden)."""
         base = table.output[0]
         names = {s: f"{base}/{s}" for s in ("index_shape", "out_shape", "blocks", "hidden")}
-        if name == hot_table:
-            if name not in split:
-                split[name] = _split_blocks(array(name), hot_rows, bits, block_size, name, new_inits)
-                for part in split[name][1:3]:
-                    scale_halved[part[1]] = True
-            slots, hot, cold, n_hot = split[name]
-            k = hot[3]
-            hot_scale, nodes = scales_3d(hot[1], hot[2], k)
-            cold_scale, more = scales_3d(cold[1], cold[2], k)
-            nodes += more
-            slot, in_hot, first, rest, hot_q, cold_q = (f"{base}/{s}" for s in ("slot", "in_hot", "hot_id", "cold_id",
-                                                                                  "hot_blocks", "cold_blocks"))
-            nodes += [
-                helper.make_node("Gather", [slots, table.input[1]], [f"{slot}/stored"], name=f"{slot}/stored"),
-                helper.make_node("Cast", [f"{slot}/stored"], [slot], name=slot, to=onnx.TensorProto.INT32),
-                helper.make_node("Less", [slot, f"{slots}/hot"], [f"{in_hot}/ids"], name=f"{in_hot}/ids"),
-                helper.make_node("Unsqueeze", [f"{in_hot}/ids", f"{slots}/axes"], [in_hot], name=in_hot),
-                helper.make_node("Min", [slot, f"{slots}/last_hot"], [first], name=first),
-                helper.make_node("Sub", [slot, f"{slots}/hot"], [f"{rest}/shifted"], name=f"{rest}/shifted"),
-                helper.make_node("Max", [f"{rest}/shifted", f"{slots}/zero"], [rest], name=rest),
-                helper.make_node("GatherBlockQuantized", [hot[0], first, hot_scale], [hot_q], name=f"{base}_Q8",
-                                 domain="com.microsoft", bits=8, block_size=block_size, gather_axis=0, quantize_axis=2),
-                helper.make_node("GatherBlockQuantized", [cold[0], rest, cold_scale], [cold_q], name=f"{base}_Q{bits}",
-                                 domain="com.microsoft", bits=bits, block_size=block_size, gather_axis=0, quantize_axis=2),
-                helper.make_node("Where", [in_hot, hot_q, cold_q], [names["blocks"]], name=names["blocks"]),
-            ]
-        else:
-            blob, scale, n, k = blocks_for(name, False)
-            scale_halved.setdefault(scale, name in headless)
-            scale3, nodes = scales_3d(scale, n, k)
-            nodes.append(helper.make_node("GatherBlockQuantized", [blob, table.input[1], scale3], [names["blocks"]],
-                                          name=f"{base}_Q{bits}", domain="com.microsoft", bits=bits,
-                                          block_size=block_size, gather_axis=0, quantize_axis=2))
-        new_inits.append(numpy_helper.from_array(np.array([k], dtype=np.int64), names["hidden"]))
-        replaced[table.output[0]] = nodes + [
+        self.new_inits.append(numpy_helper.from_array(np.array([k], dtype=np.int64), names["hidden"]))
+        return [
             helper.make_node("Shape", [table.input[1]], [names["index_shape"]], name=names["index_shape"]),
             helper.make_node("Concat", [names["index_shape"], names["hidden"]], [names["out_shape"]],
                              name=names["out_shape"], axis=0),
             helper.make_node("Reshape", [names["blocks"], names["out_shape"]], list(table.output), name=f"{base}/rows"),
         ]
-    if not replaced:
-        return {}
-    for init in new_inits:  # a lookup-only table's scales as float16, behind their Cast
-        if scale_halved.get(init.name):
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
-    nodes = []
-    for node in model.graph.node:
-        nodes.extend(replaced.get(node.output[0] if node.output else None, [node]))
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    model.graph.initializer.extend(new_inits)
-    drop_unused_initializers(model)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return {"bits": bits, "block_size": block_size, "tables": len({t.input[0] for t in tables}), "lookups": len(tables),
-            "heads": len(head_nodes), "tied": tied,
-            "stored_matrices": len(stored) + len(split),
-            **({"hot_rows": split[hot_table][3], "hot_bits": 8,
-                "hot_tokens_read": float(counts[hot_rows].sum() / max(1, counts.sum()))} if split else {}),
-            "operators": dict(Counter(n.op_type for ns in replaced.values() for n in ns
-                                      if n.op_type in ("MatMulNBits", "GatherBlockQuantized")))}
+
+    def write(self, replaced: dict[str, list]) -> None:
+        """The replaced nodes swapped for theirs, the new initializers added (a lookup-only
+        table's scales as float16, behind their Cast), the old ones no node reads dropped."""
+        model = self.model
+        for init in self.new_inits:
+            if self.scale_halved.get(init.name):
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+        nodes = []
+        for node in model.graph.node:
+            nodes.extend(replaced.get(node.output[0] if node.output else None, [node]))
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        model.graph.initializer.extend(self.new_inits)
+        drop_unused_initializers(model)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 def _split_blocks(rows: np.ndarray, hot: np.ndarray, bits: int, block_size: int, name: str, new_inits: list) -> tuple:

@@ -28,7 +28,7 @@ from .graph import ZERO_POINT_OFFSET, attribute, drop_unused_initializers
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 
-def fold_float_zero_points(model: onnx.ModelProto) -> int:
+def fold_float_zero_points(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Rewrite every ``MatMulNBits`` of ``model``'s main graph whose zero points are floats into
     the symmetric ``MatMulNBits`` plus a block-sum offset (module docstring); returns how many.
 
@@ -51,23 +51,10 @@ def fold_float_zero_points(model: onnx.ModelProto) -> int:
 
     for node in graph.node:
         nodes.append(node)
-        if node.op_type != "MatMulNBits" or len(node.input) < 4 or node.input[3] not in inits \
-                or node.input[2] not in inits:
+        found = _float_zero_point_offsets(node, inits)
+        if found is None:
             continue
-        zero = inits[node.input[3]]
-        # (blocks given by g_idx, or prepacked scales, are not contiguous blocks of K: left as they are)
-        if zero.data_type not in FLOAT_TYPES or (len(node.input) > 4 and node.input[4]) \
-                or attribute(node, "weight_prepacked", 0):
-            continue
-        k, n, bits, block = (attribute(node, "K"), attribute(node, "N"), attribute(node, "bits", 4),
-                             attribute(node, "block_size"))
-        blocks = -(-k // block)
-        scales = numpy_helper.to_array(inits[node.input[2]])
-        dtype = scales.dtype  # the input's type (zero points may be fp16 beside fp32 scales)
-        scales = scales.astype(np.float32).reshape(n, blocks)
-        zeros = numpy_helper.to_array(zero).astype(np.float32).reshape(n, blocks)
-        offsets = (scales * (2 ** (bits - 1) - zeros)).T.astype(dtype)  # (blocks, N)
-
+        k, block, blocks, dtype, offsets = found
         x = node.input[0]
         sums = block_sums.get((x, k, block))
         if sums is None:
@@ -101,4 +88,25 @@ def fold_float_zero_points(model: onnx.ModelProto) -> int:
         graph.node.extend(nodes)
         graph.initializer.extend(added)
         drop_unused_initializers(model)
-    return folded
+    return model, folded
+
+
+def _float_zero_point_offsets(node: onnx.NodeProto, inits: dict) -> tuple | None:
+    """For a MatMulNBits with float zero points over contiguous blocks of K: ``(K, block size,
+    blocks, dtype, the offsets (blocks, N))``; ``None`` for any other node."""
+    if node.op_type != "MatMulNBits" or len(node.input) < 4 or node.input[3] not in inits \
+            or node.input[2] not in inits:
+        return None
+    zero = inits[node.input[3]]
+    # (blocks given by g_idx, or prepacked scales, are not contiguous blocks of K: left as they are)
+    if zero.data_type not in FLOAT_TYPES or (len(node.input) > 4 and node.input[4]) \
+            or attribute(node, "weight_prepacked", 0):
+        return None
+    k, n, bits, block = (attribute(node, "K"), attribute(node, "N"), attribute(node, "bits", 4),
+                         attribute(node, "block_size"))
+    blocks = -(-k // block)
+    scales = numpy_helper.to_array(inits[node.input[2]])
+    dtype = scales.dtype  # the input's type (zero points may be fp16 beside fp32 scales)
+    scales = scales.astype(np.float32).reshape(n, blocks)
+    zeros = numpy_helper.to_array(zero).astype(np.float32).reshape(n, blocks)
+    return k, block, blocks, dtype, (scales * (2 ** (bits - 1) - zeros)).T.astype(dtype)  # (blocks, N)

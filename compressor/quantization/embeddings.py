@@ -38,7 +38,7 @@ def quantize_tables(model, config, bits: int, heads: set[str] | None = None, tok
         counts = token_counts(tokenizer, calibration_texts(config.calibration, text_column=config.text_column,
                                                            encoding=config.encoding), config.max_length)
     try:
-        done = block_quantize_tables(model, bits=bits, block_size=config.block_size,
+        _, done = block_quantize_tables(model, bits=bits, block_size=config.block_size,
                                      accuracy_level=config.accuracy_level, heads=heads, row_counts=counts,
                                      hot_share=config.embedding_hot_share)
     except Exception as e:  # noqa: BLE001  (whatever the graph holds that the rewrite did not expect)

@@ -209,6 +209,8 @@ def _matmul_nbits(model, config: Int4, plan, narrow: list[str], eight: list[str]
     offsets folded, the plan's blocks used or None)``."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    from ..grids.gptq import pack_matmul_nbits
+    from ..onnx.nbits import replace_blocks, set_accuracy_level
     from ..onnx.zero_points import fold_float_zero_points
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
@@ -225,12 +227,17 @@ def _matmul_nbits(model, config: Int4, plan, narrow: list[str], eight: list[str]
                                              is_symmetric=True, accuracy_level=config.accuracy_level,
                                              nodes_to_include=eight, nodes_to_exclude=narrow)
             quantizer.process()
-    model = quantizer.model.model
-    _set_accuracy_level(model, config.accuracy_level)
-    offsets = fold_float_zero_points(model)  # HQQ's float zero points, on the fast kernel
+    model, _ = set_accuracy_level(quantizer.model.model, config.accuracy_level)
+    model, offsets = fold_float_zero_points(model)  # HQQ's float zero points, on the fast kernel
     replaced = None
     if plan is not None and plan.fitted:
-        replaced = _use_fitted_blocks(model, keys, plan.fitted, config.block_size)
+        # GPTQ's (or trained) blocks in place of onnxruntime's, found by the weight's content
+        packed = {name: pack_matmul_nbits(*plan.fitted[key], config.block_size) for name, key in keys.items()
+                  if key in plan.fitted}
+        try:
+            model, replaced = replace_blocks(model, packed)
+        except ValueError as e:
+            raise ExportError(f"GPTQ's {e}") from None
     return model, offsets, replaced
 
 
@@ -253,44 +260,6 @@ def _dynamic_int8(model, nodes: list[str], context: QuantizeContext):
         finally:
             logging.disable(logging.NOTSET)
         return onnx.load(str(path))
-
-
-def _use_fitted_blocks(model, keys: dict[str, str], fitted: dict, block_size: int) -> dict[str, int]:
-    """GPTQ's blocks in place of onnxruntime's on each MatMulNBits whose weight GPTQ fitted
-    (onnxruntime names a weight's blocks ``<weight>_Q4``); how many weights were and were not."""
-    from onnx import numpy_helper
-
-    from ..grids.gptq import pack_matmul_nbits
-
-    inits = {t.name: t for t in model.graph.initializer}
-    done, missing = set(), set()
-    for node in model.graph.node:
-        if node.op_type != "MatMulNBits" or len(node.input) < 4 or not node.input[1].endswith("_Q4"):
-            continue
-        weight = node.input[1].removesuffix("_Q4")
-        blocks = fitted.get(keys.get(weight))
-        if blocks is None:
-            missing.add(weight)
-            continue
-        if weight in done:
-            continue
-        for name, array in zip(node.input[1:4], pack_matmul_nbits(*blocks, block_size)):
-            if tuple(inits[name].dims) != array.shape:
-                raise ExportError(f"GPTQ's blocks for {weight} have shape {array.shape}, onnxruntime's "
-                                  f"{tuple(inits[name].dims)}")
-            inits[name].CopyFrom(numpy_helper.from_array(array, name))
-        done.add(weight)
-    return {"fitted": len(done), "left_to_rtn": len(missing)}
-
-
-def _set_accuracy_level(model, level: int) -> None:
-    """``accuracy_level`` on every MatMulNBits node that lacks it (onnxruntime's HQQ writes none,
-    whatever it is asked), so that the option means the same for every method."""
-    import onnx
-
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
-            node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
 
 
 def _int4_algorithm(config: Int4):

@@ -143,7 +143,8 @@ def quantize_int8(model: onnx.ModelProto, config: Int8Dynamic, context: Quantize
     if config.per_token:
         from ..onnx.per_token import per_token_inputs
 
-        done["per_token_inputs"] = per_token_inputs(model, context.dynamic_scopes if config.per_token == "ffn-down" else None)
+        model, done["per_token_inputs"] = per_token_inputs(
+            model, context.dynamic_scopes if config.per_token == "ffn-down" else None)
         done["per_token"] = config.per_token
     return model, done
 

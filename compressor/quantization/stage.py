@@ -62,7 +62,7 @@ def prepare(model: onnx.ModelProto) -> dict[str, int]:
     MatMul, so that every projection on a shared weight is quantized, once (`onnx.graph`)."""
     from ..onnx.graph import gemm_to_matmul, inline_identity_weights
 
-    return {"identity_inlined": inline_identity_weights(model), "gemm_rewritten": gemm_to_matmul(model)}
+    return {"identity_inlined": inline_identity_weights(model)[1], "gemm_rewritten": gemm_to_matmul(model)[1]}
 
 
 def quantize(model: onnx.ModelProto, config: QuantMethod, context: QuantizeContext) -> tuple[onnx.ModelProto, dict]:

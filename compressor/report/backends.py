@@ -103,7 +103,7 @@ class OnnxBackend(Backend):
             raise CompressError(f"{file} is not an ONNX model onnxruntime can load: {first}") from None
         self.parameters = stored_elements(graph)
         self.kind = "ONNX " + _precision(graph)
-        from ..quantization.onnx import graph_inputs
+        from ..onnx.graph import graph_inputs
 
         self.inputs = graph_inputs(graph)
         self.with_past = takes_past(self.inputs)
@@ -123,7 +123,7 @@ class OnnxBackend(Backend):
             self.kind += " + KV cache"
 
     def __call__(self, enc):
-        from ..quantization.onnx import onnx_feed
+        from ..onnx.graph import onnx_feed
 
         feed = onnx_feed({k: v.numpy() for k, v in enc.items()}, self.inputs)
         return torch.from_numpy(self.session.run([self.output], feed)[0])
@@ -153,12 +153,12 @@ def takes_past(inputs) -> bool:
 def load_generator(folder: str | Path, threads: int, *, with_past: bool | None = None):
     """optimum's ``ORTModelForCausalLM`` on an export folder, with or without its KV cache as the
     graph has it (read from the graph when ``with_past`` is not given)."""
-    from ..export.stage import load_ort
+    from ..export.optimum import load_ort
 
     if with_past is None:
         import onnx
 
-        from ..quantization.onnx import graph_inputs
+        from ..onnx.graph import graph_inputs
 
         with_past = takes_past(graph_inputs(onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False)))
     return load_ort(folder, "text-generation-with-past" if with_past else "text-generation",

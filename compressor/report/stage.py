@@ -45,7 +45,7 @@ def optimum_baselines(original: LoadedModel, folder: Path, task: str) -> dict[st
     from optimum.exporters.onnx import main_export
     from optimum.onnxruntime import ORTQuantizer
 
-    from ..quantization.onnx import optimum_preset
+    from ..quantization.presets import optimum_preset
 
     fp32, int8 = folder / "optimum-fp32", folder / "optimum-int8"
     from ..io import quiet
@@ -75,7 +75,8 @@ def _check_baseline_cache(folder: Path, original: LoadedModel) -> None:
     export (it does not for Phi-3 and Gemma 2 in optimum-onnx 0.1: it sizes their cache by the
     query heads), as our own export checks itself; raises when it cannot."""
     from ..data import calibration_texts
-    from ..export.stage import load_ort, probe_cache
+    from ..export.optimum import load_ort
+    from ..export.verify import probe_cache
 
     ort_model = load_ort(folder, "text-generation-with-past")
     probe_cache(ort_model, original.tokenizer, calibration_texts(None, limit=4), original.model.config.model_type)
@@ -176,7 +177,7 @@ def check_request(original: LoadedModel, config: ReportConfig) -> str:
         CompressError: a sequence, or a prompt and its new tokens, past the model's positions;
             the suite asked of a model that makes no sentence embeddings.
     """
-    from ..export.stage import max_positions
+    from ..export.verify import max_positions
     from ..models.heads import pick_task
 
     task = pick_task(original, "auto")
