@@ -7,7 +7,7 @@ import json
 import click
 
 from cli.main import cli
-from cli.options import config_options, output_option, overwrite_option, trust_remote_code_option
+from cli.options import config_options, json_flag, output_option, overwrite_option, trust_remote_code_option
 from compressor.analysis.config import AnalyzeConfig
 
 
@@ -15,7 +15,7 @@ from compressor.analysis.config import AnalyzeConfig
 @click.argument("model", required=False)
 @config_options(AnalyzeConfig)
 @output_option("Folder for analysis.json, analysis.md and the heatmap PNGs.", required=False)
-@click.option("--json", "json_path", type=click.Path(), default=None, help="Write the JSON result here ('-' prints it instead of the tables).")
+@json_flag("the tables")
 @click.option("--markdown", "markdown_path", type=click.Path(), default=None, help="Write a Markdown report here.")
 @click.option("--plots", "plots_dir", type=click.Path(), default=None, help="Write heatmap PNGs into this folder.")
 @overwrite_option

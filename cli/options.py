@@ -117,8 +117,13 @@ def output_option(help: str, *, required: bool = True) -> Callable:
     return click.option("-o", "--output", required=required, default=None, type=click.Path(), help=help)
 
 
-json_option = click.option("--json", "json_path", type=click.Path(), default=None,
-                           help="Also write the result as JSON here ('-' prints it instead of the summary).")
+def json_flag(instead_of: str = "the summary") -> Callable:
+    """``--json PATH``: the result as JSON there too, or on stdout instead of ``instead_of``."""
+    return click.option("--json", "json_path", type=click.Path(), default=None,
+                        help=f"Also write the result as JSON here ('-' prints it instead of {instead_of}).")
+
+
+json_option = json_flag()
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 trust_remote_code_option = click.option("--trust-remote-code", is_flag=True,
                                         help="Allow the checkpoint's own Python code to run.")

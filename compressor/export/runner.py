@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TextFormat, flag, option_specs
+from ..contract import Stage, StageRun
 from ..errors import ConfigError
 from ..quantization.config import QuantMethod, method_config, method_option_specs, methods
 from ..record import StageRecord
@@ -50,3 +51,15 @@ def run_export(model, config: ExportConfig, output: str | Path, *, quantize: Qua
     check_writable(output, overwrite=overwrite, folder=True)
     return export(as_loaded(model, trust_remote_code=trust_remote_code), config, output, quantize=quantize,
                   overwrite=overwrite)
+
+
+def run(run: StageRun) -> StageRecord:
+    """An ONNX folder as ``compress export`` writes it, quantized as a ``quantize`` stage before
+    it says."""
+    return run_export(run.model, run.config, run.output, quantize=run.fed.get("quantize"), overwrite=run.overwrite,
+                      trust_remote_code=run.trust_remote_code)
+
+
+#: The command is cli/export.py's own: its quantization flags come from the method registry.
+STAGE = Stage("export", ExportConfig, run, writes="onnx", own_command=True,
+              key_metrics=("metrics.precision", "metrics.file_bytes", "metrics.check.mean_cosine"))

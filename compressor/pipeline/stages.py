@@ -21,8 +21,6 @@ from typing import Any
 from ..config import StageConfig
 from ..contract import Stage, StageRun, StageRunner
 from ..errors import ConfigError
-from ..export.config import ExportConfig
-from ..quantization.config import QuantMethod
 from ..record import StageRecord
 
 __all__ = ["STAGES", "STAGE_PACKAGES", "Stage", "StageRun", "StageRunner", "get_stage", "key_metrics", "recipe_schema",
@@ -30,7 +28,7 @@ __all__ = ["STAGES", "STAGE_PACKAGES", "Stage", "StageRun", "StageRunner", "get_
 
 #: The stage packages, each declaring itself in ``compressor.<package>.runner.STAGE``, in the
 #: order recipes and the schema list them.
-STAGE_PACKAGES = ("analysis", "sharing", "finetune", "evaluation", "pruning", "export", "report")
+STAGE_PACKAGES = ("analysis", "sharing", "finetune", "evaluation", "pruning", "quantization", "export", "report")
 
 #: name -> stage, in registration order.
 STAGES: dict[str, Stage] = {}
@@ -88,17 +86,6 @@ def uses_cuda(config: StageConfig) -> bool:
     return str(getattr(config, "device", "")).startswith("cuda")
 
 
-# ---- export: registered here until its package declares it ---------------------------------------
-
-
-def run_export(run: StageRun) -> StageRecord:
-    """An ONNX folder as ``compress export`` writes it, quantized as a ``quantize`` stage before
-    it says."""
-    from ..export.runner import run_export as export
-
-    return export(run.model, run.config, run.output, quantize=run.fed.get("quantize"), overwrite=True)
-
-
 def _declared(package: str) -> Stage:
     """The stage ``compressor.<package>`` declares, composed with what it needs from another stage."""
     stage = importlib.import_module(f"compressor.{package}.runner").STAGE
@@ -109,13 +96,5 @@ def _declared(package: str) -> Stage:
     return stage
 
 
-#: Packages whose stages are still registered here rather than declared in their package.
-_REGISTERED_HERE = {
-    "export": (Stage("quantize", QuantMethod, None, feeds="export"),
-               Stage("export", ExportConfig, run_export, writes="onnx", own_command=True,
-                     key_metrics=("metrics.precision", "metrics.file_bytes", "metrics.check.mean_cosine"))),
-}
-
 for _package in STAGE_PACKAGES:
-    for _stage in _REGISTERED_HERE.get(_package) or (_declared(_package),):
-        register(_stage)
+    register(_declared(_package))
