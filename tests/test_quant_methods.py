@@ -111,3 +111,18 @@ def test_a_toy_method_runs_in_a_recipe(toy_method, tiny_dirs, tmp_path):
     assert result.exit_code == 0, result.output
     (report,) = (tmp_path / "job").glob("*export*/export_report.json")
     assert json.loads(report.read_text())["metrics"]["graph"]["tagged"] == 3
+
+
+def test_int8_quantizes_a_fused_decoder_graph(tiny_dirs, tmp_path):
+    """A decoder's --optimize 1 graph (fused RMSNorm: com.microsoft nodes) takes dynamic int8: the
+    fusion declares its operator domain, which onnxruntime's quantizer's shape inference needs
+    (before, the export ended in a traceback)."""
+    from compressor.export import ExportConfig, export
+    from compressor.models import load_model
+
+    record = export(load_model(str(tiny_dirs["llama"])), ExportConfig(check_lengths=[8], optimize=1), tmp_path / "int8",
+                    quantize=Int8Dynamic())
+    graph = record.metrics["graph"]
+    assert graph["optimized"]["fused"]["SkipSimplifiedLayerNormalization"] > 0
+    assert graph["quantizer"] == "onnxruntime.quantization.quantize_dynamic (on the fused graph)"
+    assert record.metrics["projections"]["float_on_weights"] == 0 and record.metrics["check"]["mean_cosine"] > 0.99

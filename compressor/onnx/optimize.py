@@ -110,6 +110,10 @@ def optimize_decoder_graph(model: onnx.ModelProto, level: int, model_type: str, 
         raise ExportError(f"onnxruntime's graph optimizer (level {level}) cannot optimize this decoder: "
                           f"{first_line(e)}") from None
     model = optimizer.model
+    if any(n.domain == "com.microsoft" for n in model.graph.node) and \
+            not any(o.domain == "com.microsoft" for o in model.opset_import):
+        # the fusions' nodes need it declared, or shape inference (the quantizers') refuses the graph
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     if positions:
         _cut_rotary_tables(model, positions)
     if level >= 2:

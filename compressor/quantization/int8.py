@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import onnx
 
 from ..config import check_choice, choice
-from ..errors import ConfigError
+from ..errors import CompressError, ConfigError, ExportError, first_line
 from .config import BlockTables, CalibrationText, QuantMethod, register_method
 from .presets import ISAS, host_isa, optimum_preset
 from .stage import QuantizeContext, scratch
@@ -132,13 +132,19 @@ def quantize_int8(model: onnx.ModelProto, config: Int8Dynamic, context: Quantize
     with scratch(context.folder) as tmp:
         path = tmp / "model.onnx"
         onnx.save(model, str(path))
-        if static:
-            done.update(_quantize_static(path, tmp, preset, config, context))
-        elif was_fused or "tables" in done:
-            # optimum's ORTQuantizer cannot type a graph with com.microsoft nodes in it
-            done.update(_quantize_fused(path, tmp, preset, "fused graph" if was_fused else "graph with block tables"))
-        else:
-            _quantize_optimum(path, tmp, preset, context.folder)
+        try:
+            if static:
+                done.update(_quantize_static(path, tmp, preset, config, context))
+            elif was_fused or "tables" in done:
+                # optimum's ORTQuantizer cannot type a graph with com.microsoft nodes in it
+                done.update(_quantize_fused(path, tmp, preset, "fused graph" if was_fused else "graph with block tables"))
+            else:
+                _quantize_optimum(path, tmp, preset, context.folder)
+        except CompressError:
+            raise
+        except Exception as e:  # noqa: BLE001  (whatever onnxruntime's quantizer meets in the graph)
+            raise ExportError(f"onnxruntime's {config.name} quantizer cannot quantize this graph: "
+                              f"{first_line(e, with_type=True)}") from None
         model = onnx.load(str(path))
     if config.per_token:
         from ..onnx.per_token import per_token_inputs
