@@ -126,3 +126,87 @@ def test_int8_quantizes_a_fused_decoder_graph(tiny_dirs, tmp_path):
     assert graph["optimized"]["fused"]["SkipSimplifiedLayerNormalization"] > 0
     assert graph["quantizer"] == "onnxruntime.quantization.quantize_dynamic (on the fused graph)"
     assert record.metrics["projections"]["float_on_weights"] == 0 and record.metrics["check"]["mean_cosine"] > 0.99
+
+
+def test_each_method_applies_its_own_defaults_to_options_not_given():
+    """Only the options a user set reach the method: a method whose default for a shared option
+    differs (here block_size 64) changes no other method's, and an option set for another method
+    is refused by its flag's own spelling."""
+    from compressor.export.runner import quantize_config
+
+    @dataclasses.dataclass(kw_only=True)
+    class WideBlocks(QuantMethod):
+        """Another default for a shared option.
+
+        Attributes:
+            block_size: Weights per scale.
+        """
+
+        name: ClassVar[str] = "wide-blocks"
+        block_size: int = 64
+
+    register_method(WideBlocks)(tag_graph)
+    try:
+        flat = {s.name: s.default for s in method_option_specs() if s.name != "mode"}
+        assert flat["block_size"] is None  # no one default for all methods
+        assert quantize_config("int4", flat, given=set()).block_size == 32
+        assert quantize_config("wide-blocks", flat, given=set()).block_size == 64
+        assert quantize_config("int4", {**flat, "block_size": 16}, given={"block_size"}).block_size == 16
+        with pytest.raises(ConfigError, match="--per-channel/--per-tensor is not for int4; it is an option of int8"):
+            quantize_config("int4", {**flat, "per_channel": False}, given={"per_channel"})
+        with pytest.raises(ConfigError, match="--calibration-max-length apply to --quantize or --fp16"):
+            quantize_config(None, {**flat, "max_length": 64}, given={"max_length"})
+    finally:
+        unregister_method("wide-blocks")
+
+
+def test_a_method_option_named_like_an_export_option_is_refused(tiny_dirs):
+    @dataclasses.dataclass(kw_only=True)
+    class Clashing(QuantMethod):
+        """A method whose option is also the export's.
+
+        Attributes:
+            atol: Not this method's to take.
+        """
+
+        name: ClassVar[str] = "clashing"
+        atol: float = 0.5
+
+    register_method(Clashing)(tag_graph)
+    try:
+        result = CliRunner().invoke(cli, ["export", "--help"])
+        assert isinstance(result.exception, TypeError) and "atol" in str(result.exception)
+    finally:
+        unregister_method("clashing")
+    assert CliRunner().invoke(cli, ["export", "--help"]).exit_code == 0  # the registry as it was
+
+
+def test_a_quantize_stage_stored_with_every_old_option_still_loads():
+    """A recipe stage stored before the methods had options of their own lists all of them, at
+    their defaults or off: they are left out, and a real one of another method is still refused."""
+    old = {"mode": "int8", "calibration": None, "calibration_samples": 128, "max_length": 128, "per_channel": True,
+           "isa": "auto", "block_size": 32, "accuracy_level": 4, "int4_method": "rtn", "int8_share": 0.0,
+           "embedding_bits": 4, "embedding_hot_share": 0.0, "per_token": "all", "min_cosine": 0.9,
+           "text_column": None, "encoding": "utf-8"}
+    assert QuantMethod.from_dict(old) == Int8Dynamic(per_channel=True, embedding_bits=4, per_token="all")
+    assert QuantMethod.from_dict({**old, "mode": "fp16", "per_channel": False, "embedding_bits": None,
+                                  "per_token": None, "min_cosine": 0.999}) == Fp16()
+    with pytest.raises(ConfigError, match="--int8-share is not for int8"):
+        QuantMethod.from_dict({**old, "int8_share": 0.2})
+
+
+def test_the_ffn_down_projections_are_found_in_a_bf16_model(tiny_dirs):
+    """The export traces a float32 copy of a bf16 model; the FFN down-projections (int8-static's
+    dynamic ranges, --per-token ffn-down) are named from the model's own modules."""
+    import torch
+
+    from compressor.export.config import ExportConfig
+    from compressor.export.stage import traced_model
+    from compressor.models import load_model
+
+    loaded = load_model(str(tiny_dirs["bert"]))
+    fp32 = traced_model(loaded, "feature-extraction", ExportConfig())[1]
+    loaded.model.to(torch.bfloat16)
+    model, bf16 = traced_model(loaded, "feature-extraction", ExportConfig())
+    assert len(fp32) == loaded.geometry.num_layers and bf16 == fp32
+    assert next(model.parameters()).dtype == torch.float32

@@ -45,11 +45,11 @@ class ExportConfig(TextFormat, StageConfig):
             ``onnxruntime.InferenceSession``.
         optimize: onnxruntime's transformer graph optimizations. Encoders, as optimum's
             ``ORTOptimizer`` applies them: 0 none, 1 basic, 2 also attention, LayerNorm and GELU
-            fusion (optimum's O2); int8 quantizes the fused graph, not with int4 or int8-static.
-            Decoders (onnxruntime's own optimizer; optimum's takes no Llama-style model): 1 RMSNorm
-            (with the residual add) or LayerNorm fusion, 2 also rotary embeddings and each
-            layer's attention as ``GroupQueryAttention`` in optimum's cache layout;
-            int8 or int4 quantize the fused graph. Shared weights stay stored
+            fusion (optimum's O2). Decoders (onnxruntime's own optimizer; optimum's takes no
+            Llama-style model): 1 RMSNorm (with the residual add) or LayerNorm fusion, 2 also
+            rotary embeddings and each layer's attention as ``GroupQueryAttention`` in optimum's
+            cache layout. A quantization method then quantizes the fused graph where it can take
+            it (an export refuses the others and names those that can). Shared weights stay stored
             once (the fusions' copies are merged); the export is checked on the optimized graph.
     """
 

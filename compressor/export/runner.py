@@ -10,34 +10,40 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..config import TextFormat, flag, option_specs
+from ..config import TextFormat, option_specs
 from ..contract import Stage, StageRun
 from ..errors import ConfigError
-from ..quantization.config import QuantMethod, method_config, method_option_specs, methods
+from ..quantization.config import QuantMethod, method_config, method_option_specs, option_flag
 from ..record import StageRecord
 from .config import ExportConfig
 
 
-def quantize_config(mode: str | None, values: dict[str, Any]) -> QuantMethod | None:
+def quantize_config(mode: str | None, values: dict[str, Any], given: set[str] | None = None) -> QuantMethod | None:
     """The quantization of an export from ``mode`` (``None``: fp32) and the options in
-    ``values`` (a command's parsed flags: every method's options, each at its flat default when
-    not given; other keys are ignored).
+    ``values`` (a command's parsed flags: every method's options; other keys are ignored).
+
+    Args:
+        mode: The method's name, or ``None`` for no quantization.
+        values: Option values by field name.
+        given: The options the user set (a command's flags not left at their defaults); ``None``:
+            every key of ``values`` (a recipe's). Only these reach the method, so each method
+            applies its own defaults to the rest.
 
     Raises:
-        ConfigError: an option given (away from its default) that the method does not take, or
-            any without a mode (it would be ignored); or a bad value.
+        ConfigError: an option given that the method does not take (the message names the
+            methods that do), or any without a mode (it would be ignored); or a bad value.
     """
     text = {s.name for s in option_specs(TextFormat)}
-    specs = [s for s in method_option_specs() if s.name in values and s.name != "mode"]
-    given = [s.name for s in specs if s.name not in text and values[s.name] != s.default]
+    names = {s.name for s in method_option_specs()} - {"mode"}
+    given = set(values) if given is None else set(given)
+    asked = [n for n in values if n in names and n in given and n not in text]
     if mode is None:
-        if given:
-            raise ConfigError(f"{', '.join(flag(n) for n in given)} apply to --quantize or --fp16", option=given[0])
+        if asked:
+            raise ConfigError(f"{', '.join(option_flag(n) for n in asked)} apply to --quantize or --fp16",
+                              option=asked[0])
         return None
-    own = {s.name for s in option_specs(methods()[mode])} if mode in methods() else set()
-    # the method's own options as given (or at their flat defaults), the others only where given:
-    # then the method refuses them by name
-    return method_config(mode, **{s.name: values[s.name] for s in specs if s.name in own or s.name in given})
+    # the text format (shared with the export's check text) always; the others where given
+    return method_config(mode, **{n: values[n] for n in values if n in names and (n in text or n in given)})
 
 
 def run_export(model, config: ExportConfig, output: str | Path, *, quantize: QuantMethod | None = None,

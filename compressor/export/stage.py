@@ -62,8 +62,7 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
     if config.task == "auto" and task == "text-generation":
         task = "text-generation-with-past"  # what a user generating with optimum expects
     check_options(loaded.name, task, config, quantize)
-    model = traced_model(loaded, task, config)
-    ffn_down = ffn_down_scopes(loaded, model)
+    model, ffn_down = traced_model(loaded, task, config)
     params, nbytes = unique_parameters(model)
     texts = calibration_texts(config.check_data, text_column=config.text_column, encoding=config.encoding)
     plan = None
@@ -106,16 +105,18 @@ def check_options(name: str, task: str, config: ExportConfig, quantize: QuantMet
                           f"exported as {task}")
 
 
-def traced_model(loaded: LoadedModel, task: str, config: ExportConfig) -> torch.nn.Module:
-    """The module the exporter traces: the bare Transformer for feature extraction from a model
-    with a head (token states), with the pooling inside for ``pooling_in_graph``, in float32
-    (export and check in fp32; fp16 converts after)."""
+def traced_model(loaded: LoadedModel, task: str, config: ExportConfig) -> tuple[torch.nn.Module, tuple[str, ...]]:
+    """The module the exporter traces and its FFN down-projections' names (`ffn_down_scopes`):
+    the bare Transformer for feature extraction from a model with a head (token states), with the
+    pooling inside for ``pooling_in_graph``, in float32 (export and check in fp32; fp16 converts
+    after)."""
     model = (loaded.adapter.base(loaded.model) if task == "feature-extraction" else loaded.model).eval()
     if config.pooling_in_graph:
         model = SentenceEmbedding(model, loaded.pooling, loaded.normalize).eval()
+    ffn_down = ffn_down_scopes(loaded, model)  # on the model's own modules, before a float copy
     if next(model.parameters()).dtype != torch.float32:
         model = copy.deepcopy(model).float()
-    return model
+    return model, ffn_down
 
 
 @dataclass

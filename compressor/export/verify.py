@@ -64,7 +64,7 @@ def check_storage(path: Path, model, params: int, quantize: QuantMethod | None) 
                           "a shared weight was stored more than once")
     if quantize is not None and quantize.every_projection and matmuls["float_on_weights"]:
         raise ExportError(f"{matmuls['float_on_weights']} of {matmuls['on_weights']} projections kept a float weight "
-                          "after int8 quantization")
+                          "after quantization")
     return stored, matmuls
 
 

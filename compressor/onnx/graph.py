@@ -155,7 +155,7 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
 
 
 #: ``doc_string`` of the float MatMuls that carry int4 blocks' float zero points
-#: (`quantization.zero_points`): quantization parameters, not projections.
+#: (`zero_points`): quantization parameters, not projections.
 ZERO_POINT_OFFSET = "compress: int4 blocks' float zero points as a block-sum offset"
 
 

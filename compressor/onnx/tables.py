@@ -1,4 +1,4 @@
-"""Embedding tables and output heads as weight-only blocks, for int4 exports.
+"""Embedding tables and output heads as weight-only blocks (int4 exports; int8 ones with ``--embedding-bits``).
 
 A language model's vocabulary matrix is its largest: 49,152 x 576 in SmolLM2-135M, a fifth of the
 parameters, and most small decoders tie it, using the one matrix for the lookup of the input
@@ -38,6 +38,7 @@ from onnx import helper, numpy_helper
 
 from ..grids.rows import TABLE_BITS, half_scales, hot_row_order, quantize_rows  # noqa: F401  (TABLE_BITS: re-exported)
 from .graph import attribute, drop_unused_initializers, read_values, runtime_schema
+
 
 def supported() -> bool:
     """Whether this onnxruntime's GatherBlockQuantized reads uint8 blocks with a ``bits``

@@ -50,6 +50,8 @@ class QuantMethod(TextFormat, StageConfig):
 
     #: What ``--quantize`` and a recipe call the method.
     name: ClassVar[str] = ""
+    #: What it does, in a few words (``--quantize``'s help).
+    summary: ClassVar[str] = ""
     #: The default of ``min_cosine``.
     default_min_cosine: ClassVar[float] = 0.9
     #: Graph kind -> the highest ``--optimize`` level whose fused graph the method quantizes.
@@ -92,6 +94,12 @@ class QuantMethod(TextFormat, StageConfig):
             if mode not in (None, cls.name):
                 raise ConfigError(f"{cls.__name__} is --quantize {cls.name}, not {mode}", option="mode")
             return super().from_dict(data)
+        if mode in methods():
+            # a stage stored before the methods had options of their own carries every method's
+            # option, off or at its default: those say nothing and are left out; others are refused
+            own = {f.name for f in dataclasses.fields(methods()[mode])}
+            flat = {s.name: s.default for s in method_option_specs()}
+            data = {k: v for k, v in data.items() if k in own or k not in flat or not (v == flat[k] or v in (None, False))}
         return method_config(mode, **data)
 
     @classmethod
@@ -138,8 +146,6 @@ class BlockTables:
         block_size: Weights per scale in weight-only blocks (a power of two, at least 16):
             along each projection's input dimension for int4, along each table's rows for
             ``embedding_bits``.
-        accuracy_level: The type onnxruntime's MatMulNBits computes block products in (4: int8,
-            the fastest on CPUs; 1: fp32).
         embedding_bits: Bits of the embedding tables as weight-only blocks of ``block_size`` with
             one scale each (8 or 4). int4: 8 when not given, and the output head too, a head tied
             to the input embeddings stored once for both. int8: by default the quantizer's one
@@ -150,12 +156,10 @@ class BlockTables:
     """
 
     block_size: int = 32
-    accuracy_level: int = choice(4, ACCURACY_LEVELS)
     embedding_bits: int | None = choice(None, EMBEDDING_BITS)
     embedding_hot_share: float = 0.0
 
     def check_tables(self) -> None:
-        check_choice("accuracy_level", self.accuracy_level, ACCURACY_LEVELS)
         if self.embedding_bits is not None:
             check_choice("embedding_bits", self.embedding_bits, EMBEDDING_BITS)
         check_block_size(self.block_size)
@@ -234,8 +238,17 @@ def method_config(mode: str | None, **options: Any) -> QuantMethod:
         if name not in own:
             takers = [n for n, c in known.items() if name in {f.name for f in dataclasses.fields(c)}]
             where = f"; it is an option of {', '.join(takers)}" if takers else ""
-            raise ConfigError(f"{flag(name)} is not for {mode}{where}", option=name)
+            raise ConfigError(f"{option_flag(name)} is not for {mode}{where}", option=name)
     return cls(**options)
+
+
+def option_flag(name: str) -> str:
+    """A method option as the command spells it (``max_length``: ``--calibration-max-length``)."""
+    for cls in methods().values():
+        for f in dataclasses.fields(cls):
+            if f.name == name and f.metadata.get("flag"):
+                return f.metadata["flag"]
+    return flag(name)
 
 
 def method_option_specs() -> list[OptionSpec]:

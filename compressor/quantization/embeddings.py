@@ -14,10 +14,12 @@ from ..onnx.tables import block_quantize_tables
 from ..onnx.tables import supported as supported_tables
 
 
-def quantize_tables(model, config, bits: int, heads: set[str] | None = None, tokenizer=None) -> dict[str, Any]:
+def quantize_tables(model, config, bits: int, heads: set[str] | None = None, tokenizer=None,
+                    accuracy_level: int = 4) -> dict[str, Any]:
     """`onnx.tables.block_quantize_tables` on ``model`` with ``config``'s blocks; ``{}`` where this
     onnxruntime cannot read such tables or none fits, unless ``--embedding-bits`` asked for them.
-    With ``--embedding-hot-share``, ``tokenizer`` counts the calibration text's tokens.
+    With ``--embedding-hot-share``, ``tokenizer`` counts the calibration text's tokens; heads
+    compute at ``accuracy_level`` (MatMulNBits').
 
     Raises:
         ExportError: ``--embedding-bits`` given and no table could take it, or hot rows asked
@@ -39,7 +41,7 @@ def quantize_tables(model, config, bits: int, heads: set[str] | None = None, tok
                                                            encoding=config.encoding), config.max_length)
     try:
         _, done = block_quantize_tables(model, bits=bits, block_size=config.block_size,
-                                     accuracy_level=config.accuracy_level, heads=heads, row_counts=counts,
+                                     accuracy_level=accuracy_level, heads=heads, row_counts=counts,
                                      hot_share=config.embedding_hot_share)
     except Exception as e:  # noqa: BLE001  (whatever the graph holds that the rewrite did not expect)
         raise ExportError(f"storing the embedding tables as {bits}-bit blocks failed: {first_line(e, with_type=True)}") from None

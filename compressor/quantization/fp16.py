@@ -20,6 +20,7 @@ class Fp16(QuantMethod):
     """Half precision: every float weight and operation in float16; inputs and outputs float32."""
 
     name: ClassVar[str] = "fp16"
+    summary: ClassVar[str] = "half precision, for GPUs"
     default_min_cosine: ClassVar[float] = 0.999
     optimize: ClassVar[dict[str, int]] = {"encoder": 2, "decoder": 2}
     float_weights: ClassVar[bool] = True

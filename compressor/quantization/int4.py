@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 from ..config import check_choice, check_share, choice
 from ..errors import ConfigError, ExportError, first_line
-from .config import BlockTables, CalibrationText, QuantMethod, register_method
+from .config import ACCURACY_LEVELS, BlockTables, CalibrationText, QuantMethod, register_method
 from .stage import QuantizeContext
 
 #: How int4 blocks are fitted (see the module's docstring).
@@ -41,23 +41,28 @@ class Int4(BlockTables, CalibrationText, QuantMethod):
 
     Attributes:
         int4_method: How the blocks are fitted: ``rtn``, ``rtn-asym``, ``hqq`` or ``gptq``.
+        accuracy_level: The type onnxruntime's MatMulNBits computes block products in (4: int8,
+            the fastest on CPUs; 1: fp32).
         int8_share: Keep this share of the projections' parameters in 8-bit blocks: those whose
             int4 loses most of their output on the calibration text (0: none).
     """
 
     name: ClassVar[str] = "int4"
+    summary: ClassVar[str] = "weight-only 4-bit blocks"
     default_min_cosine: ClassVar[float] = 0.80
     # a decoder's fused attention (GroupQueryAttention) takes the projections' outputs, so the
     # fused graph's projections are all there; an encoder's fused Attention holds them
     optimize: ClassVar[dict[str, int]] = {"encoder": 0, "decoder": 2}
 
     int4_method: str = choice("rtn", INT4_METHODS)
+    accuracy_level: int = choice(4, ACCURACY_LEVELS)
     int8_share: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
         self.check_tables()
         check_choice("int4_method", self.int4_method, INT4_METHODS)
+        check_choice("accuracy_level", self.accuracy_level, ACCURACY_LEVELS)
         check_share("int8_share", self.int8_share)
         self.check_calibration(self.calibrated or bool(self.embedding_hot_share), f"{self.name} {self.int4_method}")
 
@@ -69,16 +74,16 @@ class Int4(BlockTables, CalibrationText, QuantMethod):
 
 
 def int4_plan(loaded, model, quantize: Int4):
-    """What int4 needs decided in PyTorch (`gptq.Int4Plan`; ``None``: nothing, round-to-nearest
+    """What int4 needs decided in PyTorch (`grids.gptq.Int4Plan`; ``None``: nothing, round-to-nearest
     in onnxruntime's quantizer), the output head left out (its blocks are
     ``quantize.embedding_bits``, `embeddings`):
 
     * a model whose projections lie on their int4 grids already (a ``--quantize-aware``
-      fine-tune's checkpoint; `gptq.trained_blocks`): those blocks, stored as they are (``rtn``,
+      fine-tune's checkpoint; `grids.gptq.trained_blocks`): those blocks, stored as they are (``rtn``,
       ``rtn-asym`` and ``gptq``, which would find no error to move; ``hqq``, which would fit them
       again, and another ``block_size`` than the model's are refused), never taken into
       ``int8_share``, the few off their grid rounded with zero points;
-    * GPTQ's blocks and the projections ``int8_share`` keeps (`gptq.plan_int4`), on
+    * GPTQ's blocks and the projections ``int8_share`` keeps (`grids.gptq.plan_int4`), on
       ``quantize.calibration`` (the packaged calibration text by default), one text per forward
       pass (no padding to leave out).
     """
@@ -145,7 +150,8 @@ def quantize_int4(model: onnx.ModelProto, config: Int4, context: QuantizeContext
     # the embedding tables and the output head (whose logits int4 moves most) as blocks, a tied
     # pair stored once (a MatMul on a table's transpose is a tied head wherever it is)
     heads = {n.name for n in model.graph.node if n.op_type == "MatMul" and n.output and n.output[0] in outputs}
-    tables_done = quantize_tables(model, config, table_bits, heads=heads, tokenizer=context.tokenizer)
+    tables_done = quantize_tables(model, config, table_bits, heads=heads, tokenizer=context.tokenizer,
+                                  accuracy_level=config.accuracy_level)
     narrow, eight, tables, keys = _int4_nodes(model, config, plan, outputs)
     try:
         model, offsets, replaced = _matmul_nbits(model, config, plan, narrow, eight, keys)
@@ -215,7 +221,7 @@ def _matmul_nbits(model, config: Int4, plan, narrow: list[str], eight: list[str]
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size,
-                                     # a trained grid's blocks have zero points (`gptq.trained_blocks`)
+                                     # a trained grid's blocks have zero points (`grids.gptq.trained_blocks`)
                                      is_symmetric=config.int4_method == "rtn" and not (plan and plan.fitted),
                                      accuracy_level=config.accuracy_level,
                                      nodes_to_exclude=narrow + eight, algo_config=_int4_algorithm(config))

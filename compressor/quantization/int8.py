@@ -76,15 +76,22 @@ class Int8Dynamic(Int8Activations, BlockTables, CalibrationText, QuantMethod):
     """Dynamic int8: int8 weights, each activation's range computed on the fly (optimum's preset)."""
 
     name: ClassVar[str] = "int8"
+    summary: ClassVar[str] = "int8 weights, activation ranges computed on the fly"
     default_min_cosine: ClassVar[float] = 0.90
     optimize: ClassVar[dict[str, int]] = {"encoder": 2, "decoder": 2}
     every_projection: ClassVar[bool] = True
+    #: Static ranges: measured on ``calibration`` text, which is then required.
+    static: ClassVar[bool] = False
 
     def __post_init__(self):
         super().__post_init__()
         self.check_tables()
-        self.check_int8(default_per_channel=False)
-        self.check_calibration(bool(self.embedding_hot_share), self.name)
+        # static ranges leave no room for a coarse weight scale as well: per channel by default
+        self.check_int8(default_per_channel=self.static)
+        if self.static and not self.calibration:
+            raise ConfigError(f"--quantize {self.name} needs --calibration DATA (text to measure activation ranges on)",
+                              option="calibration")
+        self.check_calibration(self.static or bool(self.embedding_hot_share), self.name)
 
 
 @dataclass(kw_only=True)
@@ -92,16 +99,9 @@ class Int8Static(Int8Dynamic):
     """Static int8: activation ranges measured once on ``calibration`` text (required)."""
 
     name: ClassVar[str] = "int8-static"
+    summary: ClassVar[str] = "activation ranges measured on --calibration text"
     optimize: ClassVar[dict[str, int]] = {"encoder": 0, "decoder": 0}
-
-    def __post_init__(self):
-        QuantMethod.__post_init__(self)
-        self.check_tables()
-        self.check_int8(default_per_channel=True)
-        if not self.calibration:
-            raise ConfigError("--quantize int8-static needs --calibration DATA (text to measure activation ranges on)",
-                              option="calibration")
-        self.check_calibration(True, self.name)
+    static: ClassVar[bool] = True
 
 
 def fused(model: onnx.ModelProto) -> bool:
@@ -118,7 +118,7 @@ def quantize_int8(model: onnx.ModelProto, config: Int8Dynamic, context: Quantize
 
     from .embeddings import quantize_tables
 
-    static = isinstance(config, Int8Static)
+    static = config.static
     done: dict[str, Any] = {}
     was_fused = fused(model)  # before the tables' blocks, which are com.microsoft nodes too
     if config.embedding_bits is not None:  # the tables as blocks, before int8 of the rest
