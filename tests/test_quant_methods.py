@@ -210,3 +210,26 @@ def test_the_ffn_down_projections_are_found_in_a_bf16_model(tiny_dirs):
     model, bf16 = traced_model(loaded, "feature-extraction", ExportConfig())
     assert len(fp32) == loaded.geometry.num_layers and bf16 == fp32
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_a_graph_past_the_limit_keeps_its_weights_beside_it(tiny_dirs, tmp_path):
+    """The export's one write: past protobuf's limit (here set to 0) the tensors go to
+    model.onnx.data, and onnxruntime runs the pair as it ran the single file."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from compressor.export import ExportConfig, export
+    from compressor.models import load_model
+    from compressor.onnx.graph import save_model
+
+    export(load_model(str(tiny_dirs["bert"])), ExportConfig(check_lengths=[8]), tmp_path / "one")
+    model = onnx.load(str(tmp_path / "one" / "model.onnx"))
+    assert save_model(model, tmp_path / "one.onnx") is False and not (tmp_path / "one.onnx.data").exists()
+    assert save_model(model, tmp_path / "two.onnx", limit=0) is True
+    assert (tmp_path / "two.onnx.data").stat().st_size > (tmp_path / "two.onnx").stat().st_size
+    feed = {"input_ids": np.array([[2, 10, 11, 3]]), "attention_mask": np.ones((1, 4), dtype=np.int64),
+            "token_type_ids": np.zeros((1, 4), dtype=np.int64)}
+    one, two = (ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+                for f in ("one.onnx", "two.onnx"))
+    np.testing.assert_array_equal(one, two)

@@ -28,6 +28,7 @@ from ..io import check_writable, quiet, staged_folder, write_text_atomic
 from ..models import LoadedModel, unique_parameters
 from ..models.heads import pick_task
 from ..models.pooling import SentenceEmbedding
+from ..onnx.graph import save_model
 from ..quantization.config import GRAPH_KINDS, QuantMethod, methods
 from ..record import StageRecord
 from .config import ORT_CLASSES, ExportConfig
@@ -84,7 +85,8 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
             for f in tmp.iterdir():
                 shutil.rmtree(f) if f.is_dir() else f.unlink()
             written = _write(tmp, job)
-        record = _record(job, written, kv_cache, (tmp / MODEL_FILE).stat().st_size, nbytes, start)
+        file_bytes = sum(f.stat().st_size for f in (tmp / MODEL_FILE, tmp / f"{MODEL_FILE}.data") if f.is_file())
+        record = _record(job, written, kv_cache, file_bytes, nbytes, start)
         write_text_atomic(tmp / "export_report.json", json.dumps(record.to_dict(), indent=2))
     return record
 
@@ -162,7 +164,8 @@ def _write(tmp: Path, job: _Job) -> _Written:
     job.model.config.save_pretrained(tmp)  # before quantizing: optimum's quantizer reads it
     job.loaded.tokenizer.save_pretrained(tmp)
     graph, done = graph_passes(onnx.load(str(tmp / MODEL_FILE)), tmp, job, input_names)
-    onnx.save(graph, str(tmp / MODEL_FILE))
+    if save_model(graph, tmp / MODEL_FILE):  # the one write; a graph past protobuf's 2 GB keeps its data beside it
+        done["external_data"] = f"{MODEL_FILE}.data"
     del graph
     stored, matmuls = check_storage(tmp / MODEL_FILE, job.model, job.params, job.quantize)
     check = _verify(tmp, job, input_names, done.get("optimized"))

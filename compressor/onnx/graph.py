@@ -298,3 +298,23 @@ def onnx_feed(arrays, inputs) -> dict[str, np.ndarray]:
             shape = [feed["input_ids"].shape[0], dims[1] or 1, 0, dims[3] or 1]
             feed[name] = np.zeros(shape, dtype=dtype)
     return feed
+
+
+#: Protobuf's limit on one serialized message: a graph whose weights come near it keeps them in
+#: an external data file beside the model instead.
+PROTO_LIMIT = 2**31 - 2**24
+
+
+def save_model(model: onnx.ModelProto, path, limit: int = PROTO_LIMIT) -> bool:
+    """Write ``model`` to ``path``: one file, or, when its initializers reach ``limit`` bytes,
+    the graph there and every tensor over 1 KiB in ``<name>.data`` beside it (onnxruntime and
+    optimum read both). Returns whether the data went to its own file."""
+    from pathlib import Path
+
+    path = Path(path)
+    if sum(t.ByteSize() for t in model.graph.initializer) < limit:
+        onnx.save(model, str(path))
+        return False
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=f"{path.name}.data", size_threshold=1024)
+    return True
