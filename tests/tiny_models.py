@@ -21,46 +21,47 @@ _ENCODER = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, inte
 _DECODER = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
                 vocab_size=VOCAB_SIZE, max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3)
 
-#: family -> (config class, model class, config kwargs)
+#: family -> (config class name, model class name, config kwargs); the classes are looked up in
+#: `transformers` when a model is built, so importing this module imports no modeling module.
 FAMILIES = {
-    "bert": (transformers.BertConfig, transformers.BertModel, _ENCODER),
-    "roberta": (transformers.RobertaConfig, transformers.RobertaModel, _ENCODER),
-    "xlm-roberta": (transformers.XLMRobertaConfig, transformers.XLMRobertaModel, _ENCODER),
-    "camembert": (transformers.CamembertConfig, transformers.CamembertModel, _ENCODER),
-    "distilbert": (transformers.DistilBertConfig, transformers.DistilBertModel,
+    "bert": ("BertConfig", "BertModel", _ENCODER),
+    "roberta": ("RobertaConfig", "RobertaModel", _ENCODER),
+    "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaModel", _ENCODER),
+    "camembert": ("CamembertConfig", "CamembertModel", _ENCODER),
+    "distilbert": ("DistilBertConfig", "DistilBertModel",
                    dict(dim=32, n_layers=4, n_heads=4, hidden_dim=64, vocab_size=VOCAB_SIZE,
                         max_position_embeddings=128, pad_token_id=0)),
-    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel,
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel",
              dict(n_embd=32, n_layer=4, n_head=4, n_inner=64, vocab_size=VOCAB_SIZE, n_positions=128,
                   bos_token_id=2, eos_token_id=3)),
     # grouped-query attention: 4 query heads read 2 key/value heads
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {**_DECODER, "num_key_value_heads": 2}),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {**_DECODER, "num_key_value_heads": 2}),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {**_DECODER, "num_key_value_heads": 2}),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {**_DECODER, "num_key_value_heads": 2}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {**_DECODER, "num_key_value_heads": 2}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {**_DECODER, "num_key_value_heads": 2}),
     # MPNet: one per-head relative attention bias outside the blocks, read by every layer
-    "mpnet": (transformers.MPNetConfig, transformers.MPNetModel, _ENCODER),
+    "mpnet": ("MPNetConfig", "MPNetModel", _ENCODER),
     # DeBERTa-v3 style: disentangled attention through the layers' own key/query projections
-    "deberta-v2": (transformers.DebertaV2Config, transformers.DebertaV2Model,
+    "deberta-v2": ("DebertaV2Config", "DebertaV2Model",
                    {**_ENCODER, "relative_attention": True, "pos_att_type": ["p2c", "c2p"], "position_buckets": 8,
                     "max_relative_positions": -1, "position_biased_input": False, "norm_rel_ebd": "layer_norm",
                     "share_att_key": True}),
     # ELECTRA: embeddings narrower than the blocks, projected up
-    "electra": (transformers.ElectraConfig, transformers.ElectraModel, {**_ENCODER, "embedding_size": 16}),
+    "electra": ("ElectraConfig", "ElectraModel", {**_ENCODER, "embedding_size": 16}),
     # ModernBERT: fused Wqkv, GLU Wi, global attention every 2nd layer, local window elsewhere
-    "modernbert": (transformers.ModernBertConfig, transformers.ModernBertModel,
+    "modernbert": ("ModernBertConfig", "ModernBertModel",
                    {**_ENCODER, "global_attn_every_n_layers": 2, "local_attention": 8, "bos_token_id": 2,
                     "eos_token_id": 3, "cls_token_id": 2, "sep_token_id": 3}),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {**_DECODER, "num_key_value_heads": 2, "head_dim": 8}),
-    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, {**_DECODER, "num_key_value_heads": 2, "head_dim": 8}),
-    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**_DECODER, "num_key_value_heads": 2, "head_dim": 8}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {**_DECODER, "num_key_value_heads": 2, "head_dim": 8}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
                {**_DECODER, "num_key_value_heads": 2, "head_dim": 8, "sliding_window": 8}),
-    "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                     {**_DECODER, "num_key_value_heads": 2, "head_dim": 8, "sliding_window": 8}),
     # Phi-3: fused qkv_proj with unequal query and key/value widths, fused gate_up_proj
-    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {**_DECODER, "num_key_value_heads": 2}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {**_DECODER, "num_key_value_heads": 2}),
     # GPT-NeoX: query_key_value interleaved per head
-    "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM, _DECODER),
-    "opt": (transformers.OPTConfig, transformers.OPTForCausalLM,
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", _DECODER),
+    "opt": ("OPTConfig", "OPTForCausalLM",
             dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, ffn_dim=64, vocab_size=VOCAB_SIZE,
                  max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3, word_embed_proj_dim=32)),
 }
@@ -85,7 +86,8 @@ def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
 
 def make_model(family: str, seed: int = 0, **overrides):
     """A tiny randomly initialised model of ``family`` (about 0.1 s)."""
-    config_cls, model_cls, kwargs = FAMILIES[family]
+    config_name, model_name, kwargs = FAMILIES[family]
+    config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**{**kwargs, **overrides}))
     # Random init gives norms weight 1 / bias 0 and linear biases 0; perturb every vector so tests
@@ -103,6 +105,21 @@ def save_model(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
     make_model(family, seed, **overrides).save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder
+
+
+class TinyModelDirs(dict):
+    """family -> folder of a tiny seeded model with its tokenizer, each saved the first time a
+    test asks for it, so a test run builds only the families its tests use."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = Path(root)
+
+    def __missing__(self, family: str) -> Path:
+        if family not in FAMILIES:
+            raise KeyError(family)
+        folder = self[family] = save_model(family, self.root / family)
+        return folder
 
 
 #: Families every default test run covers: a BERT encoder, GPT-2's Conv1D, Llama's grouped-query
