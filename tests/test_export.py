@@ -33,7 +33,7 @@ from compressor.pruning import PruneConfig, prune
 from compressor.quantization import method_config
 from compressor.sharing import ShareConfig, share
 
-#: Every declared family (each tiny model exports in about a second).
+#: Every declared family (each tiny model exports in about a second; those outside CORE_FAMILIES with -m slow).
 EXPORTED = sorted(FAMILIES)
 DECODERS = {"gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "opt"}
 #: Not the export's built-in check sentences: the tests look at text the export never saw.
@@ -176,7 +176,7 @@ def task_of(family: str) -> str:
 # --- fp32 and int8 on every family ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", EXPORTED)
+@pytest.mark.parametrize("family", by_family(EXPORTED))
 def test_fp32_export_equals_pytorch_through_ortmodel(family, tiny_dirs, exported):
     record, folder = exported(family)
     m = record.metrics
@@ -201,7 +201,7 @@ def test_fp32_export_equals_pytorch_through_ortmodel(family, tiny_dirs, exported
     assert ops["int8"] == 0 and ops["float"] == m["projections"]["on_weights"] == m["projections"]["float_on_weights"] > 0
 
 
-@pytest.mark.parametrize("family", EXPORTED)
+@pytest.mark.parametrize("family", by_family(EXPORTED))
 def test_int8_export_quantizes_every_projection(family, tiny_dirs, exported):
     (fp32, fp32_folder), (record, folder) = exported(family), exported(family, "int8")
     m = record.metrics
