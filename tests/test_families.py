@@ -37,7 +37,9 @@ def recipe(family: str) -> str:
 """
 
 
-@pytest.mark.parametrize("family", by_family(FAMILIES))
+# DeBERTa-v2 (~10 s) runs with -m slow: by default its sharing and export run in test_export
+# and its refusals in test_prune, and the recipe's stages on the other core families here
+@pytest.mark.parametrize("family", by_family(FAMILIES, slow={"deberta-v2"}))
 def test_every_stage_runs_on_every_family(family, tiny_dirs, tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(recipe(family))

@@ -128,8 +128,8 @@ class TinyModelDirs(dict):
 CORE_FAMILIES = ("bert", "gpt2", "llama", "deberta-v2")
 
 
-def by_family(families) -> list:
-    """``families`` as test parameters, those outside `CORE_FAMILIES` marked slow."""
+def by_family(families, slow=()) -> list:
+    """``families`` as test parameters, those outside `CORE_FAMILIES` or in ``slow`` marked slow."""
     import pytest
 
-    return [f if f in CORE_FAMILIES else pytest.param(f, marks=pytest.mark.slow) for f in families]
+    return [f if f in CORE_FAMILIES and f not in slow else pytest.param(f, marks=pytest.mark.slow) for f in families]
