@@ -29,7 +29,7 @@ from ..models import LoadedModel, unique_parameters
 from ..models.heads import pick_task
 from ..models.pooling import SentenceEmbedding
 from ..onnx.graph import save_model
-from ..quantization.config import GRAPH_KINDS, QuantMethod, methods
+from ..quantization.config import QuantMethod, methods
 from ..record import StageRecord
 from .config import ORT_CLASSES, ExportConfig
 from .optimum import export_onnx
@@ -97,7 +97,7 @@ def check_options(name: str, task: str, config: ExportConfig, quantize: QuantMet
     decoder = task in ("text-generation", "text-generation-with-past")
     if config.optimize and not (task == "feature-extraction" or decoder):
         raise ConfigError(f"--optimize runs onnxruntime's encoder or decoder fusions; {name} is exported as {task}")
-    kind = GRAPH_KINDS[1] if decoder else GRAPH_KINDS[0]
+    kind = "decoder" if decoder else "encoder"
     if quantize is not None and config.optimize > quantize.optimize.get(kind, 0):
         able = [n for n, cls in methods().items() if cls.optimize.get(kind, 0) >= config.optimize]
         use = ", ".join(able[:-1]) + " or " + able[-1] if len(able) > 1 else "".join(able) or "no --quantize"

@@ -34,9 +34,6 @@ from ..errors import ConfigError
 ACCURACY_LEVELS = (1, 2, 3, 4)
 #: Bits of embedding tables stored as blocks (`grids.rows.TABLE_BITS`).
 EMBEDDING_BITS = (8, 4)
-#: The graphs an export can quantize after ``--optimize``: an encoder's (fused attention holds
-#: its projections) and a decoder's (GroupQueryAttention takes the projections' outputs).
-GRAPH_KINDS = ("encoder", "decoder")
 
 
 @dataclass(kw_only=True)
@@ -54,7 +51,8 @@ class QuantMethod(TextFormat, StageConfig):
     summary: ClassVar[str] = ""
     #: The default of ``min_cosine``.
     default_min_cosine: ClassVar[float] = 0.9
-    #: Graph kind -> the highest ``--optimize`` level whose fused graph the method quantizes.
+    #: ``encoder`` / ``decoder`` -> the highest ``--optimize`` level whose fused graph the method
+    #: quantizes (an encoder's fused attention holds its projections; a decoder's takes their outputs).
     optimize: ClassVar[dict[str, int]] = {"encoder": 0, "decoder": 0}
     #: Every projection on a weight must come out quantized (the storage check enforces it).
     every_projection: ClassVar[bool] = False
@@ -275,6 +273,6 @@ def method_option_specs() -> list[OptionSpec]:
     return out
 
 
-__all__ = ["ACCURACY_LEVELS", "BlockTables", "CalibrationText", "EMBEDDING_BITS", "GRAPH_KINDS", "METHODS",
+__all__ = ["ACCURACY_LEVELS", "BlockTables", "CalibrationText", "EMBEDDING_BITS", "METHODS",
            "QuantMethod", "calibrator_for", "handler_for", "method_config", "method_option_specs", "methods",
            "register_method", "unregister_method"]
