@@ -104,6 +104,15 @@ def staged_folder(path: str | Path, *, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def scratch(folder: str | Path) -> Iterator[Path]:
+    """A temporary folder inside ``folder``, removed after the block: for tools that read and
+    write files (onnxruntime's optimizers and quantizers) while the output is staged, so that
+    nothing is left anywhere else."""
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        yield Path(tmp)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

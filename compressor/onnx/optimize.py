@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
-import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 import onnx
 
 from ..errors import ExportError, first_line
-from ..io import quiet
+from ..io import quiet, scratch
 from .graph import merge_identical_initializers, stored_elements
 
 #: The fused operators an optimized graph is described by.
@@ -58,8 +57,7 @@ def optimize_graph(model: onnx.ModelProto, level: int, folder: Path) -> tuple[on
     from optimum.onnxruntime import ORTOptimizer
     from optimum.onnxruntime.configuration import OptimizationConfig
 
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # optimum reads and writes files
-        tmp = Path(tmp)
+    with scratch(folder) as tmp:  # optimum reads and writes files
         onnx.save(model, str(tmp / "model.onnx"))
         shutil.copy(folder / "config.json", tmp / "config.json")
         try:
@@ -99,10 +97,10 @@ def optimize_decoder_graph(model: onnx.ModelProto, level: int, model_type: str, 
     options.enable_embed_layer_norm = False  # would change the graph's inputs
     options.enable_rotary_embeddings = level >= 2
     try:
-        with tempfile.TemporaryDirectory(dir=folder) as tmp, warnings.catch_warnings(), \
+        with scratch(folder) as tmp, warnings.catch_warnings(), \
                 contextlib.redirect_stdout(io.StringIO()), quiet("", "onnxruntime"):
             warnings.simplefilter("ignore")
-            path = Path(tmp) / "model.onnx"
+            path = tmp / "model.onnx"
             onnx.save(model, str(path))
             optimizer = optimize_model(str(path), model_type=kind, num_heads=0, hidden_size=0, opt_level=0,
                                        optimization_options=options)

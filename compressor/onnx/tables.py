@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..grids.rows import TABLE_BITS, half_scales, hot_row_order, quantize_rows  # noqa: F401  (TABLE_BITS: re-exported)
+from ..grids.rows import hot_row_order, quantize_rows
 from .graph import attribute, drop_unused_initializers, read_values, runtime_schema
 
 

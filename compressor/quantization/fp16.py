@@ -4,9 +4,7 @@ float32 inputs and outputs kept)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     import onnx

@@ -17,9 +17,7 @@ import logging
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     import onnx
@@ -253,7 +251,7 @@ def _dynamic_int8(model, nodes: list[str], context: QuantizeContext):
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from .stage import scratch
+    from ..io import scratch
 
     with scratch(context.folder) as tmp:
         path = tmp / "model.onnx"

@@ -21,9 +21,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     import onnx
@@ -32,7 +30,8 @@ from ..config import check_choice, choice
 from ..errors import CompressError, ConfigError, ExportError, first_line
 from .config import BlockTables, CalibrationText, QuantMethod, register_method
 from .presets import ISAS, host_isa, optimum_preset
-from .stage import QuantizeContext, scratch
+from ..io import scratch
+from .stage import QuantizeContext
 
 #: Which int8 projection inputs ``per_token`` rounds with a range per token: every one that can
 #: take it, or only the FFN down-projections' (the GELU / SwiGLU outputs, whose outlier tokens

@@ -3,14 +3,9 @@ exported ONNX graph, dispatched to the method's handler through the registry (`c
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import onnx
@@ -41,14 +36,6 @@ class QuantizeContext:
     input_names: tuple[str, ...] = ()
     dynamic_scopes: tuple[str, ...] = ()
     plan: Any = None
-
-
-@contextlib.contextmanager
-def scratch(folder: Path) -> Iterator[Path]:
-    """A folder for onnxruntime's and optimum's quantizers, which read and write files; inside
-    the export's own staging folder, so nothing is left elsewhere."""
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        yield Path(tmp)
 
 
 def calibrate(config: QuantMethod, loaded, model) -> Any:
