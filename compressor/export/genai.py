@@ -241,23 +241,30 @@ def _probe(model, adapter, blocks) -> _Probe:
 
 def _embedding_inputs(probe: _Probe, embed: torch.Tensor, base, context: int) -> tuple[float, np.ndarray | None]:
     """The scale on the token rows and the learned position table (``None``: none), read off
-    what the first block received."""
+    what the first block received: ``scale * token rows (+ table rows from an offset)``."""
     h = probe.block_input
     e = embed.detach().float()[probe.ids]
-    scale = float((h * e).sum() / (e * e).sum())
-    if torch.allclose(h, scale * e, atol=1e-3, rtol=1e-3):
+
+    def scaled(rest: torch.Tensor) -> float | None:
+        scale = float((rest * e).sum() / (e * e).sum())
+        return scale if torch.allclose(rest, scale * e, atol=1e-3, rtol=1e-3) else None
+
+    scale = scaled(h)
+    if scale is not None:
         return scale, None
     for module in base.modules():
         if not isinstance(module, torch.nn.Embedding) or module.weight is embed or module.weight.shape[1] != e.shape[1]:
             continue
         table = module.weight.detach().float()
-        for offset in range(4):
+        for offset in range(4):  # OPT and BioGPT count positions from 2
             rows = table[offset:offset + len(probe.ids)]
-            if len(rows) == len(probe.ids) and torch.allclose(h - e, rows, atol=1e-3, rtol=1e-3):
-                positions = table[offset:offset + context]
-                return 1.0, positions.numpy()
-    raise UnsupportedModelError("the first block's input is neither the scaled token rows nor the token rows plus "
-                                "a learned position table")
+            if len(rows) == len(probe.ids) and (scale := scaled(h - rows)) is not None:
+                if len(table) - offset < context:
+                    raise UnsupportedModelError(f"its position table holds {len(table) - offset} positions for a "
+                                                f"context of {context}")
+                return scale, table[offset:offset + context].numpy()
+    raise UnsupportedModelError("the first block's input is neither the scaled token rows nor those plus a learned "
+                                "position table")
 
 
 def _rotary(probe: _Probe, base, context: int) -> tuple[list, dict[int, int], bool]:
@@ -387,7 +394,10 @@ def _lora(module, rows):
 
 
 def _stacked_lora(loras, out, parts):
-    """Several roles' deltas as one: their ``A``s stacked, their ``B``s block-diagonal."""
+    """Several roles' deltas as the writer packs them: a pair per role where every role has one;
+    else one pair, the ``A``s stacked and the ``B``s block-diagonal (zeros where a role has none)."""
+    if all(x is not None for x in loras):
+        return list(loras)
     in_features = module_weight(parts[0][0]).shape[1]
     a = np.concatenate([x[0] if x is not None else np.zeros((0, in_features), np.float32) for x in loras])
     b = np.zeros((sum(out), a.shape[0]), np.float32)
@@ -410,12 +420,15 @@ class BlockEncoder:
     def __init__(self, quantize, plan, parts: dict, head_bits: int):
         self.q, self.plan, self.parts, self.head_bits = quantize, plan, parts, head_bits
         self.module_keys: dict[int, str] = {}
-        self.counts = {"fitted": 0, "int8": 0, "rtn": 0}
+        self.counts = {"fitted": 0, "int8": 0, "rtn": 0, "lora_factors": 0}
 
     def __call__(self, key: Hashable, w: np.ndarray):
         from ..onnx.genai import Blocks
 
         bs = self.q.block_size
+        if key[0] == "lora":  # a delta's factor: 8-bit blocks (its rank side is narrower than int4 blocks pay off)
+            self.counts["lora_factors"] += 1
+            return _symmetric(w, 8, bs if w.shape[1] >= bs else 16)
         if key in (("lm_head",), ("tied_embeddings",)):
             return _symmetric(w, self.head_bits, bs)
         parts = self.parts.get(key)
@@ -560,7 +573,10 @@ def check_genai(folder: Path, model, tokenizer, texts: list[str], lengths: list[
     """
     og = genai_runtime()
     runtime = og.Model(str(folder))
-    ids_all = tokenizer(" ".join(texts), return_tensors="pt")["input_ids"][0]
+    from ..io import quiet
+
+    with quiet("transformers"):  # the joined texts run past the model's length: only a prefix is used
+        ids_all = tokenizer(" ".join(texts), return_tensors="pt")["input_ids"][0]
     rows, generation = [], None
     for length in dict.fromkeys(min(n, context_length - steps - 1, len(ids_all)) for n in lengths):
         prompt = ids_all[:length]
@@ -649,3 +665,111 @@ def context_length(loaded, model) -> int:
     """The longest sequence the genai folder is made for (its rotary tables' length)."""
     limit = loaded.adapter.max_positions(model.config)
     return int(limit or 4096)
+
+
+# --- the stage --------------------------------------------------------------------------------
+def choose_layout(loaded, task: str, config, quantize) -> tuple[str, str]:
+    """The layout an export writes and why (`ExportConfig.layout`).
+
+    Raises:
+        ConfigError, UnsupportedModelError: ``--layout genai`` asked where it cannot be written.
+    """
+    if config.layout == "optimum":
+        return "optimum", "--layout optimum"
+    refusal = genai_refusal(loaded, quantize)
+    if config.layout == "genai":
+        if refusal:
+            raise (UnsupportedModelError if "--" not in refusal.split(";")[0] else ConfigError)(refusal)
+        if config.task not in ("auto", "text-generation-with-past"):
+            raise ConfigError(f"--layout genai writes a decoder with its KV cache; --task {config.task} is optimum's "
+                              "layout (--layout optimum)", option="task")
+        if config.optimize:
+            raise ConfigError("--optimize runs onnxruntime's optimizer on optimum's graph; the genai layout is written "
+                              "fused already", option="optimize")
+        genai_runtime()
+        return "genai", "--layout genai"
+    if not task.startswith("text-generation"):
+        return "optimum", f"{task} is optimum's layout"
+    if config.task != "auto":
+        return "optimum", f"--task {config.task} names optimum's layout"
+    if config.optimize:
+        return "optimum", "--optimize runs on optimum's graph"
+    if refusal:
+        return "optimum", refusal
+    try:
+        genai_runtime()
+    except ConfigError as e:
+        return "optimum", str(e)
+    return "genai", "a decoder with its cache: onnxruntime-genai's layout decodes fastest on CPUs"
+
+
+def export_genai(loaded, config, output: Path, quantize, *, overwrite: bool, reason: str, start: float):
+    """`compress export` in the genai layout: the model read through its adapter, written in
+    ``output`` (staged: nothing appears unless it passes `check_genai` and the storage check)."""
+    from ..data import calibration_texts
+    from ..io import staged_folder, write_text_atomic
+    from ..models import unique_parameters
+    from ..record import StageRecord
+    from .stage import traced_model
+
+    model, _ = traced_model(loaded, "text-generation-with-past", config)
+    params, nbytes = unique_parameters(model)
+    plan = None
+    if quantize is not None:
+        from ..quantization.stage import calibrate
+
+        plan = calibrate(quantize, loaded, model)
+    texts = calibration_texts(config.check_data, text_column=config.text_column, encoding=config.encoding)
+    context = context_length(loaded, model)
+    with staged_folder(output, overwrite=overwrite) as tmp:
+        graph = write_genai(tmp, loaded, model, quantize, plan, config.opset, context)
+        stored, projections = check_genai_storage(tmp / "model.onnx", model, params, graph)
+        check = check_genai(tmp, model, loaded.tokenizer, texts, config.check_lengths, config.generation_check,
+                            config, quantize, context)
+        file_bytes = sum(f.stat().st_size for f in (tmp / "model.onnx", tmp / "model.onnx.data") if f.is_file())
+        if plan is not None and plan.info:
+            graph["calibration"] = dict(plan.info)
+        metrics = {
+            "model": loaded.name, "task": "text-generation-with-past", "layout": "genai", "layout_reason": reason,
+            "ort_class": "onnxruntime_genai.Model", "precision": quantize.name if quantize else "fp32",
+            "opset": config.opset, "inputs": ["input_ids", "attention_mask"], "file_bytes": file_bytes,
+            "stored_numbers": stored, "projections": projections, "graph": graph, "check": check,
+            "sharing": bool(loaded.sharing), "context_length": context,
+            "kv_cache": {"exported": True, "layout": "GroupQueryAttention; past and present share one buffer"},
+        }
+        record = StageRecord.build("export", {**config.to_dict(), "quantize": quantize.to_dict() if quantize else None},
+                                   before=(params, nbytes), after=(stored, file_bytes), metrics=metrics, started=start)
+        record.seconds = round(record.seconds, 2)
+        write_text_atomic(tmp / "export_report.json", json.dumps(record.to_dict(), indent=2))
+    return record
+
+
+def check_genai_storage(path: Path, model, params: int, graph: dict) -> tuple[int, dict[str, int]]:
+    """The numbers the file stores and how its projections read their weights; an export that
+    stores more numbers than the model has (a weight its layers share written per layer) fails.
+
+    Raises:
+        ExportError: that.
+    """
+    import onnx
+
+    from ..onnx.graph import stored_elements
+
+    proto = onnx.load(str(path), load_external_data=False)
+    stored = stored_elements(proto)
+    inits = {t.name for t in proto.graph.initializer}
+    readers: dict[str, list[str]] = {}
+    for node in proto.graph.node:
+        if node.op_type in ("MatMulNBits", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
+            readers.setdefault(node.input[1], []).append(node.op_type)
+    del proto
+    lora = [w for w in readers if ".lora_" in w]
+    weights = {w: ops for w, ops in readers.items() if w not in lora}
+    allowed = params + sum(b.numel() for b in model.buffers()) + graph["rotary_numbers"]
+    if stored > allowed * 1.01 + 1024:
+        raise ExportError(f"the genai file stores {stored:,} numbers for {params:,} unique parameters: a shared weight "
+                          "was stored more than once")
+    return stored, {"weights": len(weights), "block_weights": sum(ops[0] == "MatMulNBits" for ops in weights.values()),
+                    "float_weights": sum(ops[0] == "MatMul" for ops in weights.values()),
+                    "reads_of_shared_weights": sum(len(ops) - 1 for ops in weights.values()),
+                    "lora_matmuls": sum(len(readers[w]) for w in lora)}

@@ -6,12 +6,20 @@ from __future__ import annotations
 def export_summary_rows(record) -> list[tuple[str, str]]:
     m = record.metrics
     check, proj = m["check"], m["projections"]
+    if m.get("layout") == "genai":
+        loads = "onnxruntime-genai layout (loads with onnxruntime_genai.Model)"
+        shared = f", {proj['reads_of_shared_weights']} more reads of shared ones" if proj["reads_of_shared_weights"] else ""
+        lora = f", {proj['lora_matmuls']} LoRA delta MatMuls beside them" if proj["lora_matmuls"] else ""
+        projections = f"{proj['weights']} weights stored ({proj['block_weights']} in blocks){shared}{lora}"
+    else:
+        loads = f"{m['task']} (loads with optimum.onnxruntime.{m['ort_class']})"
+        projections = f"{proj['on_weights']} on weights, {proj['on_weights'] - proj['float_on_weights']} of them quantized"
     rows = [
-        ("task", f"{m['task']} (loads with optimum.onnxruntime.{m['ort_class']})"),
+        ("layout", loads),
         ("precision", m["precision"]),
         ("file", f"{m['file_bytes'] / 2**20:.1f} MiB ({m['file_bytes']:,} bytes)"),
         ("stored numbers", f"{record.params_after:,} for {record.params_before:,} unique parameters"),
-        ("projections", f"{proj['on_weights']} on weights, {proj['on_weights'] - proj['float_on_weights']} of them quantized"),
+        ("projections", projections),
     ]
     rows += _graph_rows(m["graph"]) + _check_rows(m, check)
     rows.append(("time", f"{record.seconds:.1f} s"))
@@ -21,6 +29,14 @@ def export_summary_rows(record) -> list[tuple[str, str]]:
 def _graph_rows(graph: dict) -> list[tuple[str, str]]:
     """What the passes and the quantization did to the graph, where it says anything."""
     rows = []
+    blocks = graph.get("blocks")
+    if blocks:
+        bits = ", ".join(f"{n} in {b}-bit" for b, n in sorted(graph["bits"].items()))
+        rows.append(("blocks", f"{bits} blocks of {blocks['block_size']} (accuracy level {blocks['accuracy_level']}): "
+                               f"{blocks['fitted']} fitted by calibration, {blocks['int8']} kept in 8 bits, "
+                               f"{blocks['rtn']} rounded to nearest; output head {blocks['head_bits']}-bit"
+                               + (f"; {blocks['lora_factors']} LoRA factors in 8-bit blocks" if blocks.get("lora_factors")
+                                  else "")))
     trained = graph.get("trained_grid")
     if trained:
         off = f"; {trained['off_grid']} off it rounded" if trained.get("off_grid") else ""

@@ -63,6 +63,11 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
     if config.task == "auto" and task == "text-generation":
         task = "text-generation-with-past"  # what a user generating with optimum expects
     check_options(loaded.name, task, config, quantize)
+    from .genai import choose_layout, export_genai
+
+    layout, reason = choose_layout(loaded, task, config, quantize)
+    if layout == "genai":
+        return export_genai(loaded, config, output, quantize, overwrite=overwrite, reason=reason, start=start)
     model, ffn_down = traced_model(loaded, task, config)
     params, nbytes = unique_parameters(model)
     texts = calibration_texts(config.check_data, text_column=config.text_column, encoding=config.encoding)
@@ -71,7 +76,7 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
         from ..quantization.stage import calibrate
 
         plan = calibrate(quantize, loaded, model)
-    job = _Job(loaded, model, task, config, quantize, texts, params, ffn_down, plan)
+    job = _Job(loaded, model, task, config, quantize, texts, params, ffn_down, plan, reason)
 
     with staged_folder(output, overwrite=overwrite) as tmp:
         kv_cache = None
@@ -134,6 +139,7 @@ class _Job:
     params: int
     ffn_down: tuple[str, ...]
     plan: Any
+    layout_reason: str = ""
 
 
 @dataclass
@@ -261,7 +267,7 @@ def _record(job: _Job, written: _Written, kv_cache: dict | None, file_bytes: int
             graph["calibration"] = info
     quantize = job.quantize
     metrics: dict[str, Any] = {
-        "model": job.loaded.name, "task": job.task, "ort_class": ORT_CLASSES[job.task],
+        "model": job.loaded.name, "task": job.task, "layout": "optimum", "layout_reason": job.layout_reason, "ort_class": ORT_CLASSES[job.task],
         "precision": quantize.name if quantize else "fp32", "opset": job.config.opset,
         "inputs": written.input_names, "file_bytes": file_bytes, "stored_numbers": written.stored,
         "projections": written.projections, "graph": graph, "check": written.check,

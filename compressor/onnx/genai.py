@@ -71,13 +71,14 @@ class Projection:
         weight: ``(out, in)`` float32, or a function that makes it (called once per key, when
             the first projection with that key is written).
         bias: ``(out,)`` or ``None``.
-        lora: A low-rank delta ``(A (rank, in), B (out, rank))``, its scaling in ``B``.
+        lora: A low-rank delta ``(A (rank, in), B (out, rank))``, its scaling in ``B``; for a
+            packed projection, one such pair per packed part (its rows of the output, in order).
     """
 
     key: Hashable
     weight: np.ndarray | Callable[[], np.ndarray]
     bias: np.ndarray | None = None
-    lora: tuple[np.ndarray, np.ndarray] | None = None
+    lora: tuple[np.ndarray, np.ndarray] | list[tuple[np.ndarray, np.ndarray]] | None = None
 
 
 @dataclass
@@ -212,7 +213,7 @@ class GenaiGraph:
         self.consts: dict[tuple, str] = {}
         self.stored: dict[Hashable, tuple[str, Blocks | None, tuple[int, int]]] = {}
         self.counts = {"projections": 0, "stored_weights": 0, "block_weights": 0, "float_weights": 0,
-                       "lora_deltas": 0, "bits": {}}
+                       "lora_deltas": 0, "bits": {}, "rotary_numbers": 0}
         self.data: _ExternalData | None = None
 
     # --- small helpers ---------------------------------------------------------------------
@@ -276,14 +277,34 @@ class GenaiGraph:
         if projection.bias is not None:
             (y,) = self.node("Add", [y, self.init(projection.bias.astype(np.float32), f"{name}.bias")], f"{name}/Add")
         if projection.lora is not None:
-            a, b = projection.lora
-            self.counts["lora_deltas"] += 1
-            (low,) = self.node("MatMul", [x, self.init(np.ascontiguousarray(a.T, np.float32), f"{name}.lora_A")],
-                               f"{name}/lora_A/MatMul")
-            (delta,) = self.node("MatMul", [low, self.init(np.ascontiguousarray(b.T, np.float32), f"{name}.lora_B")],
-                                 f"{name}/lora_B/MatMul")
-            (y,) = self.node("Add", [y, delta], f"{name}/lora/Add")
+            (y,) = self.node("Add", [y, self._delta(x, projection.lora, name)], f"{name}/lora/Add")
         return y
+
+    def _delta(self, x: str, lora, name: str) -> str:
+        """A low-rank delta ``x A^T B^T``; for a packed projection the parts' ``A``s in one
+        MatMul, its output split by rank, each part's ``B``, the results concatenated."""
+        self.counts["lora_deltas"] += 1
+        pairs = [lora] if isinstance(lora, tuple) else list(lora)
+        a = np.concatenate([p[0] for p in pairs])
+        (low,) = self.node_matmul(x, a, f"{name}.lora_A", f"{name}/lora_A")
+        if len(pairs) == 1:
+            return self.node_matmul(low, pairs[0][1], f"{name}.lora_B", f"{name}/lora_B")[0]
+        ranks = [p[0].shape[0] for p in pairs]
+        parts = self.node("Split", [low, self.const(ranks)], f"{name}/lora_A/Split", outputs=len(pairs), axis=-1)
+        outs = [self.node_matmul(part, b, f"{name}.lora_B.{j}", f"{name}/lora_B.{j}")[0]
+                for j, (part, (_, b)) in enumerate(zip(parts, pairs))]
+        return self.node("Concat", outs, f"{name}/lora_B/Concat", axis=-1)[0]
+
+    def node_matmul(self, x: str, w: np.ndarray, weight: str, name: str) -> list[str]:
+        """``x w^T`` for a delta's factor ``w`` ``(out, in)``, stored as the encoder says (its key:
+        ``("lora", weight)``): 8-bit blocks beside int4 projections, else float32."""
+        blocks = self.encode(("lora", weight), np.asarray(w, np.float32))
+        if blocks is None:
+            return self.node("MatMul", [x, self.init(np.ascontiguousarray(w.T, np.float32), weight)], f"{name}/MatMul")
+        inputs = [x, self.init(blocks.packed, f"{weight}_Q{blocks.bits}"),
+                  self.init(blocks.scales.reshape(-1).astype(np.float32), f"{weight}_scales")]
+        return self.node("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=_MS, K=w.shape[1], N=w.shape[0],
+                         bits=blocks.bits, block_size=blocks.block_size, accuracy_level=self.accuracy_level)
 
     # --- norms -----------------------------------------------------------------------------
     def norm(self, x: str, norm: Norm, name: str) -> str:
@@ -385,6 +406,7 @@ class GenaiGraph:
         (length,) = self.node("Gather", [shape, self.const(1)], "/model/attn_mask/Gather", axis=0)
         self.node("Cast", [length], "/model/attn_mask/total_seq_len", outputs=["total_seq_len"], to=TensorProto.INT32)
         for i, (cos, sin) in enumerate(self.d.rotary):
+            self.counts["rotary_numbers"] += cos.size + sin.size
             self.init(np.asarray(cos, np.float32), f"cos_cache.{i}" if i else "cos_cache")
             self.init(np.asarray(sin, np.float32), f"sin_cache.{i}" if i else "sin_cache")
 
