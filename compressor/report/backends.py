@@ -136,6 +136,95 @@ class OnnxBackend(Backend):
         return self._generator
 
 
+class GenaiBackend(Backend):
+    """A folder in onnxruntime-genai's layout (``genai_config.json``: compress's ``--layout
+    genai`` exports, onnxruntime-genai's own builder output), run by ``onnxruntime_genai``, the
+    runtime it is made for, with ``threads`` intra-op threads."""
+
+    def __init__(self, folder: str | Path, label: str, *, threads: int):
+        import onnx
+
+        from ..export.genai import genai_runtime
+        from ..models.loading import load_tokenizer
+        from ..onnx.graph import stored_elements
+
+        og = genai_runtime()
+        folder = Path(folder)
+        config = json.loads((folder / "genai_config.json").read_text())
+        file = folder / config["model"]["decoder"]["filename"]
+        self.label, self.path, self.task = label, str(folder), "text-generation"
+        self.size_bytes = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith(file.name))
+        graph = onnx.load(str(file), load_external_data=False)
+        self.parameters = stored_elements(graph)
+        self.kind = f"ONNX {_precision(graph)} (onnxruntime-genai)"
+        del graph
+        try:
+            settings = og.Config(str(folder))
+            settings.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+            self.model = og.Model(settings)
+        except Exception as e:  # noqa: BLE001  (the runtime's own RuntimeError)
+            raise CompressError(f"onnxruntime_genai cannot load {folder}: {first_line(e)}") from None
+        self.og = og
+        self.tokenizer = load_tokenizer(str(folder))
+
+    def _generator(self, length: int):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=length, do_sample=False)
+        return self.og.Generator(self.model, params)
+
+    def __call__(self, enc):
+        """Logits per row, each row's real tokens run alone (the runtime batches by its own
+        rules); padded positions are zeros."""
+        import numpy as np
+
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        rows = []
+        for row, keep in zip(ids, mask.bool()):
+            real = row[keep]
+            gen = self._generator(len(real) + 1)
+            gen.append_tokens(real.numpy().astype(np.int32)[None])
+            rows.append((keep, torch.from_numpy(np.asarray(gen.get_output("logits"), dtype=np.float32)[0])))
+        out = torch.zeros(*ids.shape, rows[0][1].shape[-1])
+        for i, (keep, logits) in enumerate(rows):
+            out[i, keep] = logits
+        return out
+
+    def generator(self):
+        return _GenaiGenerate(self)
+
+
+class _GenaiGenerate:
+    """transformers' ``generate`` (greedy, batch 1) over an onnxruntime-genai model, so that the
+    report times every layout alike: the prefill, then one step per token, in the runtime's loop."""
+
+    def __init__(self, backend: GenaiBackend):
+        self.backend = backend
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 1, min_new_tokens: int = 0,
+                 do_sample: bool = False, pad_token_id=None):
+        import numpy as np
+
+        gen = self.backend._generator(input_ids.shape[1] + max_new_tokens)
+        gen.append_tokens(input_ids.numpy().astype(np.int32))
+        new = []
+        while len(new) < max_new_tokens:
+            gen.generate_next_token()
+            new.append(int(gen.get_next_tokens()[0]))
+        return torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype)], dim=1)
+
+
+def load_backend(path: str | Path, label: str, *, threads: int, pooling: str = "mean") -> Backend:
+    """The backend a folder is measured with: onnxruntime-genai for its layout, an onnxruntime
+    session for another export, PyTorch for a model folder."""
+    if Path(path, "genai_config.json").is_file():
+        return GenaiBackend(path, label, threads=threads)
+    if Path(path, "model.onnx").is_file():
+        return OnnxBackend(path, label, threads=threads, pooling=pooling)
+    from ..models import load_model
+
+    return TorchBackend(load_model(path), label)
+
+
 def session_options(threads: int):
     """onnxruntime session options with ``threads`` intra-op threads, as every row runs."""
     import onnxruntime as ort

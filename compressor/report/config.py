@@ -38,6 +38,13 @@ class ReportConfig(SuiteConfig):
         generation_repeats: Causal LMs: timed generation runs per row, rows taking turns (medians).
         peak_memory: Causal LMs: measure each row's peak memory in a fresh process (a few
             seconds per row).
+        genai_builder: Causal LMs, with ``baselines``: the Python that runs onnxruntime-genai's
+            model builder (``python -m onnxruntime_genai.models.builder -p int4 -e cpu``, its
+            defaults) on the original, whose int4 build becomes the row ``onnxruntime-genai
+            builder int4``: the route a user deploying with onnxruntime-genai takes without
+            compress. Default: this Python, where the builder imports (onnxruntime-genai 0.18's
+            needs a transformers newer than optimum-onnx 0.1 allows, so it often runs from an
+            environment of its own); the report says why when the row is left out.
         suite: Encoders: score every row on the quality suite (several real tasks and neighbour
             agreement with the original; a few minutes per row at the default sizes).
     """
@@ -58,6 +65,7 @@ class ReportConfig(SuiteConfig):
     new_tokens: int = 64
     generation_repeats: int = 3
     peak_memory: bool = True
+    genai_builder: str | None = None
     suite: bool = False
 
     def __post_init__(self):

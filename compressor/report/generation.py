@@ -87,10 +87,13 @@ def generation(runners: list, config: ReportConfig) -> dict[str, dict[str, Any]]
         torch.set_num_threads(previous)
     result = {}
     for runner, out in zip(runners, tokens):
-        ttft, total = statistics.median(first[runner.label]), statistics.median(full[runner.label])
+        ttft = statistics.median(first[runner.label])
+        # each run's steps beyond its own turn's prefill (a difference of medians can be noise alone
+        # for a model whose steps take microseconds)
+        steps = statistics.median(f - t for f, t in zip(full[runner.label], first[runner.label]))
         same = float((out == tokens[0]).float().mean()) if out.shape == tokens[0].shape else 0.0
         result[runner.label] = {"ttft_ms": ttft * 1e3, "greedy_agreement": same,
-                                "decode_tokens_per_s": (config.new_tokens - 1) / max(total - ttft, 1e-9)}
+                                "decode_tokens_per_s": (config.new_tokens - 1) / steps if steps > 0 else None}
     return result
 
 
@@ -100,7 +103,7 @@ def peak_memory(runner, config: ReportConfig) -> dict[str, float]:
     Raises:
         CompressError: the process failed (its last line says why).
     """
-    kind = "onnx" if runner.kind.startswith("ONNX") else "torch"
+    kind = "genai" if "onnxruntime-genai" in runner.kind else "onnx" if runner.kind.startswith("ONNX") else "torch"
     args = [sys.executable, "-m", "compressor.report.generation", kind, runner.path, str(config.threads),
             str(config.prompt_tokens), str(config.new_tokens)]
     done = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
@@ -123,6 +126,11 @@ def _measure(kind: str, path: str, threads: int, prompt_tokens: int, new_tokens:
 
         loaded = load_model(path)
         model, tokenizer = loaded.model.float().eval(), loaded.tokenizer
+    elif kind == "genai":
+        from .backends import GenaiBackend
+
+        backend = GenaiBackend(path, "row", threads=threads)
+        model, tokenizer = backend.generator(), backend.tokenizer
     else:
         from ..models.loading import load_tokenizer
         from .backends import load_generator

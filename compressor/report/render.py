@@ -45,6 +45,10 @@ def markdown(result: dict[str, Any], *, title: str, command: str | None = None) 
            else f"greedy agreement with the original's {cfg['new_tokens']} new tokens (below)")
         + ("." if result["task"] == "text-generation" else f" on {min(cfg['fidelity_size'], cfg['test_size']):,} test texts."),
         "",
+    ]
+    for label, note in (prov.get("baselines") or {}).items():  # where a baseline came from, or why it is missing
+        lines += [f"Baseline {label}: {note}.", ""]
+    lines += [
         _row(head),
         "|" + "---|" * len(head),
     ]
@@ -86,12 +90,14 @@ def generation_table(result: dict[str, Any]) -> list[str]:
              "", _row(head), "|" + "---|" * len(head)]
     for r in rows:
         g = r["generation"]
-        cells = [r["label"], r["kind"], f"{g['ttft_ms']:.1f}", f"{g['decode_tokens_per_s']:.1f}",
+        rate = g["decode_tokens_per_s"]
+        cells = [r["label"], r["kind"], f"{g['ttft_ms']:.1f}", "too fast to time" if rate is None else f"{rate:.1f}",
                  f"{g['greedy_agreement']:.1%}"]
         if memory:
             cells += [f"{g['peak_rss_mib']:.0f}", f"{g['model_rss_mib']:.0f}"]
         if against:
-            cells += [f"{g['decode_vs_optimum_fp32']:.2f}x", f"{g['size_vs_optimum_fp32']:.2f}x"]
+            ratio = g["decode_vs_optimum_fp32"]
+            cells += ["-" if ratio is None else f"{ratio:.2f}x", f"{g['size_vs_optimum_fp32']:.2f}x"]
         lines.append(_row(cells))
     lines.append("")
     return lines

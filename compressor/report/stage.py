@@ -29,10 +29,11 @@ from ..models import LoadedModel
 from ..models.pooling import pool
 from .config import ReportConfig
 from .generation import generation, peak_memory
-from .backends import OnnxBackend, Backend, TorchBackend
+from .backends import Backend, GenaiBackend, OnnxBackend, TorchBackend, load_backend
 
 #: Row labels of the baselines.
 BASELINE_FP32, BASELINE_INT8 = "optimum ONNX fp32", "optimum ONNX int8"
+BASELINE_GENAI = "onnxruntime-genai builder int4"
 BASELINE_O2_FP32, BASELINE_O2_INT8 = "optimum O2 fp32", "optimum O2 int8"
 
 
@@ -68,6 +69,36 @@ def optimum_baselines(original: LoadedModel, folder: Path, task: str) -> dict[st
     if task != "text-generation":
         baselines.update(optimized_baselines(fp32, folder))
     return baselines
+
+
+def genai_builder_baseline(original: LoadedModel, folder: Path, config: ReportConfig) -> tuple[Path | None, str]:
+    """onnxruntime-genai's own int4 build of the original (``config.genai_builder``), and what
+    was done: the folder, or ``None`` and why the row is left out.
+
+    Raises:
+        CompressError: a builder named in ``config.genai_builder`` that fails.
+    """
+    import sys
+
+    python = config.genai_builder or sys.executable
+    probe = subprocess.run([python, "-c", "import onnxruntime_genai.models.builder"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        why = (probe.stderr.strip().splitlines() or ["it does not import"])[-1]
+        if config.genai_builder:
+            raise CompressError(f"--genai-builder {python}: onnxruntime-genai's builder does not import: {why}")
+        return None, f"onnxruntime-genai's builder does not import here ({why}); give --genai-builder PYTHON"
+    if not Path(original.source).is_dir():
+        return None, f"onnxruntime-genai's builder runs on a local folder; {original.source} is not one"
+    out = folder / "genai-builder-int4"
+    done = subprocess.run([python, "-m", "onnxruntime_genai.models.builder", "-i", original.source, "-o", str(out),
+                           "-p", "int4", "-e", "cpu", "-c", str(folder / "genai-builder-cache")],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        if config.genai_builder:
+            raise CompressError(f"onnxruntime-genai's builder failed on {original.source}: {why}")
+        return None, f"onnxruntime-genai's builder failed: {why}"
+    return out, f"{python} -m onnxruntime_genai.models.builder -i {original.source} -p int4 -e cpu"
 
 
 def _check_baseline_cache(folder: Path, original: LoadedModel) -> None:
@@ -269,7 +300,6 @@ def report(original: LoadedModel, variants: list[tuple[str, str]], config: Repor
         O2 int8); with ``config.suite``, ``suite``; for a causal LM, ``generation``.
     """
     from ..evaluation import EvaluateConfig, load_split
-    from ..models import load_model
 
     start = time.perf_counter()
     generates = check_request(original, config) == "text-generation"
@@ -284,11 +314,14 @@ def report(original: LoadedModel, variants: list[tuple[str, str]], config: Repor
         step("exporting the baselines the way optimum does (ONNX fp32, then int8)")
         for label, folder in optimum_baselines(original, work / "baselines", task).items():
             runners.append(OnnxBackend(folder, label, threads=config.threads, pooling=original.pooling))
+    notes: dict[str, str] = {}
+    if config.baselines and generates:
+        step("building the original with onnxruntime-genai's builder (int4, its defaults)")
+        builder, notes[BASELINE_GENAI] = genai_builder_baseline(original, work / "baselines", config)
+        if builder is not None:
+            runners.append(GenaiBackend(builder, BASELINE_GENAI, threads=config.threads))
     for label, path in variants:
-        if Path(path, "model.onnx").is_file():
-            runner: Backend = OnnxBackend(path, label, threads=config.threads, pooling=original.pooling)
-        else:
-            runner = TorchBackend(load_model(path), label)
+        runner = load_backend(path, label, threads=config.threads, pooling=original.pooling)
         if runner.task != task:
             raise CompressError(f"{label} computes {runner.task}, the original {task}; compare like with like")
         runners.append(runner)
@@ -312,7 +345,7 @@ def report(original: LoadedModel, variants: list[tuple[str, str]], config: Repor
         step_generation(runners, rows, config, step)
     compare(rows, task, largest=str(max(config.batch_sizes)))
     return {"task": task, "metric": rows[0]["metric"], "rows": rows, "config": config.to_dict(),
-            "provenance": provenance(config), "seconds": round(time.perf_counter() - start, 1)}
+            "provenance": {**provenance(config), "baselines": notes}, "seconds": round(time.perf_counter() - start, 1)}
 
 
 def compare(rows: list[dict[str, Any]], task: str, *, largest: str) -> None:
@@ -336,8 +369,8 @@ def compare(rows: list[dict[str, Any]], task: str, *, largest: str) -> None:
             row["speedup_vs_optimum_o2_int8"] = best["latency"][largest]["p50_ms"] / row["latency"][largest]["p50_ms"]
             row["size_vs_optimum_o2_int8"] = row["size_bytes"] / best["size_bytes"]
         if fp32 is not None and "generation" in row:  # a causal LM's targets are set against optimum's fp32 with past
-            row["generation"]["decode_vs_optimum_fp32"] = (row["generation"]["decode_tokens_per_s"]
-                                                           / fp32["generation"]["decode_tokens_per_s"])
+            rate, fp32_rate = row["generation"]["decode_tokens_per_s"], fp32["generation"]["decode_tokens_per_s"]
+            row["generation"]["decode_vs_optimum_fp32"] = rate / fp32_rate if rate and fp32_rate else None
             row["generation"]["size_vs_optimum_fp32"] = row["size_bytes"] / fp32["size_bytes"]
     for row in rows:
         row.pop("outputs", None)
