@@ -30,8 +30,8 @@ class ExportConfig(TextFormat, StageConfig):
             int4 ``MatMulNBits``, fused norms; ``genai_config.json``), loaded by
             ``onnxruntime_genai.Model``; fp32 or int4. ``auto`` (the default): ``genai`` for a
             decoder exported with its cache (no ``--task``, ``--optimize``, or a method other
-            than int4) that the genai layout can express, as it decodes about 3x faster on CPUs
-            than optimum's graph; ``optimum`` otherwise, the record saying why.
+            than int4) that the genai layout can express (the faster route on CPUs; figures in
+            docs/export.md); ``optimum`` otherwise, the record saying why.
         task: What the ONNX model computes; ``auto``: ``text-generation-with-past`` for causal LMs,
             ``text-classification`` for models with a classification head, else
             ``feature-extraction`` (token states; pooling is left to the caller, as optimum does).

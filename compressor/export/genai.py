@@ -703,16 +703,14 @@ def choose_layout(loaded, task: str, config, quantize) -> tuple[str, str]:
     return "genai", "a decoder with its cache: onnxruntime-genai's layout decodes fastest on CPUs"
 
 
-def export_genai(loaded, config, output: Path, quantize, *, overwrite: bool, reason: str, start: float):
-    """`compress export` in the genai layout: the model read through its adapter, written in
-    ``output`` (staged: nothing appears unless it passes `check_genai` and the storage check)."""
+def export_genai(loaded, model, config, output: Path, quantize, *, overwrite: bool, reason: str, start: float):
+    """`compress export` in the genai layout: ``model`` (``loaded``'s, in float32) read through its
+    adapter, written in ``output`` (staged: nothing appears unless it passes `check_genai` and the
+    storage check)."""
     from ..data import calibration_texts
     from ..io import staged_folder, write_text_atomic
     from ..models import unique_parameters
     from ..record import StageRecord
-    from .stage import traced_model
-
-    model, _ = traced_model(loaded, "text-generation-with-past", config)
     params, nbytes = unique_parameters(model)
     plan = None
     if quantize is not None:

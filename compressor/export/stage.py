@@ -66,9 +66,9 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
     from .genai import choose_layout, export_genai
 
     layout, reason = choose_layout(loaded, task, config, quantize)
-    if layout == "genai":
-        return export_genai(loaded, config, output, quantize, overwrite=overwrite, reason=reason, start=start)
     model, ffn_down = traced_model(loaded, task, config)
+    if layout == "genai":
+        return export_genai(loaded, model, config, output, quantize, overwrite=overwrite, reason=reason, start=start)
     params, nbytes = unique_parameters(model)
     texts = calibration_texts(config.check_data, text_column=config.text_column, encoding=config.encoding)
     plan = None
