@@ -124,6 +124,22 @@ def test_int4_blocks_and_tied_lookup(wide_dirs, tmp_path):
     assert m["file_bytes"] < fp32.metrics["file_bytes"] / 3  # the position table and the norms stay float
 
 
+def test_int4_choices_gptq_int8_exceptions_and_8bit_tables(wide_dirs, tmp_path):
+    """GPTQ's blocks, the most sensitive projections kept in 8 bits, an untied head and token table
+    in 8-bit blocks: each is what the graph stores."""
+    loaded = load_model(wide_dirs("llama"))
+    int4 = method_config("int4", block_size=16, int4_method="gptq", int8_share=0.2, embedding_bits=8)
+    record = export(loaded, ExportConfig(), tmp_path / "g", quantize=int4)
+    blocks = record.metrics["graph"]["blocks"]
+    assert blocks["int8"] >= 1 and blocks["fitted"] >= 1 and blocks["fitted"] + blocks["int8"] == 4 * 4
+    assert blocks["head_bits"] == 8 and record.metrics["check"]["mean_cosine"] >= 0.8
+    graph = onnx.load(str(tmp_path / "g" / "model.onnx"), load_external_data=False).graph
+    (lookup,) = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert next(a.i for a in lookup.attribute if a.name == "bits") == 8 and lookup.input[0].startswith("model.embed")
+    bits = Counter(next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits")
+    assert bits[8] == blocks["int8"] + 1 and bits[4] == blocks["fitted"]  # + the head
+
+
 def test_shared_layers_store_each_weight_once(wide_dirs, tmp_path):
     """4 layers in 2 groups with LoRA deltas: every shared projection is one initializer read by
     both layers, each layer's delta two float MatMuls beside it; fp32 decodes as PyTorch does,
@@ -188,11 +204,20 @@ def test_auto_layout_falls_back_to_optimum_and_says_why(tiny_dirs, tmp_path):
     (["--optimize", "2"], "--optimize runs onnxruntime's optimizer on optimum's graph"),
     (["--task", "text-generation"], "--task text-generation is optimum's layout"),
     (["--quantize", "int4", "--block-size", "24"], "power of two"),
+    (["--quantize", "int4", "--block-size", "512"], "MatMulNBits takes 16, 32, 64, 128, 256"),
 ])
 def test_bad_genai_options_fail_in_one_line(wide_dirs, tmp_path, args, says):
     result = run("export", wide_dirs("llama"), "--layout", "genai", *args, "-o", tmp_path / "out")
     assert result.exit_code == 2 and says in result.stderr and result.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_rotary_table_that_changes_with_length_is_refused(tmp_path):
+    """Dynamic NTK scaling recomputes the rotary table past the trained length: no fixed table
+    holds it. ``auto`` falls back to optimum's layout; ``--layout genai`` refuses, naming it."""
+    folder = save_model("llama", tmp_path / "dyn", hidden_size=64, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    result = run("export", folder, "--layout", "genai", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "rope_type dynamic" in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_genai_for_an_encoder_and_over_another_model(tiny_dirs, wide_dirs, tmp_path):

@@ -429,7 +429,7 @@ class BlockEncoder:
         if key[0] == "lora":  # a delta's factor: 8-bit blocks (its rank side is narrower than int4 blocks pay off)
             self.counts["lora_factors"] += 1
             return _symmetric(w, 8, bs if w.shape[1] >= bs else 16)
-        if key in (("lm_head",), ("tied_embeddings",)):
+        if key in (("lm_head",), ("tied_embeddings",), ("embed_tokens",)):
             return _symmetric(w, self.head_bits, bs)
         parts = self.parts.get(key)
         fitted, int8 = [], False

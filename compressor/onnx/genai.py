@@ -215,6 +215,7 @@ class GenaiGraph:
         self.counts = {"projections": 0, "stored_weights": 0, "block_weights": 0, "float_weights": 0,
                        "lora_deltas": 0, "bits": {}, "rotary_numbers": 0}
         self.data: _ExternalData | None = None
+        self._float_table: np.ndarray | None = None
 
     # --- small helpers ---------------------------------------------------------------------
     def node(self, op: str, inputs: Sequence[str], name: str, outputs: int | Sequence[str] = 1, domain: str = "",
@@ -354,8 +355,9 @@ class GenaiGraph:
     def _embeddings(self) -> tuple[str, None]:
         d = self.d
         tied = d.head is None
-        if tied and self._head_blocks() is not None:
-            stored, blocks, (v, k) = self._head_blocks()
+        lookup = self._head_blocks() if tied else self._table_blocks()
+        if lookup is not None:
+            stored, blocks, (v, k) = lookup
             scales = self.node("Reshape", [f"{stored}.weight_scales", self.const([v, -1, 1])],
                                "/model/embed_tokens/scales/Reshape")[0]
             inputs = [f"{stored}.weight_Q{blocks.bits}", "input_ids", scales]
@@ -386,11 +388,27 @@ class GenaiGraph:
         if d.head is None:
             stored, blocks, _ = self.weight(self._tied_projection(), "lm_head")
             return self.node("Transpose", [stored], "/model/embed_tokens/Transpose", perm=[1, 0])[0]
-        table = d.embed() if callable(d.embed) else d.embed
-        return self.init(np.asarray(table, np.float32), "model.embed_tokens.weight")
+        table, self._float_table = self._float_table, None
+        return self.init(table, "model.embed_tokens.weight")
 
     def _tied_projection(self) -> Projection:
         return Projection(key=("tied_embeddings",), weight=self.d.embed)
+
+    def _table_blocks(self):
+        """An untied token table in blocks (as the encoder stores ``("embed_tokens",)``), or
+        ``None`` to keep it float."""
+        d = self.d
+        table = np.asarray(d.embed() if callable(d.embed) else d.embed, np.float32)
+        blocks = self.encode(("embed_tokens",), table)
+        if blocks is None:
+            self._float_table = table
+            return None
+        name = "model.embed_tokens"
+        self.init(blocks.packed, f"{name}.weight_Q{blocks.bits}")
+        self.init(blocks.scales.reshape(-1).astype(np.float32), f"{name}.weight_scales")
+        self.counts["block_weights"] += 1
+        self.counts["stored_weights"] += 1
+        return name, blocks, table.shape
 
     def _head_blocks(self):
         stored = self.weight(self._tied_projection(), "lm_head")
