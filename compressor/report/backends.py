@@ -201,11 +201,13 @@ class _GenaiGenerate:
         self.backend = backend
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 1, min_new_tokens: int = 0,
-                 do_sample: bool = False, pad_token_id=None):
+                 do_sample: bool = False, pad_token_id=None, logits_processor=()):
         import numpy as np
 
         gen = self.backend._generator(input_ids.shape[1] + max_new_tokens)
-        gen.append_tokens(input_ids.numpy().astype(np.int32))
+        gen.append_tokens(input_ids.numpy().astype(np.int32))  # the prefill
+        for processor in logits_processor:  # only observers (the report's first-token stamp)
+            processor(input_ids, None)
         new = []
         while len(new) < max_new_tokens:
             gen.generate_next_token()

@@ -2,9 +2,12 @@
 greedy agreement with the original, for every row of a report.
 
 Batch 1, greedy, a prompt of ``config.prompt_tokens`` real tokens and ``config.new_tokens`` new
-ones. Time to first token is a ``generate`` of one token (the prefill); decode tokens/s is the
-other ``new_tokens - 1`` over the time a full ``generate`` takes beyond the prefill. Rows take
-turns run by run, as the latency table's do, so that a noisy machine slows them all alike.
+ones. Each run is split where its first token's logits arrive: time to first token is the time
+until then (the prefill), decode tokens/s the other ``new_tokens - 1`` over the rest of the same
+run. Both halves come from one run (a separate one-token run and a difference of medians can be
+noise alone, even negative, for a model whose steps take microseconds); the figures are medians
+over ``generation_repeats`` runs. Rows take turns run by run, as the latency table's do, so that
+a noisy machine slows them all alike.
 
 For an ONNX row, ``generate``'s own PyTorch work between steps (the argmax, the stop check, the
 growing mask) runs on one thread: with ``threads`` of them, PyTorch's workers and onnxruntime's
@@ -49,12 +52,29 @@ def prompt(tokenizer, tokens: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def greedy(model, enc: dict[str, torch.Tensor], new: int, pad_token_id) -> torch.Tensor:
-    """The ``new`` greedy tokens after the prompt (exactly ``new``: no early stop at EOS)."""
+class FirstLogits:
+    """A logits processor that changes nothing and notes when ``generate`` first calls it: the
+    moment the prefill's logits are there."""
+
+    def __init__(self):
+        self.at: float | None = None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            self.at = time.perf_counter()
+        return scores
+
+
+def greedy(model, enc: dict[str, torch.Tensor], new: int, pad_token_id, stamp: FirstLogits | None = None) -> torch.Tensor:
+    """The ``new`` greedy tokens after the prompt (exactly ``new``: no early stop at EOS); ``stamp``
+    notes when the first token's logits arrived."""
+    from transformers import LogitsProcessorList
+
+    extra = {"logits_processor": LogitsProcessorList([stamp])} if stamp is not None else {}
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = model.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             pad_token_id=pad_token_id)
+                             pad_token_id=pad_token_id, **extra)
     return out[0, enc["input_ids"].shape[1]:]
 
 
@@ -75,25 +95,24 @@ def generation(runners: list, config: ReportConfig) -> dict[str, dict[str, Any]]
             torch.set_num_threads(threads)
             tokens.append(greedy(model, enc, config.new_tokens, pad))
         first: dict[str, list[float]] = {r.label: [] for r in runners}
-        full: dict[str, list[float]] = {r.label: [] for r in runners}
+        rest: dict[str, list[float]] = {r.label: [] for r in runners}
         for _ in range(config.generation_repeats):
             for runner, model, enc, pad, threads in zip(runners, models, inputs, pads, torch_threads):
                 torch.set_num_threads(threads)
-                for new, times in ((1, first), (config.new_tokens, full)):
-                    start = time.perf_counter()
-                    greedy(model, enc, new, pad)
-                    times[runner.label].append(time.perf_counter() - start)
+                stamp = FirstLogits()
+                start = time.perf_counter()
+                greedy(model, enc, config.new_tokens, pad, stamp)
+                end = time.perf_counter()
+                first[runner.label].append(stamp.at - start)
+                rest[runner.label].append(end - stamp.at)
     finally:
         torch.set_num_threads(previous)
     result = {}
     for runner, out in zip(runners, tokens):
-        ttft = statistics.median(first[runner.label])
-        # each run's steps beyond its own turn's prefill (a difference of medians can be noise alone
-        # for a model whose steps take microseconds)
-        steps = statistics.median(f - t for f, t in zip(full[runner.label], first[runner.label]))
+        ttft, steps = statistics.median(first[runner.label]), statistics.median(rest[runner.label])
         same = float((out == tokens[0]).float().mean()) if out.shape == tokens[0].shape else 0.0
         result[runner.label] = {"ttft_ms": ttft * 1e3, "greedy_agreement": same,
-                                "decode_tokens_per_s": (config.new_tokens - 1) / steps if steps > 0 else None}
+                                "decode_tokens_per_s": (config.new_tokens - 1) / max(steps, 1e-9)}
     return result
 
 

@@ -370,7 +370,7 @@ def compare(rows: list[dict[str, Any]], task: str, *, largest: str) -> None:
             row["size_vs_optimum_o2_int8"] = row["size_bytes"] / best["size_bytes"]
         if fp32 is not None and "generation" in row:  # a causal LM's targets are set against optimum's fp32 with past
             rate, fp32_rate = row["generation"]["decode_tokens_per_s"], fp32["generation"]["decode_tokens_per_s"]
-            row["generation"]["decode_vs_optimum_fp32"] = rate / fp32_rate if rate and fp32_rate else None
+            row["generation"]["decode_vs_optimum_fp32"] = rate / fp32_rate
             row["generation"]["size_vs_optimum_fp32"] = row["size_bytes"] / fp32["size_bytes"]
     for row in rows:
         row.pop("outputs", None)
