@@ -90,7 +90,9 @@ def ops(folder: Path) -> Counter:
     return Counter(n.op_type for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node)
 
 
-@pytest.mark.parametrize("family", by_family(DECODERS) + ["biogpt"])
+# by default Llama alone (its layout is what every rotary family shares); GPT-2's learned
+# positions and an inferred BioGPT with -m slow, beside the other families
+@pytest.mark.parametrize("family", by_family(DECODERS, slow={"gpt2"}) + [pytest.param("biogpt", marks=pytest.mark.slow)])
 def test_fp32_decodes_as_pytorch(wide_dirs, tmp_path, family):
     loaded = load_model(wide_dirs(family))
     record = export(loaded, ExportConfig(), tmp_path / "g")
