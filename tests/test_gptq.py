@@ -38,29 +38,6 @@ def _matmul_nbits(b, scales, zero_points, k: int, n: int, block: int):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def test_symmetric_gptq_uses_the_middle_code_and_runs_without_zero_points():
-    """``symmetric``: every zero point is the middle code, so MatMulNBits given no zero points
-    computes the same product; each block's largest magnitude is on the grid exactly (the lowest
-    code), and the output error still beats round-to-nearest."""
-    weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(2))
-    x = _correlated(3000, 64, seed=3)
-    q, scales, zeros = gptq(weight, x.T @ x, block_size=16, symmetric=True)
-    assert (zeros == 8).all() and (q.min(axis=1) == 0).all()
-    fitted = dequantize(q, scales, zeros, 16)
-    error = float(((x @ (weight - torch.from_numpy(fitted)).T) ** 2).mean())
-    assert error < 0.8 * float(((x @ (weight - round_to_nearest(weight, 16)).T) ** 2).mean())
-    b, s, _ = pack_matmul_nbits(q, scales, zeros, 16)
-    node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=64, N=24, bits=4,
-                            block_size=16, accuracy_level=1)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 24])],
-                              [numpy_helper.from_array(b, "B"), numpy_helper.from_array(s, "S")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    probe = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
-    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": probe})[0]
-    np.testing.assert_allclose(got, probe @ fitted.T, rtol=1e-5, atol=1e-4)
-
-
 def test_gptq_halves_the_output_error_and_onnxruntime_runs_its_blocks_exactly():
     """On correlated inputs (as a layer's are), GPTQ's output error is well below round-to-nearest
     on the same grid; its blocks, packed for MatMulNBits (an odd number of blocks and an input

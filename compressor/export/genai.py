@@ -446,8 +446,7 @@ class BlockEncoder:
 
             self.counts["fitted"] += 1
             q, scales, zeros = (np.concatenate([f[i] for f in fitted]) for i in range(3))
-            packed, scales, points = pack_matmul_nbits(q.astype(np.uint8), scales, zeros, bs)
-            return Blocks(4, bs, packed, scales, None if (zeros == 8).all() else points)  # symmetric: no zero points
+            return Blocks(4, bs, *pack_matmul_nbits(q.astype(np.uint8), scales, zeros, bs))
         self.counts["rtn"] += 1
         if self.q.int4_method == "rtn-asym" or w.shape[1] % bs:
             return _asymmetric(w, bs)

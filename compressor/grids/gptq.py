@@ -120,23 +120,10 @@ def _grid(smallest: torch.Tensor, largest: torch.Tensor, levels: int) -> tuple[t
     return scale, torch.round(-low / scale).clamp(0, levels)
 
 
-def symmetric_block_grid(block: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row scale of ``block`` with the middle code as zero point, as onnxruntime's
-    quantizer fits it: the number of largest magnitude lands on the lowest code exactly (the scale
-    takes its sign), so the grid spends no code on a side the block does not reach."""
-    middle = (levels + 1) // 2
-    extreme = block.gather(1, block.abs().argmax(dim=1, keepdim=True)).squeeze(1)
-    scale = extreme / -middle
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return scale, torch.full_like(scale, middle)
-
-
 @torch.no_grad()
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, block_size: int, bits: int = 4, *, symmetric: bool = False
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, block_size: int, bits: int = 4
          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """GPTQ of ``weight`` (output dim x input dim) with ``hessian`` (input x input), on
-    asymmetric grids or, with ``symmetric``, on grids whose zero point is the middle code
-    (stored without zero points: AutoGPTQ's and GPTQModel's default).
+    """GPTQ of ``weight`` (output dim x input dim) with ``hessian`` (input x input).
 
     Returns:
         ``(q, scales, zero_points)``: ``q`` uint8 (output dim x input dim) in ``[0, 2^bits)``,
@@ -165,7 +152,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, block_size: int, bits: int
         for i in range(end - start):
             col = start + i
             if col % block_size == 0:  # this block's grid, from its columns as GPTQ has moved them
-                scale, zero = (symmetric_block_grid if symmetric else block_grid)(w1[:, i:i + block_size], levels)
+                scale, zero = block_grid(w1[:, i:i + block_size], levels)
                 scales[:, col // block_size], zeros[:, col // block_size] = scale, zero
             column = w1[:, i]
             qi = torch.clamp(torch.round(column / scale) + zero, 0, levels)
@@ -320,7 +307,7 @@ class Int4Plan:
 
 def plan_int4(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], block_size: int, *,
               gptq_blocks: bool, int8_share: float, skip: Iterable[torch.nn.Module] = (),
-              trained: Iterable[str] = (), symmetric: bool = True) -> Int4Plan:
+              trained: Iterable[str] = ()) -> Int4Plan:
     """Calibrate ``model``'s projections wider than one block on ``batches`` (one forward pass) and
     plan their int4: GPTQ's blocks if ``gptq_blocks``; with ``int8_share`` > 0, the projections
     whose int4 loses most of their output on this text (`relative_error` of round-to-nearest),
@@ -343,7 +330,7 @@ def plan_int4(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], bl
         keys[key] = weight_key(w.T.numpy())
         sizes[key] = w.numel()
         if gptq_blocks:
-            plan.fitted[keys[key]] = gptq(w, sums[key].cpu(), block_size, symmetric=symmetric)
+            plan.fitted[keys[key]] = gptq(w, sums[key].cpu(), block_size)
         if int8_share > 0 and keys[key] not in trained:
             errors[key] = relative_error(w, round_to_nearest(w, block_size), sums[key].cpu())
     if gptq_blocks:

@@ -6,8 +6,7 @@ HQQ (Badri & Shaji, 2023: scales and zero points optimized against the weights' 
 data; its zero points are floats, which onnxruntime's CPU MatMulNBits runs off its int8 fast
 path, so they are carried as a block-sum offset beside symmetric blocks instead:
 `onnx.zero_points`) or GPTQ (Frantar et al., 2022: each projection's blocks fitted to its inputs
-on calibration text, on symmetric grids (``gptq``, stored without zero points) or with integer
-zero points (``gptq-asym``): both the fast kernel; `grids.gptq`). A model trained
+on calibration text, with integer zero points: the fast kernel; `grids.gptq`). A model trained
 on its blocks (``finetune --quantize-aware``) has them stored as they are. (onnxruntime's
 k-quant prints to stdout and fails on the exported graphs in 1.32.)
 """
@@ -29,7 +28,7 @@ from .config import ACCURACY_LEVELS, BlockTables, CalibrationText, QuantMethod, 
 from .stage import QuantizeContext
 
 #: How int4 blocks are fitted (see the module's docstring).
-INT4_METHODS = ("rtn", "rtn-asym", "hqq", "gptq", "gptq-asym")
+INT4_METHODS = ("rtn", "rtn-asym", "hqq", "gptq")
 
 
 @dataclass(kw_only=True)
@@ -39,8 +38,7 @@ class Int4(BlockTables, CalibrationText, QuantMethod):
     blocks (8 when not given).
 
     Attributes:
-        int4_method: How the blocks are fitted: ``rtn``, ``rtn-asym``, ``hqq``, ``gptq`` (symmetric
-            grids, as AutoGPTQ fits by default) or ``gptq-asym`` (zero points: a few more bytes).
+        int4_method: How the blocks are fitted: ``rtn``, ``rtn-asym``, ``hqq`` or ``gptq``.
         accuracy_level: The type onnxruntime's MatMulNBits computes block products in (4: int8,
             the fastest on CPUs; 1: fp32).
         int8_share: Keep this share of the projections' parameters in 8-bit blocks: those whose
@@ -70,7 +68,7 @@ class Int4(BlockTables, CalibrationText, QuantMethod):
     def calibrated(self) -> bool:
         """Whether int4 runs the PyTorch model on calibration text first: GPTQ fits its blocks to
         it, ``int8_share`` ranks the projections on it."""
-        return self.int4_method.startswith("gptq") or bool(self.int8_share)
+        return self.int4_method == "gptq" or bool(self.int8_share)
 
 
 def int4_plan(loaded, model, quantize: Int4):
@@ -105,7 +103,7 @@ def int4_plan(loaded, model, quantize: Int4):
                               "--int4-method hqq would fit again; export with rtn (the default)")
         trained, off = trained
         grid = {"weights": len(trained), "off_grid": off, "block_size": quantize.block_size}
-    gptq_blocks = quantize.int4_method.startswith("gptq") and trained is None
+    gptq_blocks = quantize.int4_method == "gptq" and trained is None
     if not (gptq_blocks or quantize.int8_share):
         return None if trained is None else Int4Plan(fitted=trained, info={"trained_grid": grid})
     texts = calibration_texts(quantize.calibration, text_column=quantize.text_column, encoding=quantize.encoding,
@@ -115,8 +113,7 @@ def int4_plan(loaded, model, quantize: Int4):
         enc = loaded.tokenizer(text, return_tensors="pt", truncation=True, max_length=quantize.max_length)
         batches.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
     plan = plan_int4(model, batches, quantize.block_size, gptq_blocks=gptq_blocks,
-                     int8_share=quantize.int8_share, skip=skip, trained=trained or (),
-                     symmetric=quantize.int4_method != "gptq-asym")
+                     int8_share=quantize.int8_share, skip=skip, trained=trained or ())
     plan.info.update(calibration=quantize.calibration or "packaged calibration text", texts=len(texts))
     if trained is not None:
         plan.fitted.update(trained)
