@@ -430,7 +430,7 @@ class BlockEncoder:
             self.counts["lora_factors"] += 1
             return _symmetric(w, 8, bs if w.shape[1] >= bs else 16)
         if key in (("lm_head",), ("tied_embeddings",), ("embed_tokens",)):
-            return _symmetric(w, self.head_bits, bs)
+            return _head_blocks(w, self.head_bits, bs)
         parts = self.parts.get(key)
         fitted, int8 = [], False
         for module, rows in parts or ():
@@ -450,7 +450,7 @@ class BlockEncoder:
         self.counts["rtn"] += 1
         if self.q.int4_method == "rtn-asym" or w.shape[1] % bs:
             return _asymmetric(w, bs)
-        return _symmetric(w, 4, bs)
+        return _extreme(w, bs)
 
     def _module_key(self, module) -> str:
         from ..grids.gptq import weight_key
@@ -471,6 +471,40 @@ def _symmetric(w: np.ndarray, bits: int, block_size: int):
         w = np.pad(w, ((0, 0), (0, pad)))
     codes, scales, _ = quantize_rows(w, bits, block_size)
     return Blocks(bits, block_size, codes, scales)
+
+
+def _head_blocks(w: np.ndarray, bits: int, block_size: int):
+    """The output head's or a table's blocks: as they are where a fine-tune trained them on
+    `_symmetric`'s grid (``--embedding-bits``: its rounding reproduces them exactly), else at 4
+    bits on `_extreme`'s grid (the head is where clipping costs a decoder most: perplexity 1.399x
+    against 1.357x with the projections on `_extreme`'s grid, as measured there)."""
+    if bits != 4 or w.shape[1] % block_size:
+        return _symmetric(w, bits, block_size)
+    from ..grids.rows import quantize_rows
+    from ..onnx.genai import Blocks
+
+    codes, scales, rounded = quantize_rows(w, bits, block_size)
+    if np.array_equal(rounded, w):  # trained on this grid
+        return Blocks(bits, block_size, codes, scales)
+    return _extreme(w, block_size)
+
+
+def _extreme(w: np.ndarray, block_size: int):
+    """Symmetric 4-bit blocks on onnxruntime's quantizer's grid (the optimum layout's int4 and
+    the genai builder's): each block's largest magnitude lands exactly on the code -8, the scale
+    taking its sign. The least-error scales of `_symmetric` clip those largest weights, which a
+    decoder's outputs depend on most (SmolLM2-135M, 200 held-out snippets: perplexity 1.357x the
+    original's on this grid, 1.497x on the least-error one)."""
+    from ..grids.gptq import pack_matmul_nbits
+    from ..onnx.genai import Blocks
+
+    rows, cols = w.shape
+    blocks = np.pad(w, ((0, 0), (0, -cols % block_size))).astype(np.float32).reshape(rows, -1, block_size)
+    peak = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+    scales = np.where(peak == 0, 1.0, peak / -8).astype(np.float32)
+    q = np.clip(np.rint(blocks / scales[..., None]) + 8, 0, 15).astype(np.uint8).reshape(rows, -1)
+    packed, scales, _ = pack_matmul_nbits(q, scales, np.full(scales.shape, 8, np.uint8), block_size)
+    return Blocks(4, block_size, packed, scales)
 
 
 def _asymmetric(w: np.ndarray, block_size: int):
