@@ -156,7 +156,7 @@ def test_cli_prune_writes_checkpoint_and_refuses_bad_input(tiny_dirs, tmp_path):
     res = runner.invoke(cli, ["prune", str(tiny_dirs["bert"]), "--ffn", "0.5", "--heads", "0.25", "-o", str(out),
                               "--json", "-"])
     assert res.exit_code == 0, res.output
-    record = json.loads(res.output)
+    record = json.loads(res.stdout)
     assert record["metrics"]["geometry_after"]["ffn"] == 32
     assert (out / "prune_report.md").is_file() and (out / "compress.json").is_file()
     assert compressor.load(str(out)).geometry.num_heads == 3

@@ -9,6 +9,7 @@ import torch
 
 from ..adapters import ArchitectureAdapter
 from ..adapters.alignment import find_permutation, permute_weights, restrict, unit_features
+from ..progress import Progress
 
 #: Up to this many layers every pair is aligned exactly (MiniLM, BERT-base: at most 66 solves).
 ALL_EXACT_LAYERS = 12
@@ -119,8 +120,10 @@ def weight_similarity(model, adapter: ArchitectureAdapter, *, workers: int | Non
                     aligned[r][i, j] = aligned[r][j, i] = _cosine(a, b, float(a.norm()), float(b.norm()))
 
     pairs = list(combinations(range(n), 2))
-    with ThreadPoolExecutor(max_workers=workers or torch.get_num_threads()) as pool:
-        list(pool.map(pair, pairs))
+    with ThreadPoolExecutor(max_workers=workers or torch.get_num_threads()) as pool, \
+            Progress("weight similarity", len(pairs), "layer pairs") as progress:
+        for _ in pool.map(pair, pairs):
+            progress.update()
 
     def as_lists(mats: dict[str, torch.Tensor]) -> dict[str, list[list[float]]]:
         return {r: m.tolist() for r, m in mats.items()}

@@ -534,7 +534,7 @@ def write_genai(folder: Path, loaded, model, quantize, plan, opset: int, context
         encoder = BlockEncoder(quantize, plan, described.parts, quantize.embedding_bits or 4)
         level = quantize.accuracy_level
     graph = GenaiGraph(folder, described.decoder, encoder, accuracy_level=level, opset=opset)
-    written = graph.write(described.layers)
+    written = graph.write(described.layers, len(loaded.adapter.blocks(model)))
     config = genai_config(loaded, model, described.decoder, written["layers"], context_length, threads)
     (folder / "genai_config.json").write_text(json.dumps(config, indent=2))
     loaded.tokenizer.save_pretrained(folder)

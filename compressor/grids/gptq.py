@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..progress import track
+
 #: Hessian dampening, as a share of its mean diagonal (the reference implementation's 0.01).
 DAMP = 0.01
 #: Columns updated together (the reference's lazy batch).
@@ -323,7 +325,8 @@ def plan_int4(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], bl
     sums, tokens = hessians(model, batches, weights)
     plan = Int4Plan(info={"calibration_tokens": tokens})
     sizes, errors, keys = {}, {}, {}
-    for key, modules in weights.items():
+    for key, modules in track(weights.items(), "int4 calibration" if not gptq_blocks else "GPTQ", len(weights),
+                              "projections"):
         if key not in sums:  # a projection the calibration text never reached
             continue
         w = _in_out(modules[0]).detach().float().cpu()

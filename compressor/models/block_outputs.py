@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..data.text import fit_length
 from ..errors import ConfigError
+from ..progress import Progress
 
 #: Fewer tokens than this say nothing about how alike two layers are.
 MIN_TOKENS = 16
@@ -183,14 +184,16 @@ def collect_block_outputs(
     base = adapter.base(model).to(device)
     sample = _sample_tokens(tokenizer, texts, max_length, max_tokens, seed)
     capture = _BlockCapture(len(blocks))
-    with capture.attached(blocks):
-        for start in range(0, len(texts), batch_size):
+    starts = range(0, len(texts), batch_size)
+    with capture.attached(blocks), Progress("block outputs", len(starts), "batches") as progress:
+        for start in starts:
             stop = min(start + batch_size, len(texts))
             enc = tokenizer(texts[start:stop], padding=True, truncation=True, max_length=fit_length(tokenizer, max_length),
                             return_tensors="pt").to(device)
             capture.mask = enc["attention_mask"].bool()  # (batch, seq); real tokens come out text by text
             capture.keep = sample.of_texts(start, stop).to(device)
             base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            progress.update()
 
     return _without_massive(capture, sample)
 

@@ -37,6 +37,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..progress import Progress
+
 MODEL_FILE = "model.onnx"
 #: Activations the writer emits (the names transformers' ``ACT2FN`` maps to each).
 ACTIVATIONS = {
@@ -335,17 +337,20 @@ class GenaiGraph:
         return self.node("Reshape", [normed, self.const([0, 0, heads * d])], f"{name}/Reshape_back")[0]
 
     # --- the model -------------------------------------------------------------------------
-    def write(self, layers: Iterable[Layer]) -> dict[str, Any]:
-        """Write ``model.onnx`` and ``model.onnx.data``; what was stored, as a record."""
+    def write(self, layers: Iterable[Layer], count: int = 0) -> dict[str, Any]:
+        """Write ``model.onnx`` and ``model.onnx.data`` from ``layers`` (``count`` of them, for the
+        progress lines); what was stored, as a record."""
         d = self.d
         self.data = _ExternalData(self.folder)
         try:
             hidden, residual = self._embeddings()
             self._attention_inputs()
             n = 0
-            for i, layer in enumerate(layers):
-                hidden, residual = self._layer(i, layer, hidden, residual)
-                n += 1
+            with Progress("writing the graph", count, "layers") as progress:
+                for i, layer in enumerate(layers):
+                    hidden, residual = self._layer(i, layer, hidden, residual)
+                    n += 1
+                    progress.update()
             logits = self._logits(hidden, residual)
         finally:
             self.data.close()

@@ -22,6 +22,7 @@ from ..layer_groups import Grouping
 from ..models import LoadedModel, unique_parameters
 from ..models.sharing_manifest import SharingManifest, is_lora_parameter
 from ..models.shared import install_shared
+from ..progress import track
 from ..record import StageRecord
 from .config import ShareConfig, grouping_from_file, parse_plan
 
@@ -181,7 +182,7 @@ def _share_groups(loaded: LoadedModel, plan: list[list[int]], roles: tuple[str, 
     adapter, geometry = loaded.adapter, loaded.geometry
     blocks = adapter.blocks(loaded.model)
     energy: dict[str, dict[str, float]] = {}
-    for group in plan:
+    for group in track(plan, "sharing", unit="groups"):
         if len(group) < 2:
             continue
         if config.init == "aligned-mean":

@@ -1,0 +1,143 @@
+"""Progress of the long steps (a layer, a pair of layers, a projection at a time) on stderr, so
+that no command is silent for more than about half a minute, whatever stderr is.
+
+* On a terminal: a progress bar (tqdm) with the time left.
+* Elsewhere (a log file, a pipeline, CI): a line when another tenth is done or `EVERY_SECONDS`
+  have passed, with the rate and the time left::
+
+      compress: weight similarity: 120/435 layer pairs (28%), 14.2 s, about 37 s left
+
+* With ``--log-format jsonl``: the same as ``progress`` events (`pipeline.events`), one JSON
+  object a line: ``{"event": "progress", "step": ..., "done": ..., "total": ..., "unit": ...,
+  "seconds": ..., "left_s": ...}``.
+
+The command line sets the format once (`set_format`); a library user gets the text lines, or
+none with ``set_format("off")``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+#: Formats `set_format` takes: ``off`` writes nothing.
+FORMATS = ("text", "jsonl", "off")
+#: At most this long between two lines when stderr is not a terminal.
+EVERY_SECONDS = 20.0
+#: A step that ends sooner writes nothing (a small model's step is not news).
+MIN_SECONDS = 2.0
+
+_format = "text"
+
+
+def set_format(format: str) -> None:
+    """How progress is written from now on: ``text``, ``jsonl`` or ``off``."""
+    global _format
+    if format not in FORMATS:
+        raise ValueError(f"progress format must be one of {FORMATS}, got {format!r}")
+    _format = format
+
+
+class Progress:
+    """One long step's progress: ``update`` as each item is done, ``close`` at the end (or use
+    it as a context manager).
+
+    Args:
+        step: What is being done, as the line names it (``weight similarity``).
+        total: How many items there are.
+        unit: What an item is, in the plural (``layer pairs``).
+        min_seconds: Write nothing for a step that ends sooner (`MIN_SECONDS` when not given).
+        stream: Where lines go (stderr by default).
+    """
+
+    def __init__(self, step: str, total: int, unit: str = "layers", *, min_seconds: float | None = None,
+                 stream=None):
+        self.step, self.total, self.unit = step, max(int(total), 0), unit
+        self.min_seconds = MIN_SECONDS if min_seconds is None else min_seconds
+        self.done = 0
+        self.start = time.perf_counter()
+        self._last_line, self._last_done = self.start, 0
+        self._bar = None
+        self._stream = stream or sys.stderr
+        self._spoken = False
+
+    def update(self, n: int = 1) -> None:
+        """``n`` more items done."""
+        self.done += n
+        now = time.perf_counter()
+        if _format == "off" or now - self.start < self.min_seconds and self.done < self.total:
+            return
+        if _format == "text" and _is_terminal(self._stream):
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=self.total, desc=self.step, unit=self.unit.split()[-1], file=self._stream,
+                                 leave=False, initial=self.done - n)
+            self._bar.update(n)
+            return
+        tenth = self.total and (self.done - self._last_done) * 10 >= self.total
+        if self.done >= self.total or tenth or now - self._last_line >= EVERY_SECONDS:
+            if self.done >= self.total and now - self.start < self.min_seconds:
+                return
+            self._write(now)
+
+    def close(self) -> None:
+        """The step ended (all items done or not)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def left_seconds(self, now: float | None = None) -> float | None:
+        """The time left at the rate so far (``None`` before the first item)."""
+        elapsed = (now or time.perf_counter()) - self.start
+        return elapsed / self.done * (self.total - self.done) if self.done else None
+
+    def _write(self, now: float) -> None:
+        elapsed, left = now - self.start, self.left_seconds(now)
+        self._last_line, self._last_done = now, self.done
+        if _format == "jsonl":
+            from .pipeline.events import EventLog
+
+            EventLog("jsonl", self._stream).emit("progress", step=self.step, done=self.done, total=self.total,
+                                                  unit=self.unit, seconds=round(elapsed, 1),
+                                                  left_s=None if left is None else round(left, 1))
+            return
+        share = f" ({self.done / self.total:.0%})" if self.total else ""
+        tail = "done" if self.done >= self.total else f"about {_duration(left)} left" if left is not None else ""
+        self._stream.write(f"compress: {self.step}: {self.done}/{self.total} {self.unit}{share}, "
+                           f"{_duration(elapsed)}, {tail}\n")
+        self._stream.flush()
+
+
+def track(items: Iterable[T], step: str, total: int | None = None, unit: str = "layers") -> Iterator[T]:
+    """``items``, with a `Progress` updated as each is taken."""
+    items = list(items) if total is None and not hasattr(items, "__len__") else items
+    with Progress(step, len(items) if total is None else total, unit) as progress:
+        for item in items:
+            yield item
+            progress.update()
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -1,0 +1,84 @@
+"""Progress lines of the long steps (`compressor.progress`): off a terminal, a line per tenth
+with the time left; ``jsonl`` events for pipelines; nothing for a step that ends at once; and a
+command's long step speaks on stderr."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from compressor import progress
+from compressor.progress import Progress
+
+
+@pytest.fixture(autouse=True)
+def text_format():
+    yield
+    progress.set_format("text")
+
+
+def test_a_line_per_tenth_with_the_time_left():
+    out = io.StringIO()
+    with Progress("weight similarity", 20, "layer pairs", min_seconds=0, stream=out) as p:
+        for _ in range(20):
+            p.update()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 10  # every second item is another tenth
+    assert lines[0].startswith("compress: weight similarity: 2/20 layer pairs (10%)") and "left" in lines[0]
+    assert lines[-1].startswith("compress: weight similarity: 20/20 layer pairs (100%)") and lines[-1].endswith("done")
+
+
+def test_jsonl_events_and_off():
+    out = io.StringIO()
+    progress.set_format("jsonl")
+    with Progress("GPTQ", 4, "projections", min_seconds=0, stream=out) as p:
+        for _ in range(4):
+            p.update()
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [e["done"] for e in events] == [1, 2, 3, 4] and {e["event"] for e in events} == {"progress"}
+    assert events[-1]["left_s"] == 0 and events[0]["total"] == 4 and events[0]["unit"] == "projections"
+    progress.set_format("off")
+    quiet = io.StringIO()
+    with Progress("GPTQ", 4, min_seconds=0, stream=quiet) as p:
+        p.update(4)
+    assert quiet.getvalue() == ""
+    with pytest.raises(ValueError, match="progress format"):
+        progress.set_format("loud")
+
+
+def test_a_short_step_says_nothing():
+    out = io.StringIO()
+    with Progress("sharing", 3, "groups", stream=out) as p:  # done well within min_seconds
+        p.update(3)
+    assert out.getvalue() == ""
+
+
+def test_left_seconds_follow_the_rate(monkeypatch):
+    clock = iter([0.0, 10.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    p = Progress("x", 8, stream=io.StringIO())
+    p.done = 2
+    assert p.left_seconds() == pytest.approx(30.0)  # 10 s for 2 of 8: 30 s for the other 6
+
+
+def test_commands_report_their_long_steps(tiny_dirs, monkeypatch, tmp_path):
+    """`compress analyze` and `compress export` (genai, int4 GPTQ) name each long step on stderr,
+    as text or as jsonl events (every step counts here: `MIN_SECONDS` 0)."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from tiny_models import save_model
+
+    monkeypatch.setattr(progress, "MIN_SECONDS", 0.0)
+    res = CliRunner().invoke(cli, ["analyze", str(tiny_dirs["llama"]), "--max-samples", "4", "-o", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    assert "compress: weight similarity: 6/6 layer pairs (100%)" in res.stderr
+    assert "compress: block outputs:" in res.stderr
+    wide = save_model("llama", tmp_path / "wide", hidden_size=64)  # 16-wide heads: the genai layout
+    res = CliRunner().invoke(cli, ["--log-format", "jsonl", "export", str(wide), "--quantize", "int4",
+                                   "--int4-method", "gptq", "--block-size", "16", "-o", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.output
+    steps = {json.loads(line)["step"] for line in res.stderr.splitlines() if '"progress"' in line}
+    assert {"GPTQ", "writing the graph"} <= steps
