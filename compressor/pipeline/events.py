@@ -18,6 +18,8 @@ Events and their fields (besides ``event`` and ``time``, Unix seconds):
 * ``error``: ``message``, ``exit_code`` (the command stops: 2 bad input, 1 a failed result);
 * ``report_step``: ``step`` (`compress report`, as each long step starts);
 * ``evaluate_step``: ``model``, ``step`` (`compress evaluate`, as each model's long step starts).
+* ``progress``: ``step``, ``done``, ``total``, ``unit``, ``seconds``, ``left_s`` (any command, as a
+  long step goes: `compressor.progress`).
 
 The default ``text`` format writes the same events as short readable lines.
 """
