@@ -17,6 +17,7 @@ none with ``set_format("off")``.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -105,12 +106,12 @@ class Progress:
     def _write(self, now: float) -> None:
         elapsed, left = now - self.start, self.left_seconds(now)
         self._last_line, self._last_done = now, self.done
-        if _format == "jsonl":
-            from .pipeline.events import EventLog
-
-            EventLog("jsonl", self._stream).emit("progress", step=self.step, done=self.done, total=self.total,
-                                                  unit=self.unit, seconds=round(elapsed, 1),
-                                                  left_s=None if left is None else round(left, 1))
+        if _format == "jsonl":  # as `pipeline.events.EventLog` writes its events
+            self._stream.write(json.dumps({"event": "progress", "time": round(time.time(), 3), "step": self.step,
+                                           "done": self.done, "total": self.total, "unit": self.unit,
+                                           "seconds": round(elapsed, 1),
+                                           "left_s": None if left is None else round(left, 1)}) + "\n")
+            self._stream.flush()
             return
         share = f" ({self.done / self.total:.0%})" if self.total else ""
         tail = "done" if self.done >= self.total else f"about {_duration(left)} left" if left is not None else ""

@@ -237,11 +237,11 @@ def test_int4_grids_keep_the_largest_weights_and_trained_tables():
     """Round-to-nearest blocks on onnxruntime's quantizer's grid: each block's largest magnitude is
     stored exactly, the rest within half a step (a step where the other side reaches past code 7); a head already on the least-error grid
     (a fine-tune trained it there) is stored with its own blocks."""
-    from compressor.export.genai import _extreme, _head_blocks
+    from compressor.export.genai import extreme_blocks, head_blocks
     from compressor.grids.rows import quantize_rows
 
     w = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
-    b = _extreme(w, 16)
+    b = extreme_blocks(w, 16)
     q = np.stack([b.packed & 15, b.packed >> 4], -1).reshape(8, 4, 16).astype(np.float32)
     rounded = ((q - 8) * b.scales[..., None]).reshape(8, 64)
     peaks = np.abs(w.reshape(8, 4, 16)).argmax(-1)
@@ -251,6 +251,6 @@ def test_int4_grids_keep_the_largest_weights_and_trained_tables():
     error = np.abs(rounded - w)  # half a step, a whole one where the far side is clipped at code 15
     assert b.zero_points is None and (error <= step + 1e-6).all() and (error <= step / 2 + 1e-6).mean() > 0.95
     trained = quantize_rows(w, 4, 16)
-    stored = _head_blocks(trained[2], 4, 16)
+    stored = head_blocks(trained[2], 4, 16)
     np.testing.assert_array_equal(stored.packed, trained[0])
-    assert not np.array_equal(_head_blocks(w, 4, 16).packed, trained[0])  # an untrained head: the other grid
+    assert not np.array_equal(head_blocks(w, 4, 16).packed, trained[0])  # an untrained head: the other grid

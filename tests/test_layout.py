@@ -16,7 +16,8 @@ import compressor
 ROOT = Path(compressor.__file__).parent
 
 #: The core every stage may use; it imports no stage.
-CORE = {"errors", "io", "config", "record", "contract", "fidelity", "layer_groups", "render", "hub", "onnx", "grids", "adapters", "models", "data"}
+CORE = {"errors", "io", "config", "record", "contract", "fidelity", "layer_groups", "render", "hub", "onnx", "grids", "adapters", "models", "data",
+        "progress"}
 #: The stages (one subpackage each): siblings on the core, none imports another (but `SIBLING_EDGES`).
 STAGES = {"analysis", "evaluation", "sharing", "pruning", "finetune", "quantization", "export"}
 #: What runs stages: the report (every stage side by side) and recipes / batches.
