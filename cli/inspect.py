@@ -7,7 +7,7 @@ import json
 import click
 
 from cli.main import cli, emit_result
-from cli.options import json_option, overwrite_option, trust_remote_code_option
+from cli.options import dtype_option, json_option, overwrite_option, trust_remote_code_option
 
 
 @cli.command()
@@ -16,7 +16,8 @@ from cli.options import json_option, overwrite_option, trust_remote_code_option
 @json_option
 @overwrite_option
 @trust_remote_code_option
-def inspect(model, infer, json_path, overwrite, trust_remote_code):
+@dtype_option
+def inspect(model, infer, json_path, overwrite, trust_remote_code, dtype):
     """Show how compress reads MODEL: the adapter (declared for its family, or inferred from
     its structure), the module path, shape and rows of every role, norms and per-head state,
     and each self-check (mapping, permutations, pruning) with its result.
@@ -30,7 +31,7 @@ def inspect(model, infer, json_path, overwrite, trust_remote_code):
 
     if json_path and json_path != "-":
         check_writable(json_path, overwrite=overwrite)
-    loaded = load_model(model, trust_remote_code=trust_remote_code, infer_adapter=infer)
+    loaded = load_model(model, trust_remote_code=trust_remote_code, infer_adapter=infer, dtype=dtype)
     result = describe(loaded, seconds=prove_pruning(loaded))
     if not emit_result(json.dumps(result, indent=2) + "\n", json_path):
         click.echo(describe_text(result))

@@ -128,6 +128,11 @@ overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an ex
 trust_remote_code_option = click.option("--trust-remote-code", is_flag=True,
                                         help="Allow the checkpoint's own Python code to run.")
 
+dtype_option = click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                            show_default=True,
+                            help="The dtype the weights are read in: auto keeps the checkpoint's own (a bf16 model "
+                                 "stays bf16, half the memory of float32; the checks' tolerances follow the dtype).")
+
 
 def checkpoint_outputs(help: str) -> Callable:
     """``-o``, ``--json``, ``--overwrite`` and ``--trust-remote-code``: what every command that

@@ -152,3 +152,19 @@ def test_inspect_json_file_needs_overwrite(tiny_dirs, tmp_path):
     assert json.loads(out.read_text())["adapter"] == "bert"
     again = run("inspect", tiny_dirs["bert"], "--json", out)
     assert again.exit_code == 2 and "--overwrite" in again.stderr
+
+
+def test_a_bf16_checkpoint_is_read_in_bf16_and_its_checks_pass(tmp_path):
+    """``--dtype auto`` (the default) keeps a bf16 checkpoint in bf16, half float32's memory, and
+    every self-check passes at bf16's tolerance; ``--dtype float32`` reads it in float32; a dtype
+    that is not one is refused in one line."""
+    from tiny_models import make_model
+
+    folder = _save(make_model("llama").to(torch.bfloat16), tmp_path / "bf16")
+    for flag, dtype in (((), "bfloat16"), (("--dtype", "float32"), "float32")):
+        result = run("inspect", folder, *flag, "--json", "-")
+        assert result.exit_code == 0, result.output
+        d = json.loads(result.stdout)
+        assert d["dtype"] == dtype and {c["status"] for c in d["checks"]} == {"passed"}
+    bad = run("inspect", folder, "--dtype", "int8")
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1 and "--dtype" in bad.output

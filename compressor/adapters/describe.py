@@ -54,6 +54,7 @@ def describe(loaded, seconds: float = 0.0) -> dict:
         "model": loaded.name,
         "model_type": model.config.model_type,
         "model_class": type(model).__name__,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "adapter": adapter.family,
         "source": "inferred" if adapter.inferred else "declared",
         "blocks": f"{adapter.blocks_path} ({len(adapter.blocks(model))} x {type(block).__name__})",
@@ -78,7 +79,7 @@ def describe_text(d: dict) -> str:
     """`describe`'s result as the lines `compress inspect` prints."""
     g = d["geometry"]
     lines = [
-        f"{d['model']}: {d['model_type']} ({d['model_class']}), adapter {d['adapter']} ({d['source']})",
+        f"{d['model']}: {d['model_type']} ({d['model_class']}, {d['dtype']}), adapter {d['adapter']} ({d['source']})",
         f"blocks     {d['blocks']}",
         f"geometry   {g['layers']} layers, hidden {g['hidden']}, {g['heads']} heads ({g['kv_heads']} key/value), "
         f"head size {g['head_dim']}, FFN {g['ffn']}{', decoder' if d['is_decoder'] else ', encoder'}",

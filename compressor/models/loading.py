@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import declared_adapter
-from ..errors import ModelLoadError, UnsupportedModelError, first_line
+from ..errors import ConfigError, ModelLoadError, UnsupportedModelError, first_line
 from ..hub import BUNDLED_ALIAS, BUNDLED_NAME, bundled_model_dir, cached_or_reachable, resolve, st_modules
 from ..io import quiet
 from .loaded import LoadedModel, fit_tokenizer, load_config, load_tokenizer
@@ -89,7 +89,8 @@ def load_model(
             compressed checkpoint written by `compress`), a hub id, an alias from ``ALIASES``,
             or ``None`` for the bundled all-MiniLM-L6-v2.
         trust_remote_code: Allow a checkpoint's own Python code to run (off by default).
-        dtype: torch dtype to load in; ``None`` loads float32.
+        dtype: torch dtype (or its name) to load in; ``"auto"``: the checkpoint's own
+            (``torch_dtype`` in its config; float32 when it names none); ``None``: float32.
         infer_adapter: Infer the adapter from the model's structure even where one is declared.
 
     Returns:
@@ -114,7 +115,7 @@ def load_model(
     config = load_config(location, shown, trust_remote_code)
     _check_architecture(config, shown)  # fail before reading weights
 
-    model = _load_weights(location, config, shown, trust_remote_code=trust_remote_code, dtype=dtype)
+    model = _load_weights(location, config, shown, trust_remote_code=trust_remote_code, dtype=_dtype(dtype, config))
     model.eval()
     adapter, checks = prove_adapter(model, infer=infer_adapter)
 
@@ -125,6 +126,25 @@ def load_model(
     name = BUNDLED_NAME if spec is None else (location if not local else str(spec).rstrip("/"))
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=location, name=name, pooling=pooling,
                        normalize=normalize, checks=checks)
+
+
+#: The dtypes a model is read in, by name (`load_model`'s ``dtype``).
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(dtype: Any, config):
+    """``dtype`` as a torch dtype: ``"auto"`` is the checkpoint's own as its config names it."""
+    import torch
+
+    if dtype == "auto":
+        named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        named = str(named).removeprefix("torch.") if named is not None else "float32"
+        return getattr(torch, named) if named in DTYPES else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(f"--dtype {dtype}: choose auto, {', '.join(DTYPES)}", option="dtype")
+        return getattr(torch, dtype)
+    return dtype
 
 
 def _load_weights(location: str, config, shown: str, *, trust_remote_code: bool, dtype):
