@@ -13,7 +13,7 @@ import json
 import click
 
 from cli.main import cli, echo_rows, emit_result
-from cli.options import build_config, check_json, checkpoint_outputs, click_option, config_options, plain
+from cli.options import build_config, check_json, checkpoint_outputs, click_option, config_options, dtype_option, plain
 from compressor.export.config import ExportConfig
 
 #: Click settings of the quantization flags that differ from their specs: off unless asked (an
@@ -90,7 +90,8 @@ class ExportCommand(click.Command):
 @config_options(ExportConfig, overrides={k: v for k, v in _OVERRIDES.items() if k != "mode"})
 @click.option("--fp16", is_flag=True, help="Half-precision weights and compute, for GPU targets (as --quantize fp16).")
 @checkpoint_outputs("Folder for model.onnx, config.json and the tokenizer.")
-def export(model, output, fp16, json_path, overwrite, trust_remote_code, **options):
+@dtype_option
+def export(model, output, fp16, json_path, overwrite, trust_remote_code, dtype, **options):
     """Export MODEL to ONNX in OUTPUT, in the layout optimum's ORTModelFor* classes load.
 
     The folder is loaded back through optimum and compared with PyTorch on real text at several
@@ -109,7 +110,8 @@ def export(model, output, fp16, json_path, overwrite, trust_remote_code, **optio
     given = {name for name in options if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
     qconfig = quantize_config("fp16" if fp16 else mode, options, given)
     check_json(json_path, output, overwrite=overwrite)
-    record = run_export(model, config, output, quantize=qconfig, overwrite=overwrite, trust_remote_code=trust_remote_code)
+    record = run_export(model, config, output, quantize=qconfig, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                        dtype=dtype)
     if emit_result(json.dumps(record.to_dict(), indent=2), json_path):
         return
     echo_rows(export_summary_rows(record), output)

@@ -254,3 +254,22 @@ def test_int4_grids_keep_the_largest_weights_and_trained_tables():
     stored = head_blocks(trained[2], 4, 16)
     np.testing.assert_array_equal(stored.packed, trained[0])
     assert not np.array_equal(head_blocks(w, 4, 16).packed, trained[0])  # an untrained head: the other grid
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])  # Gemma: its (1 + w) norms read off a bf16 probe
+def test_a_bf16_model_exports_in_bf16_and_checks_against_pytorch(wide_dirs, tmp_path, family):
+    """A bf16 checkpoint is read in bf16 (``--dtype auto``) and its int4 graph written a layer at a
+    time from it: the check against the bf16 PyTorch model passes, as close as the float32
+    checkpoint's export is to its own."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(wide_dirs(family)).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    make_tokenizer().save_pretrained(tmp_path / "bf16")
+    cosines = {}
+    for name, source in (("bf16", tmp_path / "bf16"), ("fp32", wide_dirs(family))):
+        res = CliRunner().invoke(cli, ["export", str(source), "--quantize", "int4", "--block-size", "16",
+                                       "-o", str(tmp_path / f"out-{name}"), "--json", "-"])
+        assert res.exit_code == 0, res.output
+        record = json.loads(res.stdout)
+        assert record["metrics"]["layout"] == "genai"
+        cosines[name] = record["metrics"]["check"]["mean_cosine"]
+    assert cosines["bf16"] >= 0.9 and abs(cosines["bf16"] - cosines["fp32"]) < 0.01, cosines

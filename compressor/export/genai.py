@@ -284,9 +284,12 @@ def _rotary(probe: _Probe, base, context: int) -> tuple[list, dict[int, int], bo
             full.append((cos.float().reshape(context, -1), sin.float().reshape(context, -1)))
     used: dict[int, int] = {}
     per_layer: dict[int, int] = {}
+    # a bf16 model hands its layers tables rounded to bf16: matched within its rounding (the
+    # graph's tables are the module's, computed in float32 above)
+    atol = max(1e-5, 2 * torch.finfo(next(base.parameters()).dtype).eps)
     for layer, cos in probe.rotary.items():
         match = next((j for j, (c, _) in enumerate(full) if c.shape[-1] == cos.shape[-1]
-                      and torch.allclose(c[:len(cos)], cos, atol=1e-5)), None)
+                      and torch.allclose(c[:len(cos)], cos.float(), atol=atol)), None)
         if match is None:
             raise UnsupportedModelError(f"layer {layer}'s rotary embedding matches no rotary module's table")
         per_layer[layer] = used.setdefault(match, len(used))

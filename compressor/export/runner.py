@@ -47,16 +47,17 @@ def quantize_config(mode: str | None, values: dict[str, Any], given: set[str] | 
 
 
 def run_export(model, config: ExportConfig, output: str | Path, *, quantize: QuantMethod | None = None,
-               overwrite: bool = False, trust_remote_code: bool = False) -> StageRecord:
-    """Export ``model`` (a `LoadedModel`, folder, hub id or alias) to ``output``, quantized if
-    ``quantize`` is given; see `compressor.export.export`."""
+               overwrite: bool = False, trust_remote_code: bool = False, dtype=None) -> StageRecord:
+    """Export ``model`` (a `LoadedModel`, folder, hub id or alias, read in ``dtype``: see
+    `compressor.models.load_model`) to ``output``, quantized if ``quantize`` is given; see
+    `compressor.export.export`."""
     from ..io import check_writable
     from ..models import as_loaded
     from .stage import export
 
     check_writable(output, overwrite=overwrite, folder=True)
-    return export(as_loaded(model, trust_remote_code=trust_remote_code), config, output, quantize=quantize,
-                  overwrite=overwrite)
+    return export(as_loaded(model, trust_remote_code=trust_remote_code, dtype=dtype), config, output,
+                  quantize=quantize, overwrite=overwrite)
 
 
 def run(run: StageRun) -> StageRecord:

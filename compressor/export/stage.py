@@ -66,7 +66,9 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
     from .genai import choose_layout, export_genai
 
     layout, reason = choose_layout(loaded, task, config, quantize)
-    model, ffn_down = traced_model(loaded, task, config)
+    # a quantized genai graph reads the weights a layer at a time, in float32 as it writes them:
+    # a bf16 model stays bf16 (no float32 copy of the whole model beside it)
+    model, ffn_down = traced_model(loaded, task, config, keep_dtype=layout == "genai" and quantize is not None)
     if layout == "genai":
         return export_genai(loaded, model, config, output, quantize, overwrite=overwrite, reason=reason, start=start)
     params, nbytes = unique_parameters(model)
@@ -112,16 +114,17 @@ def check_options(name: str, task: str, config: ExportConfig, quantize: QuantMet
                           f"exported as {task}")
 
 
-def traced_model(loaded: LoadedModel, task: str, config: ExportConfig) -> tuple[torch.nn.Module, tuple[str, ...]]:
+def traced_model(loaded: LoadedModel, task: str, config: ExportConfig, *, keep_dtype: bool = False
+                 ) -> tuple[torch.nn.Module, tuple[str, ...]]:
     """The module the exporter traces and its FFN down-projections' names (`ffn_down_scopes`):
     the bare Transformer for feature extraction from a model with a head (token states), with the
     pooling inside for ``pooling_in_graph``, in float32 (export and check in fp32; fp16 converts
-    after)."""
+    after) unless ``keep_dtype``."""
     model = (loaded.adapter.base(loaded.model) if task == "feature-extraction" else loaded.model).eval()
     if config.pooling_in_graph:
         model = SentenceEmbedding(model, loaded.pooling, loaded.normalize).eval()
     ffn_down = ffn_down_scopes(loaded, model)  # on the model's own modules, before a float copy
-    if next(model.parameters()).dtype != torch.float32:
+    if not keep_dtype and next(model.parameters()).dtype != torch.float32:
         model = copy.deepcopy(model).float()
     return model, ffn_down
 
