@@ -44,6 +44,9 @@ SHAPES = {
     "8b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=131072,
                rope_theta=500000.0),
+    "mid": dict(num_hidden_layers=4, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
+                rope_theta=130000.0),
     "tiny": dict(num_hidden_layers=4, hidden_size=256, intermediate_size=1024, num_attention_heads=8,
                  num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=True, max_position_embeddings=2048),
 }
@@ -72,7 +75,8 @@ def build(shape: str, folder: Path, tokenizer: str | None, seed: int = 0) -> Pat
     if (folder / "config.json").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**SHAPES[shape], torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(**SHAPES[shape], torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2,
+                         architectures=["LlamaForCausalLM"])
     with torch.device("meta"):
         shapes = {name: tuple(p.shape) for name, p in LlamaForCausalLM(config).state_dict().items()}
     if config.tie_word_embeddings:

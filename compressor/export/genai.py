@@ -487,6 +487,9 @@ def head_blocks(w: np.ndarray, bits: int, block_size: int):
     from ..grids.rows import quantize_rows
     from ..onnx.genai import Blocks
 
+    sample = w[:64]  # a few rows first: the whole search costs a large vocabulary gigabytes
+    if not np.array_equal(quantize_rows(sample, bits, block_size)[2], sample):
+        return extreme_blocks(w, block_size)
     codes, scales, rounded = quantize_rows(w, bits, block_size)
     if np.array_equal(rounded, w):  # trained on this grid
         return Blocks(bits, block_size, codes, scales)
@@ -502,13 +505,22 @@ def extreme_blocks(w: np.ndarray, block_size: int):
     from ..grids.gptq import pack_matmul_nbits
     from ..onnx.genai import Blocks
 
-    rows, cols = w.shape
-    blocks = np.pad(w, ((0, 0), (0, -cols % block_size))).astype(np.float32).reshape(rows, -1, block_size)
-    peak = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
-    scales = np.where(peak == 0, 1.0, peak / -8).astype(np.float32)
-    q = np.clip(np.rint(blocks / scales[..., None]) + 8, 0, 15).astype(np.uint8).reshape(rows, -1)
-    packed, scales, _ = pack_matmul_nbits(q, scales, np.full(scales.shape, 8, np.uint8), block_size)
-    return Blocks(4, block_size, packed, scales)
+    packed, scales = [], []
+    for start in range(0, w.shape[0], EXTREME_ROWS):  # in slices: a large vocabulary's temporaries are gigabytes
+        part = w[start:start + EXTREME_ROWS]
+        blocks = np.pad(part, ((0, 0), (0, -part.shape[1] % block_size))).astype(np.float32)
+        blocks = blocks.reshape(part.shape[0], -1, block_size)
+        peak = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+        scale = np.where(peak == 0, 1.0, peak / -8).astype(np.float32)
+        q = np.clip(np.rint(blocks / scale[..., None]) + 8, 0, 15).astype(np.uint8).reshape(part.shape[0], -1)
+        b, scale, _ = pack_matmul_nbits(q, scale, np.full(scale.shape, 8, np.uint8), block_size)
+        packed.append(b)
+        scales.append(scale)
+    return Blocks(4, block_size, np.concatenate(packed), np.concatenate(scales))
+
+
+#: Rows `extreme_blocks` rounds at a time.
+EXTREME_ROWS = 4096
 
 
 def _asymmetric(w: np.ndarray, block_size: int):

@@ -270,18 +270,25 @@ def trained_blocks(model: torch.nn.Module, block_size: int, skip: Iterable[torch
     least `TRAINED_SHARE` of them lie on their grids (`on_grid`): a checkpoint a
     quantization-aware fine-tune wrote (`aware`), whose blocks an export stores as they are
     instead of rounding them again."""
-    weights = [_in_out(modules[0]).detach().float().cpu() for modules in int4_projections(model, block_size, skip).values()]
-    blocks, gridded = {}, 0
-    for w in weights:
+    # one weight in float32 at a time (a whole model's would double a large model's memory), and
+    # no further once too many are off their grids to make the share
+    modules = list(int4_projections(model, block_size, skip).values())
+    allowed_off = len(modules) - TRAINED_SHARE * len(modules)
+    blocks, off = {}, 0
+    for group in modules:
+        w = _in_out(group[0]).detach().float().cpu()
         found = _blocks_on_grid(w, block_size)  # one rounding a weight, for the test and the blocks
-        if found is not None:
-            q, scales, zeros = found
-            gridded += 1
-            blocks[weight_key(w.T.numpy())] = (q.to(torch.uint8).numpy(), scales.numpy().astype(np.float32),
-                                               zeros.to(torch.uint8).numpy())
-    if not weights or gridded < TRAINED_SHARE * len(weights):
+        if found is None:
+            off += 1
+            if off > allowed_off:
+                return None
+            continue
+        q, scales, zeros = found
+        blocks[weight_key(w.T.numpy())] = (q.to(torch.uint8).numpy(), scales.numpy().astype(np.float32),
+                                           zeros.to(torch.uint8).numpy())
+    if not modules:
         return None
-    return blocks, len(weights) - gridded
+    return blocks, off
 
 
 def trained_block_size(model: torch.nn.Module, skip: Iterable[torch.nn.Module] = (),
@@ -289,10 +296,10 @@ def trained_block_size(model: torch.nn.Module, skip: Iterable[torch.nn.Module] =
     """The block size whose grid ``model``'s first ``sample`` projections lie on (a
     quantization-aware fine-tune's, `aware`), or ``None``: what an export at another block size
     tells its user instead of rounding the trained blocks away."""
-    weights = [_in_out(modules[0]).detach().float().cpu() for modules in projections(model, skip).values()]
+    weights = [_in_out(modules[0]) for modules in projections(model, skip).values()]  # views, no copies
     for size in sizes:
         chosen = [w for w in weights if w.shape[1] >= size][:sample]
-        if chosen and all(on_grid(w, size) for w in chosen):
+        if chosen and all(on_grid(w.detach().float().cpu(), size) for w in chosen):
             return size
     return None
 
