@@ -41,7 +41,8 @@ class ExportConfig(TextFormat, StageConfig):
             re-reads the whole prefix; load with ``use_cache=False``).
         generation_check: New tokens of the greedy decoding an fp32 export is checked on, token
             for token against PyTorch's (decoders with a KV cache: the prefill and the cached
-            decode steps; a quantized export gets one prefill and one cached step).
+            decode steps; a quantized export gets one prefill and one cached step, in the genai
+            layout the prefill and three cached steps at each check length).
         opset: ONNX opset.
         atol: An fp32 export fails if any output differs from PyTorch's by more than
             ``atol + rtol * |PyTorch's|``.

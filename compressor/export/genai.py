@@ -35,6 +35,7 @@ import torch
 
 from ..adapters.base import applied_weight, find_path, get_path, module_weight
 from ..errors import ConfigError, ExportError, UnsupportedModelError
+from ..progress import Progress
 
 #: The quantization methods the genai layout writes (the runtime's CPU attention is float32, so
 #: an fp16 graph would only cast around it; dynamic int8 and static int8 are optimum's layout).
@@ -609,6 +610,10 @@ def genai_config(loaded, model, decoder, layers: int, context_length: int, threa
 
 
 # --- the check ----------------------------------------------------------------------------------
+#: Tokens per check length a quantized genai export is compared on (the prefill's, then cached steps).
+QUANTIZED_STEPS = 4
+
+
 def check_genai(folder: Path, model, tokenizer, texts: list[str], lengths: list[int], steps: int,
                 config, quantize, context_length: int) -> dict[str, Any]:
     """Load ``folder`` with ``onnxruntime_genai.Model`` and run it against PyTorch, batch 1:
@@ -628,26 +633,47 @@ def check_genai(folder: Path, model, tokenizer, texts: list[str], lengths: list[
     with quiet("transformers"):  # the joined texts run past the model's length: only a prefix is used
         ids_all = tokenizer(" ".join(texts), return_tensors="pt")["input_ids"][0]
     rows, generation = [], None
-    for length in dict.fromkeys(min(n, context_length - steps - 1, len(ids_all)) for n in lengths):
-        prompt = ids_all[:length]
-        with torch.no_grad():
-            ref = model.generate(prompt[None], attention_mask=torch.ones(1, length, dtype=torch.long),
-                                 max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-        tokens = ref.sequences[0, length:]
-        with torch.no_grad():
-            full = model(ref.sequences[:, :-1]).logits[0].float().numpy()  # logits of every prefix
-        got = _teacher_forced(og, runtime, prompt, tokens, context_length)
-        want = full[:got.shape[0]]
-        rows.append(_compare(got, want, length, config, quantize))
-        if quantize is None and generation is None:
-            generation = _greedy(og, runtime, prompt, tokens, steps, context_length)
+    checked = list(dict.fromkeys(min(n, context_length - steps - 1, len(ids_all)) for n in lengths))
+    # counted in tokens: PyTorch's greedy ones (a tick each), its forward pass, the runtime's steps
+    with Progress("checking against PyTorch", len(checked) * (2 * steps + 1) + (steps if quantize is None else 0),
+                  "tokens") as progress:
+        from transformers import LogitsProcessorList
+
+        for length in checked:
+            prompt = ids_all[:length]
+            with torch.no_grad():
+                ref = model.generate(prompt[None], attention_mask=torch.ones(1, length, dtype=torch.long),
+                                     max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                     pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                                     logits_processor=LogitsProcessorList([_Tick(progress)]))
+            tokens = ref.sequences[0, length:]
+            with torch.no_grad():
+                full = model(ref.sequences[:, :-1]).logits[0].float().numpy()  # logits of every prefix
+            progress.update()
+            got = _teacher_forced(og, runtime, prompt, tokens, context_length)
+            progress.update(steps)
+            want = full[:got.shape[0]]
+            rows.append(_compare(got, want, length, config, quantize))
+            if quantize is None and generation is None:
+                generation = _greedy(og, runtime, prompt, tokens, steps, context_length)
+                progress.update(steps)
     return {"loaded_with": "onnxruntime_genai.Model", "batches": rows, "generation": generation,
             "max_abs_diff": max(r["max_abs_diff"] for r in rows),
             "mean_cosine": float(np.mean([r["mean_cosine"] for r in rows])),
             "min_cosine": min(r["min_cosine"] for r in rows),
             "tolerance": ({"atol": config.atol, "rtol": config.rtol} if quantize is None
                           else {"min_mean_cosine": quantize.min_cosine})}
+
+
+class _Tick:
+    """A logits processor that changes nothing and counts a token on ``progress``."""
+
+    def __init__(self, progress):
+        self.progress = progress
+
+    def __call__(self, input_ids, scores):
+        self.progress.update()
+        return scores
 
 
 def genai_runtime():
@@ -772,8 +798,11 @@ def export_genai(loaded, model, config, output: Path, quantize, *, overwrite: bo
     with staged_folder(output, overwrite=overwrite) as tmp:
         graph = write_genai(tmp, loaded, model, quantize, plan, config.opset, context)
         stored, projections = check_genai_storage(tmp / "model.onnx", model, params, graph)
-        check = check_genai(tmp, model, loaded.tokenizer, texts, config.check_lengths, config.generation_check,
-                            config, quantize, context)
+        # a quantized export: the prefill and QUANTIZED_STEPS - 1 cached steps per length (its greedy
+        # tokens may part from PyTorch's anyway); a 1.7 B model's full 32 took minutes per length
+        steps = config.generation_check if quantize is None else min(config.generation_check, QUANTIZED_STEPS)
+        check = check_genai(tmp, model, loaded.tokenizer, texts, config.check_lengths, steps, config, quantize,
+                            context)
         file_bytes = sum(f.stat().st_size for f in (tmp / "model.onnx", tmp / "model.onnx.data") if f.is_file())
         if plan is not None and plan.info:
             graph["calibration"] = dict(plan.info)
