@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import UnsupportedModelError, first_line
+from ..progress import Progress
 from .base import ArchitectureAdapter, Geometry, head_rows, is_linear, module_shape
 
 if TYPE_CHECKING:
@@ -351,23 +352,33 @@ def prove(model: nn.Module, adapter: ArchitectureAdapter, *,
     checks = checks or AdapterChecks()
     geometry = adapter.geometry(model.config)
     if checks.get("mapping") is None:
-        inputs = probe_inputs(model)
-        mapping = checks.add(guarded("mapping", check_mapping, model, adapter, geometry, inputs))
-        if mapping.passed:
-            mapping = checks.add(guarded("value rows", check_value_rows, model, adapter, geometry, inputs))
-        if mapping.passed is False:
-            where = f" at {mapping.sublayer}" if mapping.sublayer else ""
-            raise UnsupportedModelError(f"{adapter.family} adapter refused: self-check '{mapping.name}' failed{where}: "
-                                        f"{mapping.detail}")
-        for unit in ("neurons", "heads"):
-            capability = f"permute_{unit}"
-            if adapter.refusal(capability):
-                checks.add(Check(f"permute {unit}", None, f"declared: {adapter.refusal(capability)}"))
-                continue
-            result = checks.add(guarded(f"permute {unit}", check_permutation, model, adapter, geometry, unit, inputs))
-            if result.passed is False:
-                adapter = adapter.with_refusals({capability: f"self-check 'permute {unit}' failed: {result.detail}"})
+        with Progress("self-checks", 4, "checks") as progress:  # seconds on a 1 B model: said as they end
+            adapter = _prove(model, adapter, geometry, checks, progress)
     return adapter, checks
+
+
+def _prove(model, adapter: ArchitectureAdapter, geometry, checks: AdapterChecks, progress) -> ArchitectureAdapter:
+    """`prove`'s checks, each counted on ``progress`` as it ends."""
+    inputs = probe_inputs(model)
+    mapping = checks.add(guarded("mapping", check_mapping, model, adapter, geometry, inputs))
+    progress.update()
+    if mapping.passed:
+        mapping = checks.add(guarded("value rows", check_value_rows, model, adapter, geometry, inputs))
+        progress.update()
+    if mapping.passed is False:
+        where = f" at {mapping.sublayer}" if mapping.sublayer else ""
+        raise UnsupportedModelError(f"{adapter.family} adapter refused: self-check '{mapping.name}' failed{where}: "
+                                    f"{mapping.detail}")
+    for unit in ("neurons", "heads"):
+        capability = f"permute_{unit}"
+        if adapter.refusal(capability):
+            checks.add(Check(f"permute {unit}", None, f"declared: {adapter.refusal(capability)}"))
+            continue
+        result = checks.add(guarded(f"permute {unit}", check_permutation, model, adapter, geometry, unit, inputs))
+        progress.update()
+        if result.passed is False:
+            adapter = adapter.with_refusals({capability: f"self-check 'permute {unit}' failed: {result.detail}"})
+    return adapter
 
 
 def guarded(name: str, check, *args) -> Check:

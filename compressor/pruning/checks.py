@@ -28,6 +28,7 @@ from ..adapters.checks import (
 )
 from ..errors import first_line
 from ..models import LoadedModel
+from ..progress import track
 from .structured import head_rows, prune_ffn, prune_heads
 
 #: Vocabulary of the two-layer copy the pruning check builds.
@@ -47,7 +48,8 @@ def prove_units(model: nn.Module, adapter: ArchitectureAdapter, *,
     """`prove` plus ``prune heads`` / ``prune ffn``: the adapter with what they rule out
     refused, and the checks."""
     adapter, checks = prove(model, adapter, checks=checks)
-    for unit, capability in (("heads", "prune_heads"), ("ffn", "prune_ffn")):
+    for unit, capability in track((("heads", "prune_heads"), ("ffn", "prune_ffn")), "pruning self-checks",
+                                  unit="checks"):
         if checks.get(f"prune {unit}") is not None:
             continue
         if unit == "heads" and adapter.refusal("permute_heads") and not adapter.refusal(capability):
