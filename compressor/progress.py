@@ -30,7 +30,7 @@ FORMATS = ("text", "jsonl", "off")
 #: At most this long between two lines when stderr is not a terminal.
 EVERY_SECONDS = 20.0
 #: A step that ends sooner writes nothing (a small model's step is not news).
-MIN_SECONDS = 2.0
+MIN_SECONDS = 10.0
 
 _format = "text"
 
