@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -160,8 +161,6 @@ def main() -> None:
     rows = []
     for name in args.commands.split(","):
         out = work / f"out-{args.shape}"
-        import shutil
-
         for sub in ("analysis", "share", "prune", "int4"):
             shutil.rmtree(out / sub, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)

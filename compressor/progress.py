@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -127,6 +127,19 @@ def track(items: Iterable[T], step: str, total: int | None = None, unit: str = "
         for item in items:
             yield item
             progress.update()
+
+
+class TokenTicks:
+    """A logits processor for transformers' ``generate`` that changes nothing and calls
+    ``on_token()`` each time a token's logits are there: a `Progress` counted in tokens, or the
+    moment the prefill ends (the report's time to first token)."""
+
+    def __init__(self, on_token: Callable[[], object]):
+        self.on_token = on_token
+
+    def __call__(self, input_ids, scores):
+        self.on_token()
+        return scores
 
 
 def _duration(seconds: float) -> str:

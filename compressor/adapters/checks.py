@@ -373,6 +373,7 @@ def _prove(model, adapter: ArchitectureAdapter, geometry, checks: AdapterChecks,
         capability = f"permute_{unit}"
         if adapter.refusal(capability):
             checks.add(Check(f"permute {unit}", None, f"declared: {adapter.refusal(capability)}"))
+            progress.update()
             continue
         result = checks.add(guarded(f"permute {unit}", check_permutation, model, adapter, geometry, unit, inputs))
         progress.update()

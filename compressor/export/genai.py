@@ -35,7 +35,7 @@ import torch
 
 from ..adapters.base import applied_weight, find_path, get_path, module_weight
 from ..errors import ConfigError, ExportError, UnsupportedModelError
-from ..progress import Progress
+from ..progress import Progress, TokenTicks
 
 #: The quantization methods the genai layout writes (the runtime's CPU attention is float32, so
 #: an fp16 graph would only cast around it; dynamic int8 and static int8 are optimum's layout).
@@ -645,7 +645,7 @@ def check_genai(folder: Path, model, tokenizer, texts: list[str], lengths: list[
                 ref = model.generate(prompt[None], attention_mask=torch.ones(1, length, dtype=torch.long),
                                      max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                                      pad_token_id=0, output_logits=True, return_dict_in_generate=True,
-                                     logits_processor=LogitsProcessorList([_Tick(progress)]))
+                                     logits_processor=LogitsProcessorList([TokenTicks(progress.update)]))
             tokens = ref.sequences[0, length:]
             with torch.no_grad():
                 full = model(ref.sequences[:, :-1]).logits[0].float().numpy()  # logits of every prefix
@@ -663,17 +663,6 @@ def check_genai(folder: Path, model, tokenizer, texts: list[str], lengths: list[
             "min_cosine": min(r["min_cosine"] for r in rows),
             "tolerance": ({"atol": config.atol, "rtol": config.rtol} if quantize is None
                           else {"min_mean_cosine": quantize.min_cosine})}
-
-
-class _Tick:
-    """A logits processor that changes nothing and counts a token on ``progress``."""
-
-    def __init__(self, progress):
-        self.progress = progress
-
-    def __call__(self, input_ids, scores):
-        self.progress.update()
-        return scores
 
 
 def genai_runtime():

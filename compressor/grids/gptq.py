@@ -273,6 +273,8 @@ def trained_blocks(model: torch.nn.Module, block_size: int, skip: Iterable[torch
     # one weight in float32 at a time (a whole model's would double a large model's memory), and
     # no further once too many are off their grids to make the share
     modules = list(int4_projections(model, block_size, skip).values())
+    if not modules:
+        return None
     allowed_off = len(modules) - TRAINED_SHARE * len(modules)
     blocks, off = {}, 0
     for group in modules:
@@ -286,8 +288,6 @@ def trained_blocks(model: torch.nn.Module, block_size: int, skip: Iterable[torch
         q, scales, zeros = found
         blocks[weight_key(w.T.numpy())] = (q.to(torch.uint8).numpy(), scales.numpy().astype(np.float32),
                                            zeros.to(torch.uint8).numpy())
-    if not modules:
-        return None
     return blocks, off
 
 

@@ -206,7 +206,7 @@ class _GenaiGenerate:
 
         gen = self.backend._generator(input_ids.shape[1] + max_new_tokens)
         gen.append_tokens(input_ids.numpy().astype(np.int32))  # the prefill
-        for processor in logits_processor:  # only observers (the report's first-token stamp)
+        for processor in logits_processor:  # only observers (`progress.TokenTicks`): the prefill's logits are there
             processor(input_ids, None)
         new = []
         while len(new) < max_new_tokens:

@@ -37,6 +37,7 @@ import torch
 
 from ..errors import CompressError
 from ..io import peak_rss_mib
+from ..progress import TokenTicks
 from .config import ReportConfig
 
 
@@ -52,25 +53,12 @@ def prompt(tokenizer, tokens: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-class FirstLogits:
-    """A logits processor that changes nothing and notes when ``generate`` first calls it: the
-    moment the prefill's logits are there."""
-
-    def __init__(self):
-        self.at: float | None = None
-
-    def __call__(self, input_ids, scores):
-        if self.at is None:
-            self.at = time.perf_counter()
-        return scores
-
-
-def greedy(model, enc: dict[str, torch.Tensor], new: int, pad_token_id, stamp: FirstLogits | None = None) -> torch.Tensor:
-    """The ``new`` greedy tokens after the prompt (exactly ``new``: no early stop at EOS); ``stamp``
-    notes when the first token's logits arrived."""
+def greedy(model, enc: dict[str, torch.Tensor], new: int, pad_token_id, ticks: TokenTicks | None = None) -> torch.Tensor:
+    """The ``new`` greedy tokens after the prompt (exactly ``new``: no early stop at EOS);
+    ``ticks`` is told as each token's logits arrive."""
     from transformers import LogitsProcessorList
 
-    extra = {"logits_processor": LogitsProcessorList([stamp])} if stamp is not None else {}
+    extra = {"logits_processor": LogitsProcessorList([ticks])} if ticks is not None else {}
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = model.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False,
@@ -99,12 +87,12 @@ def generation(runners: list, config: ReportConfig) -> dict[str, dict[str, Any]]
         for _ in range(config.generation_repeats):
             for runner, model, enc, pad, threads in zip(runners, models, inputs, pads, torch_threads):
                 torch.set_num_threads(threads)
-                stamp = FirstLogits()
+                arrived: list[float] = []  # when each token's logits were there
                 start = time.perf_counter()
-                greedy(model, enc, config.new_tokens, pad, stamp)
+                greedy(model, enc, config.new_tokens, pad, TokenTicks(lambda: arrived.append(time.perf_counter())))
                 end = time.perf_counter()
-                first[runner.label].append(stamp.at - start)
-                rest[runner.label].append(end - stamp.at)
+                first[runner.label].append(arrived[0] - start)
+                rest[runner.label].append(end - arrived[0])
     finally:
         torch.set_num_threads(previous)
     result = {}
