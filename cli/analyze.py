@@ -7,7 +7,7 @@ import json
 import click
 
 from cli.main import cli
-from cli.options import config_options, json_flag, output_option, overwrite_option, trust_remote_code_option
+from cli.options import config_options, dtype_option, json_flag, output_option, overwrite_option, trust_remote_code_option
 from compressor.analysis.config import AnalyzeConfig
 
 
@@ -20,7 +20,8 @@ from compressor.analysis.config import AnalyzeConfig
 @click.option("--plots", "plots_dir", type=click.Path(), default=None, help="Write heatmap PNGs into this folder.")
 @overwrite_option
 @trust_remote_code_option
-def analyze(model, output, json_path, markdown_path, plots_dir, overwrite, trust_remote_code, **options):
+@dtype_option
+def analyze(model, output, json_path, markdown_path, plots_dir, overwrite, trust_remote_code, dtype, **options):
     """Measure how similar MODEL's layers are and recommend which to share.
 
     Prints raw and permutation-aligned weight cosine for every sublayer, CKA and angular
@@ -33,7 +34,8 @@ def analyze(model, output, json_path, markdown_path, plots_dir, overwrite, trust
 
     config = build_config(AnalyzeConfig, options)
     record, written = run_analyze(model, config, output, json_path=json_path, markdown_path=markdown_path,
-                                  plots_dir=plots_dir, overwrite=overwrite, trust_remote_code=trust_remote_code)
+                                  plots_dir=plots_dir, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                                  dtype=dtype)
     if json_path == "-":
         click.echo(json.dumps(record.to_dict(), indent=2))
         return

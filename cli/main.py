@@ -102,9 +102,11 @@ def cli(log_format):
     Exit codes: 0 success; 1 a result failed its check (an export past tolerance) or a batch
     job failed; 2 bad input; 130 interrupted; 143 terminated.
     """
+    from compressor.io import return_freed_memory
     from compressor.progress import set_format
 
     set_format(log_format)  # the long steps' progress lines follow the errors' format
+    return_freed_memory()
 
 
 def log_format() -> str:

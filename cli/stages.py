@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from cli.options import build_config, check_json, checkpoint_outputs, config_options
+from cli.options import build_config, check_json, checkpoint_outputs, config_options, dtype_option
 
 
 def declared_stages() -> dict:
@@ -47,13 +47,13 @@ def build_command(stage) -> click.Command:
     """``compress <stage.name>``: MODEL, the config's options and the outputs every stage command takes."""
     from cli.main import emit_result
 
-    def command(model, output, json_path, overwrite, trust_remote_code, **options):
+    def command(model, output, json_path, overwrite, trust_remote_code, dtype, **options):
         from compressor.contract import StageRun
 
         config = build_config(stage.config_class, options)
         check_json(json_path, output, overwrite=overwrite)
         record = stage.run(StageRun(config=config, model=model, output=Path(output), overwrite=overwrite,
-                                    trust_remote_code=trust_remote_code))
+                                    trust_remote_code=trust_remote_code, dtype=dtype))
         if emit_result(json.dumps(record.to_dict(), indent=2), json_path):
             return
         text = stage.summary(record) if stage.summary else ""
@@ -61,7 +61,7 @@ def build_command(stage) -> click.Command:
             click.echo(text)
         click.echo(f"wrote {output}")
 
-    command = checkpoint_outputs(stage.output_help)(command)
+    command = dtype_option(checkpoint_outputs(stage.output_help)(command))
     overrides = {field: {"help": text} for field, text in stage.option_help.items()}
     command = config_options(stage.config_class, overrides=overrides)(command)
     command = click.argument("model", required=False)(command)

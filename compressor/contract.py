@@ -54,6 +54,8 @@ class StageRun:
         overwrite: ``output`` may be replaced (a job's stage folders are the job's own; a
             command sets ``--overwrite``).
         trust_remote_code: The checkpoint's own Python code may run.
+        dtype: The dtype a model is read in (``auto``: the checkpoint's own; see
+            `compressor.models.load_model`).
         fed: Configs of the stages that feed this one, by stage name (``{"quantize": ...}``).
         records: The records of the job's earlier stages, in order.
         progress: Show progress bars.
@@ -67,6 +69,7 @@ class StageRun:
     resume: bool = False
     overwrite: bool = True
     trust_remote_code: bool = False
+    dtype: str = "auto"
     fed: dict[str, StageConfig] = field(default_factory=dict)
     records: list[StageRecord] = field(default_factory=list)
     progress: bool = False

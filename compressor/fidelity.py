@@ -65,10 +65,85 @@ def same_tokens(ids, mask, t_ids, t_mask, table: torch.Tensor) -> torch.Tensor:
                          for r in range(len(ids))], device=ids.device)
 
 
+class Reference:
+    """The original model's outputs on ``texts``, batch by batch, taken before a stage changes
+    the model in place: what `compare` measures the changed model against, instead of a copy
+    of the model (which a 1-8 B model has no memory for).
+
+    Per batch: the original's tokens, its hidden states at real tokens (one per layer, in the
+    model's dtype), its pooled embedding and, with a language-model head, its logits at real
+    tokens (in the model's dtype). Batches stay in memory up to `MEMORY_BYTES` in all; the
+    rest go to a temporary folder, removed by `close` (or leaving a ``with`` block).
+    """
+
+    #: Outputs kept in memory before the rest go to disk (a 1.7 B model's logits are 100 KB a token).
+    MEMORY_BYTES = 256 * 2**20
+
+    def __init__(self, original, texts: list[str], *, batch_size: int = 16, max_length: int = 128,
+                 device: str = "cpu"):
+        import tempfile
+
+        self.texts, self.batch_size, self.max_length, self.device = texts, batch_size, max_length, device
+        self.tokenizer, self.pooling = original.tokenizer, original.pooling
+        self.has_lm_head = _has_lm_head(original.model)
+        self._batches: list = []  # a dict of tensors, or the path it was saved to
+        self._spill: tempfile.TemporaryDirectory | None = None
+        size = 0
+        home = next(original.model.parameters()).device  # the model goes back there: the stage works on it
+        model = original.model.to(device).eval()
+        with torch.no_grad():
+            for k, enc in enumerate(batches(self.tokenizer, texts, batch_size, max_length, device)):
+                out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
+                real = enc["attention_mask"].bool()
+                batch = {"input_ids": enc["input_ids"].cpu(), "attention_mask": enc["attention_mask"].cpu(),
+                         # per-layer hidden states (index 0 is the embedding output; layers start at 1)
+                         "hidden": torch.stack(out.hidden_states[1:])[:, real].cpu(),
+                         "embedding": pool(out.hidden_states[-1], enc["attention_mask"], self.pooling).float().cpu()}
+                if self.has_lm_head:
+                    batch["logits"] = out.logits[real].cpu()
+                del out
+                size += sum(t.numel() * t.element_size() for t in batch.values())
+                if size > self.MEMORY_BYTES:
+                    if self._spill is None:
+                        self._spill = tempfile.TemporaryDirectory(prefix="compress-reference-")
+                    path = f"{self._spill.name}/{k}.pt"
+                    torch.save(batch, path)
+                    batch = path
+                self._batches.append(batch)
+        model.to(home)
+
+    def __iter__(self):
+        for batch in self._batches:
+            yield torch.load(batch) if isinstance(batch, str) else batch
+
+    def close(self) -> None:
+        self._batches = []
+        if self._spill is not None:
+            self._spill.cleanup()
+            self._spill = None
+
+    def __enter__(self) -> Reference:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _has_lm_head(model) -> bool:
+    return hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+
+
 @torch.no_grad()
 def fidelity(compressed, original, texts: list[str], *, batch_size: int = 16, max_length: int = 128,
              device: str = "cpu") -> dict:
-    """Compare ``compressed`` with ``original`` (both `LoadedModel`) on ``texts``.
+    """Compare ``compressed`` with ``original`` (both `LoadedModel`) on ``texts`` (see `compare`)."""
+    with Reference(original, texts, batch_size=batch_size, max_length=max_length, device=device) as reference:
+        return compare(compressed, reference)
+
+
+@torch.no_grad()
+def compare(compressed, reference: Reference) -> dict:
+    """Compare ``compressed`` (a `LoadedModel`) with the original's outputs in ``reference``.
 
     Returns:
         ``{"embedding_cosine", "next_token_kl" (LM heads with the same vocabulary only),
@@ -77,46 +152,43 @@ def fidelity(compressed, original, texts: list[str], *, batch_size: int = 16, ma
     """
     # Each model reads the text with its own tokenizer (a vocabulary-pruned model has new ids).
     # Token-level comparisons need the same tokens; layer-wise ones the same number of layers.
-    tokenizers = [original.tokenizer, compressed.tokenizer or original.tokenizer]
-    table = teacher_ids(tokenizers[1], tokenizers[0], device)  # None: the same vocabulary
-    has_lm_head = all(hasattr(m.model, "get_output_embeddings") and m.model.get_output_embeddings() is not None
-                      for m in (original, compressed))
+    device = reference.device
+    student_tokenizer = compressed.tokenizer or reference.tokenizer
+    table = teacher_ids(student_tokenizer, reference.tokenizer, device)  # None: the same vocabulary
+    has_lm_head = reference.has_lm_head and _has_lm_head(compressed.model)
     cos_sum, kl_sum, tokens = 0.0, 0.0, 0
     err_num: torch.Tensor | None = None
     err_den: torch.Tensor | None = None
     token_level = layer_wise = True
-    models = [m.model.to(device).eval() for m in (original, compressed)]
-    streams = [batches(t, texts, batch_size, max_length, device) for t in tokenizers]
-    for enc_t, enc_s in zip(*streams):
-        outs = [m(input_ids=e["input_ids"], attention_mask=e["attention_mask"], output_hidden_states=True)
-                for m, e in zip(models, (enc_t, enc_s))]
-        mask = enc_t["attention_mask"]
-        alike = enc_t["attention_mask"].shape == enc_s["attention_mask"].shape and bool(
-            (enc_t["attention_mask"] == enc_s["attention_mask"]).all())
+    model = compressed.model.to(device).eval()
+    stream = batches(student_tokenizer, reference.texts, reference.batch_size, reference.max_length, device)
+    for ref, enc_s in zip(reference, stream):
+        ref = {k: v.to(device) for k, v in ref.items()}
+        out = model(input_ids=enc_s["input_ids"], attention_mask=enc_s["attention_mask"], output_hidden_states=True)
+        mask = ref["attention_mask"]
+        alike = mask.shape == enc_s["attention_mask"].shape and bool((mask == enc_s["attention_mask"]).all())
         if alike and table is not None:  # the same length is not the same tokens (a cut maps words to [UNK])
-            alike = bool(same_tokens(enc_s["input_ids"], enc_s["attention_mask"], enc_t["input_ids"],
-                                     enc_t["attention_mask"], table).all())
+            alike = bool(same_tokens(enc_s["input_ids"], enc_s["attention_mask"], ref["input_ids"], mask, table).all())
         token_level &= alike
-        layer_wise &= alike and len(outs[0].hidden_states) == len(outs[1].hidden_states)
+        layer_wise &= alike and len(out.hidden_states) - 1 == len(ref["hidden"])
         real = mask.bool()
         if layer_wise:
-            # per-layer hidden states (index 0 is the embedding output; layers start at 1)
-            h_t = torch.stack(outs[0].hidden_states[1:])[:, real]  # (layers, tokens, hidden)
-            h_s = torch.stack(outs[1].hidden_states[1:])[:, real]
+            h_t = ref["hidden"]  # (layers, tokens, hidden)
+            h_s = torch.stack(out.hidden_states[1:])[:, real]
             num = ((h_s - h_t).float() ** 2).sum((1, 2))
             den = (h_t.float() ** 2).sum((1, 2))
             err_num = num if err_num is None else err_num + num
             err_den = den if err_den is None else err_den + den
-        emb_t = pool(outs[0].hidden_states[-1], mask, original.pooling)
-        emb_s = pool(outs[1].hidden_states[-1], enc_s["attention_mask"], original.pooling)
-        cos_sum += float(F.cosine_similarity(emb_s.float(), emb_t.float(), dim=-1).sum())
-        if has_lm_head and token_level and table is None and outs[0].logits.shape == outs[1].logits.shape:
-            logp_t = F.log_softmax(outs[0].logits[real].float(), dim=-1)
-            logp_s = F.log_softmax(outs[1].logits[real].float(), dim=-1)
+        emb_s = pool(out.hidden_states[-1], enc_s["attention_mask"], reference.pooling)
+        cos_sum += float(F.cosine_similarity(emb_s.float(), ref["embedding"], dim=-1).sum())
+        if has_lm_head and token_level and table is None and out.logits[real].shape == ref["logits"].shape:
+            logp_t = F.log_softmax(ref["logits"].float(), dim=-1)
+            logp_s = F.log_softmax(out.logits[real].float(), dim=-1)
             kl_sum += float(F.kl_div(logp_s, logp_t, log_target=True, reduction="sum"))
         else:
             has_lm_head = False
         tokens += int(real.sum())
+    texts = reference.texts
     result = {
         "num_texts": len(texts),
         "num_tokens": tokens,

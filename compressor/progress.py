@@ -81,7 +81,8 @@ class Progress:
             self._bar.update(n)
             return
         tenth = self.total and (self.done - self._last_done) * 10 >= self.total
-        if self.done >= self.total or tenth or now - self._last_line >= EVERY_SECONDS:
+        first = self._last_line == self.start  # the first line comes once the step is known to be long
+        if self.done >= self.total or tenth or first or now - self._last_line >= EVERY_SECONDS:
             if self.done >= self.total and now - self.start < self.min_seconds:
                 return
             self._write(now)

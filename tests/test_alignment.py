@@ -133,7 +133,7 @@ def test_far_pairs_of_a_deep_model_align_a_sample_and_still_find_a_permuted_copy
 
     sim = weight_similarity(model, adapter)
     assert sim["alignment"] == {"exact_within": 3, "exact_pairs": 15 + 14 + 13, "sampled_pairs": 120 - 42,
-                                "sampled_neurons": W.SAMPLED_NEURONS}
+                                "sampled_neurons": W.SAMPLED_NEURONS, "near_sampled_neurons": 0}
     for role in adapter.roles:
         assert sim["aligned"][role][0][14] == pytest.approx(1.0, abs=1e-5), role
     assert sim["aligned_mean"][0][10] < 0.5 and sim["aligned_mean"][1][2] < 0.5
@@ -141,3 +141,55 @@ def test_far_pairs_of_a_deep_model_align_a_sample_and_still_find_a_permuted_copy
     assert exact["alignment"]["sampled_pairs"] == 0
     # the estimate is close to the exact solve on unrelated layers too
     assert abs(sim["aligned_mean"][2][12] - exact["aligned_mean"][2][12]) < 0.05
+
+
+def test_a_wide_ffn_samples_near_pairs_too_and_a_permuted_neighbour_still_scores_1(monkeypatch):
+    """An FFN wider than EXACT_NEURONS aligns a sample on near pairs as well (the 8,192-wide
+    solves of a 1.7 B model are 7 s each): a permuted copy next door still scores 1, and the
+    result says the near pairs were sampled."""
+    from compressor.analysis import weights as W
+
+    monkeypatch.setattr(W, "EXACT_NEURONS", 64)
+    monkeypatch.setattr(W, "NEAR_SAMPLED_NEURONS", 32)
+    model = make_model("llama", num_hidden_layers=4, intermediate_size=128)
+    adapter = get_adapter(model)
+    geometry = adapter.geometry(model.config)
+    blocks = adapter.blocks(model)
+    w, b = adapter.block_weights(blocks[1], geometry)
+    adapter.load_block_weights(blocks[2], *permute_weights(w, b, random_permutation(geometry, 3), geometry), geometry)
+    sim = weight_similarity(model, adapter)
+    assert sim["alignment"] == {"exact_within": 3, "exact_pairs": 0, "sampled_pairs": 6, "sampled_neurons": 0,
+                                "near_sampled_neurons": 32}
+    for role in adapter.roles:
+        assert sim["aligned"][role][1][2] == pytest.approx(1.0, abs=1e-5), role
+    assert sim["aligned_mean"][0][3] < 0.5
+
+
+def test_a_large_model_pair_by_pair_gives_what_the_cached_path_gives_and_bf16_is_close(monkeypatch):
+    """The path for models too large to cache (two layers' float32 copies at a time, one pair
+    at a time) computes the same numbers as the cached one; a bf16 copy of the model reads
+    within bf16's rounding of the float32 numbers."""
+    from compressor.analysis import weights as W
+
+    model = make_model("llama", num_hidden_layers=5)
+    adapter = get_adapter(model)
+    cached = weight_similarity(model, adapter)
+    with monkeypatch.context() as m:
+        m.setattr(W, "FEATURE_CACHE_NUMBERS", 0)
+        assert weight_similarity(model, adapter) == cached
+    # sampled near and far pairs too (a wide FFN on a deep model), streamed as cached
+    deep = make_model("llama", num_hidden_layers=14, intermediate_size=128)
+    with monkeypatch.context() as m:
+        m.setattr(W, "EXACT_NEURONS", 64)
+        m.setattr(W, "NEAR_SAMPLED_NEURONS", 48)
+        m.setattr(W, "SAMPLED_NEURONS", 16)
+        whole = weight_similarity(deep, get_adapter(deep))
+        m.setattr(W, "FEATURE_CACHE_NUMBERS", 0)
+        streamed = weight_similarity(deep, get_adapter(deep))
+    assert streamed["alignment"] == whole["alignment"] and whole["alignment"]["sampled_neurons"] == 16
+    for key in ("raw", "aligned"):
+        for role in adapter.roles:
+            assert torch.allclose(torch.tensor(streamed[key][role]), torch.tensor(whole[key][role]), atol=1e-6), role
+    half = weight_similarity(model.to(torch.bfloat16), adapter)
+    for key in ("raw_mean", "aligned_mean"):
+        assert torch.allclose(torch.tensor(half[key]), torch.tensor(cached[key]), atol=2e-2), key

@@ -25,8 +25,9 @@ def test_a_line_per_tenth_with_the_time_left():
         for _ in range(20):
             p.update()
     lines = out.getvalue().splitlines()
-    assert len(lines) == 10  # every second item is another tenth
-    assert lines[0].startswith("compress: weight similarity: 2/20 layer pairs (10%)") and "left" in lines[0]
+    assert len(lines) == 11  # the first as soon as the step is known to be long, then one a tenth
+    assert lines[0].startswith("compress: weight similarity: 1/20 layer pairs (5%)") and "left" in lines[0]
+    assert lines[1].startswith("compress: weight similarity: 3/20 layer pairs (15%)")
     assert lines[-1].startswith("compress: weight similarity: 20/20 layer pairs (100%)") and lines[-1].endswith("done")
 
 

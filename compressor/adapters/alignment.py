@@ -108,10 +108,25 @@ class UnitFeatures:
     query_heads: torch.Tensor  # (num_heads, 2 * head_dim * hidden)
 
 
-def unit_features(weights: Weights, geometry: Geometry) -> UnitFeatures:
-    """Build the matching features of one block's weights."""
-    neuron_parts = [F.normalize(weights[r], dim=1) for r in ("ffn_gate", "ffn_in") if r in weights]
-    neuron_parts.append(F.normalize(weights["ffn_out"].t(), dim=1))  # columns are neurons
+def unit_features(weights: Weights, geometry: Geometry, *, neurons: bool = True) -> UnitFeatures:
+    """Build the matching features of one block's weights, in float32 whatever their dtype (a
+    bf16 cosine between two neurons is good to two digits; the matching needs more).
+
+    ``neurons=False`` builds the heads' alone (``neurons`` is then empty): what a large model's
+    analysis rebuilds per pair rather than keeping."""
+    if neurons:
+        # written role by role into one tensor: one role in float32 at a time beside the result
+        parts = [weights[r] for r in ("ffn_gate", "ffn_in") if r in weights] + [weights["ffn_out"].t()]  # columns are neurons
+        neuron_features = torch.empty(parts[0].shape[0], sum(p.shape[1] for p in parts))
+        start = 0
+        for part in parts:
+            part = part.float()
+            # F.normalize's own arithmetic, into place
+            torch.div(part, part.norm(2, 1, keepdim=True).clamp_min(1e-12), out=neuron_features[:, start:start + part.shape[1]])
+            start += part.shape[1]
+    else:
+        neuron_features = torch.empty(0, 0)
+    weights = {r: weights[r].float() for r in ("query", "key", "value", "attn_out")}
     g, h = geometry.num_kv_heads, geometry.num_heads
     kv = [F.normalize(weights[r].reshape(g, -1), dim=1) for r in ("key", "value")]  # (groups, head_dim * hidden)
     query = [
@@ -119,7 +134,7 @@ def unit_features(weights: Weights, geometry: Geometry) -> UnitFeatures:
         # attention-output columns of a head: (hidden, heads, head_dim) -> (heads, hidden * head_dim)
         F.normalize(weights["attn_out"].reshape(geometry.hidden_size, h, -1).transpose(0, 1).reshape(h, -1), dim=1),
     ]
-    return UnitFeatures(torch.cat(neuron_parts, dim=1), torch.cat(kv, dim=1), torch.cat(query, dim=1))
+    return UnitFeatures(neuron_features, torch.cat(kv, dim=1), torch.cat(query, dim=1))
 
 
 def match_units(similarity: torch.Tensor) -> torch.Tensor:
@@ -159,6 +174,20 @@ def find_permutation(reference: UnitFeatures, other: UnitFeatures, *,
         neurons = match_units(reference.neurons @ other.neurons.t())
     else:
         neurons = _match_sample(reference.neurons[sample] @ other.neurons.t(), sample, reference.neurons.shape[0])
+    return _match_heads(reference, other, neurons)
+
+
+def find_sampled_permutation(reference_rows: UnitFeatures, other: UnitFeatures,
+                             sample: torch.Tensor) -> BlockPermutation:
+    """`find_permutation` with a ``sample`` for a reference whose ``neurons`` hold only the
+    sampled neurons' rows (``reference.neurons[sample]``, taken once per layer): what a large
+    model's analysis keeps of a layer instead of all its features."""
+    neurons = _match_sample(reference_rows.neurons @ other.neurons.t(), sample, other.neurons.shape[0])
+    return _match_heads(reference_rows, other, neurons)
+
+
+def _match_heads(reference: UnitFeatures, other: UnitFeatures, neurons: torch.Tensor) -> BlockPermutation:
+    """The heads' part of `find_permutation`, with the neurons' already matched."""
     kv_sim = reference.kv @ other.kv.t()  # (groups, groups)
     q_sim = (reference.query_heads @ other.query_heads.t()).cpu()  # (heads, heads); tiny, so on the CPU
     kv_sim = kv_sim.cpu()

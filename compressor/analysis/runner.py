@@ -17,7 +17,8 @@ from .config import AnalyzeConfig
 
 def run_analyze(model, config: AnalyzeConfig, output: str | Path | None = None, *, json_path: str | None = None,
                 markdown_path: str | None = None, plots_dir: str | None = None, plots: bool = True,
-                overwrite: bool = False, trust_remote_code: bool = False) -> tuple[StageRecord, list[str]]:
+                overwrite: bool = False, trust_remote_code: bool = False,
+                dtype="auto") -> tuple[StageRecord, list[str]]:
     """Analyze ``model`` (a `LoadedModel`, folder, hub id or alias) and write what was asked.
 
     Args:
@@ -25,6 +26,8 @@ def run_analyze(model, config: AnalyzeConfig, output: str | Path | None = None, 
         json_path: Also the JSON alone here (``-``: nowhere; the caller prints it).
         markdown_path: Also the Markdown report alone here.
         plots_dir: Also the heatmaps alone in this folder.
+        dtype: The dtype ``model`` is read in (see `compressor.models.load_model`); the
+            similarities are computed in float32 whatever it is.
 
     Returns:
         The record and the paths written, in that order.
@@ -42,7 +45,7 @@ def run_analyze(model, config: AnalyzeConfig, output: str | Path | None = None, 
     for path, folder in ((output, True), (json_file, False), (markdown_path, False), (plots_dir, True)):
         if path:
             check_writable(path, overwrite=overwrite, folder=folder)
-    _, record = analyze(as_loaded(model, trust_remote_code=trust_remote_code), config)
+    _, record = analyze(as_loaded(model, trust_remote_code=trust_remote_code, dtype=dtype), config)
     result = json.dumps(record.to_dict(), indent=2)
     written = []
     if output:
@@ -66,7 +69,7 @@ def run_analyze(model, config: AnalyzeConfig, output: str | Path | None = None, 
 def run(run: StageRun) -> StageRecord:
     """``analysis.json`` and ``analysis.md``, as ``compress analyze -o`` writes them (no heatmaps)."""
     record, _ = run_analyze(run.model, run.config, run.output, plots=False, overwrite=run.overwrite,
-                            trust_remote_code=run.trust_remote_code)
+                            trust_remote_code=run.trust_remote_code, dtype=run.dtype)
     return record
 
 

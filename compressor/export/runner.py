@@ -64,7 +64,7 @@ def run(run: StageRun) -> StageRecord:
     """An ONNX folder as ``compress export`` writes it, quantized as a ``quantize`` stage before
     it says."""
     return run_export(run.model, run.config, run.output, quantize=run.fed.get("quantize"), overwrite=run.overwrite,
-                      trust_remote_code=run.trust_remote_code)
+                      trust_remote_code=run.trust_remote_code, dtype=run.dtype)
 
 
 #: The command is cli/export.py's own: its quantization flags come from the method registry.

@@ -103,10 +103,12 @@ class _BlockCapture:
 
     def _post_hook(self, i: int):
         def hook(module, args, kwargs, output):
-            out = _hidden_from_output(output)[self.mask].float()  # (real tokens, hidden)
+            hidden = _hidden_from_output(output)[self.mask]  # (real tokens, hidden)
+            out = hidden.float()
             self.cos[i].append(F.cosine_similarity(self._inputs.pop(i), out, dim=-1).double().cpu())
             self.norms[i].append(out.norm(dim=-1).cpu())
-            self.outputs[i].append(out[self.keep].cpu())
+            # kept as the model computed them: a bf16 model's outputs take half the memory
+            self.outputs[i].append(hidden[self.keep].cpu())
 
         return hook
 
@@ -129,8 +131,8 @@ class BlockOutputs:
     """What `collect_block_outputs` captured.
 
     Attributes:
-        outputs: One ``(tokens compared, hidden)`` float32 tensor per layer: its output at the
-            sampled tokens, massive activations left out.
+        outputs: One ``(tokens compared, hidden)`` tensor per layer, in the model's dtype: its
+            output at the sampled tokens, massive activations left out.
         block_influence: ``(layers,)``: Block Influence of each layer over every real token
             that is not a massive activation.
         num_tokens: Real tokens seen.

@@ -5,8 +5,11 @@ Layout::
     config.json          the model's Hugging Face config, unchanged
     compress.json        the manifest: format version, model class, pooling, sharing plan,
                          shared modules, LoRA rank and init
-    model.safetensors    every tensor once (safetensors' ``save_model`` drops the aliases of a
-                         shared tensor; Hugging Face ``save_pretrained`` refuses them)
+    model.safetensors    every tensor once, in the model's dtype (the aliases of a shared
+                         tensor are dropped; Hugging Face ``save_pretrained`` refuses them);
+                         past `SHARD_BYTES`, shards as transformers names them
+                         (``model-00001-of-00004.safetensors`` ...) and
+                         ``model.safetensors.index.json``
     tokenizer files      as ``save_pretrained`` writes them
 
 `load_checkpoint` rebuilds the model from the config, re-creates the sharing (the same
@@ -16,14 +19,17 @@ calls it for any folder with a ``compress.json``, so every command takes such a 
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from ..adapters import ArchitectureAdapter, adapter_for, module_shape
 from ..adapters.checks import prove
-from ..errors import ModelLoadError, first_line
+from ..errors import CompressError, ModelLoadError, first_line
 from ..io import staged_folder, write_text_atomic
+from ..progress import track
 from .loaded import LoadedModel, fit_tokenizer, load_config, load_tokenizer
 from .sharing_manifest import SharingManifest
 
@@ -31,6 +37,9 @@ MANIFEST = "compress.json"
 FORMAT = "compress-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+#: The largest weights file a checkpoint writes (a 1.7 B bf16 model: two files).
+SHARD_BYTES = 2 * 2**30
 
 
 def save_checkpoint(loaded: LoadedModel, folder: str | Path, *, overwrite: bool = False,
@@ -47,12 +56,10 @@ def save_checkpoint(loaded: LoadedModel, folder: str | Path, *, overwrite: bool 
     Returns:
         The folder.
     """
-    from safetensors.torch import save_model
-
     model = loaded.model
     with staged_folder(folder, overwrite=overwrite) as tmp:
         model.config.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_weights(model, tmp)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
         manifest = {
@@ -86,25 +93,147 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None) -> LoadedMod
         ModelLoadError: a manifest that does not parse or has another format version, or
             weights that do not match the manifest.
     """
-    from safetensors.torch import load_model as load_weights
+    from .loading import check_fits, weights_numel
 
     folder = Path(folder)
     manifest = read_manifest(folder)
+    dtype = _manifest_dtype(manifest)
+    check_fits(weights_numel(folder, name or str(folder)), dtype, dtype, name or str(folder))
     model = _empty_model(folder, manifest)
     adapter = _recorded_adapter(model, manifest, folder)
     sharing = SharingManifest.from_dict(manifest["sharing"]) if manifest.get("sharing") else None
     if sharing:
         _install_sharing(model, adapter, sharing)
-    try:
-        load_weights(model, str(folder / WEIGHTS), strict=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise ModelLoadError(f"{folder}: weights do not match the manifest: {first_line(e)}") from None
+    read_weights(model, folder)
     model.eval()
     adapter, checks = prove(model, adapter)
     return LoadedModel(model=model, tokenizer=fit_tokenizer(load_tokenizer(str(folder)), adapter, model.config),
                        adapter=adapter, source=str(folder), name=name or str(folder),
                        pooling=manifest.get("pooling", "mean"), normalize=bool(manifest.get("normalize", False)), sharing=sharing, origin=manifest.get("source"),
                        checks=checks)
+
+
+def unique_tensors(model) -> dict:
+    """The model's state dict with every tensor once: the first name of each storage (a shared
+    base or a tied embedding is stored under the first layer or module that holds it)."""
+    seen, tensors = set(), {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+        if key not in seen:
+            seen.add(key)
+            tensors[name] = tensor
+    return tensors
+
+
+def write_weights(model, folder: Path, shard_bytes: int | None = None) -> list[str]:
+    """Write the model's tensors, each once, in its dtype: ``model.safetensors``, or shards of at
+    most ``shard_bytes`` (default `SHARD_BYTES`) and their index, one file at a time.
+
+    Returns:
+        The weight files written.
+    """
+    from safetensors.torch import save_file
+
+    limit = SHARD_BYTES if shard_bytes is None else shard_bytes
+    shards: list[dict] = [{}]
+    size = 0
+    for name, tensor in unique_tensors(model).items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    names = [WEIGHTS] if len(shards) == 1 else [f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+                                                 for k in range(1, len(shards) + 1)]
+    total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+    free = shutil.disk_usage(folder).free
+    if total > free:  # refused before the first byte, not when the disk is full
+        raise CompressError(f"{folder.parent} has {free / 2**30:.1f} GiB free and the weights need "
+                            f"{total / 2**30:.1f} GiB; nothing was written")
+    for name, shard in track(list(zip(names, shards)), "writing weights", unit="files"):
+        try:
+            save_file({k: v.contiguous() for k, v in shard.items()}, str(folder / name), metadata={"format": "pt"})
+        except Exception as e:  # noqa: BLE001  (safetensors reports a full disk as its own error)
+            if not _out_of_space(e):
+                raise
+            raise CompressError(f"the disk filled while writing {name} into {folder.parent}: "
+                                f"{first_line(e)}; nothing was written") from None
+    if len(shards) > 1:
+        weight_map = {tensor: name for name, shard in zip(names, shards) for tensor in shard}
+        write_text_atomic(folder / INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=2) + "\n")
+    return names
+
+
+def _out_of_space(error: BaseException) -> bool:
+    """A write failed for want of disk space (an OSError, or safetensors' own error naming it)."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    return "No space left" in text or "StorageFull" in text or "os error 28" in text
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's weight files: the shards its index names, else ``model.safetensors``.
+
+    Raises:
+        ModelLoadError: an index that does not parse, or a file it (or the checkpoint) needs is missing.
+    """
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"{index} is not a valid shard index: {first_line(e)}") from None
+    else:
+        files = [WEIGHTS]
+    paths = [folder / f for f in files]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        named = f"named in {INDEX}" if index.is_file() else "the checkpoint's weights"
+        raise ModelLoadError(f"{folder}: {missing[0]} is missing ({named}; {len(missing)} of {len(paths)} "
+                             "files missing); copy the whole folder")
+    return paths
+
+
+def read_weights(model, folder: Path) -> None:
+    """Fill ``model`` (built from the config, sharing installed) from the checkpoint's files, one
+    tensor at a time; every tensor must be there once, with its shape.
+
+    Raises:
+        ModelLoadError: a missing file, an unknown or misshapen tensor, or one the model needs
+            that no file holds.
+    """
+    import torch
+    from safetensors import safe_open
+
+    expected = model.state_dict(keep_vars=True)
+    filled: set[int] = set()
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as f, torch.no_grad():
+                for name in f.keys():
+                    target = expected.get(name)
+                    if target is None:
+                        raise ModelLoadError(f"{folder}: weights do not match the manifest: {path.name} holds "
+                                             f"{name}, which the model does not have")
+                    tensor = f.get_tensor(name)
+                    if tuple(tensor.shape) != tuple(target.shape):
+                        raise ModelLoadError(f"{folder}: weights do not match the manifest: {name} is "
+                                             f"{tuple(tensor.shape)} in {path.name}, the model's is {tuple(target.shape)}")
+                    target.copy_(tensor)
+                    filled.add(target.untyped_storage().data_ptr())
+        except ModelLoadError:
+            raise
+        except Exception as e:  # noqa: BLE001  (OSError, safetensors' own error: a truncated or corrupt file)
+            raise ModelLoadError(f"{folder}: could not read {path.name}: {first_line(e)}") from None
+    # an alias (a tied head, a shared base in its other layers) is filled with its first name
+    unfilled = [name for name, t in expected.items() if t.untyped_storage().data_ptr() not in filled]
+    if unfilled:
+        raise ModelLoadError(f"{folder}: weights do not match the manifest: {len(unfilled)} tensors missing "
+                             f"(e.g. {unfilled[0]})")
 
 
 def read_manifest(folder: Path) -> dict:
@@ -132,13 +261,24 @@ def _empty_model(folder: Path, manifest: dict):
     cls = getattr(transformers, str(manifest.get("model_class")), None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ModelLoadError(f"{folder}: unknown model class {manifest.get('model_class')!r}")
-    with transformers.modeling_utils.no_init_weights():  # the weights come from the file
-        model = cls(config)
+    dtype = _manifest_dtype(manifest)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: a bf16 model never exists in float32
+    try:
+        with transformers.modeling_utils.no_init_weights():  # the weights come from the file
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(default)
     model.tie_weights()  # skipped with the init above; GPT-2's head shares the embedding
-    dtype = getattr(torch, str(manifest.get("dtype", "float32")), None)
-    if isinstance(dtype, torch.dtype):
-        model.to(dtype)
     return model
+
+
+def _manifest_dtype(manifest: dict):
+    """The dtype the checkpoint was written in (float32 for one that names none it can use)."""
+    import torch
+
+    dtype = getattr(torch, str(manifest.get("dtype", "float32")), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def _recorded_adapter(model, manifest: dict, folder: Path) -> ArchitectureAdapter:

@@ -49,4 +49,5 @@ def run_share(run: StageRun) -> StageRecord:
     from ..sharing.runner import run_share as share_folder
 
     return share_folder(run.model, run.config, run.output, overwrite=run.overwrite,
-                        trust_remote_code=run.trust_remote_code, plan_with=analysis_grouping)
+                        trust_remote_code=run.trust_remote_code, plan_with=analysis_grouping,
+                        dtype=run.dtype)

@@ -15,8 +15,8 @@ from .config import PruneConfig
 
 
 def run_prune(model, config: PruneConfig, output: str | Path, *, overwrite: bool = False,
-              trust_remote_code: bool = False) -> StageRecord:
-    """Prune ``model`` and write the checkpoint, with ``prune_report.json``/``.md``, to ``output``.
+              trust_remote_code: bool = False, dtype="auto") -> StageRecord:
+    """Prune ``model`` (read in ``dtype``: see `compressor.models.load_model`) and write the checkpoint, with ``prune_report.json``/``.md``, to ``output``.
 
     Raises:
         OutputExistsError: ``output`` exists and ``overwrite`` is not set (before any work).
@@ -27,7 +27,7 @@ def run_prune(model, config: PruneConfig, output: str | Path, *, overwrite: bool
     from .stage import prune
 
     check_writable(output, overwrite=overwrite, folder=True)
-    loaded, record = prune(as_loaded(model, trust_remote_code=trust_remote_code), config)
+    loaded, record = prune(as_loaded(model, trust_remote_code=trust_remote_code, dtype=dtype), config)
 
     def reports(staged: Path) -> None:
         write_text_atomic(staged / "prune_report.json", json.dumps(record.to_dict(), indent=2))
@@ -39,7 +39,8 @@ def run_prune(model, config: PruneConfig, output: str | Path, *, overwrite: bool
 
 def run(run: StageRun) -> StageRecord:
     """``run_prune`` on a `StageRun`."""
-    return run_prune(run.model, run.config, run.output, overwrite=run.overwrite, trust_remote_code=run.trust_remote_code)
+    return run_prune(run.model, run.config, run.output, overwrite=run.overwrite, trust_remote_code=run.trust_remote_code,
+                     dtype=run.dtype)
 
 
 def summary(record: StageRecord) -> str:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
 
 from ..data import calibration_texts
 from ..errors import ConfigError, ResultError, first_line
+from ..fidelity import Reference, compare
 from ..models import LoadedModel, unique_parameters
 from ..record import StageRecord
 from . import importance, structured
@@ -42,7 +42,9 @@ def prune(loaded: LoadedModel, config: PruneConfig) -> tuple[LoadedModel, StageR
     _check_request(loaded, config)
     texts, vocab_texts = _read_texts(loaded, config)  # all data first, so that a bad file fails before any work
 
-    original = copy.deepcopy(loaded) if config.fidelity else None
+    # the original's outputs, taken before the model changes in place (not a copy of the model)
+    reference = (Reference(loaded, texts, batch_size=config.batch_size, max_length=config.max_length,
+                           device=config.device) if config.fidelity else None)
     params_before, bytes_before = unique_parameters(loaded.model)
     geometry_before = loaded.geometry
     metrics: dict = {}
@@ -59,9 +61,10 @@ def prune(loaded: LoadedModel, config: PruneConfig) -> tuple[LoadedModel, StageR
     metrics["geometry_before"] = _geometry(geometry_before)
     metrics["geometry_after"] = _geometry(loaded.geometry)
     params_after, bytes_after = unique_parameters(loaded.model)
-    if original is not None:
-        metrics["fidelity"] = _fidelity(loaded, original, texts, config)
-        del original
+    if reference is not None:
+        with reference:
+            metrics["fidelity"] = compare(loaded, reference)
+        loaded.model.cpu()
     record = StageRecord.build("prune", config, before=(params_before, bytes_before), after=(params_after, bytes_after),
                                metrics=metrics, started=start)
     return loaded, record
@@ -131,16 +134,6 @@ def _prune_units(loaded: LoadedModel, config: PruneConfig, texts: list[str]) -> 
         metrics["ffn_width"] = len(next(iter(keep.values())))
     structured.recap_all(loaded)
     return metrics
-
-
-def _fidelity(loaded: LoadedModel, original: LoadedModel, texts: list[str], config: PruneConfig) -> dict:
-    """Fidelity of the pruned model to ``original`` (the model as it came in) on ``texts``."""
-    from ..fidelity import fidelity
-
-    result = fidelity(loaded, original, texts, batch_size=config.batch_size, max_length=config.max_length,
-                      device=config.device)
-    loaded.model.cpu()
-    return result
 
 
 def require_pruning(loaded: LoadedModel, *, heads: bool, ffn: bool, layers: bool) -> None:

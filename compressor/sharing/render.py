@@ -19,7 +19,7 @@ def share_summary_rows(record) -> list[tuple[str, str]]:
         ("weights in memory", f"{record.bytes_before / MIB:.1f} MiB -> {record.bytes_after / MIB:.1f} MiB"),
     ]
     if "checkpoint_bytes" in m:
-        rows.append(("model.safetensors", f"{m['checkpoint_bytes'] / MIB:.1f} MiB"))
+        rows.append(("weights files", f"{m['checkpoint_bytes'] / MIB:.1f} MiB"))
     if "lora_energy_kept_mean" in m:
         rows.append(("residual energy kept by LoRA", f"{m['lora_energy_kept_mean']:.1%} (mean over layers and sublayers)"))
     rows += fidelity_rows(m.get("fidelity"))
@@ -40,10 +40,10 @@ def share_reports(record, model_name: str):
     import json
 
     from ..io import write_text_atomic
-    from ..models.checkpoint import WEIGHTS
+    from ..models.checkpoint import weight_files
 
     def write(staged) -> None:
-        record.metrics["checkpoint_bytes"] = (staged / WEIGHTS).stat().st_size
+        record.metrics["checkpoint_bytes"] = sum(f.stat().st_size for f in weight_files(staged))
         write_text_atomic(staged / "share_report.json", json.dumps(record.to_dict(), indent=2))
         write_text_atomic(staged / "share_report.md", share_markdown(record, model_name))
 

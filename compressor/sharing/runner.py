@@ -15,11 +15,13 @@ from .config import ShareConfig
 
 
 def run_share(model, config: ShareConfig, output: str | Path, *, overwrite: bool = False,
-              trust_remote_code: bool = False, plan_with: Callable | None = None) -> StageRecord:
+              trust_remote_code: bool = False, plan_with: Callable | None = None, dtype="auto") -> StageRecord:
     """Share ``model``'s layers and write the checkpoint, with ``share_report.json``/``.md``, to
     ``output``.
 
     Args:
+        dtype: The dtype ``model`` is read in (see `compressor.models.load_model`); the
+            checkpoint keeps it.
         plan_with: ``(loaded, config) -> Grouping``: the analysis that plans ``--groups K`` when no
             ``analysis`` file is given (the pipeline passes the analysis stage's; see
             `compressor.pipeline.compose`). Called after the checks that need no data.
@@ -33,7 +35,7 @@ def run_share(model, config: ShareConfig, output: str | Path, *, overwrite: bool
     from .stage import check_selection, share
 
     check_writable(output, overwrite=overwrite, folder=True)
-    loaded = as_loaded(model, trust_remote_code=trust_remote_code)
+    loaded = as_loaded(model, trust_remote_code=trust_remote_code, dtype=dtype)
     grouping = None
     if plan_with is not None and config.groups is not None and config.analysis is None:
         check_selection(loaded, config)  # a bad selection fails before the analysis
@@ -46,7 +48,8 @@ def run_share(model, config: ShareConfig, output: str | Path, *, overwrite: bool
 def run(run: StageRun) -> StageRecord:
     """``run_share`` on a `StageRun`: a ``--groups K`` without an analysis file needs a planner,
     which the pipeline adds (`compressor.pipeline.compose.run_share`)."""
-    return run_share(run.model, run.config, run.output, overwrite=run.overwrite, trust_remote_code=run.trust_remote_code)
+    return run_share(run.model, run.config, run.output, overwrite=run.overwrite, trust_remote_code=run.trust_remote_code,
+                     dtype=run.dtype)
 
 
 def summary(record: StageRecord) -> str:

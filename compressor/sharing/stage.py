@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
@@ -18,6 +17,7 @@ from ..adapters.alignment import (
 from ..adapters.base import ATTENTION_ROLES, FFN_ROLES
 from ..data import calibration_texts
 from ..errors import ConfigError
+from ..fidelity import Reference, compare
 from ..layer_groups import Grouping
 from ..models import LoadedModel, unique_parameters
 from ..models.sharing_manifest import SharingManifest, is_lora_parameter
@@ -105,7 +105,9 @@ def share(loaded: LoadedModel, config: ShareConfig, *,
     texts = (calibration_texts(config.data, text_column=config.text_column, encoding=config.encoding,
                                limit=config.max_samples) if config.fidelity else None)  # read first: a bad file fails at once
     plan, plan_source = _resolve_plan(loaded, config, grouping)
-    original = copy.deepcopy(loaded) if config.fidelity else None
+    # the original's outputs, taken before the model changes in place (not a copy of the model)
+    reference = (Reference(loaded, texts, batch_size=config.batch_size, max_length=config.max_length,
+                           device=config.device) if config.fidelity else None)
     params_before, bytes_before = unique_parameters(loaded.model)
 
     energy = _share_groups(loaded, plan, roles, modules, config)
@@ -120,12 +122,9 @@ def share(loaded: LoadedModel, config: ShareConfig, *,
         "lora_params": sum(p.numel() for name, p in loaded.model.named_parameters() if is_lora_parameter(name)),
         **_energy_metrics(energy, config),
     }
-    if original is not None:
-        from ..fidelity import fidelity
-
-        metrics["fidelity"] = fidelity(loaded, original, texts, batch_size=config.batch_size,
-                                       max_length=config.max_length, device=config.device)
-        del original
+    if reference is not None:
+        with reference:
+            metrics["fidelity"] = compare(loaded, reference)
     if any(len(g) > 1 for g in plan):
         metrics["note"] = NO_RECOVERY_NOTE
     record = StageRecord.build("share", config, before=(params_before, bytes_before), after=(params_after, bytes_after),
@@ -198,14 +197,16 @@ def _share_module(blocks, group: list[int], path: str, config: ShareConfig) -> d
     # whole modules, rows as stored: a fused module is shared whole
     weights = {layer: module_weight(blocks[layer].get_submodule(path)).clone() for layer in group}
     biases = {layer: _bias(blocks[layer].get_submodule(path)) for layer in group}
-    shared_w = weights[group[0]] if config.init == "first" else torch.stack(list(weights.values())).mean(0)
+    # the mean in float32 whatever the model's dtype (a bf16 sum of several layers would round)
+    shared_w = weights[group[0]] if config.init == "first" else torch.stack([w.float() for w in weights.values()]).mean(0)
     out_f, in_f = shared_w.shape
     ref = blocks[group[0]].get_submodule(path).weight
     base = nn.Linear(in_f, out_f, bias=False, dtype=ref.dtype, device=ref.device)
     base.weight.copy_(shared_w)
     installed = install_shared(blocks, group, path, base, biases, config.lora_rank, config.lora_alpha)
     svd_init = bool(config.lora_rank) and config.lora_init == "svd"
-    return {layer: module.init_lora_from_residual(weights[layer] - shared_w) if svd_init else 0.0
+    stored = base.weight.float()  # the residual from the shared weight as stored
+    return {layer: module.init_lora_from_residual(weights[layer].float() - stored) if svd_init else 0.0
             for layer, module in installed.items()}
 
 

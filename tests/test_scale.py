@@ -1,0 +1,173 @@
+"""The large-model paths (issue 34) on tiny seeded models: each gives what the whole-model path
+gives. A bf16 checkpoint stays bf16 through share and prune, sharded checkpoints load to
+identical weights, the fidelity against the original's recorded outputs (spilled to disk or
+not) equals the one against a copy of the model, and the bad inputs get one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli.main import cli
+from compressor.fidelity import Reference, compare, fidelity
+from compressor.models import load_model
+from compressor.models import checkpoint as ckpt
+from tiny_models import save_model
+
+TEXTS = ["the cat sat on the mat.", "a quick brown fox jumps over the lazy dog!", "hello world, again and again;",
+         "numbers 1 2 3 and more text here", "short one", "the last text of the calibration set is this one."] * 3
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [*map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def bf16_llama(tmp_path_factory):
+    """A tiny Llama saved in bf16 (its config names bfloat16, as SmolLM2's and Llama 3's do)."""
+    folder = tmp_path_factory.mktemp("bf16") / "llama"
+    save_model("llama", folder)
+    model = load_model(folder, dtype="float32").model.to(torch.bfloat16)
+    model.save_pretrained(folder)
+    assert load_model(folder, dtype="auto").model.dtype == torch.bfloat16  # its config names bfloat16
+    return folder
+
+
+def test_a_bf16_model_is_read_shared_and_written_in_bf16_and_reloads_identically(bf16_llama, tmp_path, monkeypatch):
+    """share keeps the checkpoint's dtype; past the shard size the weights are shards with an
+    index, and they load back to the very tensors that were written (aliases included)."""
+    monkeypatch.setattr(ckpt, "SHARD_BYTES", 20_000)  # a tiny model in several files
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(TEXTS))
+    out = tmp_path / "shared"
+    result = invoke("share", bf16_llama, "--plan", "0-1,2-3", "--lora-rank", "2", "--data", data, "-o", out)
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(files) > 1 and (out / ckpt.INDEX).is_file() and not (out / ckpt.WEIGHTS).exists()
+    assert json.loads((out / "compress.json").read_text())["dtype"] == "bfloat16"
+    record = json.loads((out / "share_report.json").read_text())
+    assert record["metrics"]["checkpoint_bytes"] == sum((out / f).stat().st_size for f in files)
+
+    loaded = load_model(out)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    written = {}
+    for f in files:
+        from safetensors.torch import load_file
+
+        written.update(load_file(out / f))
+    state = loaded.model.state_dict()
+    for name, tensor in written.items():
+        assert torch.equal(state[name], tensor), name
+    # the shared base is one tensor: stored once, read by both members
+    blocks = loaded.adapter.blocks(loaded.model)
+    assert blocks[0].mlp.up_proj.base_layer is blocks[1].mlp.up_proj.base_layer
+    fid = record["metrics"]["fidelity"]
+    assert 0.0 < fid["embedding_cosine"] <= 1.0 and fid["next_token_kl"] > 0.0
+
+
+def test_a_missing_shard_is_one_line_naming_it(bf16_llama, tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt, "SHARD_BYTES", 20_000)
+    out = tmp_path / "pruned"
+    assert invoke("prune", bf16_llama, "--drop-layers", "1", "--no-fidelity", "-o", out).exit_code == 0
+    assert json.loads((out / "compress.json").read_text())["dtype"] == "bfloat16"
+    victim = sorted(out.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    result = invoke("inspect", out)
+    assert result.exit_code != 0
+    assert victim.name in result.output and "missing" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_float32_on_request_and_the_bf16_analysis_reads_as_the_float32_one(bf16_llama, tmp_path):
+    """--dtype float32 reads a bf16 checkpoint in float32; the analysis of the bf16 model (its
+    similarities computed in float32) is within bf16's rounding of the float32 model's."""
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(TEXTS))
+    runs = {}
+    for dtype in ("auto", "float32"):
+        path = tmp_path / f"{dtype}.json"
+        result = invoke("analyze", bf16_llama, "--dtype", dtype, "--data", data, "--json", path)
+        assert result.exit_code == 0, result.output
+        runs[dtype] = json.loads(path.read_text())["metrics"]
+    for key in ("cka", "angular_distance", "block_influence"):
+        a, b = torch.tensor(runs["auto"]["activations"][key]), torch.tensor(runs["float32"]["activations"][key])
+        assert torch.allclose(a, b, atol=0.03), key
+    a, b = torch.tensor(runs["auto"]["weights"]["raw_mean"]), torch.tensor(runs["float32"]["weights"]["raw_mean"])
+    assert torch.allclose(a, b, atol=1e-3)
+
+
+def test_the_recorded_original_gives_the_fidelity_a_copy_gives_in_memory_or_spilled(tiny_dirs, monkeypatch):
+    """`compare` against the original's recorded outputs equals `fidelity` against the model
+    itself, whether the outputs stay in memory or go to disk; the spill folder is removed."""
+    import copy
+
+    original = load_model(tiny_dirs["llama"])
+    changed = copy.deepcopy(original)
+    with torch.no_grad():
+        for p in changed.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    whole = fidelity(changed, original, TEXTS, batch_size=4)
+    monkeypatch.setattr(Reference, "MEMORY_BYTES", 0)
+    with Reference(original, TEXTS, batch_size=4) as reference:
+        spill = reference._spill.name
+        spilled = compare(changed, reference)
+    from pathlib import Path
+
+    assert not Path(spill).exists()
+    assert spilled == whole
+    assert whole["next_token_kl"] > 0 and len(whole["hidden_state_error"]) == 4
+
+
+def test_a_model_larger_than_the_memory_left_is_refused_before_reading_saying_what_fits(bf16_llama, monkeypatch):
+    """With less memory than its float32 weights take, --dtype float32 is refused up front with
+    what it needs and that its own bf16 takes half; the bf16 read still fits."""
+    from compressor import io
+
+    numel = sum(p.numel() for p in load_model(bf16_llama).model.parameters())
+    monkeypatch.setattr(io, "available_memory_bytes", lambda: int(numel * 3.5))  # bf16 fits, float32 does not
+    result = invoke("inspect", bf16_llama, "--dtype", "float32")
+    assert result.exit_code == 2
+    assert "float32" in result.output and "--dtype auto" in result.output and "bfloat16" in result.output
+    assert invoke("inspect", bf16_llama).exit_code == 0
+    monkeypatch.setattr(io, "available_memory_bytes", lambda: numel)
+    result = invoke("inspect", bf16_llama)
+    assert result.exit_code == 2 and "needs" in result.output and "Traceback" not in result.output
+
+
+def test_a_disk_too_small_or_filling_while_writing_shards_leaves_the_output_as_it_was(bf16_llama, tmp_path,
+                                                                                      monkeypatch):
+    """Too little free space is refused before writing; a disk that fills between two shards
+    is one line too, and the folder the user had is untouched, with nothing staged beside it."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    monkeypatch.setattr(ckpt, "SHARD_BYTES", 20_000)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's")
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000))
+    result = invoke("prune", bf16_llama, "--drop-layers", "1", "--no-fidelity", "-o", out, "--overwrite")
+    assert result.exit_code == 2 and "free" in result.output and "nothing was written" in result.output
+    monkeypatch.undo()
+    monkeypatch.setattr(ckpt, "SHARD_BYTES", 20_000)
+
+    import safetensors.torch
+
+    real, calls = safetensors.torch.save_file, []
+
+    def fills(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            open(path, "wb").write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fills)
+    result = invoke("prune", bf16_llama, "--drop-layers", "1", "--no-fidelity", "-o", out, "--overwrite")
+    assert result.exit_code == 2 and "disk filled" in result.output and "Traceback" not in result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["mine.txt"]
