@@ -31,6 +31,7 @@ from ..errors import CompressError, ModelLoadError, first_line
 from ..io import staged_folder, write_text_atomic
 from ..progress import track
 from .loaded import LoadedModel, fit_tokenizer, load_config, load_tokenizer
+from .memory import check_fits, weights_numel
 from .sharing_manifest import SharingManifest
 
 MANIFEST = "compress.json"
@@ -93,8 +94,6 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None) -> LoadedMod
         ModelLoadError: a manifest that does not parse or has another format version, or
             weights that do not match the manifest.
     """
-    from .loading import check_fits, weights_numel
-
     folder = Path(folder)
     manifest = read_manifest(folder)
     dtype = _manifest_dtype(manifest)
