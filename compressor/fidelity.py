@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .data.text import batches
 from .errors import ConfigError
 from .models.pooling import pool
+from .progress import Progress
 
 
 def check_teacher(student, teacher) -> None:
@@ -91,7 +92,8 @@ class Reference:
         size = 0
         home = next(original.model.parameters()).device  # the model goes back there: the stage works on it
         model = original.model.to(device).eval()
-        with torch.no_grad():
+        count = -(-len(texts) // batch_size)
+        with torch.no_grad(), Progress("the original's outputs", count, "batches") as progress:
             for k, enc in enumerate(batches(self.tokenizer, texts, batch_size, max_length, device)):
                 out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
                 real = enc["attention_mask"].bool()
@@ -110,6 +112,7 @@ class Reference:
                     torch.save(batch, path)
                     batch = path
                 self._batches.append(batch)
+                progress.update()
         model.to(home)
 
     def __iter__(self):
@@ -162,7 +165,9 @@ def compare(compressed, reference: Reference) -> dict:
     token_level = layer_wise = True
     model = compressed.model.to(device).eval()
     stream = batches(student_tokenizer, reference.texts, reference.batch_size, reference.max_length, device)
+    progress = Progress("fidelity", -(-len(reference.texts) // reference.batch_size), "batches")
     for ref, enc_s in zip(reference, stream):
+        progress.update()
         ref = {k: v.to(device) for k, v in ref.items()}
         out = model(input_ids=enc_s["input_ids"], attention_mask=enc_s["attention_mask"], output_hidden_states=True)
         mask = ref["attention_mask"]

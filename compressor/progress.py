@@ -29,10 +29,12 @@ T = TypeVar("T")
 FORMATS = ("text", "jsonl", "off")
 #: At most this long between two lines when stderr is not a terminal.
 EVERY_SECONDS = 20.0
-#: A step that ends sooner writes nothing (a small model's step is not news).
+#: A step that ends sooner writes nothing (a small model's step is not news), unless nothing
+#: has been written for that long: several short steps in a row speak up as one long one would.
 MIN_SECONDS = 10.0
 
 _format = "text"
+_last_line = time.perf_counter()  # when this process last wrote a progress line (or started)
 
 
 def set_format(format: str) -> None:
@@ -70,7 +72,8 @@ class Progress:
         """``n`` more items done."""
         self.done += n
         now = time.perf_counter()
-        if _format == "off" or now - self.start < self.min_seconds and self.done < self.total:
+        short = now - self.start < self.min_seconds and now - _last_line < self.min_seconds
+        if _format == "off" or short and self.done < self.total:
             return
         if _format == "text" and _is_terminal(self._stream):
             if self._bar is None:
@@ -83,7 +86,7 @@ class Progress:
         tenth = self.total and (self.done - self._last_done) * 10 >= self.total
         first = self._last_line == self.start  # the first line comes once the step is known to be long
         if self.done >= self.total or tenth or first or now - self._last_line >= EVERY_SECONDS:
-            if self.done >= self.total and now - self.start < self.min_seconds:
+            if self.done >= self.total and short:
                 return
             self._write(now)
 
@@ -105,8 +108,10 @@ class Progress:
         return elapsed / self.done * (self.total - self.done) if self.done else None
 
     def _write(self, now: float) -> None:
+        global _last_line
         elapsed, left = now - self.start, self.left_seconds(now)
         self._last_line, self._last_done = now, self.done
+        _last_line = now
         if _format == "jsonl":  # as `pipeline.events.EventLog` writes its events
             self._stream.write(json.dumps({"event": "progress", "time": round(time.time(), 3), "step": self.step,
                                            "done": self.done, "total": self.total, "unit": self.unit,

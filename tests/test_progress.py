@@ -83,3 +83,21 @@ def test_commands_report_their_long_steps(tiny_dirs, monkeypatch, tmp_path):
     assert res.exit_code == 0, res.output
     steps = {json.loads(line)["step"] for line in res.stderr.splitlines() if '"progress"' in line}
     assert {"GPTQ", "writing the graph"} <= steps
+
+
+def test_a_short_step_speaks_when_the_process_has_been_quiet_for_long(monkeypatch):
+    """Several short steps in a row must not add up to a long silence: a step shorter than
+    MIN_SECONDS writes once the process has written nothing for that long."""
+    import time
+
+    out = io.StringIO()
+    monkeypatch.setattr(progress, "_last_line", time.perf_counter() - 2 * progress.MIN_SECONDS)
+    with Progress("reading weights", 2, "files", stream=out) as p:
+        p.update()
+        p.update()
+    lines = out.getvalue().splitlines()
+    assert lines == [lines[0]] and lines[0].startswith("compress: reading weights: 1/2 files")
+    quiet = io.StringIO()  # the process just spoke: a short step stays quiet
+    with Progress("reading weights", 2, "files", stream=quiet) as p:
+        p.update(2)
+    assert quiet.getvalue() == ""

@@ -210,7 +210,7 @@ def read_weights(model, folder: Path) -> None:
 
     expected = model.state_dict(keep_vars=True)
     filled: set[int] = set()
-    for path in weight_files(folder):
+    for path in track(weight_files(folder), "reading weights", unit="files"):
         try:
             with safe_open(str(path), framework="pt") as f, torch.no_grad():
                 for name in f.keys():

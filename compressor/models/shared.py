@@ -100,7 +100,7 @@ class SharedLinear(nn.Module):
         if not self.lora_rank:
             return 0.0
         r = self.lora_rank
-        u, s, vh = top_singular(residual.double(), r)
+        u, s, vh = top_singular(residual, r)
         root = s.sqrt()
         # Split the singular values evenly between B and A so both factors have similar scale.
         self.lora_B.weight.copy_((u[:, :r] * root / self.scaling).to(self.lora_B.weight.dtype))
@@ -129,22 +129,41 @@ def install_shared(blocks, group: list[int], path: str, base: nn.Linear, biases:
     return installed
 
 
+#: Above this smaller side (the projections of 1-8 B models) the Gram matrix and its leading
+#: eigenpairs are taken in float32, and only the ``rank`` wanted are computed (LAPACK's ``evx``):
+#: 0.5 s instead of 1.45 s for a 2048 x 8192 residual at rank 16, the energy kept equal to 1e-7.
+FLOAT64_SIDE = 1024
+
+
 def top_singular(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``rank`` largest singular triplets ``(u, s, vh)`` of ``matrix``, exactly.
+    """The ``rank`` largest singular triplets ``(u, s, vh)`` of ``matrix`` (float64 results).
 
     A low rank goes through the eigendecomposition of the smaller Gram matrix (``M M^T`` or
-    ``M^T M``, in float64), several times faster than a full SVD of an FFN-sized matrix and as
-    exact for the leading singular values; a rank near the matrix's own takes the full SVD,
+    ``M^T M``), several times faster than a full SVD of an FFN-sized matrix and as exact for the
+    leading singular values: in float64 up to `FLOAT64_SIDE`, in float32 with only the leading
+    eigenpairs computed above it. A rank near the matrix's own takes the full SVD (float64),
     whose small singular values the Gram matrix would lose.
     """
     m, n = matrix.shape
     if 2 * rank >= min(m, n):
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank]
     wide = m <= n
-    gram = matrix @ matrix.T if wide else matrix.T @ matrix
-    values, vectors = torch.linalg.eigh(gram)  # ascending
-    values, vectors = values.flip(0)[:rank], vectors.flip(1)[:, :rank]
+    side = min(m, n)
+    if side <= FLOAT64_SIDE:
+        matrix = matrix.double()
+        gram = matrix @ matrix.T if wide else matrix.T @ matrix
+        values, vectors = torch.linalg.eigh(gram)  # ascending
+        values, vectors = values.flip(0)[:rank], vectors.flip(1)[:, :rank]
+    else:
+        import scipy.linalg
+
+        matrix = matrix.float()
+        gram = matrix @ matrix.T if wide else matrix.T @ matrix
+        low, high = scipy.linalg.eigh(gram.cpu().numpy(), subset_by_index=[side - rank, side - 1], driver="evx")
+        values = torch.from_numpy(low[::-1].copy()).double().to(matrix.device)  # descending
+        vectors = torch.from_numpy(high[:, ::-1].copy()).double().to(matrix.device)
+        matrix = matrix.double()
     s = values.clamp(min=0).sqrt()
     safe = torch.where(s > 0, s, torch.ones_like(s))
     if wide:
