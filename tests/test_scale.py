@@ -171,3 +171,18 @@ def test_a_disk_too_small_or_filling_while_writing_shards_leaves_the_output_as_i
     result = invoke("prune", bf16_llama, "--drop-layers", "1", "--no-fidelity", "-o", out, "--overwrite")
     assert result.exit_code == 2 and "disk filled" in result.output and "Traceback" not in result.output
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_the_float32_leading_eigenpairs_of_a_large_residual_are_its_top_singular_triplets(monkeypatch):
+    """Above FLOAT64_SIDE the LoRA init takes the Gram's leading eigenpairs in float32 (only the
+    rank wanted): the same singular values and rank-r approximation as a float64 SVD."""
+    from compressor.models import shared
+
+    monkeypatch.setattr(shared, "FLOAT64_SIDE", 16)
+    matrix = torch.randn(40, 90, generator=torch.Generator().manual_seed(0))
+    u, s, vh = shared.top_singular(matrix, 4)
+    U, S, V = torch.linalg.svd(matrix.double(), full_matrices=False)
+    assert torch.allclose(s, S[:4], rtol=1e-5)
+    assert torch.allclose((u * s) @ vh, (U[:, :4] * S[:4]) @ V[:4], atol=1e-4)
+    tall_u, tall_s, tall_vh = shared.top_singular(matrix.T, 4)  # the other Gram (M^T M)
+    assert torch.allclose(tall_s, S[:4], rtol=1e-5)

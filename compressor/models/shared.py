@@ -105,7 +105,7 @@ class SharedLinear(nn.Module):
         # Split the singular values evenly between B and A so both factors have similar scale.
         self.lora_B.weight.copy_((u[:, :r] * root / self.scaling).to(self.lora_B.weight.dtype))
         self.lora_A.weight.copy_((root[:, None] * vh[:r]).to(self.lora_A.weight.dtype))
-        total = float((residual.double() ** 2).sum())  # the sum of all squared singular values
+        total = float(torch.linalg.vector_norm(residual, dtype=torch.float64) ** 2)  # all squared singular values
         return min(1.0, float((s**2).sum()) / total) if total > 0 else 1.0
 
     def extra_repr(self) -> str:
