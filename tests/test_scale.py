@@ -186,3 +186,26 @@ def test_the_float32_leading_eigenpairs_of_a_large_residual_are_its_top_singular
     assert torch.allclose((u * s) @ vh, (U[:, :4] * S[:4]) @ V[:4], atol=1e-4)
     tall_u, tall_s, tall_vh = shared.top_singular(matrix.T, 4)  # the other Gram (M^T M)
     assert torch.allclose(tall_s, S[:4], rtol=1e-5)
+
+
+def test_a_bf16_student_trains_in_float32_and_says_so(bf16_llama, tmp_path):
+    """A checkpoint shared in bf16 is distilled with float32 weights (AdamW's steps would vanish
+    in bf16): the weights move, the record names both dtypes, the result is a float32 checkpoint."""
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(TEXTS))
+    shared = tmp_path / "shared"
+    assert invoke("share", bf16_llama, "--plan", "0-1,2-3", "--lora-rank", "2", "--no-fidelity", "-o",
+                  shared).exit_code == 0
+    out = tmp_path / "tuned"
+    result = invoke("finetune", shared, "--teacher", bf16_llama, "--data", data, "--max-steps", "2", "--batch-size", "4",
+                    "-o", out)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "finetune_report.json").read_text())
+    manifest = json.loads((out / "compress.json").read_text())
+    assert manifest["dtype"] == "float32"
+    tuned, before = load_model(out), load_model(shared)
+    assert {p.dtype for p in tuned.model.parameters()} == {torch.float32}
+    lora = [n for n, _ in tuned.model.named_parameters() if "lora_B" in n]
+    moved = [n for n in lora if not torch.equal(tuned.model.get_parameter(n), before.model.get_parameter(n).float())]
+    assert moved, "no LoRA delta moved in 2 steps"
+    assert record["metrics"]["dtype"] == {"loaded": "bfloat16", "trained": "float32"}

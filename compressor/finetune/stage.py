@@ -173,6 +173,12 @@ def finetune(
     check_teacher(student, teacher)
     data = load_training_data(student, config)
 
+    # trained in float32: AdamW's small steps vanish in a bf16 weight (its 8-bit mantissa), and the
+    # checkpoint written is float32 as a float32 student's always was; a bf16 checkpoint (a 1-8 B
+    # model shared or pruned in its own dtype) comes back at twice its size
+    trained_from = _weights_dtype(student.model)
+    if trained_from in (torch.bfloat16, torch.float16):
+        student.model.float()
     student.model.to(device)
     teacher.model.to(device).eval()
     for p in teacher.model.parameters():
@@ -185,12 +191,18 @@ def finetune(
         state.seed()
 
     run = _Run(student, teacher.model, data, state, output, device, start_time, teacher.tokenizer,
-               teacher_ids(student.tokenizer, teacher.tokenizer, device), aware)
+               teacher_ids(student.tokenizer, teacher.tokenizer, device), aware,
+               loaded_dtype=str(trained_from).removeprefix("torch."))
     reason = _train(run, progress=progress)
     run.save(reason)
     if aware is not None:
         aware.commit()  # the student returned is the checkpoint written, not the float weights behind it
     return student, run.record(reason)
+
+
+def _weights_dtype(model) -> torch.dtype:
+    """The dtype of the model's floating weights (the first one's)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _quantization_aware(student: LoadedModel, config: FinetuneConfig, resumed: Path | None):
@@ -260,6 +272,7 @@ class _Run:
     teacher_tokenizer: object
     vocab_map: torch.Tensor | None  # teacher id of each student id after a vocabulary cut, else None
     aware: object | None = None  # grids.aware.QuantizationAware with --quantize-aware
+    loaded_dtype: str = "float32"  # the student's checkpoint's dtype (it trains in float32)
 
     def record(self, reason: str) -> StageRecord:
         """The stage record as it stands: steps, losses, seconds per step, why it stopped."""
@@ -274,6 +287,7 @@ class _Run:
             "stopped_by": reason,
             "device": self.device,
             "trainable_params": sum(p.numel() for p in state.trainable),
+            "dtype": {"loaded": self.loaded_dtype, "trained": "float32"},
             "texts": len(self.data.texts),
             "held_out": self.data.held_out,
             **({"quantize_aware": {"bits": self.aware.bits, "block_size": self.aware.block_size,
