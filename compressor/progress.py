@@ -38,11 +38,13 @@ _last_line = time.perf_counter()  # when this process last wrote a progress line
 
 
 def set_format(format: str) -> None:
-    """How progress is written from now on: ``text``, ``jsonl`` or ``off``."""
-    global _format
+    """How progress is written from now on: ``text``, ``jsonl`` or ``off``; a command calls it as
+    it starts, which is also where its silence starts counting."""
+    global _format, _last_line
     if format not in FORMATS:
         raise ValueError(f"progress format must be one of {FORMATS}, got {format!r}")
     _format = format
+    _last_line = time.perf_counter()
 
 
 class Progress:

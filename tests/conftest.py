@@ -30,3 +30,12 @@ def assert_same_metrics(a: dict, b: dict):
     assert a.keys() == b.keys()
     for k, v in a.items():
         assert b[k] == (pytest.approx(v, rel=1e-4, abs=1e-6) if isinstance(v, float) else v), k
+
+
+def stderr_lines(stderr: str) -> list[str]:
+    """stderr's lines without progress lines (``compress: <step>: N/M ...``), which a slow or
+    loaded machine adds before an error: the error itself must be one line."""
+    import re
+
+    progress = re.compile(r"^compress: [^:]+: \d+/\d+ ")
+    return [line for line in stderr.strip().splitlines() if not progress.match(line)]

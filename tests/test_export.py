@@ -32,6 +32,7 @@ from compressor.models.shared import SharedLinear
 from compressor.pruning import PruneConfig, prune
 from compressor.quantization import method_config
 from compressor.sharing import ShareConfig, share
+from conftest import stderr_lines
 
 #: Every declared family (each tiny model exports in about a second; those outside CORE_FAMILIES with -m slow).
 EXPORTED = sorted(FAMILIES)
@@ -391,7 +392,7 @@ def test_int8_static_on_minilm_keeps_the_outputs(tmp_path):
 
 
 def one_line_error(res) -> str:
-    lines = res.stderr.strip().splitlines()
+    lines = stderr_lines(res.stderr)
     assert len(lines) == 1 and lines[0].startswith("compress: error:"), res.stderr
     return lines[0]
 
@@ -653,4 +654,4 @@ def test_a_decoder_export_fuses_norms_and_rotary_and_still_generates(tiny_dirs, 
 
     res = CliRunner().invoke(cli, ["export", str(tiny_dirs["gemma"]), "--optimize", "2", "-o", str(tmp_path / "gemma")])
     assert res.exit_code == 1 and not (tmp_path / "gemma").exists(), res.output
-    assert len(res.stderr.strip().splitlines()) == 1 and "export with --optimize 1" in res.stderr, res.stderr
+    assert len(stderr_lines(res.stderr)) == 1 and "export with --optimize 1" in res.stderr, res.stderr

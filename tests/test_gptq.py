@@ -20,6 +20,7 @@ from compressor.onnx.graph import attribute
 from compressor.quantization import method_config
 from compressor.grids.gptq import dequantize, gptq, pack_matmul_nbits, round_to_nearest
 from compressor.sharing import ShareConfig, share
+from conftest import stderr_lines
 
 
 def _correlated(rows: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -107,7 +108,7 @@ def test_gptq_options_are_checked(tiny_dirs, tmp_path):
     res = CliRunner().invoke(cli, ["export", str(tiny_dirs["llama"]), "--quantize", "int4", "--int4-method", "gptq",
                                    "--calibration", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "out")])
     assert res.exit_code != 0 and not (tmp_path / "out").exists()
-    assert len(res.stderr.strip().splitlines()) == 1 and "missing.txt" in res.stderr, res.stderr
+    assert len(stderr_lines(res.stderr)) == 1 and "missing.txt" in res.stderr, res.stderr
 
 
 def test_int8_share_keeps_the_projections_int4_hurts_most_in_int8(tiny_dirs, tmp_path):

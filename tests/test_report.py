@@ -16,6 +16,7 @@ from compressor.export import ExportConfig, export
 from compressor.models import load_model
 from compressor.quantization import method_config
 from compressor.sharing import ShareConfig, save_checkpoint, share
+from conftest import stderr_lines
 
 
 def labelled_csv(path, rows=60):
@@ -98,7 +99,7 @@ def test_report_refuses_bad_input_and_writes_nothing(tiny_dirs, tmp_path):
                  [str(tmp_path), "--batch-sizes", "1,x"]):
         res = runner.invoke(cli, ["report", *args, "-o", str(out), "--original", str(tiny_dirs["bert"])])
         assert res.exit_code == 2, (args, res.output)
-        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert len(stderr_lines(res.stderr)) == 1, res.stderr
     assert not out.exists()
 
     # a sequence longer than the model reads; an export folder whose model.onnx is not ONNX
@@ -110,7 +111,7 @@ def test_report_refuses_bad_input_and_writes_nothing(tiny_dirs, tmp_path):
         res = runner.invoke(cli, ["report", *args, "-o", str(out), "--original", str(tiny_dirs["bert"]),
                                   "--no-baselines", "--repeats", "1", "--warmup", "0"])
         assert res.exit_code == 2, (args, res.output)
-        lines = res.stderr.strip().splitlines()
+        lines = stderr_lines(res.stderr)
         assert len(lines) == 1 and words in lines[0], res.stderr
     assert not out.exists()
 
@@ -169,7 +170,7 @@ def test_report_measures_generation_of_a_causal_lm(tiny_dirs, tmp_path):
     res = CliRunner().invoke(cli, ["report", str(ours), "-o", str(out2), "--original", str(original),
                                    "--no-baselines", "--prompt-tokens", "100", "--new-tokens", "64"])
     assert res.exit_code == 2, res.output
-    lines = res.stderr.strip().splitlines()
+    lines = stderr_lines(res.stderr)
     assert len(lines) == 1 and "--prompt-tokens 100 + --new-tokens 64 is longer than" in lines[0], res.stderr
     assert not out2.exists()
 

@@ -17,6 +17,7 @@ from compressor.export.sentence import reference_embeddings
 from compressor.models import load_model
 from compressor.quantization import method_config
 from compressor.sharing import ShareConfig, save_checkpoint, share
+from conftest import stderr_lines
 
 TEXTS = ["The film is a joy from start to finish.", "A dull, lifeless script.",
          "Nothing about it works, and it goes on for far too long, scene after scene."]
@@ -107,7 +108,7 @@ def test_pooling_in_graph_on_a_decoder_and_stale_files_are_refused_or_replaced(t
     out = tmp_path / "onnx"
     res = CliRunner().invoke(cli, ["export", str(tiny_dirs["llama"]), "-o", str(out), "--pooling-in-graph"])
     assert res.exit_code == 2 and not out.exists()
-    lines = res.stderr.strip().splitlines()
+    lines = stderr_lines(res.stderr)
     assert len(lines) == 1 and "--pooling-in-graph" in lines[0], res.stderr
 
     # a folder that holds another model: refused without --overwrite, replaced whole with it
@@ -169,7 +170,7 @@ def test_optimized_export_fuses_attention_and_keeps_shared_weights_once(tiny_dir
                         (["--optimize", "3", str(tiny_dirs["bert"])], "the levels are 0, 1 and 2")):
         res = CliRunner().invoke(cli, ["export", *args, "-o", str(tmp_path / "refused")])
         assert res.exit_code == 2 and not (tmp_path / "refused").exists(), res.output
-        assert len(res.stderr.strip().splitlines()) == 1 and words in res.stderr, res.stderr
+        assert len(stderr_lines(res.stderr)) == 1 and words in res.stderr, res.stderr
 
 
 def test_the_sentence_checks_fail_on_a_layout_or_graph_that_strays(tiny_dirs, tmp_path):

@@ -18,6 +18,7 @@ from compressor.models.stats import unique_parameters
 from compressor.quantization import method_config
 from compressor.grids.rows import half_scales, quantize_rows
 from compressor.onnx.tables import block_quantize_tables, supported
+from conftest import stderr_lines
 
 pytestmark = pytest.mark.skipif(not supported(), reason="this onnxruntime's GatherBlockQuantized takes no uint8 blocks")
 
@@ -201,7 +202,7 @@ def test_embedding_bits_that_no_table_can_take_fail_in_one_line(tiny_dirs, tmp_p
     res = CliRunner().invoke(cli, ["export", str(tiny_dirs["bert"]), "--quantize", "int8", "--embedding-bits", "4",
                                    "--block-size", "64", "-o", str(out)])
     assert res.exit_code != 0 and not out.exists()
-    assert len(res.stderr.strip().splitlines()) == 1 and "--embedding-bits 4" in res.stderr, res.stderr
+    assert len(stderr_lines(res.stderr)) == 1 and "--embedding-bits 4" in res.stderr, res.stderr
 
 
 def test_a_lookup_only_tables_scales_are_stored_in_float16_and_read_back_exactly():
@@ -288,7 +289,7 @@ def test_hot_rows_are_checked_and_refused_where_a_head_reads_the_table(tiny_dirs
     res = CliRunner().invoke(cli, ["export", str(tiny_dirs["gpt2"]), "--quantize", "int4", "--embedding-bits", "4",
                                    "--block-size", "16", "--embedding-hot-share", "0.1", "-o", str(out)])
     assert res.exit_code != 0 and not out.exists()
-    assert len(res.stderr.strip().splitlines()) == 1 and "--embedding-hot-share" in res.stderr, res.stderr
+    assert len(stderr_lines(res.stderr)) == 1 and "--embedding-hot-share" in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("bits", [4, 8])
