@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import torch
 import torch.nn.functional as F
 
 from .data.text import batches
-from .errors import ConfigError
+from .errors import CompressError, ConfigError, first_line
 from .models.pooling import pool
 from .progress import Progress
 
@@ -82,8 +84,6 @@ class Reference:
 
     def __init__(self, original, texts: list[str], *, batch_size: int = 16, max_length: int = 128,
                  device: str = "cpu"):
-        import tempfile
-
         self.texts, self.batch_size, self.max_length, self.device = texts, batch_size, max_length, device
         self.tokenizer, self.pooling = original.tokenizer, original.pooling
         self.has_lm_head = _has_lm_head(original.model)
@@ -109,7 +109,13 @@ class Reference:
                     if self._spill is None:
                         self._spill = tempfile.TemporaryDirectory(prefix="compress-reference-")
                     path = f"{self._spill.name}/{k}.pt"
-                    torch.save(batch, path)
+                    try:
+                        torch.save(batch, path)
+                    except (OSError, RuntimeError) as e:  # a full temporary folder
+                        self.close()
+                        raise CompressError(f"could not keep the original's outputs for the fidelity check in "
+                                            f"{tempfile.gettempdir()}: {first_line(e)}; free space there (or set "
+                                            "TMPDIR), or leave the check out (--no-fidelity)") from None
                     batch = path
                 self._batches.append(batch)
                 progress.update()
@@ -167,7 +173,6 @@ def compare(compressed, reference: Reference) -> dict:
     stream = batches(student_tokenizer, reference.texts, reference.batch_size, reference.max_length, device)
     progress = Progress("fidelity", -(-len(reference.texts) // reference.batch_size), "batches")
     for ref, enc_s in zip(reference, stream):
-        progress.update()
         ref = {k: v.to(device) for k, v in ref.items()}
         out = model(input_ids=enc_s["input_ids"], attention_mask=enc_s["attention_mask"], output_hidden_states=True)
         mask = ref["attention_mask"]
@@ -180,7 +185,7 @@ def compare(compressed, reference: Reference) -> dict:
         if layer_wise:
             h_t = ref["hidden"]  # (layers, tokens, hidden)
             h_s = torch.stack(out.hidden_states[1:])[:, real]
-            num = ((h_s - h_t).float() ** 2).sum((1, 2))
+            num = ((h_s.float() - h_t.float()) ** 2).sum((1, 2))
             den = (h_t.float() ** 2).sum((1, 2))
             err_num = num if err_num is None else err_num + num
             err_den = den if err_den is None else err_den + den
@@ -193,6 +198,8 @@ def compare(compressed, reference: Reference) -> dict:
         else:
             has_lm_head = False
         tokens += int(real.sum())
+        progress.update()
+    progress.close()
     texts = reference.texts
     result = {
         "num_texts": len(texts),

@@ -167,7 +167,11 @@ def available_memory_bytes() -> int | None:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         if limit != "max":
             used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-            found.append(int(limit) - used)
+            # the cgroup counts the page cache (model files just read or written), which it gives back
+            for line in Path("/sys/fs/cgroup/memory.stat").read_text().splitlines():
+                if line.startswith("inactive_file "):
+                    used -= int(line.split()[1])
+            found.append(max(int(limit) - used, 0))
     except (OSError, ValueError):
         pass
     return min(found) if found else None

@@ -209,3 +209,29 @@ def test_a_bf16_student_trains_in_float32_and_says_so(bf16_llama, tmp_path):
     moved = [n for n in lora if not torch.equal(tuned.model.get_parameter(n), before.model.get_parameter(n).float())]
     assert moved, "no LoRA delta moved in 2 steps"
     assert record["metrics"]["dtype"] == {"loaded": "bfloat16", "trained": "float32"}
+
+
+def test_a_full_temporary_folder_while_keeping_the_originals_outputs_is_one_line(tiny_dirs, monkeypatch):
+    import errno
+
+    from compressor.errors import CompressError
+
+    original = load_model(tiny_dirs["llama"])
+    monkeypatch.setattr(Reference, "MEMORY_BYTES", 0)
+
+    def full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CompressError, match="--no-fidelity"):
+        Reference(original, TEXTS, batch_size=4)
+
+
+def test_the_size_check_names_float32_for_the_default_read(monkeypatch):
+    from compressor import io
+    from compressor.errors import ConfigError
+    from compressor.models.memory import check_fits
+
+    monkeypatch.setattr(io, "available_memory_bytes", lambda: 10**6)
+    with pytest.raises(ConfigError, match="in float32 .*bfloat16"):
+        check_fits(10**6, None, torch.bfloat16, "model")

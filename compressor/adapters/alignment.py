@@ -118,7 +118,7 @@ def unit_features(weights: Weights, geometry: Geometry, *, neurons: bool = True)
     if neurons:
         # written role by role into one tensor: one role in float32 at a time beside the result
         parts = [weights[r] for r in ("ffn_gate", "ffn_in") if r in weights] + [weights["ffn_out"].t()]  # columns are neurons
-        neuron_features = torch.empty(parts[0].shape[0], sum(p.shape[1] for p in parts))
+        neuron_features = torch.empty(parts[0].shape[0], sum(p.shape[1] for p in parts), device=parts[0].device)
         start = 0
         for part in parts:
             part = part.float()
@@ -126,7 +126,7 @@ def unit_features(weights: Weights, geometry: Geometry, *, neurons: bool = True)
             torch.div(part, part.norm(2, 1, keepdim=True).clamp_min(1e-12), out=neuron_features[:, start:start + part.shape[1]])
             start += part.shape[1]
     else:
-        neuron_features = torch.empty(0, 0)
+        neuron_features = torch.empty(0, 0, device=weights["query"].device)
     weights = {r: weights[r].float() for r in ("query", "key", "value", "attn_out")}
     g, h = geometry.num_kv_heads, geometry.num_heads
     kv = [F.normalize(weights[r].reshape(g, -1), dim=1) for r in ("key", "value")]  # (groups, head_dim * hidden)

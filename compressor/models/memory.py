@@ -68,13 +68,15 @@ def check_fits(numel: int | None, dtype, own_dtype, shown: str) -> None:
     available = available_memory_bytes()
     if numel is None or available is None:
         return
+    dtype = torch.float32 if dtype is None else dtype  # load_model's dtype=None: float32
     size = torch.empty((), dtype=dtype).element_size()
     needed = numel * size
     if needed <= MEMORY_SHARE * available:
         return
     own = torch.empty((), dtype=own_dtype).element_size()
     name = str(dtype).removeprefix("torch.")
-    hint = (f"; --dtype auto reads it in its own {str(own_dtype).removeprefix('torch.')}, {numel * own / GIB:.1f} GiB"
+    hint = (f"; --dtype auto (where the command takes it) reads it in its own "
+            f"{str(own_dtype).removeprefix('torch.')}, {numel * own / GIB:.1f} GiB"
             if own < size else "; free memory, or run it on a machine with more")
     raise ConfigError(f"{shown} needs {needed / GIB:.1f} GiB for its weights in {name} and this machine has "
                       f"{available / GIB:.1f} GiB available{hint}", option="dtype")
