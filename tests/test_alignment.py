@@ -119,6 +119,15 @@ def test_mpnet_heads_really_are_not_permutable():
     assert check_permutation(model, adapter, g, "neurons").passed is True
 
 
+def permuted_copy(model, adapter, source: int, target: int, seed: int) -> None:
+    """Make layer ``target`` a randomly permuted copy of layer ``source``: the same function."""
+    geometry = adapter.geometry(model.config)
+    blocks = adapter.blocks(model)
+    w, b = adapter.block_weights(blocks[source], geometry)
+    adapter.load_block_weights(blocks[target], *permute_weights(w, b, random_permutation(geometry, seed), geometry),
+                               geometry)
+
+
 def test_far_pairs_of_a_deep_model_align_a_sample_and_still_find_a_permuted_copy():
     """Past 12 layers, pairs more than 3 apart align a sample of FFN neurons: a permuted copy
     14 layers away still scores 1, unrelated layers stay low, and the result says which is which."""
@@ -126,10 +135,7 @@ def test_far_pairs_of_a_deep_model_align_a_sample_and_still_find_a_permuted_copy
 
     model = make_model("llama", num_hidden_layers=16, intermediate_size=W.SAMPLED_NEURONS * 2)
     adapter = get_adapter(model)
-    geometry = adapter.geometry(model.config)
-    blocks = adapter.blocks(model)
-    w, b = adapter.block_weights(blocks[0], geometry)
-    adapter.load_block_weights(blocks[14], *permute_weights(w, b, random_permutation(geometry, 5), geometry), geometry)
+    permuted_copy(model, adapter, 0, 14, seed=5)
 
     sim = weight_similarity(model, adapter)
     assert sim["alignment"] == {"exact_within": 3, "exact_pairs": 15 + 14 + 13, "sampled_pairs": 120 - 42,
@@ -153,10 +159,7 @@ def test_a_wide_ffn_samples_near_pairs_too_and_a_permuted_neighbour_still_scores
     monkeypatch.setattr(W, "NEAR_SAMPLED_NEURONS", 32)
     model = make_model("llama", num_hidden_layers=4, intermediate_size=128)
     adapter = get_adapter(model)
-    geometry = adapter.geometry(model.config)
-    blocks = adapter.blocks(model)
-    w, b = adapter.block_weights(blocks[1], geometry)
-    adapter.load_block_weights(blocks[2], *permute_weights(w, b, random_permutation(geometry, 3), geometry), geometry)
+    permuted_copy(model, adapter, 1, 2, seed=3)
     sim = weight_similarity(model, adapter)
     assert sim["alignment"] == {"exact_within": 3, "exact_pairs": 0, "sampled_pairs": 6, "sampled_neurons": 0,
                                 "near_sampled_neurons": 32}

@@ -31,14 +31,12 @@ from ..errors import CompressError, ModelLoadError, first_line
 from ..io import staged_folder, write_text_atomic
 from ..progress import track
 from .loaded import LoadedModel, fit_tokenizer, load_config, load_tokenizer
-from .memory import check_fits, weights_numel
+from .memory import INDEX, WEIGHTS, check_fits, safetensors_files, weights_numel
 from .sharing_manifest import SharingManifest
 
 MANIFEST = "compress.json"
 FORMAT = "compress-checkpoint"
 FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 #: The largest weights file a checkpoint writes (a 1.7 B bf16 model: two files).
 SHARD_BYTES = 2 * 2**30
 
@@ -124,21 +122,16 @@ def unique_tensors(model) -> dict:
     return tensors
 
 
-def write_weights(model, folder: Path, shard_bytes: int | None = None) -> list[str]:
+def write_weights(model, folder: Path) -> None:
     """Write the model's tensors, each once, in its dtype: ``model.safetensors``, or shards of at
-    most ``shard_bytes`` (default `SHARD_BYTES`) and their index, one file at a time.
-
-    Returns:
-        The weight files written.
-    """
+    most `SHARD_BYTES` and their index, one file at a time."""
     from safetensors.torch import save_file
 
-    limit = SHARD_BYTES if shard_bytes is None else shard_bytes
     shards: list[dict] = [{}]
     size = 0
     for name, tensor in unique_tensors(model).items():
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
+        if shards[-1] and size + nbytes > SHARD_BYTES:
             shards.append({})
             size = 0
         shards[-1][name] = tensor
@@ -162,7 +155,6 @@ def write_weights(model, folder: Path, shard_bytes: int | None = None) -> list[s
         weight_map = {tensor: name for name, shard in zip(names, shards) for tensor in shard}
         write_text_atomic(folder / INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=2) + "\n")
-    return names
 
 
 def _out_of_space(error: BaseException) -> bool:
@@ -177,24 +169,12 @@ def weight_files(folder: Path) -> list[Path]:
     """The checkpoint's weight files: the shards its index names, else ``model.safetensors``.
 
     Raises:
-        ModelLoadError: an index that does not parse, or a file it (or the checkpoint) needs is missing.
+        ModelLoadError: an index that does not parse, or a file the checkpoint needs is missing.
     """
-    index = folder / INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ModelLoadError(f"{index} is not a valid shard index: {first_line(e)}") from None
-    else:
-        files = [WEIGHTS]
-    paths = [folder / f for f in files]
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-        named = f"named in {INDEX}" if index.is_file() else "the checkpoint's weights"
-        raise ModelLoadError(f"{folder}: {missing[0]} is missing ({named}; {len(missing)} of {len(paths)} "
-                             "files missing); copy the whole folder")
-    return paths
+    files = safetensors_files(folder, str(folder))
+    if files is None:
+        raise ModelLoadError(f"{folder}: {WEIGHTS} is missing (the checkpoint's weights); copy the whole folder")
+    return files
 
 
 def read_weights(model, folder: Path) -> None:

@@ -15,6 +15,32 @@ MEMORY_SHARE = 0.9
 GIB = 2**30
 
 
+#: transformers' names for a safetensors checkpoint: one file, or shards and their index.
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def safetensors_files(folder: Path, shown: str) -> list[Path] | None:
+    """A folder's safetensors weight files: the shards its index names, else ``model.safetensors``;
+    ``None`` for a folder without either (``pytorch_model.bin``).
+
+    Raises:
+        ModelLoadError: an index that does not parse, or a shard it names is missing.
+    """
+    index = folder / INDEX
+    if not index.is_file():
+        return [folder / WEIGHTS] if (folder / WEIGHTS).is_file() else None
+    try:
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelLoadError(f"{shown}: {index.name} is not a valid shard index: {first_line(e)}") from None
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise ModelLoadError(f"{shown}: {missing[0]} is missing ({len(missing)} of the {len(files)} files "
+                             f"{index.name} names); copy or download the whole folder")
+    return [folder / f for f in files]
+
+
 def weights_numel(folder: Path, shown: str) -> int | None:
     """How many numbers a folder's safetensors weights hold, read from their headers (no
     weights are read); ``None`` for a folder without safetensors (``pytorch_model.bin``).
@@ -24,24 +50,13 @@ def weights_numel(folder: Path, shown: str) -> int | None:
     """
     from safetensors import safe_open
 
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ModelLoadError(f"{shown}: {index.name} is not a valid shard index: {first_line(e)}") from None
-        missing = [f for f in files if not (folder / f).is_file()]
-        if missing:
-            raise ModelLoadError(f"{shown}: {missing[0]} is missing ({len(missing)} of the {len(files)} files "
-                                 f"{index.name} names); copy or download the whole folder")
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
+    files = safetensors_files(folder, shown)
+    if files is None:
         return None
     total = 0
-    for name in files:
+    for path in files:
         try:
-            with safe_open(str(folder / name), framework="pt") as f:
+            with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     shape = f.get_slice(key).get_shape()
                     count = 1
@@ -49,7 +64,7 @@ def weights_numel(folder: Path, shown: str) -> int | None:
                         count *= d
                     total += count
         except Exception as e:  # noqa: BLE001  (safetensors' own error on a truncated header)
-            raise ModelLoadError(f"could not load the weights of {shown}: {name}: {first_line(e)}") from None
+            raise ModelLoadError(f"could not load the weights of {shown}: {path.name}: {first_line(e)}") from None
     return total
 
 
