@@ -19,8 +19,8 @@ command's own peak resident set (``getrusage(RUSAGE_CHILDREN)`` of a launcher wi
 with ``--timeout`` seconds at most; stderr is read line by line to find the longest time
 without a line.
 
-Run:  python benchmarks/bench_scale.py --shape 1.7b --work /tmp/scale [--commands inspect,export]
-Writes reports/bench_scale_<shape>.json and .md.
+Run:  python benchmarks/bench_scale.py --shape 1.7b --work /tmp/scale [--commands inspect,export] [--merge]
+Writes reports/bench_scale_<shape>.json and .md (``--merge`` keeps the rows of commands not run now).
 """
 
 from __future__ import annotations
@@ -59,6 +59,10 @@ COMMANDS = {
     "share": ["share", "{model}", "--groups", "{groups}", "--lora-rank", "16", "-o", "{out}/share"],
     "prune": ["prune", "{model}", "--drop-layers", "{drop}", "-o", "{out}/prune"],
     "export": ["export", "{model}", "--quantize", "int4", "-o", "{out}/int4"],
+    # 20 steps distilling the shared model's deltas (its frozen bf16 base, a bf16 teacher: --precision
+    # auto picks mixed) on the packaged texts, 8 texts of 64 tokens a step; needs `share` run first
+    "finetune": ["finetune", "{out}/share", "--teacher", "{model}", "--max-steps", "20", "--batch-size", "8",
+                 "--max-length", "64", "--save-every", "0", "-o", "{out}/finetune"],
 }
 
 #: Largest safetensors shard written, as transformers writes them.
@@ -148,6 +152,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--out", default=str(ROOT / "reports"))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of the report already in --out for the commands not run now "
+                             "(each row names the run that measured it)")
     args = parser.parse_args()
 
     work = Path(args.work)
@@ -158,34 +165,59 @@ def main() -> None:
     layers = SHAPES[args.shape]["num_hidden_layers"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "COMPRESS_LOG_FORMAT": "text"}
     program = str(Path(sys.executable).parent / "compress")
+    invocation = " ".join(["python", "benchmarks/bench_scale.py", *sys.argv[1:]])
+    names = args.commands.split(",")
+    unknown = [n for n in names if n not in COMMANDS]
+    if unknown:
+        parser.error(f"unknown command {unknown[0]}; choose from {', '.join(COMMANDS)}")
+    out_dir = Path(args.out)
+    kept = []
+    if args.merge and (out_dir / f"bench_scale_{args.shape}.json").is_file():
+        earlier = json.loads((out_dir / f"bench_scale_{args.shape}.json").read_text())
+        kept = [{**r, "run": r.get("run", earlier["command"])} for r in earlier["rows"] if r["name"] not in names]
     rows = []
-    for name in args.commands.split(","):
-        out = work / f"out-{args.shape}"
-        for sub in ("analysis", "share", "prune", "int4"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
+    out = work / f"out-{args.shape}"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
         words = [w.format(model=model, out=out, groups=layers // 2, drop=layers // 4) for w in COMMANDS[name]]
+        shutil.rmtree(Path(words[-1]), ignore_errors=True)  # the command's own output (-o is last)
+        if name == "finetune" and not (out / "share").is_dir():
+            parser.error("finetune distils the shared model: run share first (--commands share,finetune)")
         print("$ compress " + " ".join(words), flush=True)
         measured = run([program, *words], work / f"{name}.json", args.timeout, env)
-        rows.append({"command": "compress " + " ".join(words), "name": name, **measured})
+        rows.append({"command": "compress " + " ".join(words), "name": name, **measured, "run": invocation})
+        if name == "finetune" and measured["exit"] == 0:  # what trained, in what, and what it held
+            metrics = json.loads((out / "finetune" / "finetune_report.json").read_text())["metrics"]
+            rows[-1]["finetune"] = {k: metrics[k] for k in ("precision", "dtype", "trainable_params", "memory",
+                                                            "seconds_per_step", "loss_first", "loss_last")}
         print(json.dumps(rows[-1]), flush=True)
+    order = list(COMMANDS)
+    rows = sorted(kept + rows, key=lambda r: order.index(r["name"]))
     result = {"shape": args.shape, "config": SHAPES[args.shape], "checkpoint_bytes": checkpoint,
               "build_seconds": round(build_s, 1), "threads": args.threads, "cpus": os.cpu_count(),
               "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-              "python": platform.python_version(), "rows": rows,
-              "command": " ".join(["python", "benchmarks/bench_scale.py", *sys.argv[1:]])}
-    out = Path(args.out)
+              "python": platform.python_version(), "rows": rows, "command": invocation}
+    out = out_dir
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"bench_scale_{args.shape}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Commands on a {args.shape} decoder (seeded random bf16 weights, {checkpoint / 2**30:.1f} GiB checkpoint)",
              "", f"Command: `{result['command']}`; {args.threads} threads, {result['cpus']} CPUs, "
              f"{result['memory_gib']} GiB memory. Peak: the command's own maximum resident set.", "",
-             "| command | exit | wall s | peak GiB | x checkpoint | longest silence on stderr s |", "|---|---|---|---|---|---|"]
+             "| command | exit | wall s | peak GiB | x checkpoint | longest silence on stderr s | run |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = r.get("peak_rss_mib")
         lines.append(f"| `{r['command'].split(' -o ')[0]}` | {r['exit']} | {r['seconds']:.0f} | "
                      f"{'-' if peak is None else f'{peak / 1024:.1f}'} | "
                      f"{'-' if peak is None else f'{peak * 2**20 / checkpoint:.2f}'} | "
-                     f"{r.get('longest_silence_s', float('nan')):.0f} |")
+                     f"{r.get('longest_silence_s', float('nan')):.0f} | `{r.get('run', invocation)}` |")
+    tuned = next((r["finetune"] for r in rows if r.get("finetune")), None)
+    if tuned:
+        lines += ["", f"finetune: precision {tuned['precision']} (base {tuned['dtype']['base']}, teacher "
+                  f"{tuned['dtype']['teacher']}, {tuned['trainable_params']:,} trained parameters in float32); "
+                  f"{tuned['seconds_per_step']:.1f} s a step; loss {tuned['loss_first']:.4f} -> {tuned['loss_last']:.4f}; "
+                  "memory (MiB): " + ", ".join(f"{k.removesuffix('_mib').replace('_', ' ')} {v:,.0f}"
+                                               for k, v in tuned["memory"].items())]
     (out / f"bench_scale_{args.shape}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

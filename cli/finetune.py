@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cli.main import cli, emit_result, log_format
+from cli.main import cli, emit_result
 from cli.options import build_config, check_json, config_options, json_option, output_option, overwrite_option
 from compressor.finetune.config import FinetuneConfig
 
@@ -18,7 +18,7 @@ from compressor.finetune.config import FinetuneConfig
 @click.option("--resume", is_flag=True, help="Continue the run in OUTPUT from the step it stopped at.")
 @overwrite_option
 @json_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar or progress lines.")
 def finetune(student, output, resume, overwrite, json_path, quiet, **options):
     """Distil the original (--teacher) into STUDENT, a compressed model, for a short budget.
 
@@ -32,7 +32,7 @@ def finetune(student, output, resume, overwrite, json_path, quiet, **options):
     config = build_config(FinetuneConfig, options)
     check_json(json_path, output, overwrite=overwrite)
     record = run_finetune(student, config, output, resume=resume, overwrite=overwrite,
-                          progress=not quiet and json_path != "-" and log_format() == "text")
+                          progress=not quiet)
     if emit_result(json.dumps(record.to_dict(), indent=2), json_path):
         return
     m = record.metrics

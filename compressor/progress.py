@@ -53,7 +53,7 @@ class Progress:
 
     Args:
         step: What is being done, as the line names it (``weight similarity``).
-        total: How many items there are.
+        total: How many items there are (0: not known, as in a run bounded by time).
         unit: What an item is, in the plural (``layer pairs``).
         min_seconds: Write nothing for a step that ends sooner (`MIN_SECONDS` when not given).
         stream: Where lines go (stderr by default).
@@ -75,9 +75,10 @@ class Progress:
         self.done += n
         now = time.perf_counter()
         short = now - self.start < self.min_seconds and now - _last_line < self.min_seconds
-        if _format == "off" or short and self.done < self.total:
+        finished = self.total and self.done >= self.total
+        if _format == "off" or short and not finished:
             return
-        if _format == "text" and _is_terminal(self._stream):
+        if shows_bar(self._stream):
             if self._bar is None:
                 from tqdm import tqdm
 
@@ -87,8 +88,8 @@ class Progress:
             return
         tenth = self.total and (self.done - self._last_done) * 10 >= self.total
         first = self._last_line == self.start  # the first line comes once the step is known to be long
-        if self.done >= self.total or tenth or first or now - self._last_line >= EVERY_SECONDS:
-            if self.done >= self.total and short:
+        if finished or tenth or first or now - self._last_line >= EVERY_SECONDS:
+            if finished and short:
                 return
             self._write(now)
 
@@ -107,7 +108,7 @@ class Progress:
     def left_seconds(self, now: float | None = None) -> float | None:
         """The time left at the rate so far (``None`` before the first item)."""
         elapsed = (now or time.perf_counter()) - self.start
-        return elapsed / self.done * (self.total - self.done) if self.done else None
+        return elapsed / self.done * (self.total - self.done) if self.done and self.total else None
 
     def _write(self, now: float) -> None:
         global _last_line
@@ -122,10 +123,16 @@ class Progress:
             self._stream.flush()
             return
         share = f" ({self.done / self.total:.0%})" if self.total else ""
-        tail = "done" if self.done >= self.total else f"about {_duration(left)} left" if left is not None else ""
-        self._stream.write(f"compress: {self.step}: {self.done}/{self.total} {self.unit}{share}, "
-                           f"{_duration(elapsed)}, {tail}\n")
+        tail = ("" if not self.total else ", done" if self.done >= self.total
+                else f", about {_duration(left)} left" if left is not None else "")
+        count = f"{self.done}/{self.total}" if self.total else f"{self.done}"
+        self._stream.write(f"compress: {self.step}: {count} {self.unit}{share}, {_duration(elapsed)}{tail}\n")
         self._stream.flush()
+
+
+def shows_bar(stream=None) -> bool:
+    """Whether progress on ``stream`` (stderr) is a bar: text on a terminal; lines or events otherwise."""
+    return _format == "text" and _is_terminal(stream or sys.stderr)
 
 
 def track(items: Iterable[T], step: str, total: int | None = None, unit: str = "layers") -> Iterator[T]:

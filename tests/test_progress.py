@@ -101,3 +101,16 @@ def test_a_short_step_speaks_when_the_process_has_been_quiet_for_long(monkeypatc
     with Progress("reading weights", 2, "files", stream=quiet) as p:
         p.update(2)
     assert quiet.getvalue() == ""
+
+
+def test_a_step_of_unknown_length_counts_without_a_share_or_time_left(monkeypatch):
+    """A run bounded by time (`compress finetune --max-minutes`) knows no total: its lines count
+    the items and the time, every `EVERY_SECONDS`, and never say done or how long is left."""
+    clock = iter([0.0, 1.0, 5.0, 30.0, 31.0, 32.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    p = Progress("finetune", 0, "steps", min_seconds=0, stream=out)
+    for _ in range(4):
+        p.update()
+    assert out.getvalue().splitlines() == ["compress: finetune: 1 steps, 1 s", "compress: finetune: 3 steps, 30 s"]
+    assert p.left_seconds() is None

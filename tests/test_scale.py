@@ -188,27 +188,120 @@ def test_the_float32_leading_eigenpairs_of_a_large_residual_are_its_top_singular
     assert torch.allclose(tall_s, S[:4], rtol=1e-5)
 
 
-def test_a_bf16_student_trains_in_float32_and_says_so(bf16_llama, tmp_path):
-    """A checkpoint shared in bf16 is distilled with float32 weights (AdamW's steps would vanish
-    in bf16): the weights move, the record names both dtypes, the result is a float32 checkpoint."""
-    data = tmp_path / "texts.txt"
+@pytest.fixture(scope="module")
+def bf16_shared(bf16_llama, tmp_path_factory):
+    """The bf16 Llama shared 4 -> 2 with rank-2 deltas (a bf16 checkpoint), and its texts."""
+    folder = tmp_path_factory.mktemp("bf16shared")
+    data = folder / "texts.txt"
     data.write_text("\n".join(TEXTS))
-    shared = tmp_path / "shared"
     assert invoke("share", bf16_llama, "--plan", "0-1,2-3", "--lora-rank", "2", "--no-fidelity", "-o",
-                  shared).exit_code == 0
-    out = tmp_path / "tuned"
-    result = invoke("finetune", shared, "--teacher", bf16_llama, "--data", data, "--max-steps", "2", "--batch-size", "4",
-                    "-o", out)
+                  folder / "shared").exit_code == 0
+    return folder / "shared", data
+
+
+def _distil(shared, teacher, data, out, *extra):
+    result = invoke("finetune", shared, "--teacher", teacher, "--data", data, "--batch-size", "4", "--lr", "1e-2",
+                    "--save-every", "0", "-o", out, "--quiet", *extra)
     assert result.exit_code == 0, result.output
-    record = json.loads((out / "finetune_report.json").read_text())
-    manifest = json.loads((out / "compress.json").read_text())
-    assert manifest["dtype"] == "float32"
+    return json.loads((out / "finetune_report.json").read_text())["metrics"]
+
+
+def test_a_bf16_student_trains_in_float32_on_request_and_says_so(bf16_llama, bf16_shared, tmp_path):
+    """--precision float32: the whole student trains in float32 (a float32 checkpoint), the
+    teacher read in float32 too, and the record names the dtypes."""
+    shared, data = bf16_shared
+    out = tmp_path / "tuned"
+    metrics = _distil(shared, bf16_llama, data, out, "--max-steps", "2", "--precision", "float32")
+    assert json.loads((out / "compress.json").read_text())["dtype"] == "float32"
     tuned, before = load_model(out), load_model(shared)
     assert {p.dtype for p in tuned.model.parameters()} == {torch.float32}
     lora = [n for n, _ in tuned.model.named_parameters() if "lora_B" in n]
     moved = [n for n in lora if not torch.equal(tuned.model.get_parameter(n), before.model.get_parameter(n).float())]
     assert moved, "no LoRA delta moved in 2 steps"
-    assert record["metrics"]["dtype"] == {"loaded": "bfloat16", "trained": "float32"}
+    assert metrics["precision"] == "float32"
+    assert metrics["dtype"] == {"loaded": "bfloat16", "trained": "float32", "base": "float32", "teacher": "float32"}
+
+
+def test_a_bf16_students_deltas_train_on_its_frozen_bf16_base_by_default(bf16_llama, bf16_shared, tmp_path):
+    """--precision auto on a bf16 student that trains its deltas: the base and the teacher stay
+    bf16 (the base's bits unchanged), the deltas and norms move, the checkpoint is bf16, and the
+    record says what trained and what memory it took."""
+    shared, data = bf16_shared
+    out = tmp_path / "tuned"
+    metrics = _distil(shared, bf16_llama, data, out, "--max-steps", "3")
+    assert metrics["precision"] == "mixed"
+    assert metrics["dtype"] == {"loaded": "bfloat16", "trained": "float32", "base": "bfloat16", "teacher": "bfloat16"}
+    memory = metrics["memory"]
+    assert memory["peak_rss_mib"] > 0 and memory["teacher_weights_mib"] > 0
+    assert memory["gradients_and_optimizer_mib"] == round(metrics["trainable_params"] * 12 / 2**20, 1)
+    assert metrics["loss_last"] < metrics["loss_first"]
+    assert json.loads((out / "compress.json").read_text())["dtype"] == "bfloat16"
+    tuned, before = load_model(out), load_model(shared)
+    assert {p.dtype for p in tuned.model.parameters()} == {torch.bfloat16}
+    names = dict(before.model.named_parameters())
+    frozen = [n for n in names if "lora_" not in n and "norm" not in n]
+    assert frozen and all(torch.equal(tuned.model.get_parameter(n), names[n]) for n in frozen)
+    assert any(not torch.equal(tuned.model.get_parameter(n), names[n]) for n in names if "lora_B" in n)
+
+
+def test_a_mixed_run_resumed_takes_the_steps_an_unbroken_run_takes(bf16_llama, bf16_shared, tmp_path):
+    """The float32 deltas a bf16 checkpoint rounds are kept in the trainer state: 2 steps, then
+    2 more resumed from the checkpoint, give the losses and weights of 4 steps at once."""
+    shared, data = bf16_shared
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    straight = _distil(shared, bf16_llama, data, whole, "--max-steps", "4")
+    _distil(shared, bf16_llama, data, broken, "--max-steps", "2")
+    resumed = invoke("finetune", broken, "--teacher", bf16_llama, "--data", data, "--batch-size", "4", "--lr", "1e-2",
+                     "--save-every", "0", "--max-steps", "4", "--resume", "-o", broken, "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    history = json.loads((broken / "finetune_report.json").read_text())["metrics"]["history"]
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in straight["history"]], rel=1e-6)
+    a, b = load_model(whole).model, load_model(broken).model
+    assert all(torch.equal(p, b.get_parameter(n)) for n, p in a.named_parameters())
+
+
+def test_gradient_checkpointing_takes_the_same_steps(tiny_dirs, tmp_path):
+    """Each block recomputed in the backward pass: the same losses and weights as without."""
+    shared = tmp_path / "shared"
+    assert invoke("share", tiny_dirs["llama"], "--plan", "0-1,2-3", "--lora-rank", "2", "--no-fidelity", "-o",
+                  shared).exit_code == 0
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(TEXTS))
+    plain = _distil(shared, tiny_dirs["llama"], data, tmp_path / "plain", "--max-steps", "2")
+    kept = _distil(shared, tiny_dirs["llama"], data, tmp_path / "kept", "--max-steps", "2", "--gradient-checkpointing")
+    assert kept["gradient_checkpointing"] and not plain["gradient_checkpointing"]
+    assert [h["loss"] for h in kept["history"]] == pytest.approx([h["loss"] for h in plain["history"]], rel=1e-6)
+    a, b = load_model(tmp_path / "plain").model, load_model(tmp_path / "kept").model
+    assert all(torch.allclose(p, b.get_parameter(n), atol=1e-6) for n, p in a.named_parameters())
+
+
+def test_a_distillation_too_big_for_memory_is_refused_before_the_teacher_is_read(bf16_llama, bf16_shared, tmp_path,
+                                                                                 monkeypatch):
+    """Teacher + float32 student + AdamW's state over the memory left: one line saying what it
+    needs and that --precision mixed needs less; nothing written."""
+    from compressor import io
+    from compressor.models.memory import weights_numel
+
+    shared, data = bf16_shared
+    numel = weights_numel(bf16_llama, "t")
+    monkeypatch.setattr(io, "available_memory_bytes", lambda: numel * 6)  # bf16 teacher fits, float32 pair not
+    out = tmp_path / "tuned"
+    result = invoke("finetune", shared, "--teacher", bf16_llama, "--data", data, "--max-steps", "1", "--precision",
+                    "float32", "-o", out)
+    assert result.exit_code != 0 and not out.exists()
+    line = result.output.strip().splitlines()[-1]
+    assert "needs" in line and "GiB available" in line and "--precision mixed" in line, result.output
+    assert _distil(shared, bf16_llama, data, out, "--max-steps", "1")["precision"] == "mixed"  # which fits
+
+
+@pytest.mark.parametrize("options, says", [({"train": "all"}, "--train all"),
+                                          ({"quantize_aware": True}, "--quantize-aware")])
+def test_mixed_precision_refuses_what_it_cannot_train(options, says):
+    from compressor.errors import ConfigError
+    from compressor.finetune import FinetuneConfig
+
+    with pytest.raises(ConfigError, match=says):
+        FinetuneConfig(precision="mixed", **options)
 
 
 def test_a_full_temporary_folder_while_keeping_the_originals_outputs_is_one_line(tiny_dirs, monkeypatch):

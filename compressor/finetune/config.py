@@ -16,6 +16,10 @@ TRAIN_MODES = ("lora", "lora+norms", "all")
 #: The learning rate after the warm-up: held, or decayed to 0 at ``max_steps`` (linearly, as
 #: Hugging Face's Trainer does by default, or along a half cosine).
 LR_SCHEDULES = ("constant", "linear", "cosine")
+#: How the weights are held while training: every parameter in float32, or ``mixed``: the frozen
+#: base and the teacher in 16 bits (the student's own bf16/fp16; bf16 for a float32 student),
+#: the trained parameters in float32, the forward pass under autocast in the 16-bit dtype.
+PRECISIONS = ("auto", "float32", "mixed")
 
 
 @dataclass
@@ -78,6 +82,14 @@ class FinetuneConfig(TextOptions, StageConfig):
             projection's input dimension and each table's rows (the export's ``--block-size``;
             a power of two, at least 16).
         save_every: Write a resumable checkpoint every this many steps (0: only at the end).
+        precision: ``float32``: every weight in float32 (a bf16 checkpoint trains at twice its
+            size, the teacher too); ``mixed``: only the deltas (``--train lora`` or
+            ``lora+norms``) train, in float32, on a frozen base held in 16 bits, with a 16-bit
+            teacher, so a 1-8 B pair fits a workstation; ``auto``: ``mixed`` for a student stored
+            in bf16/fp16 that trains its deltas, ``float32`` otherwise.
+        gradient_checkpointing: Keep only each block's input in the forward pass and recompute
+            the block in the backward pass: less memory for activations (long texts, big
+            batches), about a third more time; the same numbers.
     """
 
     teacher: str | None = None
@@ -109,6 +121,8 @@ class FinetuneConfig(TextOptions, StageConfig):
     embedding_bits: int | None = choice(None, (4, 8))
     block_size: int = 32
     save_every: int = 50
+    precision: str = choice("auto", PRECISIONS)
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         check_choice("train", self.train, TRAIN_MODES)
@@ -134,6 +148,19 @@ class FinetuneConfig(TextOptions, StageConfig):
             raise ConfigError("--quantize-aware trains for int4 blocks and --int8-aware for int8: choose one",
                               option="int8_aware")
         check_block_size(self.block_size)
+        check_choice("precision", self.precision, PRECISIONS)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}",
+                              option="gradient_checkpointing")
+        if self.precision == "mixed":
+            if self.train == "all":
+                raise ConfigError("--precision mixed trains the deltas on a frozen 16-bit base, and --train all "
+                                  "trains the base too; use --train lora or lora+norms, or --precision float32",
+                                  option="precision")
+            aware = next((n for n in ("quantize_aware", "int8_aware", "embedding_bits") if getattr(self, n)), None)
+            if aware:
+                raise ConfigError(f"--{aware.replace('_', '-')} trains the float32 weights behind rounded ones; "
+                                  "use --precision float32", option="precision")
         if self.embedding_bits is not None:
             check_choice("embedding_bits", self.embedding_bits, (4, 8))
         if self.block_size != 32 and not (self.quantize_aware or self.embedding_bits):

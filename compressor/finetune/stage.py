@@ -27,8 +27,9 @@ import json
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -168,22 +169,35 @@ def finetune(
     else:
         check_writable(output, overwrite=overwrite, folder=True)
     device = config.resolved_device()
+    loaded_dtype = _weights_dtype(student.model)
+    precision = resolve_precision(config, loaded_dtype)
+    # float32: AdamW's small steps vanish in a bf16 weight (its 8-bit mantissa), so every weight
+    # trains in float32, the teacher too. mixed: only the deltas train, so the frozen base and the
+    # teacher stay in 16 bits and the trained parameters alone are float32 (a 1.7 B pair in 6 GiB
+    # rather than 13).
+    compute = torch.float32 if precision == "float32" else (
+        loaded_dtype if loaded_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16)
+    trainable = select_trainable(student, config.train)
     if teacher is None:
-        teacher = _load_teacher(student, config)
+        source = config.teacher or _recorded_source(student)
+        if source is None:
+            raise ConfigError("name the original model with --teacher")
+        check_distillation_fits(student, source, precision, compute, trainable)
+        from ..models import load_model
+
+        teacher = load_model(source, dtype=compute)
     check_teacher(student, teacher)
     data = load_training_data(student, config)
 
-    # trained in float32: AdamW's small steps vanish in a bf16 weight (its 8-bit mantissa), and the
-    # checkpoint written is float32 as a float32 student's always was; a bf16 checkpoint (a 1-8 B
-    # model shared or pruned in its own dtype) comes back at twice its size
-    trained_from = _weights_dtype(student.model)
-    if trained_from in (torch.bfloat16, torch.float16):
-        student.model.float()
+    student.model.to(compute)
+    for p in trainable:  # mixed: float32 master copies of what trains, the base left in 16 bits
+        p.data = p.data.float()
     student.model.to(device)
-    teacher.model.to(device).eval()
+    teacher.model.to(device=device, dtype=compute).eval()
     for p in teacher.model.parameters():
         p.requires_grad_(False)
     state = TrainingState.start(student, config)
+    state.masters = precision == "mixed"
     aware = _quantization_aware(student, config, output if resume else None)
     if resume:
         state.load(output)
@@ -192,12 +206,70 @@ def finetune(
 
     run = _Run(student, teacher.model, data, state, output, device, start_time, teacher.tokenizer,
                teacher_ids(student.tokenizer, teacher.tokenizer, device), aware,
-               loaded_dtype=str(trained_from).removeprefix("torch."))
+               loaded_dtype=loaded_dtype, precision=precision, compute=compute,
+               teacher_bytes=unique_parameters(teacher.model)[1])
     reason = _train(run, progress=progress)
     run.save(reason)
     if aware is not None:
         aware.commit()  # the student returned is the checkpoint written, not the float weights behind it
+    for p in state.trainable:  # and a mixed run's deltas in the base's dtype, as the checkpoint reloads
+        p.data = p.data.to(compute)
     return student, run.record(reason)
+
+
+def resolve_precision(config: FinetuneConfig, loaded: torch.dtype) -> str:
+    """``float32`` or ``mixed`` (`FinetuneConfig.precision`): ``auto`` is ``mixed`` for a 16-bit
+    student whose deltas alone train (and no rounded weights behind them)."""
+    if config.precision != "auto":
+        return config.precision
+    rounded = config.quantize_aware or config.int8_aware or config.embedding_bits
+    low = loaded in (torch.bfloat16, torch.float16)
+    return "mixed" if low and config.train != "all" and not rounded else "float32"
+
+
+def check_distillation_fits(student: LoadedModel, source: str, precision: str, compute: torch.dtype,
+                            trainable: list[torch.nn.Parameter]) -> None:
+    """Refuse, before the teacher is read, a run whose teacher, float32 student and optimizer
+    would not fit the memory left; name ``--precision mixed`` where it would.
+
+    What is counted: the teacher's weights in ``compute``, the student's growth to float32 (the
+    float32 path) or its trained parameters' float32 copies (mixed), and AdamW's gradient and two
+    moments per trained number; activations come on top (`MEMORY_SHARE` leaves room for them).
+
+    Raises:
+        ConfigError: it does not fit.
+    """
+    from ..io import available_memory_bytes
+    from ..models.memory import GIB, MEMORY_SHARE, weights_numel
+
+    available = available_memory_bytes()
+    folder = Path(source)
+    teacher_numel = weights_numel(folder, source) if folder.is_dir() else None
+    if available is None or teacher_numel is None:
+        return
+    student_numel, student_bytes = unique_parameters(student.model)
+    trained = sum(p.numel() for p in trainable)
+
+    def needed(precision: str, compute: torch.dtype) -> int:
+        size = torch.empty((), dtype=compute).element_size()
+        grown = student_numel * 4 - student_bytes if precision == "float32" else trained * (4 - size)
+        return teacher_numel * size + max(0, grown) + trained * 12
+
+    need = needed(precision, compute)
+    if need <= MEMORY_SHARE * available:
+        return
+    mixed = needed("mixed", torch.bfloat16) if trained < student_numel else None
+    hint = (f"; --precision mixed (the deltas in float32 on a frozen bf16 base, a bf16 teacher) needs "
+            f"{mixed / GIB:.1f} GiB" if precision == "float32" and mixed is not None and mixed < need
+            else "; free memory, or run it on a machine with more")
+    raise ConfigError(f"distilling into {student.name} needs {need / GIB:.1f} GiB more (the teacher, "
+                      f"{'the student in float32' if precision == 'float32' else 'the float32 deltas'} and "
+                      f"AdamW's state) and this machine has {available / GIB:.1f} GiB available{hint}",
+                      option="precision")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _weights_dtype(model) -> torch.dtype:
@@ -240,16 +312,6 @@ def _quantization_aware(student: LoadedModel, config: FinetuneConfig, resumed: P
     return aware
 
 
-def _load_teacher(student: LoadedModel, config: FinetuneConfig) -> LoadedModel:
-    """The original named by ``--teacher``, or else the one the student's checkpoint records."""
-    from ..models import load_model
-
-    source = config.teacher or _recorded_source(student)
-    if source is None:
-        raise ConfigError("name the original model with --teacher")
-    return load_model(source)
-
-
 def _recorded_source(student: LoadedModel) -> str | None:
     """The original dense model the student was made from, if it is not the student itself."""
     origin = student.origin
@@ -272,7 +334,10 @@ class _Run:
     teacher_tokenizer: object
     vocab_map: torch.Tensor | None  # teacher id of each student id after a vocabulary cut, else None
     aware: object | None = None  # grids.aware.QuantizationAware with --quantize-aware
-    loaded_dtype: str = "float32"  # the student's checkpoint's dtype (it trains in float32)
+    loaded_dtype: torch.dtype = torch.float32  # the student's checkpoint's dtype
+    precision: str = "float32"  # `resolve_precision`'s: float32, or mixed (a frozen 16-bit base)
+    compute: torch.dtype = torch.float32  # the base's and the teacher's dtype while training
+    teacher_bytes: int = 0
 
     def record(self, reason: str) -> StageRecord:
         """The stage record as it stands: steps, losses, seconds per step, why it stopped."""
@@ -287,7 +352,11 @@ class _Run:
             "stopped_by": reason,
             "device": self.device,
             "trainable_params": sum(p.numel() for p in state.trainable),
-            "dtype": {"loaded": self.loaded_dtype, "trained": "float32"},
+            "precision": self.precision,
+            "dtype": {"loaded": _name(self.loaded_dtype), "trained": "float32", "base": _name(self.compute),
+                      "teacher": _name(self.compute)},
+            "gradient_checkpointing": state.config.gradient_checkpointing,
+            "memory": self.memory(),
             "texts": len(self.data.texts),
             "held_out": self.data.held_out,
             **({"quantize_aware": {"bits": self.aware.bits, "block_size": self.aware.block_size,
@@ -302,6 +371,17 @@ class _Run:
         }
         return StageRecord.build("finetune", state.config, before=unique_parameters(self.student.model), metrics=metrics,
                                  started=self.start_time)
+
+    def memory(self) -> dict[str, float]:
+        """What the run holds (MiB): the student's and the teacher's weights, the trained
+        parameters' gradients and AdamW moments, and the process's peak resident set so far."""
+        from ..io import peak_rss_mib
+
+        trained = sum(p.numel() for p in self.state.trainable)
+        return {"student_weights_mib": round(unique_parameters(self.student.model)[1] / 2**20, 1),
+                "teacher_weights_mib": round(self.teacher_bytes / 2**20, 1),
+                "gradients_and_optimizer_mib": round(trained * 12 / 2**20, 1),
+                "peak_rss_mib": round(peak_rss_mib(), 1)}
 
     def save(self, reason: str) -> None:
         """Rewrite ``output`` as a checkpoint, with the trainer state and the report beside it."""
@@ -324,14 +404,19 @@ def _train(run: _Run, *, progress: bool) -> str:
     state, config, student = run.state, run.state.config, run.student
     # the pooled-embedding loss is for sentence encoders; a classifier is judged by its head (KL, labels)
     is_encoder = not student.adapter.is_decoder and not is_sequence_classifier(student.model)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.device.startswith("cuda") else nullcontext()
+    kind = "cuda" if run.device.startswith("cuda") else "cpu"
+    # mixed: the forward pass in the frozen base's 16 bits (the float32 deltas cast per matmul);
+    # float32 on a GPU: bf16 autocast as ever; float32 on the CPU: float32 throughout
+    autocast = (torch.autocast(kind, dtype=run.compute) if run.precision == "mixed"
+                else torch.autocast("cuda", dtype=torch.bfloat16) if kind == "cuda" else nullcontext())
     bar = _progress(config, state.step) if progress else None
     loop_start = time.perf_counter()  # the time budget is training time, not loading time
     # Dropout stays off: the student is taught to compute what the teacher computes in eval
     # mode, and the run is deterministic on CPU.
     student.model.eval()
+    checkpointing = _checkpointed_blocks(student) if config.gradient_checkpointing else nullcontext()
     try:
-        with _StopFlag() as stop:
+        with _StopFlag() as stop, checkpointing:
             while (reason := _stop_reason(config, state.step, loop_start, stop)) is None:
                 enc, labels = run.data.batch(state.step, config, student.tokenizer, run.device)
                 t_enc = None
@@ -353,6 +438,25 @@ def _train(run: _Run, *, progress: bool) -> str:
     return reason
 
 
+@contextmanager
+def _checkpointed_blocks(student: LoadedModel):
+    """Gradient checkpointing per block: each block's forward runs under
+    ``torch.utils.checkpoint`` (non-reentrant, so keyword inputs pass and autocast is replayed),
+    keeping its input alone and recomputing it in the backward pass. transformers' own
+    ``gradient_checkpointing_enable`` acts in training mode only, and the student trains in eval
+    mode (no dropout)."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = list(student.adapter.blocks(student.model))
+    for block in blocks:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # the class's forward again
+
+
 def _stop_reason(config: FinetuneConfig, step: int, loop_start: float, stop: _StopFlag) -> str | None:
     """Why training stops before the next step (``max_steps``, ``max_minutes``, ``interrupted``), or ``None``."""
     if config.max_steps is not None and step >= config.max_steps:
@@ -369,9 +473,11 @@ def _batch_loss(run: _Run, enc, labels: torch.Tensor | None, *, is_encoder: bool
     after a vocabulary cut), and the distillation loss between them."""
     ids, mask = enc["input_ids"], enc["attention_mask"]
     t_ids, t_mask = (ids, mask) if t_enc is None else (t_enc["input_ids"], t_enc["attention_mask"])
+    # a decoder keeps no key/value cache: nothing generates, and it would hold every layer's keys
+    no_cache = {"use_cache": False} if run.student.adapter.is_decoder else {}
     with torch.no_grad():
-        t_out = run.teacher(input_ids=t_ids, attention_mask=t_mask, output_hidden_states=True)
-    s_out = run.student.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        t_out = run.teacher(input_ids=t_ids, attention_mask=t_mask, output_hidden_states=True, **no_cache)
+    s_out = run.student.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **no_cache)
     extra = {}
     if t_enc is not None:
         extra = dict(teacher_mask=t_mask, rows=same_tokens(ids, mask, t_ids, t_mask, run.vocab_map),
@@ -421,9 +527,15 @@ class _StopFlag:
 
 
 def _progress(config: FinetuneConfig, start_step: int):
-    """A tqdm bar over the step budget, starting at the resumed step."""
+    """On a terminal, a tqdm bar over the step budget (from the resumed step) with the loss;
+    elsewhere, `compressor.progress`'s lines (or jsonl events) with the time left."""
     from tqdm.auto import tqdm
 
+    from ..progress import Progress, shows_bar
+
+    if not shows_bar():
+        left = config.max_steps - start_step if config.max_steps is not None else 0  # 0: a time budget
+        return Progress(f"finetune from step {start_step}" if start_step else "finetune", left, "steps")
     total = config.max_steps
     bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True, desc="finetune")
     if config.max_minutes is not None and total is None:
@@ -433,7 +545,11 @@ def _progress(config: FinetuneConfig, start_step: int):
 
 def _show_progress(bar, loss: float, config: FinetuneConfig, loop_start: float) -> None:
     """Advance the bar by one step and show the step's loss (and the time left of a time budget)."""
+    from ..progress import Progress
+
     bar.update(1)
+    if isinstance(bar, Progress):  # lines or events: the rate and the time left
+        return
     postfix = {"loss": f"{loss:.4f}"}
     if config.max_minutes is not None:  # tqdm's own ETA only knows the step budget
         left = max(0.0, 60 * config.max_minutes - (time.perf_counter() - loop_start))

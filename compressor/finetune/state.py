@@ -23,7 +23,7 @@ STATE = "trainer_state.pt"
 #: Options a resumed run must share with the run it continues (the rest, budgets included, may change).
 RESUME_KEYS = ("data", "holdout", "text_column", "label_column", "train", "lr", "weight_decay", "warmup_steps",
                "batch_size", "max_length", "max_samples", "seed", "quantize_aware", "int8_aware", "embedding_bits", "block_size",
-               "lr_schedule")
+               "lr_schedule", "precision")
 
 
 def lr_factor(config: FinetuneConfig, step: int) -> float:
@@ -73,6 +73,8 @@ class TrainingState:
         step: Optimizer steps taken, over all runs.
         history: One entry per step: ``step``, ``loss`` and each loss term.
         start_step: The step this run started from (not saved: a loaded state starts at its step).
+        masters: Save the trained parameters themselves too: a mixed-precision run's float32
+            values, which its 16-bit checkpoint rounds.
     """
 
     config: FinetuneConfig
@@ -82,6 +84,7 @@ class TrainingState:
     step: int = 0
     history: list[dict] = field(default_factory=list)
     start_step: int = 0
+    masters: bool = False
 
     @classmethod
     def start(cls, student: LoadedModel, config: FinetuneConfig) -> TrainingState:
@@ -121,8 +124,9 @@ class TrainingState:
 
     def save(self, folder: Path) -> None:
         """Write ``folder/trainer_state.pt``: step, optimizer, scheduler, random state, history, options."""
+        masters = {"masters": [p.detach().cpu() for p in self.trainable]} if self.masters else {}
         torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "rng": torch.get_rng_state(), "history": self.history, "config": self.config.to_dict()},
+                    "rng": torch.get_rng_state(), "history": self.history, "config": self.config.to_dict(), **masters},
                    Path(folder) / STATE)
 
     def load(self, folder: Path) -> None:
@@ -143,6 +147,13 @@ class TrainingState:
                 "--resume continues the same run; these options differ from it: "
                 + ", ".join(f"--{k.replace('_', '-')} (was {saved['config'].get(k, defaults.get(k))!r})" for k in changed)
             )
+        masters = saved.get("masters")
+        if masters is not None:  # the float32 values the 16-bit checkpoint rounded
+            if [tuple(m.shape) for m in masters] != [tuple(p.shape) for p in self.trainable]:
+                raise ConfigError(f"--resume: {Path(folder) / STATE} trains other parameters than this student has")
+            with torch.no_grad():
+                for p, m in zip(self.trainable, masters):
+                    p.copy_(m)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.step = self.start_step = saved["step"]
