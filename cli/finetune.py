@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -33,6 +34,8 @@ def finetune(student, output, resume, overwrite, json_path, quiet, **options):
     check_json(json_path, output, overwrite=overwrite)
     record = run_finetune(student, config, output, resume=resume, overwrite=overwrite,
                           progress=not quiet)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 writes and speaks for the run
+        return
     if emit_result(json.dumps(record.to_dict(), indent=2), json_path):
         return
     m = record.metrics

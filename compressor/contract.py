@@ -60,6 +60,8 @@ class StageRun:
         records: The records of the job's earlier stages, in order.
         progress: Show progress bars.
         log: Where a long stage's steps go (an `EventLog`; ``None``: nowhere).
+        devices: The GPUs the job declared (``num_gpus``); a fine-tune runs on that many
+            processes when there are several.
     """
 
     config: StageConfig
@@ -74,6 +76,7 @@ class StageRun:
     records: list[StageRecord] = field(default_factory=list)
     progress: bool = False
     log: Any = None
+    devices: int = 0
 
 
 StageRunner = Callable[[StageRun], StageRecord]

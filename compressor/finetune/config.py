@@ -20,6 +20,10 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 #: base and the teacher in 16 bits (the student's own bf16/fp16; bf16 for a float32 student),
 #: the trained parameters in float32, the forward pass under autocast in the 16-bit dtype.
 PRECISIONS = ("auto", "float32", "mixed")
+#: Under torchrun: the student replicated (DDP) or sharded (FSDP2); ``auto`` shards from 1 B parameters.
+STRATEGIES = ("auto", "ddp", "fsdp")
+#: Under torchrun: the collective backend; ``auto`` is NCCL where there is CUDA, gloo on CPUs.
+BACKENDS = ("auto", "gloo", "nccl")
 
 
 @dataclass
@@ -87,6 +91,16 @@ class FinetuneConfig(TextOptions, StageConfig):
             ``lora+norms``) train, in float32, on a frozen base held in 16 bits, with a 16-bit
             teacher, so a 1-8 B pair fits a workstation; ``auto``: ``mixed`` for a student stored
             in bf16/fp16 that trains its deltas, ``float32`` otherwise.
+        strategy: Under ``torchrun`` (several processes): ``ddp`` replicates the student on every
+            rank, ``fsdp`` shards its parameters, gradients and AdamW state with FSDP2
+            (``fully_shard``; the teacher too), ``auto`` shards from 1 B parameters. One
+            process ignores it.
+        backend: Under ``torchrun``: ``gloo`` (CPUs), ``nccl`` (CUDA GPUs) or ``auto`` (NCCL
+            where there is CUDA).
+        processes: Run on this many processes of this machine (``torchrun --standalone``
+            started for you: gloo on CPUs, NCCL on its GPUs); in a recipe or batch job the
+            default is the job's ``num_gpus`` when it asks for more than one, else one process.
+            Several machines: start ``compress finetune`` under ``torchrun`` yourself.
         gradient_checkpointing: Keep only each block's input in the forward pass and recompute
             the block in the backward pass: less memory for activations (long texts, big
             batches), about a third more time; the same numbers.
@@ -123,6 +137,9 @@ class FinetuneConfig(TextOptions, StageConfig):
     save_every: int = 50
     precision: str = choice("auto", PRECISIONS)
     gradient_checkpointing: bool = False
+    strategy: str = choice("auto", STRATEGIES)
+    backend: str = choice("auto", BACKENDS)
+    processes: int | None = None
 
     def __post_init__(self):
         check_choice("train", self.train, TRAIN_MODES)
@@ -149,6 +166,9 @@ class FinetuneConfig(TextOptions, StageConfig):
                               option="int8_aware")
         check_block_size(self.block_size)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_choice("backend", self.backend, BACKENDS)
+        check_int("processes", self.processes, 1, allow_none=True)
         if not isinstance(self.gradient_checkpointing, bool):
             raise ConfigError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}",
                               option="gradient_checkpointing")

@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from ..models.pooling import pool
 from ..record import StageRecord
 from .config import FinetuneConfig
 from .data import TrainingData, load_training_data
+from .distributed import World
 from .state import STATE, TrainingState, check_resumable, select_trainable
 
 # STATE, check_resumable and select_trainable live in state.py; older callers import them from here.
@@ -81,14 +82,19 @@ def neighbour_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 
 def distillation_loss(student_out, teacher_out, mask, config: FinetuneConfig, pooling: str, *, labels=None,
                       is_encoder: bool, teacher_mask=None, rows=None,
-                      vocab_map: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                      vocab_map: torch.Tensor | None = None, total=None) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted sum of the distillation terms, and each term's value.
+
+    Every term is a sum over the batch divided by a count (tokens, texts) or norm of the whole
+    batch; ``total`` gives that whole (the sum over the processes of a distributed run, each
+    holding some rows), so the processes' losses add up to the loss of the batch in one.
 
     ``teacher_mask``, ``rows`` and ``vocab_map`` are for a student with a cut vocabulary, which
     reads the batch with its own tokenizer: the teacher's attention mask, the texts (a boolean
     per row) both split into the same tokens, which alone enter the token-level terms, and the
     teacher id of each student id, which picks the teacher's logits of the kept tokens.
     """
+    total = total or (lambda value: value)
     real = mask.bool()
     t_real = real if teacher_mask is None else teacher_mask.bool()
     if rows is not None:  # token-level terms on the texts both models split alike
@@ -99,13 +105,13 @@ def distillation_loss(student_out, teacher_out, mask, config: FinetuneConfig, po
         terms = []
         for i, j in layer_pairs(len(student_out.hidden_states) - 1, len(teacher_out.hidden_states) - 1):
             hs, ht = student_out.hidden_states[i][real].float(), teacher_out.hidden_states[j][t_real].float()
-            terms.append(((hs - ht) ** 2).sum() / (ht**2).sum().clamp(min=1e-12))
+            terms.append(((hs - ht) ** 2).sum() / total((ht**2).sum()).clamp(min=1e-12))
         parts["hidden"] = torch.stack(terms).mean()
     if (config.embedding_weight or config.similarity_weight) and is_encoder:
         es = pool(student_out.hidden_states[-1].float(), mask, pooling)
         et = pool(teacher_out.hidden_states[-1].float(), mask if teacher_mask is None else teacher_mask, pooling)
         if config.embedding_weight:
-            parts["embedding"] = (1 - F.cosine_similarity(es, et, dim=-1)).mean()
+            parts["embedding"] = (1 - F.cosine_similarity(es, et, dim=-1)).sum() / total(_count(es))
         if config.similarity_weight and len(es) > 2:
             parts["similarity"] = neighbour_loss(es, et)
     logits_s, logits_t = getattr(student_out, "logits", None), getattr(teacher_out, "logits", None)
@@ -117,9 +123,9 @@ def distillation_loss(student_out, teacher_out, mask, config: FinetuneConfig, po
         # (a cut head with rows past its tokenizer's ids has no teacher column to match: no KL)
         if vocab_map is None or logits_s.shape == logits_t.shape:
             parts["kl"] = F.kl_div(F.log_softmax(logits_s.float(), -1), F.log_softmax(logits_t.float(), -1),
-                                   log_target=True, reduction="batchmean")
+                                   log_target=True, reduction="sum") / total(_count(logits_s)).clamp(min=1)
     if config.label_weight and labels is not None and logits_s is not None and getattr(student_out, "logits", None).dim() == 2:
-        parts["label"] = F.cross_entropy(student_out.logits.float(), labels)
+        parts["label"] = F.cross_entropy(student_out.logits.float(), labels, reduction="sum") / total(_count(labels))
     weights = {"hidden": config.hidden_weight, "embedding": config.embedding_weight, "kl": config.kl_weight,
                "label": config.label_weight, "similarity": config.similarity_weight}
     if not parts and rows is not None:  # a batch of texts split differently, and token-level terms alone
@@ -128,6 +134,11 @@ def distillation_loss(student_out, teacher_out, mask, config: FinetuneConfig, po
         raise ConfigError("every loss term is switched off or does not apply to this model")
     total = sum(weights[k] * v for k, v in parts.items())
     return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def _count(rows: torch.Tensor) -> torch.Tensor:
+    """How many rows (texts, tokens) a tensor holds, as a float tensor on its device."""
+    return torch.tensor(float(len(rows)), device=rows.device)
 
 
 def finetune(
@@ -168,7 +179,11 @@ def finetune(
         check_resumable(output)
     else:
         check_writable(output, overwrite=overwrite, folder=True)
-    device = config.resolved_device()
+    from .distributed import check_world, resolve_strategy
+
+    world = World.from_env(config.backend, config.device)
+    check_world(world, config)
+    device = world.device(config.resolved_device())
     loaded_dtype = _weights_dtype(student.model)
     precision = resolve_precision(config, loaded_dtype)
     # float32: AdamW's small steps vanish in a bf16 weight (its 8-bit mantissa), so every weight
@@ -187,6 +202,10 @@ def finetune(
 
         teacher = load_model(source, dtype=compute)
     check_teacher(student, teacher)
+    vocab_map = teacher_ids(student.tokenizer, teacher.tokenizer, device)
+    if vocab_map is not None and world.distributed:
+        raise ConfigError(f"{student.name} has a cut vocabulary, whose texts the teacher splits its own way; "
+                          "distil it in one process (without torchrun)")
     data = load_training_data(student, config)
 
     student.model.to(compute)
@@ -196,25 +215,36 @@ def finetune(
     teacher.model.to(device=device, dtype=compute).eval()
     for p in teacher.model.parameters():
         p.requires_grad_(False)
+    sizes = unique_parameters(student.model), unique_parameters(teacher.model)
+    strategy = resolve_strategy(config, sizes[0][0], world)
+    forward, teacher_forward = student.model, teacher.model
+    if strategy is not None:  # wrapped before the optimizer exists: FSDP2 swaps the parameters for shards
+        from .distributed import wrap_student, wrap_teacher
+
+        forward, teacher_forward = wrap_student(student, strategy, device), wrap_teacher(teacher, strategy)
     state = TrainingState.start(student, config)
     state.masters = precision == "mixed"
     aware = _quantization_aware(student, config, output if resume else None)
     if resume:
-        state.load(output)
+        state.load(output, student.model, distributed=world.distributed)
     else:
         state.seed()
 
-    run = _Run(student, teacher.model, data, state, output, device, start_time, teacher.tokenizer,
-               teacher_ids(student.tokenizer, teacher.tokenizer, device), aware,
-               loaded_dtype=loaded_dtype, precision=precision, compute=compute,
-               teacher_bytes=unique_parameters(teacher.model)[1])
-    reason = _train(run, progress=progress)
-    run.save(reason)
+    run = _Run(student, teacher_forward, data, state, output, device, start_time, teacher.tokenizer,
+               vocab_map, aware,
+               loaded_dtype=loaded_dtype, precision=precision, compute=compute, sizes=sizes, world=world,
+               strategy=strategy, forward=forward)
+    try:
+        reason = _train(run, progress=progress and world.is_main)
+        run.save(reason)
+        record = run.record(reason)
+    finally:
+        world.close()
     if aware is not None:
         aware.commit()  # the student returned is the checkpoint written, not the float weights behind it
     for p in state.trainable:  # and a mixed run's deltas in the base's dtype, as the checkpoint reloads
         p.data = p.data.to(compute)
-    return student, run.record(reason)
+    return student, record
 
 
 def resolve_precision(config: FinetuneConfig, loaded: torch.dtype) -> str:
@@ -266,6 +296,19 @@ def check_distillation_fits(student: LoadedModel, source: str, precision: str, c
                       f"{'the student in float32' if precision == 'float32' else 'the float32 deltas'} and "
                       f"AdamW's state) and this machine has {available / GIB:.1f} GiB available{hint}",
                       option="precision")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter (its shard under FSDP2, else the whole)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _unique(parameters):
+    seen = set()
+    for p in parameters:
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -337,7 +380,10 @@ class _Run:
     loaded_dtype: torch.dtype = torch.float32  # the student's checkpoint's dtype
     precision: str = "float32"  # `resolve_precision`'s: float32, or mixed (a frozen 16-bit base)
     compute: torch.dtype = torch.float32  # the base's and the teacher's dtype while training
-    teacher_bytes: int = 0
+    sizes: tuple = ((0, 0), (0, 0))  # (parameters, bytes) of the student and the teacher, whole
+    world: World = field(default_factory=World)  # the processes training together
+    strategy: str | None = None  # ddp or fsdp under torchrun, None in one process
+    forward: torch.nn.Module | None = None  # what runs the student: itself, or its DDP wrapper
 
     def record(self, reason: str) -> StageRecord:
         """The stage record as it stands: steps, losses, seconds per step, why it stopped."""
@@ -356,6 +402,7 @@ class _Run:
             "dtype": {"loaded": _name(self.loaded_dtype), "trained": "float32", "base": _name(self.compute),
                       "teacher": _name(self.compute)},
             "gradient_checkpointing": state.config.gradient_checkpointing,
+            "distributed": self.how_distributed(),
             "memory": self.memory(),
             "texts": len(self.data.texts),
             "held_out": self.data.held_out,
@@ -369,34 +416,61 @@ class _Run:
             "seconds_per_step": seconds / len(done) if done else None,
             "history": history,
         }
-        return StageRecord.build("finetune", state.config, before=unique_parameters(self.student.model), metrics=metrics,
+        return StageRecord.build("finetune", state.config, before=self.sizes[0], metrics=metrics,
                                  started=self.start_time)
+
+    def how_distributed(self) -> dict:
+        """How many processes trained and how each model was held on them."""
+        world = self.world
+        if not world.distributed:
+            return {"world_size": 1}
+        sharded = self.strategy == "fsdp"
+        return {"world_size": world.size, "backend": world.backend, "strategy": self.strategy,
+                "batch_per_rank": self.state.config.batch_size // world.size,
+                "student": "sharded (FSDP2 fully_shard: a unit per sharing group and per other block)" if sharded
+                else "replicated (DistributedDataParallel)",
+                "teacher": "sharded (FSDP2 fully_shard per block, no optimizer)" if sharded
+                else "replicated (no optimizer)"}
 
     def memory(self) -> dict[str, float]:
         """What the run holds (MiB): the student's and the teacher's weights, the trained
-        parameters' gradients and AdamW moments, and the process's peak resident set so far."""
+        parameters' gradients and AdamW moments (whole, and on this rank: a shard under FSDP2),
+        and the process's peak resident set so far."""
         from ..io import peak_rss_mib
 
-        trained = sum(p.numel() for p in self.state.trainable)
-        return {"student_weights_mib": round(unique_parameters(self.student.model)[1] / 2**20, 1),
-                "teacher_weights_mib": round(self.teacher_bytes / 2**20, 1),
-                "gradients_and_optimizer_mib": round(trained * 12 / 2**20, 1),
+        trained = sum(_local(p).numel() for p in self.state.trainable)
+        whole = sum(p.numel() for p in self.state.trainable)
+        return {"student_weights_mib": round(self.sizes[0][1] / 2**20, 1),
+                "teacher_weights_mib": round(self.sizes[1][1] / 2**20, 1),
+                "gradients_and_optimizer_mib": round(whole * 12 / 2**20, 1),
+                "rank_parameters_mib": round(sum(_local(p).numel() * p.element_size()
+                                                 for p in _unique(self.student.model.parameters())) / 2**20, 1),
+                "rank_gradients_and_optimizer_mib": round(trained * 12 / 2**20, 1),
                 "peak_rss_mib": round(peak_rss_mib(), 1)}
 
     def save(self, reason: str) -> None:
-        """Rewrite ``output`` as a checkpoint, with the trainer state and the report beside it."""
+        """Rewrite ``output`` as a checkpoint, with the trainer state and the report beside it
+        (under several processes: every rank gathers, rank 0 writes, the others wait)."""
         from ..models.checkpoint import save_checkpoint
+        from .distributed import full_parameters
 
+        world = self.world
+        distributed = world.distributed
+        snapshot = self.state.snapshot(self.student.model, distributed)
         report = json.dumps(self.record(reason).to_dict(), indent=2)
 
         def extras(staged: Path) -> None:  # written into the staged folder, so all land together
-            self.state.save(staged)
+            self.state.save(staged, self.student.model, snapshot)
             if self.aware is not None:
                 self.aware.save(staged)  # the float weights behind the rounded ones, for --resume
             (staged / REPORT).write_text(report)
 
-        with self.aware.as_stored() if self.aware is not None else nullcontext():  # the checkpoint: the rounded model
-            save_checkpoint(self.student, self.output, overwrite=True, extra_files=extras)
+        with full_parameters(self.student.model, world), \
+                self.aware.as_stored() if self.aware is not None else nullcontext():  # the checkpoint: the rounded model
+            if world.is_main:
+                save_checkpoint(self.student, self.output, overwrite=True, extra_files=extras)
+        if distributed:
+            world.barrier()
 
 
 def _train(run: _Run, *, progress: bool) -> str:
@@ -417,8 +491,12 @@ def _train(run: _Run, *, progress: bool) -> str:
     checkpointing = _checkpointed_blocks(student) if config.gradient_checkpointing else nullcontext()
     try:
         with _StopFlag() as stop, checkpointing:
-            while (reason := _stop_reason(config, state.step, loop_start, stop)) is None:
+            while (reason := _agreed(run.world, _stop_reason(config, state.step, loop_start, stop))) is None:
                 enc, labels = run.data.batch(state.step, config, student.tokenizer, run.device)
+                if run.world.distributed:  # the global batch, one padded width; this rank's rows of it
+                    rows = run.world.rows(config.batch_size)
+                    enc = {k: v[rows] for k, v in enc.items()}
+                    labels = labels[rows] if labels is not None else None
                 t_enc = None
                 if run.vocab_map is not None:  # the same texts in the teacher's own tokens
                     t_enc, _ = run.data.batch(state.step, config, run.teacher_tokenizer, run.device)
@@ -427,7 +505,13 @@ def _train(run: _Run, *, progress: bool) -> str:
                     # forward and backward on the int4 weights, the update on the float ones
                     with autocast:
                         loss, parts = _batch_loss(run, enc, labels, is_encoder=is_encoder, t_enc=t_enc)
-                    state.take_step(loss, parts, before_update=run.aware.restore if run.aware is not None else None)
+                    value = None
+                    if run.world.distributed:  # this rank's share; the batch's loss is their sum
+                        summed = run.world.total(torch.tensor([float(loss.detach()), *parts.values()],
+                                                              dtype=torch.float64, device=loss.device)).tolist()
+                        value, parts = summed[0], dict(zip(parts, summed[1:]))
+                    state.take_step(loss, parts, before_update=run.aware.restore if run.aware is not None else None,
+                                    value=value, scale=run.world.size)
                 if bar is not None:
                     _show_progress(bar, state.history[-1]["loss"], config, loop_start)
                 if config.save_every and state.step % config.save_every == 0:
@@ -457,6 +541,18 @@ def _checkpointed_blocks(student: LoadedModel):
             del block.forward  # the class's forward again
 
 
+def _agreed(world, reason: str | None) -> str | None:
+    """Rank 0's reason to stop, on every rank (a time budget or a Ctrl-C seen a moment apart
+    must not leave one rank waiting in a collective the others skipped)."""
+    if not world.distributed:
+        return reason
+    import torch.distributed as dist
+
+    shared = [reason]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def _stop_reason(config: FinetuneConfig, step: int, loop_start: float, stop: _StopFlag) -> str | None:
     """Why training stops before the next step (``max_steps``, ``max_minutes``, ``interrupted``), or ``None``."""
     if config.max_steps is not None and step >= config.max_steps:
@@ -477,13 +573,13 @@ def _batch_loss(run: _Run, enc, labels: torch.Tensor | None, *, is_encoder: bool
     no_cache = {"use_cache": False} if run.student.adapter.is_decoder else {}
     with torch.no_grad():
         t_out = run.teacher(input_ids=t_ids, attention_mask=t_mask, output_hidden_states=True, **no_cache)
-    s_out = run.student.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **no_cache)
+    s_out = run.forward(input_ids=ids, attention_mask=mask, output_hidden_states=True, **no_cache)
     extra = {}
     if t_enc is not None:
         extra = dict(teacher_mask=t_mask, rows=same_tokens(ids, mask, t_ids, t_mask, run.vocab_map),
                      vocab_map=run.vocab_map)
     return distillation_loss(s_out, t_out, mask, run.state.config, run.student.pooling, labels=labels,
-                             is_encoder=is_encoder, **extra)
+                             is_encoder=is_encoder, total=run.world.total if run.world.distributed else None, **extra)
 
 
 def common_width(enc, tokenizer, t_enc, t_tokenizer):
@@ -535,7 +631,9 @@ def _progress(config: FinetuneConfig, start_step: int):
 
     if not shows_bar():
         left = config.max_steps - start_step if config.max_steps is not None else 0  # 0: a time budget
-        return Progress(f"finetune from step {start_step}" if start_step else "finetune", left, "steps")
+        line = Progress(f"finetune from step {start_step}" if start_step else "finetune", left, "steps")
+        line.update(0)  # "0/N steps" now if loading the models left stderr quiet: the first step may be long
+        return line
     total = config.max_steps
     bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True, desc="finetune")
     if config.max_minutes is not None and total is None:

@@ -102,35 +102,52 @@ class TrainingState:
         """Seed the global random state for a fresh run (a loaded state restores it instead)."""
         torch.manual_seed(self.config.seed)
 
-    def take_step(self, loss: torch.Tensor, parts: dict[str, float], *, before_update=None) -> None:
+    def take_step(self, loss: torch.Tensor, parts: dict[str, float], *, before_update=None, value: float | None = None,
+                  scale: float = 1.0) -> None:
         """One optimizer step down ``loss``, recorded in the history with each term in ``parts``;
         ``before_update`` is called between the backward pass and the update (a quantization-
-        aware run puts the float weights back there).
+        aware run puts the float weights back there). Under several processes ``loss`` is this
+        rank's share, ``value`` the whole batch's loss and ``scale`` the world size (the
+        gradients' averaging over ranks then gives the whole batch's gradient).
 
         Raises:
             TrainingError: the loss is not finite (the learning rate is too high).
         """
-        if not torch.isfinite(loss):
-            raise TrainingError(f"the loss became {float(loss)} at step {self.step + 1}; lower --lr")
+        value = float(loss.detach()) if value is None else value
+        if not math.isfinite(value):
+            raise TrainingError(f"the loss became {value} at step {self.step + 1}; lower --lr")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * scale if scale != 1 else loss).backward()
         if before_update is not None:
             before_update()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        self.history.append({"step": self.step, "loss": float(loss.detach()), **parts})
+        self.history.append({"step": self.step, "loss": value, **parts})
 
-    def save(self, folder: Path) -> None:
-        """Write ``folder/trainer_state.pt``: step, optimizer, scheduler, random state, history, options."""
-        masters = {"masters": [p.detach().cpu() for p in self.trainable]} if self.masters else {}
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "rng": torch.get_rng_state(), "history": self.history, "config": self.config.to_dict(), **masters},
-                   Path(folder) / STATE)
+    def snapshot(self, model, distributed: bool = False) -> dict:
+        """What ``trainer_state.pt`` holds: step, optimizer, scheduler, random state, history,
+        options. The optimizer's state is whole and keyed by parameter name (torch's
+        distributed-checkpoint form), so a run resumes on any number of processes; under
+        several processes every rank calls this (it gathers the shards) and rank 0 writes it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    def load(self, folder: Path) -> None:
-        """Continue from ``folder/trainer_state.pt``, restoring the global random state too.
+        from .distributed import full_value
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=distributed)
+        masters = {"masters": [full_value(p) for p in self.trainable]} if self.masters else {}
+        return {"step": self.step, "optimizer": get_optimizer_state_dict(model, self.optimizer, options=options),
+                "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(), "history": self.history,
+                "config": self.config.to_dict(), **masters}
+
+    def save(self, folder: Path, model, snapshot: dict | None = None) -> None:
+        """Write ``folder/trainer_state.pt`` (``snapshot`` if taken already, else the state now)."""
+        torch.save(self.snapshot(model) if snapshot is None else snapshot, Path(folder) / STATE)
+
+    def load(self, folder: Path, model, distributed: bool = False) -> None:
+        """Continue from ``folder/trainer_state.pt``, restoring the global random state too,
+        whatever number of processes wrote it.
 
         Raises:
             ConfigError: an option in `RESUME_KEYS` differs from the saved run's.
@@ -151,10 +168,18 @@ class TrainingState:
         if masters is not None:  # the float32 values the 16-bit checkpoint rounded
             if [tuple(m.shape) for m in masters] != [tuple(p.shape) for p in self.trainable]:
                 raise ConfigError(f"--resume: {Path(folder) / STATE} trains other parameters than this student has")
-            with torch.no_grad():
-                for p, m in zip(self.trainable, masters):
-                    p.copy_(m)
-        self.optimizer.load_state_dict(saved["optimizer"])
+            from .distributed import set_full_value
+
+            for p, m in zip(self.trainable, masters):
+                set_full_value(p, m)
+        optimizer = saved["optimizer"]
+        if all(isinstance(i, int) for g in optimizer["param_groups"] for i in g["params"]):  # before the named form
+            self.optimizer.load_state_dict(optimizer)
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, self.optimizer, optimizer,
+                                     options=StateDictOptions(full_state_dict=distributed, strict=False))
         self.scheduler.load_state_dict(saved["scheduler"])
         self.step = self.start_step = saved["step"]
         self.history = saved["history"]

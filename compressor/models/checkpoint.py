@@ -64,7 +64,7 @@ def save_checkpoint(loaded: LoadedModel, folder: str | Path, *, overwrite: bool 
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "model_class": type(model).__name__,
+            "model_class": model_class(model).__name__,
             "family": loaded.adapter.family,
             "pooling": loaded.pooling,
             "normalize": loaded.normalize,
@@ -79,6 +79,12 @@ def save_checkpoint(loaded: LoadedModel, folder: str | Path, *, overwrite: bool 
         if extra_files is not None:
             extra_files(tmp)
     return Path(folder)
+
+
+def model_class(model) -> type:
+    """The model's own class: the first in its MRO from outside ``torch.distributed`` (FSDP2's
+    ``fully_shard`` turns a ``LlamaForCausalLM`` into an ``FSDPLlamaForCausalLM`` subclass)."""
+    return next(c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed"))
 
 
 def is_checkpoint(folder: str | Path) -> bool:

@@ -422,7 +422,8 @@ def _run_stages(job: Job, specs: list[StageSpec], keys: list[str], places: dict[
             resume = not fresh and _resumable(job, place, i, keys, started)
             fresh = True  # every stage after one that runs runs too: its input is new
             run = StageRun(config=spec.config, model=model, output=place, job_folder=job.folder, resume=resume,
-                           fed=fed, records=list(records), progress=progress, log=EventLog() if progress else None)
+                           fed=fed, records=list(records), progress=progress, log=EventLog() if progress else None,
+                           devices=int(job.resources.get("num_gpus") or 0))
             record = _run_stage(job, stage, run, name, keys[i], log)
         records.append(record)
         if stage.writes_model:

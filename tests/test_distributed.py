@@ -1,0 +1,182 @@
+"""`compress finetune` under torchrun (issue 35): 2 processes on CPUs (gloo) take the steps one
+process takes, with the student sharded (FSDP2) or replicated (DDP), a shared group and LoRA
+deltas included; a 2-process checkpoint resumes in one process; the bad launches get one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli.main import cli
+from compressor.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = ["the cat sat on the mat.", "a quick brown fox jumps over the lazy dog!", "hello world, again and again;",
+         "numbers 1 2 3 and more text here", "short one", "the last text of the calibration set is this one.",
+         "rain in the hills", "an old film with a slow start"] * 2
+#: The run every launch below shares: a global batch of 4 texts, 4 steps, a checkpoint every 2.
+RUN = ["--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "1", "--save-every", "2", "--train", "lora+norms",
+       "--quiet"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [*map(str, args)])
+
+
+def torchrun(nproc: int, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``compress`` under the documented launcher, on CPUs, one thread a process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(Path(sys.executable).parent / "compress"), *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_dirs, tmp_path_factory):
+    """The tiny Llama with layers 0-1 sharing one base (2-3 too), rank-2 deltas, and its texts."""
+    folder = tmp_path_factory.mktemp("dist")
+    data = folder / "texts.txt"
+    data.write_text("\n".join(TEXTS))
+    assert invoke("share", tiny_dirs["llama"], "--plan", "0-1,2-3", "--lora-rank", "2", "--no-fidelity", "-o",
+                  folder / "shared").exit_code == 0
+    return folder / "shared", tiny_dirs["llama"], data
+
+
+@pytest.fixture(scope="module")
+def single(shared, tmp_path_factory):
+    """The same run in one process: its per-step losses and final checkpoint."""
+    student, teacher, data = shared
+    out = tmp_path_factory.mktemp("single") / "tuned"
+    result = invoke("finetune", student, "--teacher", teacher, "--data", data, "--max-steps", "4", *RUN, "-o", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _history(folder: Path) -> list[dict]:
+    return json.loads((folder / "finetune_report.json").read_text())["metrics"]["history"]
+
+
+def _assert_same_run(folder: Path, reference: Path) -> None:
+    got, want = _history(folder), _history(reference)
+    assert [h["step"] for h in got] == [h["step"] for h in want]
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        # a term far smaller than the loss (the KL of a student already close to its teacher) is
+        # a difference of near-equal numbers: its float32 rounding is judged against the loss
+        assert [a[k] for k in a] == pytest.approx([b[k] for k in b], rel=1e-5, abs=1e-5 * b["loss"])
+    x, y = load_model(folder).model, load_model(reference).model
+    for name, p in y.named_parameters():
+        assert torch.allclose(x.get_parameter(name), p, rtol=1e-5, atol=1e-6), name
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])
+def test_two_processes_take_the_steps_one_process_takes(shared, single, tmp_path, strategy):
+    """Each rank holds 2 of the 4 texts; the losses of every step and the final weights are the
+    one-process run's (relative 1e-5). Rank 0 alone writes a checkpoint every other command
+    loads, and the record says how the run was spread."""
+    student, teacher, data = shared
+    out = tmp_path / "tuned"
+    result = torchrun(2, "finetune", student, "--teacher", teacher, "--data", data, "--max-steps", "4", *RUN,
+                      "--strategy", strategy, "-o", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1  # rank 0 speaks for the run
+    _assert_same_run(out, single)
+    how = json.loads((out / "finetune_report.json").read_text())["metrics"]["distributed"]
+    assert how["world_size"] == 2 and how["backend"] == "gloo" and how["strategy"] == strategy
+    assert how["batch_per_rank"] == 2
+    assert how["student"].startswith("sharded" if strategy == "fsdp" else "replicated")
+    loaded = load_model(out).model  # the shared base is one tensor again, as written
+    assert loaded.model.layers[0].mlp.down_proj.base_layer is loaded.model.layers[1].mlp.down_proj.base_layer
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process_on_the_same_trajectory(shared, single, tmp_path):
+    """2 steps sharded over 2 processes, then 2 more resumed in one: the 4 steps of one process."""
+    student, teacher, data = shared
+    out = tmp_path / "tuned"
+    first = torchrun(2, "finetune", student, "--teacher", teacher, "--data", data, "--max-steps", "2", *RUN,
+                     "--strategy", "fsdp", "-o", out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = invoke("finetune", out, "--teacher", teacher, "--data", data, "--max-steps", "4", *RUN, "--resume",
+                    "-o", out)
+    assert result.exit_code == 0, result.output
+    _assert_same_run(out, single)
+
+
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_on_two(shared, single, tmp_path):
+    """The other way: 2 steps in one process, 2 more on 2 ranks with DDP."""
+    student, teacher, data = shared
+    out = tmp_path / "tuned"
+    assert invoke("finetune", student, "--teacher", teacher, "--data", data, "--max-steps", "2", *RUN,
+                  "-o", out).exit_code == 0
+    result = torchrun(2, "finetune", out, "--teacher", teacher, "--data", data, "--max-steps", "4", *RUN,
+                      "--strategy", "ddp", "--resume", "-o", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_run(out, single)
+
+
+def test_bad_launches_are_one_line_and_write_nothing(shared, tmp_path):
+    """A global batch the world size does not divide; NCCL on a machine without CUDA."""
+    student, teacher, data = shared
+    out = tmp_path / "tuned"
+    odd = torchrun(2, "finetune", student, "--teacher", teacher, "--data", data, "--max-steps", "1", "--batch-size",
+                   "3", "-o", out)
+    assert odd.returncode != 0 and not out.exists()
+    assert "--batch-size 3 is the global batch, split over 2 processes" in odd.stderr
+    if torch.cuda.is_available():
+        return
+    nccl = torchrun(2, "finetune", student, "--teacher", teacher, "--data", data, "--max-steps", "1", "--backend",
+                    "nccl", "-o", out)
+    assert nccl.returncode != 0 and not out.exists()
+    assert "--backend nccl needs CUDA devices" in nccl.stderr
+
+
+def test_a_run_torchrun_restarts_continues_from_its_last_checkpoint(shared, single, tmp_path, monkeypatch):
+    """After a process dies, ``torchrun --max-restarts`` starts the same command again: it picks
+    up the checkpoint its first life left (here 2 of 4 steps) instead of refusing the folder."""
+    student, teacher, data = shared
+    out = tmp_path / "tuned"
+    assert invoke("finetune", student, "--teacher", teacher, "--data", data, "--max-steps", "2", *RUN,
+                  "-o", out).exit_code == 0
+    again = invoke("finetune", student, "--teacher", teacher, "--data", data, "--max-steps", "4", *RUN, "-o", out)
+    assert again.exit_code != 0 and "exists" in again.output  # a plain second run still refuses the folder
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    restarted = invoke("finetune", student, "--teacher", teacher, "--data", data, "--max-steps", "4", *RUN, "-o", out)
+    assert restarted.exit_code == 0, restarted.output
+    _assert_same_run(out, single)
+
+
+def test_processes_launches_torchrun_for_the_user(shared, single, tmp_path):
+    """``--processes 2``: the same run on 2 processes of this machine, started for the user."""
+    student, teacher, data = shared
+    out = tmp_path / "tuned"
+    result = invoke("finetune", student, "--teacher", teacher, "--data", data, "--max-steps", "4", *RUN,
+                    "--processes", "2", "--strategy", "fsdp", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "finetune_report.json").read_text())["metrics"]["distributed"]["world_size"] == 2
+    _assert_same_run(out, single)
+    odd = invoke("finetune", student, "--teacher", teacher, "--data", data, "--max-steps", "1", "--batch-size", "3",
+                 "--processes", "2", "-o", tmp_path / "odd")
+    assert odd.exit_code != 0 and not (tmp_path / "odd").exists()
+    assert "failed: --batch-size 3 is the global batch, split over 2 processes" in odd.output
+
+
+@pytest.mark.slow
+def test_a_batch_job_that_declares_two_gpus_fine_tunes_on_two_processes(shared, tmp_path):
+    """A job's ``num_gpus: 2`` reaches its finetune stage as 2 processes (on CPUs here, gloo)."""
+    from compressor.contract import StageRun
+    from compressor.finetune import FinetuneConfig
+    from compressor.finetune.runner import run
+
+    student, teacher, data = shared
+    config = FinetuneConfig(teacher=str(teacher), data=str(data), max_steps=2, batch_size=4, device="cpu")
+    record = run(StageRun(config=config, model=str(student), output=tmp_path / "tuned", devices=2))
+    assert record.metrics["distributed"]["world_size"] == 2 and record.metrics["steps"] == 2
