@@ -153,5 +153,7 @@ from cli.stages import declared_commands  # noqa: E402
 
 cli.commands.update(declared_commands())  # share, prune, ...: the stages declared so far
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m cli.main (torchrun -m cli.main): the commands register on cli.main's group
+    from cli.main import main as _main
+
+    _main()

@@ -178,6 +178,12 @@ class TrainingState:
         else:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+            names = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+            foreign = [n for g in optimizer["param_groups"] for n in g["params"] if n not in names]
+            if foreign:
+                raise ConfigError(f"--resume: {Path(folder) / STATE} trains {foreign[0]}, which this student does not "
+                                  "train: it belongs to another model")
+
             set_optimizer_state_dict(model, self.optimizer, optimizer,
                                      options=StateDictOptions(full_state_dict=distributed, strict=False))
         self.scheduler.load_state_dict(saved["scheduler"])
