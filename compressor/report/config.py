@@ -21,7 +21,8 @@ class ReportConfig(SuiteConfig):
         seq_len: Tokens per sequence in the latency runs (texts truncated or padded to it).
         warmup: Untimed runs per row and batch size before the timed ones.
         repeats: Timed runs per row and batch size; rows take turns run by run, so that a
-            noisy neighbour slows them all alike. Latencies are medians (p50) and p90s.
+            noisy neighbour slows them all alike. A run lasts at least 50 ms (a fast call is
+            repeated within it, the run timing their mean). Latencies are medians (p50) and p90s.
         baselines: Add the original as plain ONNX fp32 and int8, made the way optimum makes them
             (``main_export``, then ``ORTQuantizer`` with ``AutoQuantizationConfig.<cpu>(is_static=False)``),
             and for encoders optimum's strongest route as well: ``ORTOptimizer`` level 2 (O2), in

@@ -35,7 +35,8 @@ def markdown(result: dict[str, Any], *, title: str, command: str | None = None) 
     lines += [
         f"Measured {prov['date']} on {prov['cpu']}, {cfg['threads']} threads (PyTorch and onnxruntime alike), "
         f"sequence length {cfg['seq_len']}, {cfg['warmup']} warm-up and {cfg['repeats']} timed runs per row and batch "
-        f"size, rows taking turns; latencies are medians (p50) and p90s. Commit {prov['git_commit']}; "
+        f"size, rows taking turns, each timed run at least 50 ms (a fast call repeated within it); latencies are "
+        f"medians (p50) and p90s. Commit {prov['git_commit']}; "
         + ", ".join(f"{k} {v}" for k, v in prov["packages"].items() if v) + ".",
         "",
         f"Task metric: {result['metric']} on `{cfg['data']}` ({cfg['train_size']:,} train / {cfg['test_size']:,} test, "

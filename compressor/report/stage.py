@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import platform
 import shutil
 import statistics
@@ -141,8 +142,15 @@ def optimized_baselines(fp32: Path, folder: Path) -> dict[str, Path]:
     return {BASELINE_O2_FP32: o2, BASELINE_O2_INT8: o2_int8}
 
 
+#: A timed latency run lasts at least this long: a batch-1 call of a small encoder (a few ms) is
+#: repeated within the run and timed as the mean of its calls, so that a timer's grain and one
+#: interrupted call do not decide the median.
+MIN_TIMED_SECONDS = 0.05
+
+
 def latency(runners: list[Backend], config: ReportConfig, texts: list[str]) -> dict[str, dict[str, dict[str, float]]]:
-    """``label -> batch size -> {p50_ms, p90_ms, throughput}`` at ``config.seq_len`` tokens."""
+    """``label -> batch size -> {p50_ms, p90_ms, throughput, calls_per_run}`` at ``config.seq_len``
+    tokens; each timed run makes ``calls_per_run`` calls (`MIN_TIMED_SECONDS`), rows taking turns."""
     torch.set_num_threads(config.threads)
     result: dict[str, dict[str, dict[str, float]]] = {r.label: {} for r in runners}
     for b in config.batch_sizes:
@@ -150,16 +158,22 @@ def latency(runners: list[Backend], config: ReportConfig, texts: list[str]) -> d
         inputs = [r.tokenizer(rows[0], padding="max_length", truncation=True, max_length=config.seq_len,
                               return_tensors="pt") for r in runners]
         times: dict[str, list[float]] = {r.label: [] for r in runners}
+        calls = dict.fromkeys(times, 1)
         for rep in range(config.warmup + config.repeats):
             for runner, enc in zip(runners, inputs):
                 start = time.perf_counter()
-                runner(enc)
+                for _ in range(calls[runner.label]):
+                    runner(enc)
+                seconds = (time.perf_counter() - start) / calls[runner.label]
                 if rep >= config.warmup:
-                    times[runner.label].append(time.perf_counter() - start)
+                    times[runner.label].append(seconds)
+                elif rep == config.warmup - 1:  # the last warm-up sets how many calls a timed run makes
+                    calls[runner.label] = max(1, math.ceil(MIN_TIMED_SECONDS / max(seconds, 1e-6)))
         for label, ts in times.items():
             p50 = statistics.median(ts)
             p90 = statistics.quantiles(ts, n=10)[-1] if len(ts) > 1 else ts[0]
-            result[label][str(b)] = {"p50_ms": p50 * 1e3, "p90_ms": p90 * 1e3, "throughput": b / p50}
+            result[label][str(b)] = {"p50_ms": p50 * 1e3, "p90_ms": p90 * 1e3, "throughput": b / p50,
+                                     "calls_per_run": calls[label]}
     return result
 
 
