@@ -131,6 +131,12 @@ def test_bad_launches_are_one_line_and_write_nothing(shared, tmp_path):
                    "3", "-o", out)
     assert odd.returncode != 0 and not out.exists()
     assert "--batch-size 3 is the global batch, split over 2 processes" in odd.stderr
+    few = tmp_path / "few.txt"
+    few.write_text("one text\ntwo texts\n")
+    short = torchrun(2, "finetune", student, "--teacher", teacher, "--data", few, "--max-steps", "1", "--batch-size",
+                     "4", "-o", out)
+    assert short.returncode != 0 and not out.exists()
+    assert "the training data has 2 texts, fewer than --batch-size 4 split over 2 processes" in short.stderr
     if torch.cuda.is_available():
         return
     nccl = torchrun(2, "finetune", student, "--teacher", teacher, "--data", data, "--max-steps", "1", "--backend",
@@ -144,11 +150,16 @@ def test_a_run_torchrun_restarts_continues_from_its_last_checkpoint(shared, sing
     up the checkpoint its first life left (here 2 of 4 steps) instead of refusing the folder."""
     student, teacher, data = shared
     out = tmp_path / "tuned"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "tune-1")  # torchrun's id of the run, the same in every life
     assert invoke("finetune", student, "--teacher", teacher, "--data", data, "--max-steps", "2", *RUN,
                   "-o", out).exit_code == 0
     again = invoke("finetune", student, "--teacher", teacher, "--data", data, "--max-steps", "4", *RUN, "-o", out)
     assert again.exit_code != 0 and "exists" in again.output  # a plain second run still refuses the folder
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "tune-2")  # another run's restart does not take this one's state
+    other = invoke("finetune", student, "--teacher", teacher, "--data", data, "--max-steps", "4", *RUN, "-o", out)
+    assert other.exit_code != 0 and "exists" in other.output
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "tune-1")
     restarted = invoke("finetune", student, "--teacher", teacher, "--data", data, "--max-steps", "4", *RUN, "-o", out)
     assert restarted.exit_code == 0, restarted.output
     _assert_same_run(out, single)
@@ -165,8 +176,8 @@ def test_processes_launches_torchrun_for_the_user(shared, single, tmp_path):
     _assert_same_run(out, single)
     odd = invoke("finetune", student, "--teacher", teacher, "--data", data, "--max-steps", "1", "--batch-size", "3",
                  "--processes", "2", "-o", tmp_path / "odd")
-    assert odd.exit_code != 0 and not (tmp_path / "odd").exists()
-    assert "failed: --batch-size 3 is the global batch, split over 2 processes" in odd.output
+    assert odd.exit_code != 0 and not (tmp_path / "odd").exists()  # refused before any process starts
+    assert "--processes 2: --batch-size 3 is the global batch, split over 2 processes" in odd.output
 
 
 @pytest.mark.slow
@@ -224,3 +235,19 @@ def test_a_bf16_student_sharded_trains_its_deltas_as_one_process_does(tiny_dirs,
     got, want = _history(two), _history(one)
     # bf16 matmuls over 2 rows or 4 round differently: the batch's loss agrees to bf16's precision
     assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in want], rel=1e-2)
+
+
+def test_a_jobs_gpus_that_cannot_split_the_run_leave_it_in_one_process(shared, tmp_path, capsys):
+    """A job's ``num_gpus: 2`` with an option only one process trains (here --quantize-aware):
+    the stage runs as before, in one process, and says why."""
+    from compressor.contract import StageRun
+    from compressor.finetune import FinetuneConfig
+    from compressor.finetune.runner import run
+
+    student, teacher, data = shared
+    config = FinetuneConfig(teacher=str(teacher), data=str(data), max_steps=1, batch_size=4, device="cpu",
+                            quantize_aware=True, block_size=16)
+    record = run(StageRun(config=config, model=str(student), output=tmp_path / "tuned", devices=2))
+    assert record.metrics["distributed"]["world_size"] == 1 and record.metrics["steps"] == 1
+    assert "finetune in one process, not on the job's 2 GPUs: --quantize-aware trains in one process" in \
+        capsys.readouterr().err

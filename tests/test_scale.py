@@ -244,6 +244,20 @@ def test_a_bf16_students_deltas_train_on_its_frozen_bf16_base_by_default(bf16_ll
     assert any(not torch.equal(tuned.model.get_parameter(n), names[n]) for n in names if "lora_B" in n)
 
 
+def test_mixed_precision_keeps_the_buffers_in_float32(bf16_shared, bf16_llama, tmp_path):
+    """Only parameters go to 16 bits: RoPE's inv_freq (float32 in transformers on purpose) stays."""
+    from compressor.finetune import FinetuneConfig, finetune
+
+    shared, data = bf16_shared
+    student = load_model(shared)
+    assert student.model.model.rotary_emb.inv_freq.dtype == torch.float32
+    config = FinetuneConfig(teacher=str(bf16_llama), data=str(data), max_steps=1, batch_size=4, save_every=0)
+    student, record = finetune(student, config, output=tmp_path / "tuned", progress=False)
+    assert record.metrics["precision"] == "mixed"
+    assert student.model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert student.model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
 def test_a_mixed_run_resumed_takes_the_steps_an_unbroken_run_takes(bf16_llama, bf16_shared, tmp_path):
     """The float32 deltas a bf16 checkpoint rounds are kept in the trainer state: 2 steps, then
     2 more resumed from the checkpoint, give the losses and weights of 4 steps at once."""

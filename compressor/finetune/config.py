@@ -17,8 +17,8 @@ TRAIN_MODES = ("lora", "lora+norms", "all")
 #: Hugging Face's Trainer does by default, or along a half cosine).
 LR_SCHEDULES = ("constant", "linear", "cosine")
 #: How the weights are held while training: every parameter in float32, or ``mixed``: the frozen
-#: base and the teacher in 16 bits (the student's own bf16/fp16; bf16 for a float32 student),
-#: the trained parameters in float32, the forward pass under autocast in the 16-bit dtype.
+#: base and the teacher in bf16 (fp16 underflows the gradients without loss scaling), the trained
+#: parameters in float32, the forward pass under bf16 autocast.
 PRECISIONS = ("auto", "float32", "mixed")
 #: Under torchrun: the student replicated (DDP) or sharded (FSDP2); ``auto`` shards from 1 B parameters.
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -88,9 +88,11 @@ class FinetuneConfig(TextOptions, StageConfig):
         save_every: Write a resumable checkpoint every this many steps (0: only at the end).
         precision: ``float32``: every weight in float32 (a bf16 checkpoint trains at twice its
             size, the teacher too); ``mixed``: only the deltas (``--train lora`` or
-            ``lora+norms``) train, in float32, on a frozen base held in 16 bits, with a 16-bit
-            teacher, so a 1-8 B pair fits a workstation; ``auto``: ``mixed`` for a student stored
-            in bf16/fp16 that trains its deltas, ``float32`` otherwise.
+            ``lora+norms``) train, in float32, on a frozen base held in bf16, with a bf16
+            teacher, so a 1-8 B pair fits a workstation (an fp16 or float32 base is rounded to
+            bf16, whose range keeps the small gradients that fp16's flushes to zero; the
+            checkpoint is bf16); ``auto``: ``mixed`` for a student stored in bf16/fp16 that
+            trains its deltas, ``float32`` otherwise.
         strategy: Under ``torchrun`` (several processes): ``ddp`` replicates the student on every
             rank, ``fsdp`` shards its parameters, gradients and AdamW state with FSDP2
             (``fully_shard``; the teacher too), ``auto`` shards from 1 B parameters. One

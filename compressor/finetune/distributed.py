@@ -51,6 +51,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     backend: str | None = None
+    owned: bool = False  # the process group was started here (and is ended here)
 
     @classmethod
     def from_env(cls, backend: str = "auto", device: str = "auto") -> World:
@@ -76,11 +77,12 @@ class World:
                               "(or auto) on CPUs", option="backend")
         import torch.distributed as dist
 
-        if not dist.is_initialized():
+        owned = not dist.is_initialized()
+        if owned:
             if backend == "nccl":
                 torch.cuda.set_device(local_rank)
             dist.init_process_group(backend)
-        return cls(rank, size, local_rank, backend)
+        return cls(rank, size, local_rank, backend, owned)
 
     @property
     def is_main(self) -> bool:
@@ -118,32 +120,50 @@ class World:
             dist.barrier()
 
     def close(self) -> None:
-        if self.distributed:
+        if self.owned:
             import torch.distributed as dist
 
             if dist.is_initialized():
                 dist.destroy_process_group()
 
 
+def why_not_split(config, size: int) -> str | None:
+    """Why ``size`` processes cannot take the steps one process takes with ``config`` (one
+    line), or ``None`` when they can. Needs no process group: a launch is refused before it starts."""
+    if size <= 1:
+        return None
+    if config.batch_size % size:
+        return (f"--batch-size {config.batch_size} is the global batch, split over {size} processes; give a multiple "
+                f"of {size}")
+    if config.similarity_weight:
+        return "--similarity-weight compares every text of the batch with the others, which one process holds"
+    for name in ("quantize_aware", "int8_aware", "embedding_bits"):
+        if getattr(config, name):
+            return f"--{name.replace('_', '-')} trains in one process"
+    return None
+
+
 def check_world(world: World, config) -> None:
-    """Refuse what the ranks cannot split the same way one process computes it.
+    """Refuse what the ranks cannot split the same way one process computes it (`why_not_split`).
 
     Raises:
         ConfigError: a global batch the world size does not divide, or a loss term or option
             that needs the whole batch in one process.
     """
-    if not world.distributed:
-        return
-    if config.batch_size % world.size:
-        raise ConfigError(f"--batch-size {config.batch_size} is the global batch, split over {world.size} processes; "
-                          f"give a multiple of {world.size}", option="batch_size")
-    if config.similarity_weight:
-        raise ConfigError("--similarity-weight compares every text of the batch with the others, which one process "
-                          "holds; drop it or run in one process", option="similarity_weight")
-    for name in ("quantize_aware", "int8_aware", "embedding_bits"):
-        if getattr(config, name):
-            raise ConfigError(f"--{name.replace('_', '-')} trains in one process; launch without torchrun",
-                              option=name)
+    why = why_not_split(config, world.size)
+    if why is not None:
+        raise ConfigError(f"{why}; run it in one process", option="batch_size" if "--batch-size" in why else None)
+
+
+def check_rows(world: World, texts: int, batch_size: int) -> None:
+    """Every rank needs rows: a data set smaller than the global batch leaves late ranks none.
+
+    Raises:
+        ConfigError: fewer texts than ``batch_size`` under several processes.
+    """
+    if world.distributed and texts < batch_size:
+        raise ConfigError(f"the training data has {texts} texts, fewer than --batch-size {batch_size} split over "
+                          f"{world.size} processes; give more texts or a smaller batch", option="batch_size")
 
 
 def resolve_strategy(config, student_numel: int, world: World) -> str | None:
@@ -205,11 +225,17 @@ def _units(loaded) -> list[list[int]]:
 
 
 def _shard(model, blocks, units: list[list[int]]) -> None:
-    from torch.distributed.fsdp import fully_shard
+    """``fully_shard`` each unit, then the root; the root reshards after its forward too (FSDP2
+    leaves a root whole for its backward, which a teacher's no-grad forward never has)."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise ConfigError(f"--strategy fsdp needs FSDP2 (torch 2.6 or newer; this is {torch.__version__}); "
+                          "use --strategy ddp", option="strategy") from None
 
     for unit in units:
         fully_shard([blocks[i] for i in unit] if len(unit) > 1 else blocks[unit[0]])
-    fully_shard(model)
+    fully_shard(model, reshard_after_forward=True)
 
 
 @contextmanager
@@ -217,12 +243,10 @@ def full_parameters(model, world: World):
     """Every sharded parameter whole, on every rank, for the duration (a checkpoint written
     from the student, its aliases intact: a tied head and a shared base are each one tensor).
     Nothing changes in a world of one or under DDP."""
-    from torch.distributed.tensor import DTensor
-
     if not world.distributed:
         yield
         return
-    holders = [(m, n, p) for m in model.modules() for n, p in m._parameters.items() if isinstance(p, DTensor)]
+    holders = [(m, n, p) for m in model.modules() for n, p in m._parameters.items() if _sharded(p)]
     if not holders:
         yield
         return
@@ -241,19 +265,22 @@ def full_parameters(model, world: World):
 
 def full_value(tensor: torch.Tensor) -> torch.Tensor:
     """A parameter's whole value (gathered from the ranks when it is sharded), on the CPU."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(tensor, DTensor):
+    if _sharded(tensor):
         tensor = tensor.full_tensor()
     return tensor.detach().cpu()
 
 
+def _sharded(tensor) -> bool:
+    """A DTensor (FSDP2's shard); tested by its method, so one process needs no torch.distributed.tensor."""
+    return hasattr(tensor, "full_tensor") and hasattr(tensor, "device_mesh")
+
+
 def set_full_value(parameter: torch.Tensor, value: torch.Tensor) -> None:
     """Write a whole value into a parameter, into this rank's shard when it is sharded."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     with torch.no_grad():
-        if isinstance(parameter, DTensor):
+        if _sharded(parameter):
+            from torch.distributed.tensor import distribute_tensor
+
             value = distribute_tensor(value.to(parameter.device, parameter.dtype), parameter.device_mesh,
                                       parameter.placements)
         parameter.copy_(value)

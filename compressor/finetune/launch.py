@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
-from collections import deque
 from pathlib import Path
 
 from ..errors import TrainingError
@@ -24,6 +24,10 @@ from .config import FinetuneConfig
 REPORT = "finetune_report.json"
 #: How a rank reports the error that stopped it (`runner.main`), one line.
 ERROR = "compress: error: "
+#: torchrun's own log lines (glog's ``[IWEF]MMDD hh:mm:ss``), left out of what the user sees.
+TORCHRUN_LOG = re.compile(r"^(\[rank\d+\]:)?\[?[IWEF]\d{4} ")
+#: A traceback's last line in a rank's output: ``[rank1]: RuntimeError: ...``.
+RAISED = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:\w+\.)*\w*(?:Error|Exception): .+)$")
 
 
 def launch(model: str | None, config: FinetuneConfig, output: str | Path, processes: int, *, resume: bool,
@@ -45,20 +49,26 @@ def launch(model: str | None, config: FinetuneConfig, output: str | Path, proces
                    "-m", "compressor.finetune.runner", str(spec)]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(_threads(processes)))}
         proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-        tail: deque[str] = deque(maxlen=40)
-        said = None  # the first error line a rank wrote (each rank may write the same one)
-        for line in proc.stderr:
-            line = line.rstrip("\n")
-            tail.append(line)
-            if ERROR in line:
-                said = said or line[line.index(ERROR) + len(ERROR):]
-            elif not line.startswith(("W1", "I1", "E1")) and "torch/distributed" not in line:  # torchrun's own log
-                sys.stderr.write(line + "\n")
+        said, raised = None, None  # a rank's own error line; the last exception a rank's traceback named
+        try:
+            for line in proc.stderr:
+                line = line.rstrip("\n")
+                if ERROR in line:
+                    said = said or line[line.index(ERROR) + len(ERROR):]
+                elif (found := RAISED.search(line)) is not None:
+                    raised = found.group(1)
+                elif not TORCHRUN_LOG.match(line) and "torch/distributed" not in line:
+                    sys.stderr.write(line + "\n")
+        except KeyboardInterrupt:  # torchrun passes the Ctrl-C on: every rank finishes its step and saves
+            pass
         code = proc.wait()
+    report = output / REPORT
+    record = StageRecord(**json.loads(report.read_text())) if report.is_file() else None
+    if record is not None and (code == 0 or record.metrics.get("stopped_by") == "interrupted"):
+        return record  # an interrupted run is handed back as one process hands it back
     if code != 0:
-        last = next((line for line in reversed(tail) if line.strip() and not line.strip().startswith("=")), "")
-        raise TrainingError(f"the fine-tune on {processes} processes failed: {said or last or f'exit {code}'}")
-    return StageRecord(**json.loads((output / REPORT).read_text()))
+        raise TrainingError(f"the fine-tune on {processes} processes failed: {said or raised or f'exit {code}'}")
+    return record
 
 
 def _threads(processes: int) -> int:

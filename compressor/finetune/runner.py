@@ -31,13 +31,13 @@ def run_finetune(student, config: FinetuneConfig, output: str | Path, *, resume:
     from ..models import as_loaded
     from .stage import STATE, check_resumable, finetune
 
-    if not resume and restarted() and (Path(output) / STATE).is_file():
+    if not resume and restarted() and _same_run(Path(output)):
         resume = True  # torchrun restarted the processes after one died: continue from the last checkpoint
     if resume:
         check_resumable(output)
     else:
         check_writable(output, overwrite=overwrite, folder=True)
-    processes = config.processes or (devices if devices > 1 else 1)
+    processes = _processes(config, devices)
     if processes > 1 and not launched():
         if student is not None and not isinstance(student, (str, os.PathLike)):
             raise ConfigError("--processes starts new processes, which read the student from a folder; "
@@ -49,6 +49,45 @@ def run_finetune(student, config: FinetuneConfig, output: str | Path, *, resume:
     _, record = finetune(as_loaded(output if resume else student), config, output=output, resume=resume,
                          overwrite=overwrite, progress=progress)
     return record
+
+
+def _processes(config: FinetuneConfig, devices: int) -> int:
+    """How many processes to launch: ``--processes``, else a job's GPUs when several, where the
+    run can be split (`distributed.why_not_split`); a job's GPUs that cannot split it leave it
+    in one process, with a line saying why.
+
+    Raises:
+        ConfigError: ``--processes N`` for a run N processes cannot split.
+    """
+    import sys
+
+    from .distributed import why_not_split
+
+    wanted = config.processes or (devices if devices > 1 else 1)
+    why = why_not_split(config, wanted)
+    if why is None:
+        return wanted
+    if config.processes:
+        raise ConfigError(f"--processes {wanted}: {why}; drop --processes", option="processes")
+    sys.stderr.write(f"compress: finetune in one process, not on the job's {devices} GPUs: {why}\n")
+    return 1
+
+
+def _same_run(output: Path) -> bool:
+    """``output`` holds a checkpoint of the run torchrun is restarting (its ``TORCHELASTIC_RUN_ID``),
+    not one an earlier run left there."""
+    import json
+
+    from .stage import REPORT, STATE
+
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not run_id or not (output / STATE).is_file():
+        return False
+    try:
+        saved = json.loads((output / REPORT).read_text())["metrics"]["distributed"].get("run_id")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return saved == run_id
 
 
 def restarted() -> bool:

@@ -24,6 +24,7 @@ parameters, optimizer, scheduler, step, random state) is the ``TrainingState`` o
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -179,7 +180,7 @@ def finetune(
         check_resumable(output)
     else:
         check_writable(output, overwrite=overwrite, folder=True)
-    from .distributed import check_world, resolve_strategy
+    from .distributed import check_rows, check_world, resolve_strategy
 
     world = World.from_env(config.backend, config.device)
     check_world(world, config)
@@ -190,8 +191,9 @@ def finetune(
     # trains in float32, the teacher too. mixed: only the deltas train, so the frozen base and the
     # teacher stay in 16 bits and the trained parameters alone are float32 (a 1.7 B pair in 6 GiB
     # rather than 13).
-    compute = torch.float32 if precision == "float32" else (
-        loaded_dtype if loaded_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16)
+    # bf16 for mixed, whatever the checkpoint's 16 bits: fp16's narrow exponent flushes the small
+    # gradients of the hidden-state loss to zero without loss scaling, bf16 has float32's range
+    compute = torch.float32 if precision == "float32" else torch.bfloat16
     trainable = select_trainable(student, config.train)
     if teacher is None:
         source = config.teacher or _recorded_source(student)
@@ -207,21 +209,27 @@ def finetune(
         raise ConfigError(f"{student.name} has a cut vocabulary, whose texts the teacher splits its own way; "
                           "distil it in one process (without torchrun)")
     data = load_training_data(student, config)
+    check_rows(world, len(data.texts), config.batch_size)
 
-    student.model.to(compute)
+    _cast_parameters(student.model, compute)  # parameters only: buffers such as RoPE's inv_freq stay float32
     for p in trainable:  # mixed: float32 master copies of what trains, the base left in 16 bits
         p.data = p.data.float()
-    student.model.to(device)
-    teacher.model.to(device=device, dtype=compute).eval()
+    _cast_parameters(teacher.model, compute)
+    teacher.model.eval()
     for p in teacher.model.parameters():
         p.requires_grad_(False)
     sizes = unique_parameters(student.model), unique_parameters(teacher.model)
     strategy = resolve_strategy(config, sizes[0][0], world)
+    if strategy != "fsdp":  # FSDP2 moves each unit to the device as it shards it: never the whole model there
+        student.model.to(device)
+        teacher.model.to(device)
     forward, teacher_forward = student.model, teacher.model
     if strategy is not None:  # wrapped before the optimizer exists: FSDP2 swaps the parameters for shards
         from .distributed import wrap_student, wrap_teacher
 
         forward, teacher_forward = wrap_student(student, strategy, device), wrap_teacher(teacher, strategy)
+        student.model.to(device)  # what no unit holds (buffers) follows; a no-op for the shards
+        teacher.model.to(device)
     state = TrainingState.start(student, config)
     state.masters = precision == "mixed"
     aware = _quantization_aware(student, config, output if resume else None)
@@ -296,6 +304,15 @@ def check_distillation_fits(student: LoadedModel, source: str, precision: str, c
                       f"{'the student in float32' if precision == 'float32' else 'the float32 deltas'} and "
                       f"AdamW's state) and this machine has {available / GIB:.1f} GiB available{hint}",
                       option="precision")
+
+
+def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every floating parameter in ``dtype``; buffers keep theirs (transformers keeps RoPE's
+    ``inv_freq`` in float32 on purpose: in bf16 the angles drift by a tenth of a radian by
+    position 64)."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -422,10 +439,11 @@ class _Run:
     def how_distributed(self) -> dict:
         """How many processes trained and how each model was held on them."""
         world = self.world
+        run_id = {"run_id": os.environ["TORCHELASTIC_RUN_ID"]} if os.environ.get("TORCHELASTIC_RUN_ID") else {}
         if not world.distributed:
-            return {"world_size": 1}
+            return {"world_size": 1, **run_id}
         sharded = self.strategy == "fsdp"
-        return {"world_size": world.size, "backend": world.backend, "strategy": self.strategy,
+        return {"world_size": world.size, **run_id, "backend": world.backend, "strategy": self.strategy,
                 "batch_per_rank": self.state.config.batch_size // world.size,
                 "student": "sharded (FSDP2 fully_shard: a unit per sharing group and per other block)" if sharded
                 else "replicated (DistributedDataParallel)",

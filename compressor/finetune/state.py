@@ -174,6 +174,9 @@ class TrainingState:
                 set_full_value(p, m)
         optimizer = saved["optimizer"]
         if all(isinstance(i, int) for g in optimizer["param_groups"] for i in g["params"]):  # before the named form
+            if distributed:
+                raise ConfigError(f"--resume: {Path(folder) / STATE} was written by an older compress, whose state "
+                                  "one process alone can read; resume it in one process for a step first")
             self.optimizer.load_state_dict(optimizer)
         else:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
