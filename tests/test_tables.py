@@ -306,3 +306,20 @@ def test_searched_block_scales_round_what_was_rounded_to_itself_in_numpy_and_tor
     once = quantize_rows(rows, bits, 16)[2]
     np.testing.assert_array_equal(quantize_rows(once, bits, 16)[2], once)
     np.testing.assert_array_equal(round_rows(torch.from_numpy(rows), bits, 16).numpy(), once)
+
+
+def test_int4_picks_4_bit_tables_for_an_encoder_whose_tables_are_a_large_share(tiny_dirs, tmp_path):
+    """--quantize int4 with no --embedding-bits: an encoder shared 4 -> 1, whose tables are about
+    half its weights, gets 4-bit tables (the record says why) and checks itself; a decoder, whose
+    head reads its table, keeps 8-bit blocks."""
+    from compressor.sharing import ShareConfig, share
+
+    encoder, _ = share(load_model(str(tiny_dirs["bert"])), ShareConfig(plan="0-3", lora_rank=0, fidelity=False))
+    m = export(encoder, ExportConfig(check_lengths=[8, 32]), tmp_path / "bert",
+               quantize=method_config("int4", block_size=16)).metrics
+    assert m["graph"]["table_bits_default"]["bits"] == 4 and m["graph"]["table_bits_default"]["tables_share_of_weights"] >= 0.25
+    assert m["graph"]["embeddings"] == "4-bit blocks" and m["check"]["mean_cosine"] >= 0.8
+    decoder = load_model(str(tiny_dirs["llama"]))
+    d = export(decoder, ExportConfig(check_lengths=[8, 32]), tmp_path / "llama",
+               quantize=method_config("int4", block_size=16)).metrics
+    assert d["graph"]["table_bits_default"]["bits"] == 8

@@ -145,9 +145,11 @@ class BlockTables:
             along each projection's input dimension for int4, along each table's rows for
             ``embedding_bits``.
         embedding_bits: Bits of the embedding tables as weight-only blocks of ``block_size`` with
-            one scale each (8 or 4). int4: 8 when not given (4 in the genai layout, as
-            onnxruntime-genai's builder stores them), and the output head too, a head tied to the
-            input embeddings stored once for both. int8: by default the quantizer's one
+            one scale each (8 or 4). int4, when not given: 4 for a graph without an output head
+            whose tables hold at least a quarter of its weights (an encoder, where the vocabulary
+            matrix is most of what int4 leaves of the file), else 8 (4 in the genai layout, as
+            onnxruntime-genai's builder stores them), and the output head too, a head tied to
+            the input embeddings stored once for both. int8: by default the quantizer's one
             scale per table; 4 halves the tables (the vocabulary matrix is half of a small encoder).
         embedding_hot_share: With ``embedding_bits`` 4: this share of the token table's rows, the
             tokens ``calibration`` text uses most, in 8-bit blocks instead (0: none). A token's

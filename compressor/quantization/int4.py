@@ -121,6 +121,29 @@ def int4_plan(loaded, model, quantize: Int4):
     return plan
 
 
+#: Without ``--embedding-bits``, an int4 graph with no output head stores its tables as 4-bit
+#: blocks when they hold at least this share of its float weights: an encoder's vocabulary matrix
+#: (half of MiniLM's numbers, more once its layers are shared) is then most of what int4 leaves of
+#: the file. A graph with a head (a decoder's logits, which 4 bits move most, often through a
+#: tied table) keeps 8-bit blocks.
+TABLE_SHARE_FOR_4_BITS = 0.25
+
+
+def default_table_bits(model: onnx.ModelProto, heads: set[str]) -> tuple[int, float]:
+    """The tables' bits when ``--embedding-bits`` is not given, and the tables' share of the
+    graph's float weights it was chosen on (`TABLE_SHARE_FOR_4_BITS`)."""
+    import numpy as np
+    import onnx
+
+    floats = {t.name: tuple(t.dims) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    sizes = {name: int(np.prod(dims)) for name, dims in floats.items()}
+    tables = {n.input[0] for n in model.graph.node
+              if n.op_type == "Gather" and n.input and len(floats.get(n.input[0], ())) == 2}
+    total = sum(sizes.values())
+    share = sum(sizes[t] for t in tables) / total if total else 0.0
+    return (4 if not heads and share >= TABLE_SHARE_FOR_4_BITS else 8), share
+
+
 @register_method(Int4, calibrate=int4_plan)
 def quantize_int4(model: onnx.ModelProto, config: Int4, context: QuantizeContext) -> tuple[onnx.ModelProto, dict]:
     """Weight-only int4 of the projections (onnxruntime's ``MatMulNBitsQuantizer``: blocks of
@@ -143,11 +166,13 @@ def quantize_int4(model: onnx.ModelProto, config: Int4, context: QuantizeContext
         raise ExportError(f"--quantize int4 needs onnxruntime's MatMulNBits quantizer: {first_line(e)} "
                           "(pip install onnx-ir)") from None
     plan = context.plan
-    table_bits = config.embedding_bits or 8
     outputs = {o.name for o in model.graph.output}
     # the embedding tables and the output head (whose logits int4 moves most) as blocks, a tied
     # pair stored once (a MatMul on a table's transpose is a tied head wherever it is)
     heads = {n.name for n in model.graph.node if n.op_type == "MatMul" and n.output and n.output[0] in outputs}
+    table_bits, table_share = config.embedding_bits, None
+    if table_bits is None:
+        table_bits, table_share = default_table_bits(model, heads)
     tables_done = quantize_tables(model, config, table_bits, heads=heads, tokenizer=context.tokenizer,
                                   accuracy_level=config.accuracy_level)
     narrow, eight, tables, keys = _int4_nodes(model, config, plan, outputs)
@@ -167,6 +192,8 @@ def quantize_int4(model: onnx.ModelProto, config: Int4, context: QuantizeContext
     done = {"int4_matmuls": bits[4], "int8_matmuls": len(narrow), "int8_block_matmuls": bits[8],
             "block_size": config.block_size, "accuracy_level": config.accuracy_level, "method": config.int4_method,
             "embeddings": f"{table_bits}-bit blocks" if tables_done.get("tables") else "int8 (dynamic Gather)"}
+    if table_share is not None:  # the default, and why
+        done["table_bits_default"] = {"bits": table_bits, "tables_share_of_weights": round(table_share, 3)}
     if offsets:
         done["zero_point_offsets"] = offsets
     if tables_done:
