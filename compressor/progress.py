@@ -29,9 +29,6 @@ T = TypeVar("T")
 FORMATS = ("text", "jsonl", "off")
 #: At most this long between two lines when stderr is not a terminal.
 EVERY_SECONDS = 20.0
-#: The longest a step should leave stderr silent: a line is written early when the next item,
-#: at the rate so far, would come later than this after the last line.
-LONGEST_SILENCE = 30.0
 #: A step that ends sooner writes nothing (a small model's step is not news), unless nothing
 #: has been written for that long: several short steps in a row speak up as one long one would.
 MIN_SECONDS = 10.0
@@ -92,7 +89,9 @@ class Progress:
         tenth = self.total and (self.done - self._last_done) * 10 >= self.total
         first = self._last_line == self.start  # the first line comes once the step is known to be long
         quiet = now - self._last_line
-        late = self.done and quiet + (now - self.start) / self.done > LONGEST_SILENCE  # the next line would be
+        # a line now when the next item, at the rate so far, would come past EVERY_SECONDS of silence:
+        # items of 15 s each otherwise speak every other item, 30 s and more apart
+        late = self.done and quiet + (now - self.start) / self.done > EVERY_SECONDS
         if finished or tenth or first or quiet >= EVERY_SECONDS or late:
             if finished and short:
                 return

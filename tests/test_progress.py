@@ -114,3 +114,16 @@ def test_a_step_of_unknown_length_counts_without_a_share_or_time_left(monkeypatc
         p.update()
     assert out.getvalue().splitlines() == ["compress: finetune: 1 steps, 1 s", "compress: finetune: 3 steps, 30 s"]
     assert p.left_seconds() is None
+
+
+def test_items_of_15_seconds_each_speak_every_item(monkeypatch):
+    """Steps that take 15 s would speak every other step (30 s and more apart) under the tenths
+    and the 20 s rule alone; a line comes whenever the next item would leave stderr quiet past
+    20 s."""
+    clock = iter([0.0] + [15.0 * k for k in range(1, 21)] + [400.0] * 5)
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    p = Progress("finetune", 40, "steps", min_seconds=0, stream=out)
+    for _ in range(20):
+        p.update()
+    assert len(out.getvalue().splitlines()) == 20
