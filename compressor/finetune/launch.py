@@ -21,7 +21,6 @@ from ..errors import TrainingError
 from ..record import StageRecord
 from .config import FinetuneConfig
 
-REPORT = "finetune_report.json"
 #: How a rank reports the error that stopped it (`runner.main`), one line.
 ERROR = "compress: error: "
 #: torchrun's own log lines (glog's ``[IWEF]MMDD hh:mm:ss``), left out of what the user sees.
@@ -39,6 +38,8 @@ def launch(model: str | None, config: FinetuneConfig, output: str | Path, proces
     Raises:
         TrainingError: a process failed (its last error line is the message).
     """
+    from .stage import REPORT
+
     output = Path(output)
     run = {"model": model, "config": config.to_dict(), "output": str(output), "resume": resume,
            "overwrite": overwrite, "progress": progress}

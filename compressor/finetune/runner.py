@@ -29,7 +29,7 @@ def run_finetune(student, config: FinetuneConfig, output: str | Path, *, resume:
         OutputExistsError: ``output`` exists and neither ``overwrite`` nor ``resume`` is set.
     """
     from ..models import as_loaded
-    from .stage import STATE, check_resumable, finetune
+    from .stage import check_resumable, finetune
 
     if not resume and restarted() and _same_run(Path(output)):
         resume = True  # torchrun restarted the processes after one died: continue from the last checkpoint

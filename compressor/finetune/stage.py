@@ -189,10 +189,9 @@ def finetune(
     precision = resolve_precision(config, loaded_dtype)
     # float32: AdamW's small steps vanish in a bf16 weight (its 8-bit mantissa), so every weight
     # trains in float32, the teacher too. mixed: only the deltas train, so the frozen base and the
-    # teacher stay in 16 bits and the trained parameters alone are float32 (a 1.7 B pair in 6 GiB
-    # rather than 13).
-    # bf16 for mixed, whatever the checkpoint's 16 bits: fp16's narrow exponent flushes the small
-    # gradients of the hidden-state loss to zero without loss scaling, bf16 has float32's range
+    # teacher stay in bf16 and the trained parameters alone are float32 (a 1.7 B pair in 6 GiB
+    # rather than 13); bf16 whatever the checkpoint's 16 bits: fp16's narrow exponent flushes the
+    # small gradients of the hidden-state loss to zero without loss scaling
     compute = torch.float32 if precision == "float32" else torch.bfloat16
     trainable = select_trainable(student, config.train)
     if teacher is None:
@@ -228,7 +227,8 @@ def finetune(
         from .distributed import wrap_student, wrap_teacher
 
         forward, teacher_forward = wrap_student(student, strategy, device), wrap_teacher(teacher, strategy)
-        student.model.to(device)  # what no unit holds (buffers) follows; a no-op for the shards
+    if strategy == "fsdp":  # what no unit holds (buffers) follows; a no-op for the shards
+        student.model.to(device)
         teacher.model.to(device)
     state = TrainingState.start(student, config)
     state.masters = precision == "mixed"
@@ -318,14 +318,6 @@ def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a parameter (its shard under FSDP2, else the whole)."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def _unique(parameters):
-    seen = set()
-    for p in parameters:
-        if id(p) not in seen:
-            seen.add(id(p))
-            yield p
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -462,7 +454,7 @@ class _Run:
                 "teacher_weights_mib": round(self.sizes[1][1] / 2**20, 1),
                 "gradients_and_optimizer_mib": round(whole * 12 / 2**20, 1),
                 "rank_parameters_mib": round(sum(_local(p).numel() * p.element_size()
-                                                 for p in _unique(self.student.model.parameters())) / 2**20, 1),
+                                                 for p in self.student.model.parameters()) / 2**20, 1),
                 "rank_gradients_and_optimizer_mib": round(trained * 12 / 2**20, 1),
                 "peak_rss_mib": round(peak_rss_mib(), 1)}
 
@@ -478,7 +470,7 @@ class _Run:
         report = json.dumps(self.record(reason).to_dict(), indent=2)
 
         def extras(staged: Path) -> None:  # written into the staged folder, so all land together
-            self.state.save(staged, self.student.model, snapshot)
+            self.state.save(staged, snapshot)
             if self.aware is not None:
                 self.aware.save(staged)  # the float weights behind the rounded ones, for --resume
             (staged / REPORT).write_text(report)
@@ -597,7 +589,7 @@ def _batch_loss(run: _Run, enc, labels: torch.Tensor | None, *, is_encoder: bool
         extra = dict(teacher_mask=t_mask, rows=same_tokens(ids, mask, t_ids, t_mask, run.vocab_map),
                      vocab_map=run.vocab_map)
     return distillation_loss(s_out, t_out, mask, run.state.config, run.student.pooling, labels=labels,
-                             is_encoder=is_encoder, total=run.world.total if run.world.distributed else None, **extra)
+                             is_encoder=is_encoder, total=run.world.total, **extra)
 
 
 def common_width(enc, tokenizer, t_enc, t_tokenizer):

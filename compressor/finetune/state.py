@@ -141,9 +141,9 @@ class TrainingState:
                 "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(), "history": self.history,
                 "config": self.config.to_dict(), **masters}
 
-    def save(self, folder: Path, model, snapshot: dict | None = None) -> None:
-        """Write ``folder/trainer_state.pt`` (``snapshot`` if taken already, else the state now)."""
-        torch.save(self.snapshot(model) if snapshot is None else snapshot, Path(folder) / STATE)
+    def save(self, folder: Path, snapshot: dict) -> None:
+        """Write ``folder/trainer_state.pt``: a `snapshot` (taken on every rank, written by one)."""
+        torch.save(snapshot, Path(folder) / STATE)
 
     def load(self, folder: Path, model, distributed: bool = False) -> None:
         """Continue from ``folder/trainer_state.pt``, restoring the global random state too,
