@@ -1,8 +1,8 @@
 """Every stage on every declared family: one recipe, analyze -> share -> finetune -> evaluate
 -> prune -> int8 export -> report, on a tiny seeded model of each.
 
-What a family cannot do (heads of MPNet, DeBERTa, ModernBERT, GPT-NeoX and OPT; layers of
-ModernBERT) is left out of its recipe, and the refusal itself is tested in test_prune.
+What a family cannot do (heads of DeBERTa, ModernBERT, GPT-NeoX and OPT; layers of ModernBERT)
+is left out of its recipe, and the refusal itself is tested in test_prune.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from compressor.adapters import get_adapter
-from tiny_models import FAMILIES, by_family, make_model
+import yaml
+from tiny_models import FAMILIES, by_family, make_model, save_sentence_mpnet
 
 SAMPLE = Path(__file__).parent.parent / "recipes" / "data" / "sample.csv"
 
@@ -66,3 +67,36 @@ def test_every_stage_runs_on_every_family(family, tiny_dirs, tmp_path):
         assert all(r["generation"]["decode_tokens_per_s"] > 0 for r in report["rows"])
     else:  # encoders get optimum's O2 route as well
         assert labels[3:5] == ["optimum O2 fp32", "optimum O2 int8"]
+
+
+@pytest.mark.slow
+def test_the_demo_recipe_runs_on_an_mpnet_sentence_transformers_folder(minilm_dir, tmp_path):
+    """recipes/demo.yaml as it is (heads and half the FFN pruned, the vocabulary cut, distilled,
+    O2 int8 with 4-bit tables, the report against optimum's routes), its budgets made small, on
+    an MPNet laid out as all-mpnet-base-v2 (seeded weights: no hub here): one head goes from
+    every layer with the shared relative bias, and the export runs in sentence-transformers."""
+    from sentence_transformers import SentenceTransformer
+
+    source = save_sentence_mpnet(tmp_path / "mpnet", minilm_dir / "vocab.txt")
+    recipe = yaml.safe_load((Path(__file__).parent.parent / "recipes" / "demo.yaml").read_text())
+    recipe.pop("model")
+    small = {"finetune": dict(max_steps=2, suite_train_size=100, suite_test_size=50, batch_size=8, max_length=32),
+             "report": dict(suite_train_size=100, suite_test_size=50, pool_size=50, repeats=1, train_size=100,
+                            test_size=50, batch_sizes=[1])}
+    for stage in recipe["stages"]:
+        (name, options), = stage.items()
+        options.update(small.get(name, {}))
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "job"
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "demo.yaml"), "--model", str(source), "-o", str(out),
+                                      "--json", "-"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)["metrics"]
+    config = json.loads((out / "01-prune" / "config.json").read_text())
+    assert config["num_attention_heads"] == 6 and len({tuple(v) for v in config["pruned_heads"].values()}) == 1
+    assert len(config["pruned_heads"]) == 4 and len(config["pruned_heads"]["0"]) == 1  # 0.17 of 6 heads
+    assert json.loads((out / "02-prune" / "config.json").read_text())["vocab_size"] < 30527
+    assert metrics["export.check.mean_cosine"] >= 0.99
+    assert 0 < metrics["report.last_row.size_vs_optimum_o2_int8"] < 0.6
+    model = SentenceTransformer(str(out / "04-export"), backend="onnx", device="cpu")
+    assert model.encode(["a dull, lifeless script"]).shape == (1, 96)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -165,3 +166,55 @@ def test_cli_prune_writes_checkpoint_and_refuses_bad_input(tiny_dirs, tmp_path):
         res = runner.invoke(cli, ["prune", str(tiny_dirs["bert"]), *args])
         assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
     assert not (tmp_path / "new").exists()
+
+
+def test_mpnet_heads_go_from_every_layer_and_the_shared_bias_is_sliced_once(tiny_dirs, tmp_path):
+    """MPNet's one (buckets, heads) relative bias is read by every layer, so a head goes from
+    every layer at once, chosen by its importance summed over the layers; the pruned model
+    computes what the original computes with those heads' output columns zeroed, and a reload
+    rebuilds the sliced bias from config.pruned_heads."""
+    loaded = compressor.load(str(tiny_dirs["mpnet"]))
+    adapter, g = loaded.adapter, loaded.geometry
+    bias = loaded.model.encoder.relative_attention_bias
+    with torch.no_grad():
+        bias.weight.copy_(2.0 * torch.randn_like(bias.weight))  # each head its own position bias
+        blocks = adapter.blocks(loaded.model)
+        # head 2 writes nothing in layers 0-2, head 1 nothing in layer 3: summed over the
+        # layers, head 2 matters least although layer 3 alone would cut head 1
+        for layer, head in ((0, 2), (1, 2), (2, 2), (3, 1)):
+            adapter.weight(blocks[layer], "attn_out", g)[:, head * g.head_dim:(head + 1) * g.head_dim] = 0
+    expected = copy.deepcopy(loaded.model)
+    with torch.no_grad():  # what the pruned model must compute: head 2 silent everywhere
+        for block in adapter.blocks(expected):
+            adapter.weight(block, "attn_out", g)[:, 2 * g.head_dim:3 * g.head_dim] = 0
+    texts_out = outputs(loaded)
+    loaded, record = prune(loaded, PruneConfig(heads=0.25, fidelity=False))
+    assert record.metrics["kept_heads"] == {str(i): [0, 1, 3] for i in range(4)}
+    assert loaded.config.pruned_heads == {i: [2] for i in range(4)}
+    assert tuple(loaded.model.encoder.relative_attention_bias.weight.shape) == (32, 3)
+    check_config_matches_shapes(loaded)
+    pruned_out = outputs(loaded)
+    with torch.no_grad():
+        enc = loaded.tokenizer(TEXTS, padding=True, return_tensors="pt")
+        want = expected(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(pruned_out, want, atol=1e-5, rtol=1e-5)
+    assert (pruned_out - texts_out).abs().max() > 1e-3  # head 2 of layer 3 did matter
+    save_checkpoint(loaded, tmp_path / "pruned")
+    back = compressor.load(str(tmp_path / "pruned"))
+    assert tuple(back.model.encoder.relative_attention_bias.weight.shape) == (32, 3)
+    torch.testing.assert_close(outputs(back), pruned_out, atol=1e-6, rtol=1e-6)
+    # pruned again from the reload: the numbering of config.pruned_heads stays the original's
+    again, _ = prune(back, PruneConfig(heads=0.34, fidelity=False))
+    assert again.geometry.num_heads == 2 and again.model.encoder.relative_attention_bias.weight.shape[1] == 2
+    assert len({tuple(v) for v in again.config.pruned_heads.values()}) == 1 and 2 in again.config.pruned_heads[0]
+    save_checkpoint(again, tmp_path / "again")
+    torch.testing.assert_close(outputs(compressor.load(str(tmp_path / "again"))), outputs(again), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("option", "share", "what"), [("heads", 0.9, "4 attention heads"),
+                                                     ("ffn", 0.995, "64 FFN neurons")])
+def test_removing_every_unit_of_a_layer_is_refused_up_front(option, share, what, tiny_dirs):
+    loaded = compressor.load(str(tiny_dirs["bert"]))
+    with pytest.raises(ConfigError, match=f"--{option} {share} would remove all {what} of every layer; at most"):
+        prune(loaded, PruneConfig(**{option: share}, fidelity=False))
+    assert loaded.geometry.num_heads == 4 and loaded.geometry.intermediate_size == 64

@@ -133,3 +133,40 @@ def by_family(families, slow=()) -> list:
     import pytest
 
     return [f if f in CORE_FAMILIES and f not in slow else pytest.param(f, marks=pytest.mark.slow) for f in families]
+
+
+def save_sentence_mpnet(folder: Path, vocab_file: Path, seed: int = 0) -> Path:
+    """A small seeded MPNet as a sentence-transformers folder, laid out as all-mpnet-base-v2 is
+    (MPNet's WordPiece tokenizer with ``<s>``/``</s>`` specials, mean pooling, Normalize), its
+    vocabulary BERT's WordPiece vocabulary read from ``vocab_file`` (all-mpnet-base-v2's is the
+    same words), so that tokenizer surgery meets a real vocabulary."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    words = [w for w in Path(vocab_file).read_text(encoding="utf-8").splitlines() if w]
+    vocab = ["<s>", "<pad>", "</s>", "<unk>", *words, "<mask>"]  # 30,527 from BERT's, as all-mpnet-base-v2's
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = transformers.MPNetTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tokenizer.model_max_length = 128
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = transformers.MPNetConfig(vocab_size=len(vocab), hidden_size=96, num_hidden_layers=4, num_attention_heads=6,
+                                      intermediate_size=192, max_position_embeddings=130, pad_token_id=1,
+                                      bos_token_id=0, eos_token_id=2)
+    model = transformers.MPNetModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+        model.encoder.relative_attention_bias.weight.normal_(0.0, 1.0)  # a trained bias is several units
+    model.save_pretrained(folder)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 96,
+                                                                 "pooling_mode_mean_tokens": True}))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128, "do_lower_case": False}))
+    return folder

@@ -255,6 +255,51 @@ class ArchitectureAdapter:
             setattr(config, self.config_keys["num_kv_heads"], kv_heads)
         setattr(config, self.config_keys.get("head_dim", "head_dim"), head_dim)
 
+    @property
+    def prunes_head_state(self) -> bool:
+        """Heads read by state outside the blocks can still be pruned: the same heads in every
+        layer, the state sliced once (`slice_head_state`), the cut recorded in
+        ``config.pruned_heads`` so that a model rebuilt from its config is sliced again
+        (`fit_head_state`)."""
+        return bool(self.head_state) and self.pruned_heads_in_config
+
+    def slice_head_state(self, model: nn.Module, heads: list[int], count: int) -> None:
+        """Keep the entries ``heads`` (of ``count``) on the head axis of every `head_state`
+        parameter: the last axis of length ``count`` (MPNet's bias is ``(buckets, heads)``).
+        A parameter with no such axis is left as it is (already sliced)."""
+        import torch
+        from torch import nn
+
+        base = self.base(model)
+        index = torch.tensor(sorted(heads), dtype=torch.long)
+        for path in self.head_state:
+            owner_path, _, attr = path.rpartition(".")
+            owner = base.get_submodule(owner_path) if owner_path else base
+            param = getattr(owner, attr)
+            axes = [a for a in range(param.dim()) if param.shape[a] == count]
+            if not axes:
+                continue
+            with torch.no_grad():
+                kept = param.index_select(axes[-1], index.to(param.device)).clone()
+            setattr(owner, attr, nn.Parameter(kept, requires_grad=param.requires_grad))
+            if isinstance(owner, nn.Embedding):
+                owner.embedding_dim = kept.shape[1]
+
+    def fit_head_state(self, model: nn.Module) -> None:
+        """Slice the head state of a model just built from a config whose ``pruned_heads``
+        remove the same heads from every layer: transformers re-prunes the layers on build but
+        not the state outside them (MPNet's encoder builds its bias with every head)."""
+        config = model.config
+        pruned = getattr(config, "pruned_heads", None) or {}
+        if not (self.prunes_head_state and pruned):
+            return
+        removed = {tuple(sorted(v)) for v in pruned.values()}
+        if len(removed) != 1 or len(pruned) != config.num_hidden_layers:
+            return  # not a cut `compress prune` makes; transformers' own forward will say so
+        total = config.num_attention_heads
+        gone = set(removed.pop())
+        self.slice_head_state(model, [h for h in range(total) if h not in gone], total)
+
     def write_intermediate(self, config, width: int) -> None:
         """Record a new FFN width in the config."""
         setattr(config, self.config_keys["intermediate_size"], width)

@@ -80,11 +80,15 @@ MPNET = ArchitectureAdapter(
     },
     norms=("attention.LayerNorm", "output.LayerNorm"),
     outer_norms=("embeddings.LayerNorm",),
-    # one (buckets, heads) bias added to every layer's attention scores
+    # one (buckets, heads) bias added to every layer's attention scores: heads stay in place, and
+    # pruning removes the same heads from every layer and slices the bias once (the head size is
+    # hidden / num_attention_heads, so the cut is recorded in config.pruned_heads, and a model
+    # rebuilt from the config has its bias sliced again by `fit_head_state`)
     head_state=("encoder.relative_attention_bias.weight",),
     config_keys=_HF_KEYS,
-    refusals={"prune_heads": "every layer reads one per-head relative attention bias, which transformers' MPNet "
-                             "rebuilds with all heads on load"},
+    head_attrs=(("attention.attn", "num_attention_heads", "heads"), ("attention.attn", "all_head_size", "width"),
+                ("attention", "pruned_heads", "pruned")),
+    pruned_heads_in_config=True,
     reserved_positions=2,  # positions count from its fixed padding_idx 1 + 1
 )
 

@@ -105,6 +105,7 @@ def load_checkpoint(folder: str | Path, *, name: str | None = None) -> LoadedMod
     model = _empty_model(folder, manifest)
     adapter = _recorded_adapter(model, manifest, folder)
     sharing = SharingManifest.from_dict(manifest["sharing"]) if manifest.get("sharing") else None
+    adapter.fit_head_state(model)  # MPNet's bias, when its heads were pruned
     if sharing:
         _install_sharing(model, adapter, sharing)
     read_weights(model, folder)

@@ -52,8 +52,10 @@ def prove_units(model: nn.Module, adapter: ArchitectureAdapter, *,
                                   unit="checks"):
         if checks.get(f"prune {unit}") is not None:
             continue
-        if unit == "heads" and adapter.refusal("permute_heads") and not adapter.refusal(capability):
-            # a head read by state outside its block cannot leave it alone either
+        if (unit == "heads" and adapter.refusal("permute_heads") and not adapter.refusal(capability)
+                and not adapter.prunes_head_state):
+            # a head read by state outside its block cannot leave it alone either, unless the
+            # state is sliced with it (the check below proves that it is)
             adapter = adapter.with_refusals({capability: adapter.refusal("permute_heads")})
         result = checks.add(check_pruning(model, adapter, unit))
         if result.passed is False:
@@ -61,7 +63,7 @@ def prove_units(model: nn.Module, adapter: ArchitectureAdapter, *,
     return adapter, checks
 
 
-def probe_model(model: nn.Module, layers: int = 2) -> nn.Module:
+def probe_model(model: nn.Module, adapter: ArchitectureAdapter, layers: int = 2) -> nn.Module:
     """A fresh copy of the model's architecture with ``layers`` blocks, randomly initialised."""
     config = copy.deepcopy(model.config)
     n = config.num_hidden_layers
@@ -81,12 +83,24 @@ def probe_model(model: nn.Module, layers: int = 2) -> nn.Module:
     if getattr(config, "pruned_heads", None):
         config.pruned_heads = {k: v for k, v in config.pruned_heads.items() if int(k) < keep}
     torch.manual_seed(0)
-    probe = type(model)(config).eval()
+    probe = rebuild(adapter, type(model), config)
     with torch.no_grad():  # as in a trained model: norms and biases not all 1 and 0
         for p in probe.parameters():
             if p.dim() == 1:
                 p.add_(0.05 * torch.randn_like(p))
+        for path in adapter.head_state:
+            # a trained relative bias is several units per head (initialised at 0.02, one head's
+            # slice in another's place would pass unseen)
+            adapter.base(probe).get_parameter(path).normal_(0.0, 1.0)
     return probe
+
+
+def rebuild(adapter: ArchitectureAdapter, cls: type, config) -> nn.Module:
+    """``cls(config)`` as a load builds it: transformers re-prunes ``config.pruned_heads``, the
+    adapter slices the head state outside the blocks to match."""
+    model = cls(config).eval()
+    adapter.fit_head_state(model)
+    return model
 
 
 def check_pruning(model: nn.Module, adapter: ArchitectureAdapter, unit: str) -> Check:
@@ -97,7 +111,7 @@ def check_pruning(model: nn.Module, adapter: ArchitectureAdapter, unit: str) -> 
     if adapter.refusal(capability):
         return Check(name, None, f"refused: {adapter.refusal(capability)}")
     try:
-        probe = probe_model(model)
+        probe = probe_model(model, adapter)
     except Exception as e:  # noqa: BLE001  (a config that does not rebuild: reported, not raised)
         return Check(name, False, f"the architecture does not rebuild from its config: {first_line(e)}")
     loaded = LoadedModel(model=probe, tokenizer=None, adapter=adapter, source="probe")
@@ -115,7 +129,7 @@ def check_pruning(model: nn.Module, adapter: ArchitectureAdapter, unit: str) -> 
         if not within(err, tolerance(MAPPING_RTOL * 10, weights_dtype(probe))):
             return Check(name, False, f"the pruned copy does not compute what the unit's output columns zeroed "
                                       f"compute (relative error {err:.1e}): the rows cut are not that unit's")
-        rebuilt = type(probe)(copy.deepcopy(probe.config)).eval()
+        rebuilt = rebuild(adapter, type(probe), copy.deepcopy(probe.config))
         expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
         wrong = next((k for k in expected if got.get(k) != expected[k]), None)

@@ -75,6 +75,13 @@ def _check_request(loaded: LoadedModel, config: PruneConfig) -> None:
     n = len(loaded.adapter.blocks(loaded.model))
     if config.drop_layers >= n:
         raise ConfigError(f"--drop-layers {config.drop_layers} would leave no layer of the model's {n}")
+    g = loaded.geometry
+    heads = "attention heads" if g.heads_per_kv == 1 else f"key/value heads (with their {g.heads_per_kv} query heads)"
+    for option, share, units, what in (("heads", config.heads, g.num_kv_heads, heads),
+                                       ("ffn", config.ffn, g.intermediate_size, "FFN neurons")):
+        if share and int(round(share * units)) >= units:
+            raise ConfigError(f"--{option} {share:g} would remove all {units} {what} of every layer; "
+                              f"at most {units - 1} can go (--{option} {(units - 1) / units:.3f})")
     require_pruning(loaded, heads=bool(config.heads), ffn=bool(config.ffn), layers=bool(config.drop_layers))
 
 
@@ -125,7 +132,12 @@ def _prune_units(loaded: LoadedModel, config: PruneConfig, texts: list[str]) -> 
     metrics: dict = {}
     done: set[int] = set()  # shared bases already cut
     if config.heads:
-        keep = importance.select(head_scores, _groups(loaded, ("query", "key", "value", "attn_out")), config.heads)
+        groups = _groups(loaded, ("query", "key", "value", "attn_out"))
+        if loaded.adapter.head_state:
+            # heads read by one state outside the blocks (MPNet's relative bias) go from every
+            # layer at once: ranked by their importance summed over the layers
+            groups = [[i for group in groups for i in group]]
+        keep = importance.select(head_scores, groups, config.heads)
         structured.prune_heads(loaded, keep, done)
         metrics["kept_heads"] = {str(k): v for k, v in keep.items()}
     if config.ffn:

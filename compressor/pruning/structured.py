@@ -85,6 +85,11 @@ def prune_heads(loaded: LoadedModel, keep: dict[int, list[int]], done: set[int])
     assert len(kept_units) == 1, "every layer keeps as many heads (the config holds one count)"
     new_kv = kept_units.pop()
     new_heads = new_kv * hpk
+    if adapter.head_state:
+        # every layer reads one per-head state outside the blocks (MPNet's relative bias): a
+        # head can only go from every layer at once, and the state loses it once
+        assert len({tuple(v) for v in keep.values()}) == 1 and len(keep) == len(blocks), \
+            "a family with per-head state outside its blocks keeps the same heads in every layer"
     for layer, units in keep.items():
         block = blocks[layer]
         q_rows = head_rows(units, hpk, d)
@@ -111,6 +116,9 @@ def prune_heads(loaded: LoadedModel, keep: dict[int, list[int]], done: set[int])
             config.pruned_heads = {**(config.pruned_heads or {}), layer: removed_original}
     if not adapter.pruned_heads_in_config:
         adapter.write_heads(config, new_heads, new_kv, d)
+    if adapter.head_state:
+        units = next(iter(keep.values()))
+        adapter.slice_head_state(model, [u * hpk + i for u in units for i in range(hpk)], g.num_heads)
 
 
 def _original_heads(config, layer: int, removed_now: list[int]) -> list[int]:
