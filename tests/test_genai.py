@@ -273,3 +273,20 @@ def test_a_bf16_model_exports_in_bf16_and_checks_against_pytorch(wide_dirs, tmp_
         assert record["metrics"]["layout"] == "genai"
         cosines[name] = record["metrics"]["check"]["mean_cosine"]
     assert cosines["bf16"] >= 0.9 and abs(cosines["bf16"] - cosines["fp32"]) < 0.01, cosines
+
+
+def test_a_model_handed_over_is_let_go_before_the_runtime_loads_the_graph(wide_dirs, tmp_path):
+    """``release=True`` (what `run_export` passes for a model it read itself): PyTorch's side of
+    the check first, then the weights dropped, then the runtime; the same file and the same check
+    as a model the caller keeps, which still computes afterwards."""
+    int4 = method_config("int4", block_size=16)
+    kept = load_model(wide_dirs("llama"))
+    a = export(kept, ExportConfig(), tmp_path / "kept", quantize=int4)
+    handed = load_model(wide_dirs("llama"))
+    b = export(handed, ExportConfig(), tmp_path / "handed", quantize=int4, release=True)
+    assert b.metrics["check"] == a.metrics["check"]
+    assert (tmp_path / "kept" / "model.onnx.data").read_bytes() == (tmp_path / "handed" / "model.onnx.data").read_bytes()
+    assert all(p.numel() == 0 for p in handed.model.parameters())
+    assert all(p.numel() > 0 for p in kept.model.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(kept.model(torch.tensor([PROMPT])).logits).all()  # the kept model still computes

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -615,7 +615,7 @@ QUANTIZED_STEPS = 4
 
 
 def check_genai(folder: Path, model, tokenizer, texts: list[str], lengths: list[int], steps: int,
-                config, quantize, context_length: int) -> dict[str, Any]:
+                config, quantize, context_length: int, release: Callable[[], None] | None = None) -> dict[str, Any]:
     """Load ``folder`` with ``onnxruntime_genai.Model`` and run it against PyTorch, batch 1:
 
     * per prompt length: the prefill's logits, then ``steps`` cached steps fed PyTorch's own
@@ -623,11 +623,14 @@ def check_genai(folder: Path, model, tokenizer, texts: list[str], lengths: list[
       within ``atol + rtol * |PyTorch's|``; quantized: a mean cosine of ``quantize.min_cosine``);
     * fp32: the runtime's own greedy decoding, ``steps`` tokens, equal to PyTorch's.
 
+    PyTorch's side is computed first for every length; ``release`` is then called (the caller
+    may drop the model's weights there) before the runtime loads the graph, so the two models
+    are never in memory together when the caller hands its model over.
+
     Raises:
         ExportError: any of those off (one line with the numbers).
     """
     og = genai_runtime()
-    runtime = og.Model(str(folder))
     from ..io import quiet
 
     with quiet("transformers"):  # the joined texts run past the model's length: only a prefix is used
@@ -639,6 +642,7 @@ def check_genai(folder: Path, model, tokenizer, texts: list[str], lengths: list[
                   "tokens") as progress:
         from transformers import LogitsProcessorList
 
+        references = []
         for length in checked:
             prompt = ids_all[:length]
             with torch.no_grad():
@@ -646,14 +650,18 @@ def check_genai(folder: Path, model, tokenizer, texts: list[str], lengths: list[
                                      max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                                      pad_token_id=0, output_logits=True, return_dict_in_generate=True,
                                      logits_processor=LogitsProcessorList([TokenTicks(progress.update)]))
-            tokens = ref.sequences[0, length:]
-            with torch.no_grad():
+                tokens = ref.sequences[0, length:]
                 full = model(ref.sequences[:, :-1]).logits[0].float().numpy()  # logits of every prefix
+            references.append((length, prompt, tokens, full))
             progress.update()
+        del model
+        if release is not None:
+            release()
+        runtime = og.Model(str(folder))
+        for length, prompt, tokens, full in references:
             got = _teacher_forced(og, runtime, prompt, tokens, context_length)
             progress.update(steps)
-            want = full[:got.shape[0]]
-            rows.append(_compare(got, want, length, config, quantize))
+            rows.append(_compare(got, full[:got.shape[0]], length, config, quantize))
             if quantize is None and generation is None:
                 generation = _greedy(og, runtime, prompt, tokens, steps, context_length)
                 progress.update(steps)
@@ -768,10 +776,12 @@ def choose_layout(loaded, task: str, config, quantize) -> tuple[str, str]:
     return "genai", "a decoder with its cache: onnxruntime-genai's layout decodes fastest on CPUs"
 
 
-def export_genai(loaded, model, config, output: Path, quantize, *, overwrite: bool, reason: str, start: float):
+def export_genai(loaded, model, config, output: Path, quantize, *, overwrite: bool, reason: str, start: float,
+                 release: bool = False):
     """`compress export` in the genai layout: ``model`` (``loaded``'s, in float32) read through its
     adapter, written in ``output`` (staged: nothing appears unless it passes `check_genai` and the
-    storage check)."""
+    storage check). With ``release``, the model's weights are dropped once the check's PyTorch
+    side is computed (`release_weights`): the caller hands the model over."""
     from ..data import calibration_texts
     from ..io import staged_folder, write_text_atomic
     from ..models import unique_parameters
@@ -791,7 +801,7 @@ def export_genai(loaded, model, config, output: Path, quantize, *, overwrite: bo
         # tokens may part from PyTorch's anyway); a 1.7 B model's full 32 took minutes per length
         steps = config.generation_check if quantize is None else min(config.generation_check, QUANTIZED_STEPS)
         check = check_genai(tmp, model, loaded.tokenizer, texts, config.check_lengths, steps, config, quantize,
-                            context)
+                            context, release=(lambda: release_weights(loaded, model)) if release else None)
         file_bytes = sum(f.stat().st_size for f in (tmp / "model.onnx", tmp / "model.onnx.data") if f.is_file())
         if plan is not None and plan.info:
             graph["calibration"] = dict(plan.info)
@@ -808,6 +818,21 @@ def export_genai(loaded, model, config, output: Path, quantize, *, overwrite: bo
         record.seconds = round(record.seconds, 2)
         write_text_atomic(tmp / "export_report.json", json.dumps(record.to_dict(), indent=2))
     return record
+
+
+def release_weights(loaded, model) -> None:
+    """Drop every parameter and buffer of ``model`` (and ``loaded.model``, if another module):
+    the storages go, and with the last of them the checkpoint's memory map, so what the process
+    holds falls by the model's size. Neither model computes afterwards."""
+    import gc
+
+    for m in {id(x): x for x in (model, loaded.model) if x is not None}.values():
+        for module in m.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                module._parameters[name] = torch.nn.Parameter(torch.empty(0, dtype=p.dtype), requires_grad=False)
+            for name, b in list(module.named_buffers(recurse=False)):
+                module._buffers[name] = torch.empty(0, dtype=b.dtype)
+    gc.collect()
 
 
 def check_genai_storage(path: Path, model, params: int, graph: dict) -> tuple[int, dict[str, int]]:

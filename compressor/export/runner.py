@@ -52,12 +52,13 @@ def run_export(model, config: ExportConfig, output: str | Path, *, quantize: Qua
     `compressor.models.load_model`) to ``output``, quantized if ``quantize`` is given; see
     `compressor.export.export`."""
     from ..io import check_writable
-    from ..models import as_loaded
+    from ..models import LoadedModel, as_loaded
     from .stage import export
 
     check_writable(output, overwrite=overwrite, folder=True)
+    # a model read here is this export's alone: its weights may go before the runtime's check
     return export(as_loaded(model, trust_remote_code=trust_remote_code, dtype=dtype), config, output,
-                  quantize=quantize, overwrite=overwrite)
+                  quantize=quantize, overwrite=overwrite, release=not isinstance(model, LoadedModel))
 
 
 def run(run: StageRun) -> StageRecord:

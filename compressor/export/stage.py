@@ -39,10 +39,13 @@ MODEL_FILE = "model.onnx"
 
 
 def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, quantize: QuantMethod | None = None,
-           overwrite: bool = False) -> StageRecord:
+           overwrite: bool = False, release: bool = False) -> StageRecord:
     """Export ``loaded`` to the ONNX folder ``output``, quantized if ``quantize`` is given.
 
-    An export hands no model on to a next PyTorch stage, so it returns only its record.
+    An export hands no model on to a next PyTorch stage, so it returns only its record. With
+    ``release`` the caller hands ``loaded`` over: a genai export drops its weights once PyTorch's
+    side of the check is computed, before the runtime loads the graph (a decoder's bf16 weights
+    and its int4 graph are then never in memory together); ``loaded`` no longer computes after.
 
     Returns:
         A record with the model's unique parameters and bytes before, the file's stored numbers
@@ -70,7 +73,8 @@ def export(loaded: LoadedModel, config: ExportConfig, output: str | Path, *, qua
     # a bf16 model stays bf16 (no float32 copy of the whole model beside it)
     model, ffn_down = traced_model(loaded, task, config, keep_dtype=layout == "genai" and quantize is not None)
     if layout == "genai":
-        return export_genai(loaded, model, config, output, quantize, overwrite=overwrite, reason=reason, start=start)
+        return export_genai(loaded, model, config, output, quantize, overwrite=overwrite, reason=reason, start=start,
+                            release=release)
     params, nbytes = unique_parameters(model)
     texts = calibration_texts(config.check_data, text_column=config.text_column, encoding=config.encoding)
     plan = None

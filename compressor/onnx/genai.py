@@ -168,6 +168,21 @@ class Blocks:
     scales: np.ndarray
     zero_points: np.ndarray | None = None
 
+    @property
+    def layout(self) -> BlockLayout:
+        return BlockLayout(self.bits, self.block_size, self.zero_points is not None)
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """What a node reading a stored weight needs of its blocks, without their data (the writer
+    keeps one per stored weight: keeping the `Blocks` held every packed weight of the model in
+    memory until the end, a gigabyte at 1.7 B parameters)."""
+
+    bits: int
+    block_size: int
+    zero_points: bool
+
 
 #: How the writer stores a projection's weight: ``encode(key, weight (out, in))`` returns blocks
 #: or ``None`` for float32.
@@ -213,7 +228,7 @@ class GenaiGraph:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
         self.consts: dict[tuple, str] = {}
-        self.stored: dict[Hashable, tuple[str, Blocks | None, tuple[int, int]]] = {}
+        self.stored: dict[Hashable, tuple[str, BlockLayout | None, tuple[int, int]]] = {}
         self.counts = {"projections": 0, "stored_weights": 0, "block_weights": 0, "float_weights": 0,
                        "lora_deltas": 0, "bits": {}, "rotary_numbers": 0}
         self.data: _ExternalData | None = None
@@ -242,7 +257,7 @@ class GenaiGraph:
         return self.consts[key]
 
     # --- projections -----------------------------------------------------------------------
-    def weight(self, projection: Projection, name: str) -> tuple[str, Blocks | None, tuple[int, int]]:
+    def weight(self, projection: Projection, name: str) -> tuple[str, BlockLayout | None, tuple[int, int]]:
         """The stored weight of ``projection``, made the first time its key is seen."""
         if projection.key in self.stored:
             return self.stored[projection.key]
@@ -257,7 +272,7 @@ class GenaiGraph:
             self.init(blocks.scales.reshape(-1).astype(np.float32), f"{name}.weight_scales")
             if blocks.zero_points is not None:
                 self.init(blocks.zero_points.reshape(-1), f"{name}.weight_zp")
-            stored = (name, blocks, w.shape)
+            stored = (name, blocks.layout, w.shape)
             self.counts["block_weights"] += 1
             bits = self.counts["bits"]
             bits[str(blocks.bits)] = bits.get(str(blocks.bits), 0) + 1
@@ -273,7 +288,7 @@ class GenaiGraph:
             (y,) = self.node("MatMul", [x, stored], f"{name}/MatMul")
         else:
             inputs = [x, f"{stored}.weight_Q{blocks.bits}", f"{stored}.weight_scales"]
-            if blocks.zero_points is not None:
+            if blocks.zero_points:
                 inputs.append(f"{stored}.weight_zp")
             (y,) = self.node("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=_MS, K=k, N=n, bits=blocks.bits,
                              block_size=blocks.block_size, accuracy_level=self.accuracy_level)
@@ -366,7 +381,7 @@ class GenaiGraph:
             scales = self.node("Reshape", [f"{stored}.weight_scales", self.const([v, -1, 1])],
                                "/model/embed_tokens/scales/Reshape")[0]
             inputs = [f"{stored}.weight_Q{blocks.bits}", "input_ids", scales]
-            if blocks.zero_points is not None:
+            if blocks.zero_points:
                 raise ValueError("a tied head's blocks carry zero points, which the table lookup does not read")
             (rows,) = self.node("GatherBlockQuantized", inputs, "/model/embed_tokens/GatherBlockQuantized",
                                 domain=_MS, bits=blocks.bits, block_size=blocks.block_size, gather_axis=0,
@@ -413,7 +428,7 @@ class GenaiGraph:
         self.init(blocks.scales.reshape(-1).astype(np.float32), f"{name}.weight_scales")
         self.counts["block_weights"] += 1
         self.counts["stored_weights"] += 1
-        return name, blocks, table.shape
+        return name, blocks.layout, table.shape
 
     def _head_blocks(self):
         stored = self.weight(self._tied_projection(), "lm_head")
