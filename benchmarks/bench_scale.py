@@ -218,7 +218,10 @@ def main() -> None:
                   f"{tuned['seconds_per_step']:.1f} s a step; loss {tuned['loss_first']:.4f} -> {tuned['loss_last']:.4f}; "
                   "memory (MiB): " + ", ".join(f"{k.removesuffix('_mib').replace('_', ' ')} {v:,.0f}"
                                                for k, v in tuned["memory"].items())]
-    (out / f"bench_scale_{args.shape}.md").write_text("\n".join(lines) + "\n")
+    page = out / f"bench_scale_{args.shape}.md"
+    # what was written by hand about the rows (a "## Notes" section) stays through a --merge
+    notes = page.read_text().partition("\n## Notes")[2] if args.merge and page.is_file() else ""
+    page.write_text("\n".join(lines) + "\n" + (f"\n## Notes{notes}" if notes else ""))
     print("\n".join(lines))
 
 

@@ -29,8 +29,10 @@ def print_schema(ctx, param, value):
 @click.option("--model", default=None, help="The model (default: the recipe's 'model', else the bundled MiniLM).")
 @output_option("The job's folder: one subfolder per stage, report.json, DONE.json.")
 @click.option("--dry-run", is_flag=True, help="Say whether the job would run, continue or be skipped, and why; run nothing.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a folder that holds the job of another recipe or another model (refused without).")
 @json_option
-def run(recipe, model, output, dry_run, json_path):
+def run(recipe, model, output, dry_run, overwrite, json_path):
     """Run the stages of RECIPE (a YAML file) on a model, each stage's output in OUTPUT/NN-stage.
 
     The recipe is validated before anything runs. Run again, the command skips a job done with
@@ -43,7 +45,7 @@ def run(recipe, model, output, dry_run, json_path):
 
     job = job_for_recipe(load_recipe(recipe), output, model)
     check_writable(output, overwrite=True, folder=True)
-    plan = plan_job(job)
+    plan = plan_job(job, overwrite=overwrite)
     if plan.action == "fail":
         raise CompressError(plan.reason)
     if dry_run:

@@ -18,6 +18,7 @@ none with ``set_format("off")``.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -70,9 +71,9 @@ class Progress:
         self._stream = stream or sys.stderr
         self._spoken = False
 
-    def update(self, n: int = 1) -> None:
-        """``n`` more items done."""
-        self.done += n
+    def update(self, n: float = 1) -> None:
+        """``n`` more items done (a fraction where one item is long: a layer of a forward pass)."""
+        self.done = round(self.done + n, 6)  # fractions that add up to an item make it whole
         now = time.perf_counter()
         short = now - self.start < self.min_seconds and now - _last_line < self.min_seconds
         finished = self.total and self.done >= self.total
@@ -121,7 +122,7 @@ class Progress:
         _last_line = now
         if _format == "jsonl":  # as `pipeline.events.EventLog` writes its events
             self._stream.write(json.dumps({"event": "progress", "time": round(time.time(), 3), "step": self.step,
-                                           "done": self.done, "total": self.total, "unit": self.unit,
+                                           "done": math.floor(self.done), "total": self.total, "unit": self.unit,
                                            "seconds": round(elapsed, 1),
                                            "left_s": None if left is None else round(left, 1)}) + "\n")
             self._stream.flush()
@@ -129,7 +130,7 @@ class Progress:
         share = f" ({self.done / self.total:.0%})" if self.total else ""
         tail = ("" if not self.total else ", done" if self.done >= self.total
                 else f", about {_duration(left)} left" if left is not None else "")
-        count = f"{self.done}/{self.total}" if self.total else f"{self.done}"
+        count = f"{math.floor(self.done)}/{self.total}" if self.total else f"{math.floor(self.done)}"
         self._stream.write(f"compress: {self.step}: {count} {self.unit}{share}, {_duration(elapsed)}{tail}\n")
         self._stream.flush()
 

@@ -219,6 +219,29 @@ def test_compress_run_bad_input_is_one_line(tiny_dirs, tmp_path):
     assert not (tmp_path / "f" / "DONE.json").exists()
 
 
+def test_a_folder_holding_another_recipes_or_models_job_is_refused_without_overwrite(tiny_dirs, tmp_path):
+    """`make demo` into a folder another recipe wrote (or the demo on another model): one line,
+    exit 2, that job's stages as they were; --overwrite replaces it. The same recipe, edited,
+    runs again in place as before."""
+    first = write(tmp_path / "first.yaml", "stages:\n  - prune: {ffn: 0.5, max_samples: 8, fidelity: false}\n")
+    out = tmp_path / "job"
+    assert CliRunner().invoke(cli, ["run", str(first), "--model", str(tiny_dirs["bert"]), "-o", str(out)]).exit_code == 0
+    marker = (out / "01-prune" / "stage.json").read_text()
+    other = write(tmp_path / "other.yaml", "stages:\n  - prune: {heads: 0.25, max_samples: 8, fidelity: false}\n")
+    for recipe, model, says in ((other, tiny_dirs["bert"], "holds the job of recipe 'first', not this one"),
+                                (first, tiny_dirs["gpt2"], f"holds the job of model {tiny_dirs['bert']}, not this one")):
+        refused = CliRunner().invoke(cli, ["run", str(recipe), "--model", str(model), "-o", str(out)])
+        assert refused.exit_code == 2 and len(refused.stderr.splitlines()) == 1 and says in refused.stderr, refused.output
+        assert (out / "01-prune" / "stage.json").read_text() == marker
+    replaced = CliRunner().invoke(cli, ["run", str(other), "--model", str(tiny_dirs["bert"]), "-o", str(out),
+                                        "--overwrite", "--json", "-"])
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads((out / "job.json").read_text())["recipe"] == "other"
+    edited = write(tmp_path / "other.yaml", "stages:\n  - prune: {heads: 0.5, max_samples: 8, fidelity: false}\n")
+    again = CliRunner().invoke(cli, ["run", str(edited), "--model", str(tiny_dirs["bert"]), "-o", str(out)])
+    assert again.exit_code == 0, again.output
+
+
 def test_data_commands_print_json(tmp_path, monkeypatch):
     listed = CliRunner().invoke(cli, ["data", "list", "--json", "-"])
     assert listed.exit_code == 0

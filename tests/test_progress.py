@@ -127,3 +127,19 @@ def test_items_of_15_seconds_each_speak_every_item(monkeypatch):
     for _ in range(20):
         p.update()
     assert len(out.getvalue().splitlines()) == 20
+
+
+def test_a_long_item_moves_in_fractions_and_adds_up_to_whole_items(monkeypatch):
+    """The export's check moves a block of a forward pass at a time (1/32 of a token on an 8 B
+    model, whose one pass took 108 s): lines come between whole items, counts stay whole, and
+    32 thirty-seconds make the item done."""
+    clock = iter([0.0] + [3.4 * k for k in range(1, 65)] + [400.0] * 5)
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    p = Progress("checking against PyTorch", 2, "tokens", min_seconds=0, stream=out)
+    for _ in range(64):
+        p.update(1 / 32)
+    lines = out.getvalue().splitlines()
+    assert lines[-1].startswith("compress: checking against PyTorch: 2/2 tokens (100%)") and lines[-1].endswith("done")
+    assert any(line.startswith("compress: checking against PyTorch: 0/2 tokens") for line in lines)
+    assert len(lines) >= 218 // 20 and p.done == 2  # 218 s in all: a line at least every 20 s

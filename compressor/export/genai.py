@@ -615,7 +615,8 @@ QUANTIZED_STEPS = 4
 
 
 def check_genai(folder: Path, model, tokenizer, texts: list[str], lengths: list[int], steps: int,
-                config, quantize, context_length: int, release: Callable[[], None] | None = None) -> dict[str, Any]:
+                config, quantize, context_length: int, release: Callable[[], None] | None = None,
+                blocks=None) -> dict[str, Any]:
     """Load ``folder`` with ``onnxruntime_genai.Model`` and run it against PyTorch, batch 1:
 
     * per prompt length: the prefill's logits, then ``steps`` cached steps fed PyTorch's own
@@ -625,7 +626,9 @@ def check_genai(folder: Path, model, tokenizer, texts: list[str], lengths: list[
 
     PyTorch's side is computed first for every length; ``release`` is then called (the caller
     may drop the model's weights there) before the runtime loads the graph, so the two models
-    are never in memory together when the caller hands its model over.
+    are never in memory together when the caller hands its model over. With ``blocks`` (the
+    model's), progress moves a block at a time: an 8 B bf16 forward pass over 130 tokens took
+    108 s on 2 cores, silent as one item.
 
     Raises:
         ExportError: any of those off (one line with the numbers).
@@ -643,18 +646,26 @@ def check_genai(folder: Path, model, tokenizer, texts: list[str], lengths: list[
         from transformers import LogitsProcessorList
 
         references = []
-        for length in checked:
-            prompt = ids_all[:length]
-            with torch.no_grad():
-                ref = model.generate(prompt[None], attention_mask=torch.ones(1, length, dtype=torch.long),
-                                     max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                                     pad_token_id=0, output_logits=True, return_dict_in_generate=True,
-                                     logits_processor=LogitsProcessorList([TokenTicks(progress.update)]))
-                tokens = ref.sequences[0, length:]
-                full = model(ref.sequences[:, :-1]).logits[0].float().numpy()  # logits of every prefix
-            references.append((length, prompt, tokens, full))
-            progress.update()
-        del model
+        # a forward pass is one item: a token of the greedy decoding, or the pass over every prefix
+        per_block = [b.register_forward_hook(lambda *_: progress.update(1 / len(blocks))) for b in blocks or ()]
+        ticks = LogitsProcessorList([] if per_block else [TokenTicks(progress.update)])
+        try:
+            for length in checked:
+                prompt = ids_all[:length]
+                with torch.no_grad():
+                    ref = model.generate(prompt[None], attention_mask=torch.ones(1, length, dtype=torch.long),
+                                         max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                         pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                                         logits_processor=ticks)
+                    tokens = ref.sequences[0, length:]
+                    full = model(ref.sequences[:, :-1]).logits[0].float().numpy()  # logits of every prefix
+                references.append((length, prompt, tokens, full))
+                if not per_block:
+                    progress.update()
+        finally:
+            for hook in per_block:
+                hook.remove()
+        del model, blocks
         if release is not None:
             release()
         runtime = og.Model(str(folder))
@@ -801,7 +812,8 @@ def export_genai(loaded, model, config, output: Path, quantize, *, overwrite: bo
         # tokens may part from PyTorch's anyway); a 1.7 B model's full 32 took minutes per length
         steps = config.generation_check if quantize is None else min(config.generation_check, QUANTIZED_STEPS)
         check = check_genai(tmp, model, loaded.tokenizer, texts, config.check_lengths, steps, config, quantize,
-                            context, release=(lambda: release_weights(loaded, model)) if release else None)
+                            context, release=(lambda: release_weights(loaded, model)) if release else None,
+                            blocks=list(loaded.adapter.blocks(model)))
         file_bytes = sum(f.stat().st_size for f in (tmp / "model.onnx", tmp / "model.onnx.data") if f.is_file())
         if plan is not None and plan.info:
             graph["calibration"] = dict(plan.info)

@@ -238,8 +238,12 @@ def read_json(path: Path) -> dict[str, Any] | None:
 # ---- planning ---------------------------------------------------------------------------------
 
 
-def plan_job(job: Job) -> JobPlan:
-    """Decide whether ``job`` runs, continues, is skipped or cannot start; reads, writes nothing."""
+def plan_job(job: Job, *, overwrite: bool = False) -> JobPlan:
+    """Decide whether ``job`` runs, continues, is skipped or cannot start; reads, writes nothing.
+
+    A folder that holds another recipe's job, or the same recipe's on another model, is not
+    this job's to replace unless ``overwrite``: it cannot start (an edited recipe of the same
+    name on the same model runs again, keeping the stages whose inputs did not change)."""
     try:
         keys = stage_keys(model_identity(job.model), job.stages)
     except CompressError as e:
@@ -251,6 +255,13 @@ def plan_job(job: Job) -> JobPlan:
         result.status = "skipped"
         return JobPlan(job, "skip", f"done with the same model and recipe ({done.get('finished', 'earlier')})", keys, result)
     started = read_json(folder / JOB_FILE)
+    if started is not None and not overwrite:
+        other = [f"recipe '{started.get('recipe')}'" if started.get("recipe") != job.recipe else "",
+                 f"model {started.get('model')}" if started.get("model") != job.model else ""]
+        if any(other):
+            return JobPlan(job, "fail", f"{folder} holds the job of {' on '.join(o for o in other if o)}, not this one "
+                                        f"(recipe '{job.recipe}' on {job.shown_model}); use another -o, or --overwrite "
+                                        "to replace it")
     if started is None:
         if not is_job_folder(folder):
             return JobPlan(job, "fail", f"{folder} exists and is not a job folder written by compress; move it or use another -o")
