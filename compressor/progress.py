@@ -17,6 +17,7 @@ none with ``set_format("off")``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -97,6 +98,26 @@ class Progress:
             if finished and short:
                 return
             self._write(now)
+
+    def heartbeat(self) -> None:
+        """Work on the current item goes on: a line (the count unchanged) if stderr has been
+        quiet for `EVERY_SECONDS`, for an item that takes minutes (a self-check's pass over an
+        8 B model's blocks)."""
+        now = time.perf_counter()
+        if _format == "off" or shows_bar(self._stream) or now - self.start < self.min_seconds:
+            return
+        if now - max(self._last_line, _last_line) >= EVERY_SECONDS:
+            self._write(now)
+
+    @contextlib.contextmanager
+    def heartbeat_on(self, modules) -> Iterator[None]:
+        """`heartbeat` each time one of ``modules`` (a model's blocks) finishes a forward pass."""
+        hooks = [m.register_forward_hook(lambda *_: self.heartbeat()) for m in modules]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def close(self) -> None:
         """The step ended (all items done or not)."""

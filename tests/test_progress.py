@@ -143,3 +143,23 @@ def test_a_long_item_moves_in_fractions_and_adds_up_to_whole_items(monkeypatch):
     assert lines[-1].startswith("compress: checking against PyTorch: 2/2 tokens (100%)") and lines[-1].endswith("done")
     assert any(line.startswith("compress: checking against PyTorch: 0/2 tokens") for line in lines)
     assert len(lines) >= 218 // 20 and p.done == 2  # 218 s in all: a line at least every 20 s
+
+
+def test_a_long_item_speaks_while_its_modules_run(monkeypatch):
+    """An item of minutes (a self-check's pass over an 8 B model's blocks): each block's forward
+    beats, and a beat after 20 s of quiet writes a line with the count unchanged."""
+    import torch
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(progress, "_last_line", 0.0)
+    out = io.StringIO()
+    blocks = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(4)])
+    with Progress("self-checks", 4, "checks", min_seconds=10, stream=out) as p, p.heartbeat_on(list(blocks)):
+        for _ in range(3):  # three passes of four blocks, 4 s a block
+            for block in blocks:
+                now[0] += 4.0
+                block(torch.ones(2))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and all(line.startswith("compress: self-checks: 0/4 checks") for line in lines)
+    assert not any(h for b in blocks for h in b._forward_hooks.values())  # the hooks go with the step

@@ -352,7 +352,8 @@ def prove(model: nn.Module, adapter: ArchitectureAdapter, *,
     checks = checks or AdapterChecks()
     geometry = adapter.geometry(model.config)
     if checks.get("mapping") is None:
-        with Progress("self-checks", 4, "checks") as progress:  # seconds on a 1 B model: said as they end
+        # seconds on a 1 B model, said as they end; a minute a check at 8 B, said while it runs
+        with Progress("self-checks", 4, "checks") as progress, progress.heartbeat_on(adapter.blocks(model)):
             adapter = _prove(model, adapter, geometry, checks, progress)
     return adapter, checks
 
