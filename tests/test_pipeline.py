@@ -145,7 +145,8 @@ def test_compress_run_then_again_skips_and_a_jsonl_log(tiny_dirs, tmp_path):
     result = json.loads(first.stdout)
     assert result["status"] == "done" and result["params_after"] < result["params_before"]
     assert result["metrics"]["finetune.steps"] == 5 and 0.0 <= result["metrics"]["evaluate.accuracy"] <= 1.0
-    kinds = [(e["event"], e.get("stage")) for e in events(first.stderr)]
+    # progress events come between them when a stage runs long (a loaded machine)
+    kinds = [(e["event"], e.get("stage")) for e in events(first.stderr) if e["event"] != "progress"]
     assert kinds == [("job_start", None),
                      *[(k, s) for s in ("01-analyze", "02-share", "03-finetune", "04-evaluate") for k in ("stage_start", "stage_end")],
                      ("job_end", None)]
