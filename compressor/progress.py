@@ -74,7 +74,9 @@ class Progress:
 
     def update(self, n: float = 1) -> None:
         """``n`` more items done (a fraction where one item is long: a layer of a forward pass)."""
-        self.done = round(self.done + n, 6)  # fractions that add up to an item make it whole
+        done = self.done + n
+        # fractions that add up to an item make it whole (1/28 added 28 times is 0.99999...)
+        self.done = round(done) if abs(done - round(done)) < 1e-6 * max(1.0, abs(done)) + 1e-9 else done
         now = time.perf_counter()
         short = now - self.start < self.min_seconds and now - _last_line < self.min_seconds
         finished = self.total and self.done >= self.total

@@ -217,16 +217,20 @@ def test_a_block_with_an_unmatched_linear_is_refused():
         adapter_for(model, infer=True)
 
 
-def test_a_per_head_parameter_outside_the_blocks_keeps_heads_in_place_and_prunes_them_everywhere():
-    """MPNet with inference forced: the (buckets, heads) bias outside the blocks is found, heads
-    stay in place for alignment, and head pruning (the same heads from every layer, the bias
-    sliced with them) is allowed because its self-check proves it on a 2-layer copy."""
+def test_a_per_head_parameter_outside_the_blocks_keeps_heads_in_place():
+    """MPNet with inference forced: the (buckets, heads) bias outside the blocks is found and heads
+    stay in place for alignment; head pruning, which slices that state, is the declared adapter's
+    only (an inferred head state is a guess by shape: a token-type table as wide as the head
+    count would be cut by head), so the inferred one refuses it with the reason."""
     model = make_model("mpnet")
     adapter, checks = prove_units(model, adapter_for(model, infer=True))
     assert adapter.head_state == ("encoder.relative_attention_bias.weight",)
     assert "relative_attention_bias" in adapter.refusal("permute_heads")
-    assert adapter.prunes_head_state and adapter.refusal("prune_heads") is None
-    assert checks.get("prune heads").passed is True
+    assert not adapter.prunes_head_state
+    with pytest.raises(UnsupportedModelError, match="cannot prune attention heads: every layer reads the per-head parameter"):
+        adapter.require("prune_heads")
+    declared, _ = prove_units(model, adapter_for(model))
+    assert declared.prunes_head_state and declared.refusal("prune_heads") is None
 
 
 class _ShuffledRows(torch.nn.Module):

@@ -145,6 +145,16 @@ def test_a_long_item_moves_in_fractions_and_adds_up_to_whole_items(monkeypatch):
     assert len(lines) >= 218 // 20 and p.done == 2  # 218 s in all: a line at least every 20 s
 
 
+def test_fractions_add_up_to_whole_items_whatever_the_block_count():
+    """1/28 added 28 times is 0.99999... in floating point: a pass still makes one item, so the
+    count reaches the total and the last line says done."""
+    for layers in (12, 28, 30, 36):
+        q = Progress("x", 5, min_seconds=0, stream=io.StringIO())
+        for _ in range(5 * layers):
+            q.update(1 / layers)
+        assert q.done == 5
+
+
 def test_a_long_item_speaks_while_its_modules_run(monkeypatch):
     """An item of minutes (a self-check's pass over an 8 B model's blocks): each block's forward
     beats, and a beat after 20 s of quiet writes a line with the count unchanged."""

@@ -261,7 +261,10 @@ class ArchitectureAdapter:
         layer, the state sliced once (`slice_head_state`), the cut recorded in
         ``config.pruned_heads`` so that a model rebuilt from its config is sliced again
         (`fit_head_state`)."""
-        return bool(self.head_state) and self.pruned_heads_in_config
+        # declared only: an inferred adapter's head state is a guess by shape (a token-type
+        # table as wide as the head count would be sliced by head), good enough to keep heads
+        # in place, not to cut it
+        return bool(self.head_state) and self.pruned_heads_in_config and not self.inferred
 
     def slice_head_state(self, model: nn.Module, heads: list[int], count: int) -> None:
         """Keep the entries ``heads`` (of ``count``) on the head axis of every `head_state`

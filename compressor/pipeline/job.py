@@ -238,12 +238,13 @@ def read_json(path: Path) -> dict[str, Any] | None:
 # ---- planning ---------------------------------------------------------------------------------
 
 
-def plan_job(job: Job, *, overwrite: bool = False) -> JobPlan:
+def plan_job(job: Job, *, overwrite: bool = True) -> JobPlan:
     """Decide whether ``job`` runs, continues, is skipped or cannot start; reads, writes nothing.
 
-    A folder that holds another recipe's job, or the same recipe's on another model, is not
-    this job's to replace unless ``overwrite``: it cannot start (an edited recipe of the same
-    name on the same model runs again, keeping the stages whose inputs did not change)."""
+    With ``overwrite=False`` (``compress run``, whose folder the user names), a folder that
+    holds another recipe's job, or the same recipe's on another model, cannot start (an edited
+    recipe of the same name on the same model runs again, keeping the stages whose inputs did not
+    change). A batch's job folders are the batch's own: it keeps the default."""
     try:
         keys = stage_keys(model_identity(job.model), job.stages)
     except CompressError as e:
@@ -256,8 +257,9 @@ def plan_job(job: Job, *, overwrite: bool = False) -> JobPlan:
         return JobPlan(job, "skip", f"done with the same model and recipe ({done.get('finished', 'earlier')})", keys, result)
     started = read_json(folder / JOB_FILE)
     if started is not None and not overwrite:
+        was = started.get("model_spec") or started.get("model")
         other = [f"recipe '{started.get('recipe')}'" if started.get("recipe") != job.recipe else "",
-                 f"model {started.get('model')}" if started.get("model") != job.model else ""]
+                 f"model {started.get('model')}" if _location(str(was)) != _location(job.model) else ""]
         if any(other):
             return JobPlan(job, "fail", f"{folder} holds the job of {' on '.join(o for o in other if o)}, not this one "
                                         f"(recipe '{job.recipe}' on {job.shown_model}); use another -o, or --overwrite "
@@ -277,6 +279,17 @@ def plan_job(job: Job, *, overwrite: bool = False) -> JobPlan:
     if parts:
         return JobPlan(job, "continue", f"{changed or 'unfinished'}; {'; '.join(parts)}", keys)
     return JobPlan(job, "run", changed or "an earlier run did not finish; starts over", keys)
+
+
+def _location(spec: str) -> str:
+    """Where a model spec points (``./m``, ``m`` and its absolute path alike; ``bundled`` and the
+    bundled folder alike), or the spec itself where it no longer resolves."""
+    from ..models import resolve
+
+    try:
+        return resolve(spec)[0]
+    except CompressError:
+        return spec
 
 
 def is_job_folder(folder: Path) -> bool:
