@@ -140,7 +140,13 @@ def test_inferred_adapter_reproduces_the_declared_one(family):
     assert inferred.inferred and not declared.inferred
     # the same modules, rows, norms and state, and after the self-checks the same capabilities
     # (where the declared adapter says why up front, the inferred one finds out by its checks)
-    assert _comparable(inferred, model) == _comparable(declared, model)
+    got, want = _comparable(inferred, model), _comparable(declared, model)
+    if declared.head_state:
+        # but for one, by design: heads pruned through state outside the blocks (MPNet's bias)
+        # only where that state is declared, not guessed by shape
+        assert want["can"]["prune_heads"] and not got["can"]["prune_heads"]
+        got["can"]["prune_heads"] = True
+    assert got == want
 
 
 def test_mapping_check_catches_a_wrong_adapter():
