@@ -50,9 +50,26 @@ def _int8_channels(w: np.ndarray) -> np.ndarray:
     return np.clip(np.round(w / scale), -127, 127) * scale
 
 
+def _integer_dot_products_exact() -> bool:
+    """Whether onnxruntime's int8 products are exact here: not an x86 CPU, or one with VNNI."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return True
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 @pytest.mark.parametrize("per_channel,opset,readers,contrib", [(True, 17, 1, False), (False, 17, 1, False),
                                                                 (True, 18, 3, False), (True, 17, 3, True)])
 def test_each_row_is_rounded_with_its_own_largest_magnitude(tmp_path, per_channel, opset, readers, contrib):
+    if not _integer_dot_products_exact():
+        # onnxruntime's u8s8 integer kernel on an x86 CPU without VNNI sums pairs of products in
+        # int16 (vpmaddubsw), which saturates: a few outputs are a step off the exact reference
+        pytest.skip("this CPU has no VNNI: onnxruntime's u8s8 MatMulInteger saturates pair sums in int16")
     model, w = _quantized_matmul(tmp_path, per_channel, opset, readers=readers)
     if contrib:  # a graph with onnxruntime's contrib operators in it already (as the O2-fused one)
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
