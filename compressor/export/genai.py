@@ -35,7 +35,7 @@ import torch
 
 from ..adapters.base import applied_weight, find_path, get_path, module_weight
 from ..errors import ConfigError, ExportError, UnsupportedModelError
-from ..progress import Progress, TokenTicks
+from ..progress import Progress
 
 #: The quantization methods the genai layout writes (the runtime's CPU attention is float32, so
 #: an fp16 graph would only cast around it; dynamic int8 and static int8 are optimum's layout).
@@ -614,9 +614,8 @@ def genai_config(loaded, model, decoder, layers: int, context_length: int, threa
 QUANTIZED_STEPS = 4
 
 
-def check_genai(folder: Path, model, tokenizer, texts: list[str], lengths: list[int], steps: int,
-                config, quantize, context_length: int, release: Callable[[], None] | None = None,
-                blocks=None) -> dict[str, Any]:
+def check_genai(folder: Path, model, blocks, tokenizer, texts: list[str], lengths: list[int], steps: int,
+                config, quantize, context_length: int, release: Callable[[], None] | None = None) -> dict[str, Any]:
     """Load ``folder`` with ``onnxruntime_genai.Model`` and run it against PyTorch, batch 1:
 
     * per prompt length: the prefill's logits, then ``steps`` cached steps fed PyTorch's own
@@ -626,8 +625,8 @@ def check_genai(folder: Path, model, tokenizer, texts: list[str], lengths: list[
 
     PyTorch's side is computed first for every length; ``release`` is then called (the caller
     may drop the model's weights there) before the runtime loads the graph, so the two models
-    are never in memory together when the caller hands its model over. With ``blocks`` (the
-    model's), progress moves a block at a time: an 8 B bf16 forward pass over 130 tokens took
+    are never in memory together when the caller hands its model over. Progress moves a block
+    of ``blocks`` (the model's) at a time: an 8 B bf16 forward pass over 130 tokens took
     108 s on 2 cores, silent as one item.
 
     Raises:
@@ -640,28 +639,23 @@ def check_genai(folder: Path, model, tokenizer, texts: list[str], lengths: list[
         ids_all = tokenizer(" ".join(texts), return_tensors="pt")["input_ids"][0]
     rows, generation = [], None
     checked = list(dict.fromkeys(min(n, context_length - steps - 1, len(ids_all)) for n in lengths))
-    # counted in tokens: PyTorch's greedy ones (a tick each), its forward pass, the runtime's steps
+    # counted in tokens: PyTorch's greedy ones and its pass over every prefix (a block of a pass a
+    # time), the runtime's steps
     with Progress("checking against PyTorch", len(checked) * (2 * steps + 1) + (steps if quantize is None else 0),
                   "tokens") as progress:
-        from transformers import LogitsProcessorList
-
         references = []
         # a forward pass is one item: a token of the greedy decoding, or the pass over every prefix
-        per_block = [b.register_forward_hook(lambda *_: progress.update(1 / len(blocks))) for b in blocks or ()]
-        ticks = LogitsProcessorList([] if per_block else [TokenTicks(progress.update)])
+        per_block = [b.register_forward_hook(lambda *_: progress.update(1 / len(blocks))) for b in blocks]
         try:
             for length in checked:
                 prompt = ids_all[:length]
                 with torch.no_grad():
                     ref = model.generate(prompt[None], attention_mask=torch.ones(1, length, dtype=torch.long),
                                          max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                                         pad_token_id=0, output_logits=True, return_dict_in_generate=True,
-                                         logits_processor=ticks)
+                                         pad_token_id=0, output_logits=True, return_dict_in_generate=True)
                     tokens = ref.sequences[0, length:]
                     full = model(ref.sequences[:, :-1]).logits[0].float().numpy()  # logits of every prefix
                 references.append((length, prompt, tokens, full))
-                if not per_block:
-                    progress.update()
         finally:
             for hook in per_block:
                 hook.remove()
@@ -811,9 +805,9 @@ def export_genai(loaded, model, config, output: Path, quantize, *, overwrite: bo
         # a quantized export: the prefill and QUANTIZED_STEPS - 1 cached steps per length (its greedy
         # tokens may part from PyTorch's anyway); a 1.7 B model's full 32 took minutes per length
         steps = config.generation_check if quantize is None else min(config.generation_check, QUANTIZED_STEPS)
-        check = check_genai(tmp, model, loaded.tokenizer, texts, config.check_lengths, steps, config, quantize,
-                            context, release=(lambda: release_weights(loaded, model)) if release else None,
-                            blocks=list(loaded.adapter.blocks(model)))
+        check = check_genai(tmp, model, list(loaded.adapter.blocks(model)), loaded.tokenizer, texts,
+                            config.check_lengths, steps, config, quantize, context,
+                            release=(lambda: release_weights(loaded, model)) if release else None)
         file_bytes = sum(f.stat().st_size for f in (tmp / "model.onnx", tmp / "model.onnx.data") if f.is_file())
         if plan is not None and plan.info:
             graph["calibration"] = dict(plan.info)
