@@ -436,3 +436,43 @@ def test_the_learning_rate_schedules(student_dir, data_file, tiny_dirs, tmp_path
     state = torch.load(tmp_path / "lin" / "trainer_state.pt", weights_only=False)
     assert state["scheduler"]["_last_lr"][0] == pytest.approx(5e-3 * lr_factor(FinetuneConfig(
         lr_schedule="linear", max_steps=6, warmup_steps=2), 6))
+
+
+def test_length_grouped_batches_hold_each_epochs_texts_with_less_padding(student_dir, tiny_dirs, tmp_path):
+    """--group-by-length: an epoch holds exactly the texts an ungrouped epoch holds, each once;
+    a batch's texts are of about one length (sorted within runs of 50 batches), so padded
+    tokens fall; batches are reproducible per step, and a grouped run resumes to the weights
+    of one run straight through (the epoch's order is recomputed, not saved)."""
+    from compressor.finetune.data import MEGABATCH, batch_indices, grouped_batches
+
+    rng = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 65, (3000,), generator=rng).tolist()
+    batch = 16
+    per_epoch = len(lengths) // batch
+    for epoch in (0, 1):
+        grouped = grouped_batches(lengths, batch, epoch, seed=0)
+        plain = [batch_indices(len(lengths), batch, epoch * per_epoch + k, seed=0) for k in range(per_epoch)]
+        assert len(grouped) == per_epoch and all(len(b) == batch for b in grouped)
+        assert sorted(i for b in grouped for i in b) == sorted(i for b in plain for i in b)
+        padded = lambda batches: sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        assert padded(grouped) < 0.65 * padded(plain)  # uniform lengths 3-64: about 0.53 left
+        # long and short batches alternate: not sorted through the epoch
+        widths = [max(lengths[i] for i in b) for b in grouped]
+        assert widths != sorted(widths) and widths != sorted(widths, reverse=True)
+    assert grouped_batches(lengths, batch, 1, seed=0) == grouped
+    assert grouped_batches(lengths, batch, 1, seed=1) != grouped
+    assert MEGABATCH * batch < len(lengths)  # the test saw more than one megabatch
+
+    texts = [("word " * (1 + i % 20)).strip() + f" {i}" for i in range(96)]
+    data = tmp_path / "mixed.txt"
+    data.write_text("\n".join(texts))
+    grouped_config = lambda steps: config(data, tiny_dirs, group_by_length=True, max_steps=steps)
+    straight, _ = finetune(load_model(student_dir), grouped_config(6), output=tmp_path / "g", progress=False)
+    finetune(load_model(student_dir), grouped_config(3), output=tmp_path / "h", progress=False)
+    resumed, _ = finetune(load_model(tmp_path / "h"), grouped_config(6), output=tmp_path / "h", resume=True, progress=False)
+    w_resumed = weights(resumed)
+    for k, v in weights(straight).items():
+        torch.testing.assert_close(w_resumed[k], v, rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="group-by-length"):
+        finetune(load_model(tmp_path / "h"), config(data, tiny_dirs, max_steps=8), output=tmp_path / "h", resume=True,
+                 progress=False)

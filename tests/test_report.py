@@ -83,7 +83,14 @@ def test_report_compares_variants_with_the_original_and_optimums_baselines(tiny_
     assert o2["fidelity"] > 0.999 and 0.9 < o2q["fidelity"] <= 1.0 + 1e-6
     assert o2q["size_vs_optimum_o2_int8"] == 1.0 and o2q["size_bytes"] < o2["size_bytes"] / 2
     assert all(r["speedup_vs_optimum_o2_int8"] > 0 for r in result["rows"])
+    # speed against O2 int8 at every batch size measured, each from that batch's medians
+    for row in result["rows"]:
+        assert set(row["speedups_vs_optimum_o2_int8"]) == {"1", "4"}
+        for b, speed in row["speedups_vs_optimum_o2_int8"].items():
+            assert speed == pytest.approx(o2q["latency"][b]["p50_ms"] / row["latency"][b]["p50_ms"])
+    assert o2q["speedups_vs_optimum_o2_int8"] == {"1": 1.0, "4": 1.0}
     assert "size vs optimum O2 int8" in (out / "report.md").read_text()
+    assert "| speed vs optimum O2 int8 (b1) | speed vs optimum O2 int8 (b4) |" in (out / "report.md").read_text()
     prov = result["provenance"]
     assert prov["threads"] == 1 and prov["packages"]["onnxruntime"] and prov["packages"]["torch"]
     assert result["config"]["batch_sizes"] == [1, 4] and result["config"]["repeats"] == 2
@@ -227,3 +234,20 @@ def test_peak_memory_of_a_fresh_process_is_its_own_not_its_parents():
     del ballast
     assert before < 400, before  # not the parent's 600 MiB and more
     assert after - before > 250, (before, after)  # the child's own 300 MiB array shows
+
+
+def test_report_without_optimums_fp32_rows_keeps_its_int8_routes(tiny_dirs, tmp_path):
+    """--no-fp32-baselines: optimum's int8 routes (built from its fp32 exports) stay rows and the
+    speed and size ratios against them; the fp32 exports, which score what the original scores,
+    are not measured."""
+    original = str(tiny_dirs["bert"])
+    data = labelled_csv(tmp_path / "reviews.csv")
+    res = CliRunner().invoke(cli, [
+        "report", original, "-o", str(tmp_path / "r"), "--original", original, "--names", "again",
+        "--no-fp32-baselines", "--repeats", "1", "--warmup", "0", "--batch-sizes", "1", "--seq-len", "16",
+        "--threads", "1", "--data", str(data), "--train-size", "36", "--test-size", "24", "--json", "-"])
+    assert res.exit_code == 0, res.output
+    rows = {r["label"]: r for r in json.loads(res.stdout)["rows"]}
+    assert list(rows) == ["original", "optimum ONNX int8", "optimum O2 int8", "again"]
+    assert rows["optimum O2 int8"]["speedups_vs_optimum_o2_int8"] == {"1": 1.0}
+    assert rows["optimum ONNX int8"]["size_vs_optimum_int8"] == 1.0 and rows["again"]["fidelity"] > 0.999

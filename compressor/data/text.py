@@ -248,3 +248,18 @@ def batches(tokenizer, texts: list[str], batch_size: int, max_length: int, devic
     for start in range(0, len(texts), batch_size):
         yield tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
                         max_length=fit_length(tokenizer, max_length), return_tensors="pt").to(device)
+
+
+def embed_by_length(embed_batch, tokenizer, texts: list[str], batch_size: int, max_length: int,
+                    device: str = "cpu") -> list:
+    """``embed_batch(encoding)`` over ``texts`` batched shortest first, its outputs (one row per
+    text) back in the order of ``texts``: a batch is padded to its longest text, so batches of
+    similar lengths compute far fewer padding tokens (the padding is masked out either way)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    rows = [None] * len(texts)
+    done = 0
+    for enc in batches(tokenizer, [texts[i] for i in order], batch_size, max_length, device):
+        for row in embed_batch(enc):
+            rows[order[done]] = row
+            done += 1
+    return rows

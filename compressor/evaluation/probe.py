@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..data.text import batches
+from ..data.text import batches, embed_by_length
 from ..models.pooling import pool
 
 
@@ -16,21 +16,17 @@ def embed(loaded, texts: list[str], *, batch_size: int = 64, max_length: int = 1
           normalize: bool = True) -> torch.Tensor:
     """Sentence embeddings ``(len(texts), hidden)`` with the model's own pooling, in the order of ``texts``.
 
-    Texts are batched shortest first: a batch is padded to its longest text, so batches of
-    similar lengths compute far fewer padding tokens (the padding is masked out either way).
+    Texts are batched shortest first (`embed_by_length`).
     """
     base = loaded.adapter.base(loaded.model).to(device).eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = []
-    for enc in batches(loaded.tokenizer, [texts[i] for i in order], batch_size, max_length, device):
+
+    def one_batch(enc):
         hidden = base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
         e = pool(hidden, enc["attention_mask"], loaded.pooling).float()
-        out.append(F.normalize(e, dim=-1) if normalize else e)
-    if not out:
-        return torch.zeros(0, 0)
-    result = torch.empty_like(torch.cat(out))
-    result[torch.tensor(order)] = torch.cat(out)  # back to the order of ``texts``
-    return result.cpu()
+        return (F.normalize(e, dim=-1) if normalize else e).cpu()
+
+    rows = embed_by_length(one_batch, loaded.tokenizer, texts, batch_size, max_length, device)
+    return torch.stack(rows) if rows else torch.zeros(0, 0)
 
 
 def probe_accuracy(train_x: torch.Tensor, train_y: list[str], test_x: torch.Tensor, test_y: list[str],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,15 +21,25 @@ class TrainingData:
         texts: The training texts, at most ``config.max_samples``.
         label_ids: Class index per text (``(n,)``), when a classifier learns from labels its head knows.
         held_out: Texts of ``config.data`` left out because ``config.holdout`` holds them.
+        lengths: Tokens per text (the student's tokenizer, at most ``config.max_length``), when
+            batches are grouped by length.
     """
 
     texts: list[str]
     label_ids: torch.Tensor | None = None
     held_out: int = 0
+    lengths: list[int] | None = None
+    _epochs: dict = field(default_factory=dict, repr=False)  # epoch -> its batches, when grouped
 
     def batch(self, step: int, config: FinetuneConfig, tokenizer, device: str):
         """The tokenized texts of ``step`` on ``device`` and their class indices (or ``None``)."""
-        idx = batch_indices(len(self.texts), config.batch_size, step, config.seed)
+        if self.lengths is None:
+            idx = batch_indices(len(self.texts), config.batch_size, step, config.seed)
+        else:
+            epoch, k = divmod(step, max(1, len(self.texts) // config.batch_size))
+            if epoch not in self._epochs:
+                self._epochs = {epoch: grouped_batches(self.lengths, config.batch_size, epoch, config.seed)}
+            idx = self._epochs[epoch][k]
         enc = tokenizer([self.texts[i] for i in idx], padding=True, truncation=True,
                         max_length=fit_length(tokenizer, config.max_length), return_tensors="pt").to(device)
         labels = self.label_ids[idx].to(device) if self.label_ids is not None else None
@@ -42,6 +52,30 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     epoch, k = divmod(step, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return order[k * batch_size : (k + 1) * batch_size].tolist()
+
+
+#: Batches a length-grouped epoch sorts together (Hugging Face Trainer's ``group_by_length``
+#: sorts megabatches of 50 batches too): enough that each batch holds texts of about one length,
+#: few enough that a batch still mixes the data sets and the texts of its length.
+MEGABATCH = 50
+
+
+def grouped_batches(lengths: list[int], batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+    """One epoch's batches with texts of about one length in each: the epoch's shuffle (that of
+    `batch_indices`) cut into megabatches of ``MEGABATCH`` batches, each sorted by length and cut
+    into batches, then the batches shuffled (so long and short batches alternate through the
+    epoch). Every text of the shuffle's first ``n // batch_size`` batches appears once, as in an
+    ungrouped epoch; padding, which costs as much as text, shrinks to each batch's spread of
+    lengths."""
+    n = len(lengths)
+    per_epoch = max(1, n // batch_size)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator)[: per_epoch * batch_size].tolist()
+    batches = []
+    for start in range(0, len(order), MEGABATCH * batch_size):
+        mega = sorted(order[start : start + MEGABATCH * batch_size], key=lambda i: -lengths[i])
+        batches += [mega[j : j + batch_size] for j in range(0, len(mega), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def load_training_data(student: LoadedModel, config: FinetuneConfig) -> TrainingData:
@@ -67,7 +101,11 @@ def load_training_data(student: LoadedModel, config: FinetuneConfig) -> Training
     if len(texts) < 1:
         raise ConfigError("the training data is empty" + (f" once the {held_out} texts of --holdout are left out"
                                                           if held_out else ""))
-    return TrainingData(texts, label_ids, held_out)
+    lengths = None
+    if config.group_by_length:
+        lengths = [len(ids) for ids in student.tokenizer(texts, truncation=True, add_special_tokens=True,
+                                                         max_length=fit_length(student.tokenizer, config.max_length))["input_ids"]]
+    return TrainingData(texts, label_ids, held_out, lengths)
 
 
 def holdout_texts(config: FinetuneConfig) -> set[str]:

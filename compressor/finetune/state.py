@@ -22,7 +22,7 @@ from .config import SUITE_KEYS, FinetuneConfig
 STATE = "trainer_state.pt"
 #: Options a resumed run must share with the run it continues (the rest, budgets included, may change).
 RESUME_KEYS = ("data", "holdout", "text_column", "label_column", "train", "lr", "weight_decay", "warmup_steps",
-               "batch_size", "max_length", "max_samples", "seed", "quantize_aware", "int8_aware", "embedding_bits", "block_size",
+               "batch_size", "max_length", "max_samples", "group_by_length", "seed", "quantize_aware", "int8_aware", "embedding_bits", "block_size",
                "lr_schedule", "precision")
 
 

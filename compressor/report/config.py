@@ -27,6 +27,11 @@ class ReportConfig(SuiteConfig):
             (``main_export``, then ``ORTQuantizer`` with ``AutoQuantizationConfig.<cpu>(is_static=False)``),
             and for encoders optimum's strongest route as well: ``ORTOptimizer`` level 2 (O2), in
             fp32 and then dynamic int8.
+        fp32_baselines: With ``baselines``, an encoder's or classifier's report keeps optimum's
+            fp32 exports as rows too (the int8 routes are built from them either way); they
+            score what the original scores (fp32 ONNX computes what PyTorch computes), so
+            leaving them out spends the report's time on the rows that differ. A causal LM's
+            fp32 export stays a row: its decode and size targets are set against it.
         data: Labelled data for the task metric (as ``compress evaluate --data``).
         train_size: Probe training examples.
         test_size: Test examples for the task metric.
@@ -56,6 +61,7 @@ class ReportConfig(SuiteConfig):
     warmup: int = 3
     repeats: int = 10
     baselines: bool = True
+    fp32_baselines: bool = True
     data: str = "movie-snippets"
     train_size: int = 4000
     test_size: int = 2000

@@ -28,7 +28,7 @@ def markdown(result: dict[str, Any], *, title: str, command: str | None = None) 
         head += [f"speed vs optimum int8 (b{largest})", "size vs optimum int8"]
     has_o2 = any("speedup_vs_optimum_o2_int8" in r for r in result["rows"])
     if has_o2:
-        head += [f"speed vs optimum O2 int8 (b{largest})", "size vs optimum O2 int8"]
+        head += [f"speed vs optimum O2 int8 (b{b})" for b in sizes] + ["size vs optimum O2 int8"]
     lines = [f"# {title}", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
@@ -63,7 +63,8 @@ def markdown(result: dict[str, Any], *, title: str, command: str | None = None) 
         if has_int8:
             cells += [f"{r['speedup_vs_optimum_int8']:.2f}x", f"{r['size_vs_optimum_int8']:.2f}x"]
         if has_o2:
-            cells += [f"{r['speedup_vs_optimum_o2_int8']:.2f}x", f"{r['size_vs_optimum_o2_int8']:.2f}x"]
+            speeds = r.get("speedups_vs_optimum_o2_int8", {largest: r["speedup_vs_optimum_o2_int8"]})  # older reports: b-largest
+            cells += [f"{speeds[b]:.2f}x" if b in speeds else "-" for b in sizes] + [f"{r['size_vs_optimum_o2_int8']:.2f}x"]
         lines.append(_row(cells))
     lines.append("")
     if any("suite" in r for r in result["rows"]):
