@@ -66,7 +66,7 @@ def test_recipe_errors_name_their_line(tmp_path, text, line, message):
 
 def test_shipped_recipes_are_valid():
     names = {load_recipe(p).name for p in RECIPES.glob("*.yaml") if p.name != "manifest.yaml"}
-    assert {"demo", "demo-depth", "demo-share", "quick", "baseline", "deploy", "prune-int8"} <= names
+    assert {"demo", "demo-full", "demo-depth", "demo-share", "quick", "baseline", "deploy", "prune-int8"} <= names
     demo = load_recipe(RECIPES / "demo.yaml")
     assert [s.name for s in demo.stages] == ["prune", "prune", "finetune", "quantize", "export", "report"]
     # 2 of 12 heads (round(0.17 * 12)) and half the FFN, then the vocabulary cut before distilling
@@ -75,7 +75,14 @@ def test_shipped_recipes_are_valid():
     assert demo.stages[1].config.vocab_min_count == 2 and demo.stages[1].config.vocab_from
     assert demo.stages[3].config.embedding_bits == 4 and demo.stages[3].config.per_channel is True
     # a budget in steps, so that a busy machine trains the same model; the report scores the suite
-    assert demo.stages[2].config.max_steps == 3000 and demo.stages[2].config.max_minutes is None
+    assert demo.stages[2].config.max_steps == 600 and demo.stages[2].config.max_minutes is None
+    assert demo.stages[2].config.group_by_length and demo.stages[2].config.lr_schedule == "linear"
+    assert not demo.stages[5].config.fp32_baselines  # optimum's int8 routes are its rows
+    # the full demo: the same stages with five times the distillation
+    full = load_recipe(RECIPES / "demo-full.yaml")
+    assert [s.name for s in full.stages] == [s.name for s in demo.stages]
+    assert full.stages[2].config.max_steps == 3000 and full.stages[0].config == demo.stages[0].config
+    assert full.stages[1].config == demo.stages[1].config and full.stages[3].config == demo.stages[3].config
     # it distils on the four data sets, never on a text the report's suite scores
     assert demo.stages[2].config.data == demo.stages[1].config.vocab_from
     assert demo.stages[2].config.holdout == "suite"
