@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # recipes/demo.yaml on the bundled all-MiniLM-L6-v2: prune 2/12 heads + 1/2 FFN -> vocabulary cut ->
-# distil (STEPS steps, texts of one length batched together) -> int8 of the O2-fused graph -> report
+# distil (1200 steps of 16 texts, texts of one length batched together) -> int8 of the O2-fused graph -> report
 # against optimum's routes, with the quality suite. A second run skips the finished job (delete
 # $(DEMO_OUT) to start over).
 demo: setup

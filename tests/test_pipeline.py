@@ -75,7 +75,7 @@ def test_shipped_recipes_are_valid():
     assert demo.stages[1].config.vocab_min_count == 2 and demo.stages[1].config.vocab_from
     assert demo.stages[3].config.embedding_bits == 4 and demo.stages[3].config.per_channel is True
     # a budget in steps, so that a busy machine trains the same model; the report scores the suite
-    assert demo.stages[2].config.max_steps == 600 and demo.stages[2].config.max_minutes is None
+    assert demo.stages[2].config.max_steps == 1200 and demo.stages[2].config.max_minutes is None
     assert demo.stages[2].config.group_by_length and demo.stages[2].config.lr_schedule == "linear"
     assert not demo.stages[5].config.fp32_baselines  # optimum's int8 routes are its rows
     # the full demo: the same stages with five times the distillation
