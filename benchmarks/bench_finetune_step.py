@@ -1,8 +1,8 @@
 """Benchmark: the cost of a distillation step with and without ``--group-by-length``, in one process.
 
 The student is a checkpoint (say the demo's ``OUT/02-prune``: 2 of 12 heads and half the FFN
-pruned, the vocabulary cut), distilled from the bundled all-MiniLM-L6-v2 as recipes/demo.yaml
-distils it (four data sets of mixed lengths: SMS and TREC questions are short, BBC News articles
+pruned, the vocabulary cut), distilled from the bundled all-MiniLM-L6-v2 as the demo recipes
+distil it, in batches of 32 (demo-full.yaml's; four data sets of mixed lengths: SMS and TREC questions are short, BBC News articles
 fill every token); each variant runs ``--steps`` steps from the same start, the variants taking
 turns ``--rounds`` times (a busy machine slows them alike), no checkpoint saved between steps. Reports
 seconds per step (the median over rounds), the padded share of the tokens computed, and the ratio.
@@ -69,7 +69,7 @@ def main() -> None:
     (out / "bench_finetune_step.json").write_text(json.dumps(result, indent=2))
     lines = ["# A distillation step with and without --group-by-length", "",
              f"`{result['command']}` ({result['measured']}, 2 threads): the demo's student distilled as "
-             "recipes/demo.yaml distils it, each variant "
+             "the demo recipes distil it (batches of 32 as demo-full.yaml's), each variant "
              f"{args.steps} steps from the same start, variants taking turns {args.rounds} times; the time "
              "includes loading the data (and, grouped, the lengths).", "",
              "| batches | seconds a step (median) | padded share of the tokens computed |", "|---|---|---|"]
