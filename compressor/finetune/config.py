@@ -60,6 +60,9 @@ class FinetuneConfig(TextOptions, StageConfig):
             by length within runs of 50 batches, the batches then shuffled; Hugging Face
             Trainer's option of the name): the same texts each epoch, less padding, which costs
             as much compute as text (on texts of mixed lengths a step takes about half as long).
+            Each loss term is still a mean over its own batch, so a text in a batch of short
+            texts weighs as much as one in a batch of long ones, and ``similarity_weight``
+            compares texts of about one length.
         hidden_weight: Weight of the per-layer hidden-state loss.
         embedding_weight: Weight of the pooled-embedding cosine loss (encoders).
         similarity_weight: Weight of the in-batch neighbour loss (encoders): the KL divergence
