@@ -48,10 +48,16 @@ class TrainingData:
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     """The texts of a step: a fresh seeded shuffle every epoch, so any step can be recomputed."""
-    per_epoch = max(1, n // batch_size)
-    epoch, k = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return order[k * batch_size : (k + 1) * batch_size].tolist()
+    epoch, k = divmod(step, max(1, n // batch_size))
+    order, _ = epoch_shuffle(n, batch_size, epoch, seed)
+    return order[k * batch_size : (k + 1) * batch_size]
+
+
+def epoch_shuffle(n: int, batch_size: int, epoch: int, seed: int) -> tuple[list[int], torch.Generator]:
+    """An epoch's seeded shuffle of ``n`` texts, its first ``n // batch_size`` batches' worth
+    (the rest wait for another epoch), and the generator that drew it."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)[: max(1, n // batch_size) * batch_size].tolist(), generator
 
 
 #: Batches a length-grouped epoch sorts together (Hugging Face Trainer's ``group_by_length``
@@ -67,10 +73,7 @@ def grouped_batches(lengths: list[int], batch_size: int, epoch: int, seed: int) 
     epoch). Every text of the shuffle's first ``n // batch_size`` batches appears once, as in an
     ungrouped epoch; padding, which costs as much as text, shrinks to each batch's spread of
     lengths."""
-    n = len(lengths)
-    per_epoch = max(1, n // batch_size)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=generator)[: per_epoch * batch_size].tolist()
+    order, generator = epoch_shuffle(len(lengths), batch_size, epoch, seed)
     batches = []
     for start in range(0, len(order), MEGABATCH * batch_size):
         mega = sorted(order[start : start + MEGABATCH * batch_size], key=lambda i: -lengths[i])
